@@ -1,0 +1,6 @@
+"""streamer: the fan-out and matching engine of a real-time document database."""
+
+from streamer.errors import DuplicateSubscription, InvalidSubscription, StreamerError
+
+__all__ = ["DuplicateSubscription", "InvalidSubscription", "StreamerError"]
+__version__ = "0.1.0"
