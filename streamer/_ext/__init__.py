@@ -1,0 +1,1 @@
+"""Compiled hot path of the matcher (Cython); see ``_core.pyx``."""

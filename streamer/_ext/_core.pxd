@@ -1,0 +1,132 @@
+# Declarations of the compiled matching core. See _core.pyx for the design.
+from libc.stdint cimport uint8_t, uint32_t
+
+
+cdef struct Posting:
+    uint32_t *items
+    uint32_t n
+    uint32_t cap
+    uint8_t elem          # the key lives in the PathIndex's elem dict
+
+
+cdef struct RangeArr:
+    double *keys
+    uint32_t *clauses
+    uint32_t n
+    uint32_t cap
+
+
+cdef struct Clause:
+    uint32_t slot
+    uint32_t natoms
+    uint32_t *atoms
+    uint8_t kind          # ACCESS_* constant
+    uint8_t range_op      # for ACCESS_RANGE: OP_LT..OP_GE
+    uint32_t nhandles
+    uint32_t *handles     # posting handles; for ACCESS_RANGE one range id
+    double threshold      # for ACCESS_RANGE
+
+
+cdef struct Slot:
+    uint32_t nclauses
+    uint32_t *clauses
+
+
+cdef class Ctx:
+    cdef object doc
+    cdef object doc_id
+    cdef object view
+    cdef dict bindings
+    cdef uint32_t epoch
+    cdef uint32_t npaths
+    cdef uint32_t *path_epoch
+    cdef void **path_vals
+    cdef list path_comps
+
+    cdef object path_value(self, uint32_t pid)
+    cdef object root(self)
+    cdef void reserve_paths(self, uint32_t n) except *
+
+
+cdef class Node:
+    cdef object eval(self, Ctx ctx)
+
+
+cdef class Pred:
+    cdef int test(self, Ctx ctx) except -1
+
+
+cdef class RangeIndex:
+    cdef RangeArr arrs[4]
+    cdef uint32_t rid
+
+    cdef bint empty(self)
+
+
+cdef class CollIndex
+
+
+cdef class PathIndex:
+    cdef uint32_t pid
+    cdef dict eq
+    cdef dict elem
+    cdef RangeIndex ranges
+    cdef CollIndex coll
+
+    cdef bint empty(self)
+
+
+cdef class CollIndex:
+    cdef list paths
+    cdef dict by_pid
+    cdef uint32_t always
+
+    cdef PathIndex path(self, uint32_t pid)
+    cdef void prune(self, PathIndex pix) except *
+
+
+cdef class Core:
+    cdef Ctx ctx
+    cdef dict colls
+    cdef dict path_ids
+    cdef list path_comps
+    cdef dict sub_slots
+    cdef list slot_ids
+    cdef Slot *slots
+    cdef uint32_t *slot_epoch
+    cdef uint32_t nslots
+    cdef uint32_t slot_cap
+    cdef list free_slots
+    cdef Clause *clauses
+    cdef uint32_t nclauses
+    cdef uint32_t clause_cap
+    cdef list free_clauses
+    cdef Posting *postings
+    cdef uint32_t npostings
+    cdef uint32_t posting_cap
+    cdef list free_postings
+    cdef list posting_owner
+    cdef list posting_key
+    cdef list range_owner
+    cdef list free_ranges
+    cdef dict atom_ids
+    cdef list atom_preds
+    cdef list atom_keys
+    cdef uint32_t *atom_refs
+    cdef uint32_t *atom_epoch
+    cdef uint8_t *atom_val
+    cdef uint32_t atom_cap
+    cdef list free_atoms
+    cdef readonly Py_ssize_t scan_clauses
+
+    cdef uint32_t new_posting(self, object owner, object key, bint elem) except? 0xffffffff
+    cdef void posting_add(self, uint32_t h, uint32_t c) except *
+    cdef void posting_remove(self, uint32_t h, uint32_t c)
+    cdef int verify(self, uint32_t c) except -1
+    cdef int visit(self, uint32_t c, list out) except -1
+    cdef int scan_posting(self, uint32_t h, list out) except -1
+    cdef int scan_ranges(self, RangeIndex rix, double v, list out) except -1
+    cdef CollIndex coll(self, object database, object collection, bint create)
+    cdef void next_epoch(self)
+    cdef uint32_t new_clause(self) except? 0xffffffff
+    cdef void drop_clause(self, uint32_t c) except *

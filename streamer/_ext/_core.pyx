@@ -1,0 +1,1520 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Compiled matching core: the subscription index and the predicate evaluator.
+
+Layout of the per-subscription state (all in C arrays, so a million
+subscriptions are a handful of Python objects, not millions; see README):
+
+- a *slot* per subscription: its clause ids;
+- a *clause* per disjunct of the subscription's predicate (DNF): the slot it
+  belongs to, the ids of its residual atoms, and its access entry;
+- *postings*: growable uint32 arrays of clause ids, one per indexed key,
+  reached through per-(collection, path) dicts ``key -> posting handle``;
+- *atoms*: interned predicates (``Pred`` objects), shared by every clause that
+  uses the same (path, op, value) or the same CEL sub-expression, so one event
+  evaluates each distinct atom at most once (result cached per event epoch).
+
+Matching an event: look up each indexed path of the collection once, probe
+its equality/element dicts and range arrays, and verify each candidate clause's
+residual atoms. Cost follows the candidates, not the number of subscriptions.
+
+CEL values are plain Python objects (None, bool, int, float, str, list, dict);
+evaluation errors are the ``ERROR`` sentinel rather than exceptions, because
+CEL's ``&&``/``||`` absorb errors and raising would be far slower.
+"""
+
+cimport cython
+from cpython.bool cimport PyBool_Check
+from cpython.dict cimport PyDict_Check, PyDict_GetItem
+from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_Check
+from cpython.list cimport PyList_Append, PyList_Check, PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.long cimport PyLong_Check
+from cpython.object cimport PyObject
+from cpython.unicode cimport PyUnicode_Check
+from libc.math cimport INFINITY, isnan
+from libc.stdint cimport uint8_t, uint32_t
+from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memmove, memset
+
+import re2
+
+from streamer.errors import DuplicateSubscription
+
+
+@cython.final
+cdef class _Sentinel:
+    cdef str name
+
+    def __init__(self, str name):
+        self.name = name
+
+    def __repr__(self):
+        return self.name
+
+
+ERROR = _Sentinel("ERROR")
+MISSING = _Sentinel("MISSING")
+NOKEY = _Sentinel("NOKEY")
+TRUE_KEY = _Sentinel("TRUE_KEY")
+FALSE_KEY = _Sentinel("FALSE_KEY")
+
+cdef object ERR = ERROR
+cdef object MISS = MISSING
+cdef object NK = NOKEY
+cdef object TK = TRUE_KEY
+cdef object FK = FALSE_KEY
+
+# Operator codes shared with streamer.compiler.
+DEF OP_EQ = 0
+DEF OP_NE = 1
+DEF OP_LT = 2
+DEF OP_LE = 3
+DEF OP_GT = 4
+DEF OP_GE = 5
+
+DEF AR_ADD = 0
+DEF AR_SUB = 1
+DEF AR_MUL = 2
+DEF AR_DIV = 3
+DEF AR_MOD = 4
+
+DEF SF_CONTAINS = 0
+DEF SF_STARTS = 1
+DEF SF_ENDS = 2
+
+DEF ACCESS_ALWAYS = 0
+DEF ACCESS_EQ = 1
+DEF ACCESS_ELEM = 2
+DEF ACCESS_RANGE = 3
+
+DEF NONE32 = 0xffffffff
+
+OPS = {"==": OP_EQ, "!=": OP_NE, "<": OP_LT, "<=": OP_LE, ">": OP_GT, ">=": OP_GE}
+ARITH = {"+": AR_ADD, "-": AR_SUB, "*": AR_MUL, "/": AR_DIV, "%": AR_MOD}
+STRING_FUNCTIONS = {"contains": SF_CONTAINS, "startsWith": SF_STARTS, "endsWith": SF_ENDS}
+ACCESS_KINDS = {"eq": ACCESS_EQ, "elem": ACCESS_ELEM, "range": ACCESS_RANGE}
+
+cdef object INT64_MIN = -(2 ** 63)
+cdef object INT64_MAX = 2 ** 63 - 1
+# Integers beyond 2**53 lose precision as doubles, and CEL compares int with
+# double through a double: index keys and range thresholds stay below it.
+cdef object EXACT_LIMIT = 2 ** 53
+cdef double EXACT_LIMIT_D = 9007199254740992.0
+
+
+# ---------------------------------------------------------------- values
+
+
+cdef inline bint is_int(object v):
+    return PyLong_Check(v) and not PyBool_Check(v)
+
+
+cdef double int_to_double(object v):
+    try:
+        return float(v)
+    except OverflowError:
+        return INFINITY if v > 0 else -INFINITY
+
+
+cdef object map_lookup(dict d, object key):
+    """CEL map lookup: str/int/bool keys; Python would confuse True with 1."""
+    cdef PyObject *p
+    if PyUnicode_Check(key):
+        p = PyDict_GetItem(d, key)
+        return MISS if p == NULL else <object>p
+    if PyBool_Check(key) or PyLong_Check(key):
+        kb = PyBool_Check(key)
+        for k, v in d.items():
+            if PyBool_Check(k) == kb and PyLong_Check(k) and k == key:
+                return v
+        return MISS
+    return ERR
+
+
+cdef bint cel_eq(object a, object b) except -1:
+    """CEL heterogeneous equality: values of different kinds are unequal."""
+    cdef Py_ssize_t i, n
+    if PyUnicode_Check(a):
+        return PyUnicode_Check(b) and a == b
+    if PyBool_Check(a):
+        return a is b
+    if PyLong_Check(a):
+        if PyBool_Check(b):
+            return False
+        if PyLong_Check(b):
+            return a == b
+        if PyFloat_Check(b):
+            return int_to_double(a) == PyFloat_AS_DOUBLE(b)
+        return False
+    if PyFloat_Check(a):
+        if PyFloat_Check(b):
+            return PyFloat_AS_DOUBLE(a) == PyFloat_AS_DOUBLE(b)
+        if PyLong_Check(b) and not PyBool_Check(b):
+            return PyFloat_AS_DOUBLE(a) == int_to_double(b)
+        return False
+    if a is None:
+        return b is None
+    if PyList_Check(a):
+        if not PyList_Check(b):
+            return False
+        n = PyList_GET_SIZE(a)
+        if n != PyList_GET_SIZE(b):
+            return False
+        for i in range(n):
+            if not cel_eq(<object>PyList_GET_ITEM(a, i), <object>PyList_GET_ITEM(b, i)):
+                return False
+        return True
+    if PyDict_Check(a):
+        if not PyDict_Check(b) or len(<dict>a) != len(<dict>b):
+            return False
+        for k, v in (<dict>a).items():
+            other = map_lookup(<dict>b, k)
+            if other is MISS or other is ERR or not cel_eq(v, other):
+                return False
+        return True
+    return False
+
+
+cdef int cel_cmp(object a, object b) except -3:
+    """CEL ordering: -1/0/1, 2 when unordered (NaN), -2 when undefined."""
+    cdef double x, y
+    if PyUnicode_Check(a):
+        if not PyUnicode_Check(b):
+            return -2
+        return -1 if a < b else (1 if a > b else 0)
+    if PyBool_Check(a):
+        if not PyBool_Check(b):
+            return -2
+        return <int>(a is True) - <int>(b is True)
+    if PyLong_Check(a) and PyLong_Check(b) and not PyBool_Check(b):
+        return -1 if a < b else (1 if a > b else 0)
+    if PyLong_Check(a):
+        x = int_to_double(a)
+    elif PyFloat_Check(a):
+        x = PyFloat_AS_DOUBLE(a)
+    else:
+        return -2
+    if PyFloat_Check(b):
+        y = PyFloat_AS_DOUBLE(b)
+    elif PyLong_Check(b) and not PyBool_Check(b):
+        y = int_to_double(b)
+    else:
+        return -2
+    if x < y:
+        return -1
+    if x > y:
+        return 1
+    if x == y:
+        return 0
+    return 2
+
+
+cdef inline object cmp_result(int op, int c):
+    if c == -2:
+        return ERR
+    if c == 2:
+        return False
+    if op == OP_LT:
+        return c < 0
+    if op == OP_LE:
+        return c <= 0
+    if op == OP_GT:
+        return c > 0
+    return c >= 0
+
+
+cdef inline bint cmp_true(int op, object a, object b) except -1:
+    cdef int c
+    if op == OP_EQ:
+        return cel_eq(a, b)
+    if op == OP_NE:
+        return not cel_eq(a, b)
+    c = cel_cmp(a, b)
+    if c == -2 or c == 2:
+        return False
+    if op == OP_LT:
+        return c < 0
+    if op == OP_LE:
+        return c <= 0
+    if op == OP_GT:
+        return c > 0
+    return c >= 0
+
+
+cpdef object index_key(object v):
+    """The hash key under which a value is indexed, or NOKEY if it cannot be.
+
+    Keys must be equal exactly when CEL equality holds: bools get their own
+    keys (Python's True == 1), numbers rely on Python's exact int/float
+    equality, which agrees with CEL's only below 2**53.
+    """
+    cdef double d
+    if PyUnicode_Check(v):
+        return v
+    if PyBool_Check(v):
+        return TK if v is True else FK
+    if PyLong_Check(v):
+        if -EXACT_LIMIT <= v <= EXACT_LIMIT:
+            return v
+        return NK
+    if PyFloat_Check(v):
+        d = PyFloat_AS_DOUBLE(v)
+        if isnan(d) or not (-EXACT_LIMIT_D <= d <= EXACT_LIMIT_D):
+            return NK
+        return v
+    if v is None:
+        return None
+    return NK
+
+
+cpdef object range_key(object v):
+    """The double under which a number is range-indexed, or None."""
+    cdef double d
+    if PyBool_Check(v):
+        return None
+    if PyLong_Check(v):
+        if -EXACT_LIMIT < v < EXACT_LIMIT:
+            return float(v)
+        return None
+    if PyFloat_Check(v):
+        d = PyFloat_AS_DOUBLE(v)
+        if isnan(d):
+            return None
+        return v
+    return None
+
+
+cdef object int64(object r):
+    if INT64_MIN <= r <= INT64_MAX:
+        return r
+    return ERR
+
+
+cdef object arith(int op, object a, object b):
+    cdef double x, y
+    if is_int(a) and is_int(b):
+        if op == AR_ADD:
+            return int64(a + b)
+        if op == AR_SUB:
+            return int64(a - b)
+        if op == AR_MUL:
+            return int64(a * b)
+        if b == 0:
+            return ERR
+        q = abs(a) // abs(b)
+        if (a < 0) != (b < 0):
+            q = -q
+        if op == AR_DIV:
+            return int64(q)
+        return a - b * q
+    if PyFloat_Check(a) and PyFloat_Check(b):
+        x = PyFloat_AS_DOUBLE(a)
+        y = PyFloat_AS_DOUBLE(b)
+        if op == AR_ADD:
+            return x + y
+        if op == AR_SUB:
+            return x - y
+        if op == AR_MUL:
+            return x * y
+        if op == AR_DIV:
+            if y == 0.0:
+                if isnan(x) or x == 0.0:
+                    return float("nan")
+                return INFINITY if (x > 0) == (str(y)[0] != "-") else -INFINITY
+            return x / y
+        return ERR
+    if op == AR_ADD:
+        if PyUnicode_Check(a) and PyUnicode_Check(b):
+            return a + b
+        if PyList_Check(a) and PyList_Check(b):
+            return a + b
+    return ERR
+
+
+cdef object regex_cache = {}
+
+
+cdef object compiled_regex(str pattern):
+    rx = regex_cache.get(pattern)
+    if rx is None:
+        try:
+            rx = re2.compile(pattern)
+        except Exception:
+            rx = ERR
+        if len(regex_cache) > 1024:
+            regex_cache.clear()
+        regex_cache[pattern] = rx
+    return rx
+
+
+# ---------------------------------------------------------------- context
+
+
+cdef class Ctx:
+    """Per-event state: the document, its id, and the path-value cache."""
+
+    def __cinit__(self):
+        self.path_epoch = NULL
+        self.path_vals = NULL
+        self.npaths = 0
+        self.epoch = 1
+        self.path_comps = []
+
+    def __dealloc__(self):
+        free(self.path_epoch)
+        free(self.path_vals)
+
+    cdef void reserve_paths(self, uint32_t n) except *:
+        cdef uint32_t cap
+        if n <= self.npaths:
+            return
+        cap = max(n, 2 * self.npaths, 16)
+        pe = <uint32_t *>realloc(self.path_epoch, cap * sizeof(uint32_t))
+        if pe == NULL:
+            raise MemoryError()
+        self.path_epoch = pe
+        pv = <void **>realloc(self.path_vals, cap * sizeof(void *))
+        if pv == NULL:
+            raise MemoryError()
+        self.path_vals = pv
+        memset(&self.path_epoch[self.npaths], 0, (cap - self.npaths) * sizeof(uint32_t))
+        self.npaths = cap
+
+    cdef object path_value(self, uint32_t pid):
+        """The value at an interned path, or MISSING; cached for this event.
+
+        The cache holds borrowed pointers: every value lives inside
+        ``self.doc`` (or is ``self.doc_id``), which outlives the event.
+        """
+        cdef PyObject *p
+        cdef object cur
+        if self.path_epoch[pid] == self.epoch:
+            p = <PyObject *>self.path_vals[pid]
+            return MISS if p == NULL else <object>p
+        comps = <tuple>self.path_comps[pid]
+        p = NULL
+        if len(comps) == 1 and comps[0] == "_id":
+            if self.doc_id is not None:
+                p = <PyObject *>self.doc_id
+        else:
+            cur = self.doc
+            for comp in comps:
+                if not PyDict_Check(cur):
+                    p = NULL
+                    break
+                p = PyDict_GetItem(cur, comp)
+                if p == NULL:
+                    break
+                cur = <object>p
+        self.path_epoch[pid] = self.epoch
+        self.path_vals[pid] = <void *>p
+        return MISS if p == NULL else <object>p
+
+    cdef object root(self):
+        """``doc`` as a whole value: the document with ``_id`` set to its id."""
+        if self.view is None:
+            view = dict(self.doc) if PyDict_Check(self.doc) else {}
+            if self.doc_id is not None:
+                view["_id"] = self.doc_id
+            self.view = view
+        return self.view
+
+
+# ---------------------------------------------------------------- CEL nodes
+
+
+cdef class Node:
+    """A compiled CEL expression node; ``eval`` returns a value or ERROR."""
+
+    cdef object eval(self, Ctx ctx):
+        return ERR
+
+    def __call__(self, bindings=None, doc=None, doc_id=None):
+        """Evaluate outside the index (tests, conformance): value or ERROR."""
+        cdef Ctx ctx = Ctx()
+        ctx.bindings = dict(bindings) if bindings else {}
+        ctx.doc = doc
+        ctx.doc_id = doc_id
+        return self.eval(ctx)
+
+
+@cython.final
+cdef class Const(Node):
+    cdef object value
+
+    def __init__(self, value):
+        self.value = value
+
+    cdef object eval(self, Ctx ctx):
+        return self.value
+
+
+@cython.final
+cdef class Ident(Node):
+    cdef object name
+
+    def __init__(self, str name):
+        self.name = name
+
+    cdef object eval(self, Ctx ctx):
+        cdef PyObject *p
+        if ctx.bindings is None:
+            return ERR
+        p = PyDict_GetItem(ctx.bindings, self.name)
+        return ERR if p == NULL else <object>p
+
+
+@cython.final
+cdef class Root(Node):
+    cdef object eval(self, Ctx ctx):
+        return ctx.root()
+
+
+@cython.final
+cdef class DocPath(Node):
+    cdef uint32_t pid
+
+    def __init__(self, uint32_t pid):
+        self.pid = pid
+
+    cdef object eval(self, Ctx ctx):
+        v = ctx.path_value(self.pid)
+        return ERR if v is MISS else v
+
+
+@cython.final
+cdef class Select(Node):
+    cdef Node operand
+    cdef object field
+
+    def __init__(self, Node operand, str field):
+        self.operand = operand
+        self.field = field
+
+    cdef object eval(self, Ctx ctx):
+        cdef PyObject *p
+        v = self.operand.eval(ctx)
+        if not PyDict_Check(v):
+            return ERR
+        p = PyDict_GetItem(v, self.field)
+        return ERR if p == NULL else <object>p
+
+
+@cython.final
+cdef class Has(Node):
+    cdef Node operand
+    cdef object field
+
+    def __init__(self, Node operand, str field):
+        self.operand = operand
+        self.field = field
+
+    cdef object eval(self, Ctx ctx):
+        v = self.operand.eval(ctx)
+        if not PyDict_Check(v):
+            return ERR
+        return PyDict_GetItem(v, self.field) != NULL
+
+
+@cython.final
+cdef class Index(Node):
+    cdef Node operand
+    cdef Node index
+
+    def __init__(self, Node operand, Node index):
+        self.operand = operand
+        self.index = index
+
+    cdef object eval(self, Ctx ctx):
+        cdef double d
+        v = self.operand.eval(ctx)
+        if v is ERR:
+            return ERR
+        i = self.index.eval(ctx)
+        if i is ERR:
+            return ERR
+        if PyList_Check(v):
+            if PyFloat_Check(i):
+                d = PyFloat_AS_DOUBLE(i)
+                if isnan(d) or d != <double><long long>d or not (-1e18 < d < 1e18):
+                    return ERR
+                i = <long long>d
+            elif not is_int(i):
+                return ERR
+            if i < 0 or i >= PyList_GET_SIZE(v):
+                return ERR
+            return v[i]
+        if PyDict_Check(v):
+            r = map_lookup(<dict>v, i)
+            return ERR if r is MISS else r
+        return ERR
+
+
+@cython.final
+cdef class And(Node):
+    cdef list terms
+
+    def __init__(self, list terms):
+        self.terms = terms
+
+    cdef object eval(self, Ctx ctx):
+        cdef bint err = False
+        for t in self.terms:
+            v = (<Node>t).eval(ctx)
+            if v is False:
+                return False
+            if v is not True:
+                err = True
+        return ERR if err else True
+
+
+@cython.final
+cdef class Or(Node):
+    cdef list terms
+
+    def __init__(self, list terms):
+        self.terms = terms
+
+    cdef object eval(self, Ctx ctx):
+        cdef bint err = False
+        for t in self.terms:
+            v = (<Node>t).eval(ctx)
+            if v is True:
+                return True
+            if v is not False:
+                err = True
+        return ERR if err else False
+
+
+@cython.final
+cdef class Not(Node):
+    cdef Node operand
+
+    def __init__(self, Node operand):
+        self.operand = operand
+
+    cdef object eval(self, Ctx ctx):
+        v = self.operand.eval(ctx)
+        if v is True:
+            return False
+        if v is False:
+            return True
+        return ERR
+
+
+@cython.final
+cdef class Neg(Node):
+    cdef Node operand
+
+    def __init__(self, Node operand):
+        self.operand = operand
+
+    cdef object eval(self, Ctx ctx):
+        v = self.operand.eval(ctx)
+        if is_int(v):
+            return int64(-v)
+        if PyFloat_Check(v):
+            return -PyFloat_AS_DOUBLE(v)
+        return ERR
+
+
+@cython.final
+cdef class Cond(Node):
+    cdef Node cond
+    cdef Node then
+    cdef Node other
+
+    def __init__(self, Node cond, Node then, Node other):
+        self.cond = cond
+        self.then = then
+        self.other = other
+
+    cdef object eval(self, Ctx ctx):
+        c = self.cond.eval(ctx)
+        if c is True:
+            return self.then.eval(ctx)
+        if c is False:
+            return self.other.eval(ctx)
+        return ERR
+
+
+@cython.final
+cdef class Compare(Node):
+    cdef int op
+    cdef Node left
+    cdef Node right
+
+    def __init__(self, str op, Node left, Node right):
+        self.op = OPS[op]
+        self.left = left
+        self.right = right
+
+    cdef object eval(self, Ctx ctx):
+        a = self.left.eval(ctx)
+        if a is ERR:
+            return ERR
+        b = self.right.eval(ctx)
+        if b is ERR:
+            return ERR
+        if self.op == OP_EQ:
+            return cel_eq(a, b)
+        if self.op == OP_NE:
+            return not cel_eq(a, b)
+        return cmp_result(self.op, cel_cmp(a, b))
+
+
+@cython.final
+cdef class Arith(Node):
+    cdef int op
+    cdef Node left
+    cdef Node right
+
+    def __init__(self, str op, Node left, Node right):
+        self.op = ARITH[op]
+        self.left = left
+        self.right = right
+
+    cdef object eval(self, Ctx ctx):
+        a = self.left.eval(ctx)
+        if a is ERR:
+            return ERR
+        b = self.right.eval(ctx)
+        if b is ERR:
+            return ERR
+        return arith(self.op, a, b)
+
+
+cdef object membership(object item, object container):
+    if PyList_Check(container):
+        for e in <list>container:
+            if cel_eq(item, e):
+                return True
+        return False
+    if PyDict_Check(container):
+        r = map_lookup(<dict>container, item)
+        if r is ERR:
+            return ERR
+        return r is not MISS
+    return ERR
+
+
+@cython.final
+cdef class In(Node):
+    cdef Node item
+    cdef Node container
+
+    def __init__(self, Node item, Node container):
+        self.item = item
+        self.container = container
+
+    cdef object eval(self, Ctx ctx):
+        a = self.item.eval(ctx)
+        if a is ERR:
+            return ERR
+        c = self.container.eval(ctx)
+        if c is ERR:
+            return ERR
+        return membership(a, c)
+
+
+@cython.final
+cdef class Size(Node):
+    cdef Node operand
+
+    def __init__(self, Node operand):
+        self.operand = operand
+
+    cdef object eval(self, Ctx ctx):
+        v = self.operand.eval(ctx)
+        if PyUnicode_Check(v) or PyList_Check(v) or PyDict_Check(v):
+            return len(v)
+        return ERR
+
+
+@cython.final
+cdef class StringFunction(Node):
+    cdef int fn
+    cdef Node target
+    cdef Node arg
+
+    def __init__(self, str name, Node target, Node arg):
+        self.fn = STRING_FUNCTIONS[name]
+        self.target = target
+        self.arg = arg
+
+    cdef object eval(self, Ctx ctx):
+        s = self.target.eval(ctx)
+        if not PyUnicode_Check(s):
+            return ERR
+        a = self.arg.eval(ctx)
+        if not PyUnicode_Check(a):
+            return ERR
+        if self.fn == SF_CONTAINS:
+            return a in <str>s
+        if self.fn == SF_STARTS:
+            return (<str>s).startswith(a)
+        return (<str>s).endswith(a)
+
+
+@cython.final
+cdef class Matches(Node):
+    cdef Node target
+    cdef Node pattern
+
+    def __init__(self, Node target, Node pattern):
+        self.target = target
+        self.pattern = pattern
+
+    cdef object eval(self, Ctx ctx):
+        s = self.target.eval(ctx)
+        if not PyUnicode_Check(s):
+            return ERR
+        p = self.pattern.eval(ctx)
+        if not PyUnicode_Check(p):
+            return ERR
+        rx = compiled_regex(p)
+        if rx is ERR:
+            return ERR
+        return rx.search(s) is not None
+
+
+@cython.final
+cdef class ListLit(Node):
+    cdef list items
+
+    def __init__(self, list items):
+        self.items = items
+
+    cdef object eval(self, Ctx ctx):
+        out = []
+        for t in self.items:
+            v = (<Node>t).eval(ctx)
+            if v is ERR:
+                return ERR
+            out.append(v)
+        return out
+
+
+@cython.final
+cdef class MapLit(Node):
+    cdef list keys
+    cdef list values
+
+    def __init__(self, list keys, list values):
+        self.keys = keys
+        self.values = values
+
+    cdef object eval(self, Ctx ctx):
+        cdef Py_ssize_t i
+        out = {}
+        for i in range(len(self.keys)):
+            k = (<Node>self.keys[i]).eval(ctx)
+            if k is ERR or not (PyUnicode_Check(k) or PyLong_Check(k)):
+                return ERR
+            # A CEL map may hold both true and 1 as keys; a dict cannot,
+            # so such a literal is rejected like a repeated key.
+            if k in out:
+                return ERR
+            v = (<Node>self.values[i]).eval(ctx)
+            if v is ERR:
+                return ERR
+            out[k] = v
+        return out
+
+
+# ---------------------------------------------------------------- atoms
+
+
+cdef class Pred:
+    """An interned atom of a clause: true or false for the current event."""
+
+    cdef int test(self, Ctx ctx) except -1:
+        return 0
+
+
+@cython.final
+cdef class PathCompare(Pred):
+    """``path op constant`` with CEL comparison semantics."""
+    cdef uint32_t pid
+    cdef int op
+    cdef object const
+
+    def __init__(self, uint32_t pid, str op, object const):
+        self.pid = pid
+        self.op = OPS[op]
+        self.const = const
+
+    cdef int test(self, Ctx ctx) except -1:
+        v = ctx.path_value(self.pid)
+        if v is MISS:
+            return 0
+        return cmp_true(self.op, v, self.const)
+
+
+@cython.final
+cdef class PathIn(Pred):
+    """``path in [constants]``."""
+    cdef uint32_t pid
+    cdef list consts
+
+    def __init__(self, uint32_t pid, list consts):
+        self.pid = pid
+        self.consts = consts
+
+    cdef int test(self, Ctx ctx) except -1:
+        v = ctx.path_value(self.pid)
+        if v is MISS:
+            return 0
+        for c in self.consts:
+            if cel_eq(v, c):
+                return 1
+        return 0
+
+
+@cython.final
+cdef class PathHolds(Pred):
+    """The value at path holds a constant: as a list element, a map key
+    (CEL ``c in doc.path``), or with ``substring`` as a substring of a string
+    (the ``contains`` filter)."""
+    cdef uint32_t pid
+    cdef object const
+    cdef bint substring
+
+    def __init__(self, uint32_t pid, object const, bint substring):
+        self.pid = pid
+        self.const = const
+        self.substring = substring
+
+    cdef int test(self, Ctx ctx) except -1:
+        v = ctx.path_value(self.pid)
+        if PyList_Check(v):
+            for e in <list>v:
+                if cel_eq(e, self.const):
+                    return 1
+            return 0
+        if PyUnicode_Check(v):
+            return self.substring and PyUnicode_Check(self.const) and self.const in <str>v
+        if PyDict_Check(v) and not self.substring:
+            r = map_lookup(<dict>v, self.const)
+            return r is not MISS and r is not ERR
+        return 0
+
+
+@cython.final
+cdef class Expression(Pred):
+    """A CEL sub-expression; true only when it evaluates to ``true``."""
+    cdef Node node
+
+    def __init__(self, Node node):
+        self.node = node
+
+    cdef int test(self, Ctx ctx) except -1:
+        return self.node.eval(ctx) is True
+
+
+# ---------------------------------------------------------------- index
+
+
+cdef void range_insert(RangeArr *a, double key, uint32_t clause) except *:
+    cdef uint32_t lo = 0, hi = a.n, mid, cap
+    if a.n == a.cap:
+        cap = 8 if a.cap == 0 else 2 * a.cap
+        k = <double *>realloc(a.keys, cap * sizeof(double))
+        if k == NULL:
+            raise MemoryError()
+        a.keys = k
+        c = <uint32_t *>realloc(a.clauses, cap * sizeof(uint32_t))
+        if c == NULL:
+            raise MemoryError()
+        a.clauses = c
+        a.cap = cap
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if a.keys[mid] <= key:
+            lo = mid + 1
+        else:
+            hi = mid
+    memmove(&a.keys[lo + 1], &a.keys[lo], (a.n - lo) * sizeof(double))
+    memmove(&a.clauses[lo + 1], &a.clauses[lo], (a.n - lo) * sizeof(uint32_t))
+    a.keys[lo] = key
+    a.clauses[lo] = clause
+    a.n += 1
+
+
+cdef uint32_t lower_bound(RangeArr *a, double key) nogil:
+    cdef uint32_t lo = 0, hi = a.n, mid
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if a.keys[mid] < key:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+cdef uint32_t upper_bound(RangeArr *a, double key) nogil:
+    cdef uint32_t lo = 0, hi = a.n, mid
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if a.keys[mid] <= key:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+cdef void range_remove(RangeArr *a, double key, uint32_t clause):
+    cdef uint32_t i = lower_bound(a, key)
+    while i < a.n and a.keys[i] == key:
+        if a.clauses[i] == clause:
+            memmove(&a.keys[i], &a.keys[i + 1], (a.n - i - 1) * sizeof(double))
+            memmove(&a.clauses[i], &a.clauses[i + 1], (a.n - i - 1) * sizeof(uint32_t))
+            a.n -= 1
+            return
+        i += 1
+
+
+@cython.final
+cdef class RangeIndex:
+    """Sorted thresholds per comparison: a numeric event value selects a
+    prefix (``>``/``>=``) or a suffix (``<``/``<=``) of each array."""
+
+    def __cinit__(self):
+        memset(self.arrs, 0, sizeof(self.arrs))
+
+    def __dealloc__(self):
+        for i in range(4):
+            free(self.arrs[i].keys)
+            free(self.arrs[i].clauses)
+
+    cdef bint empty(self):
+        return (self.arrs[0].n | self.arrs[1].n | self.arrs[2].n | self.arrs[3].n) == 0
+
+
+@cython.final
+cdef class PathIndex:
+    """Index structures of one (collection, path)."""
+
+    def __init__(self, uint32_t pid, CollIndex coll):
+        self.pid = pid
+        self.eq = {}
+        self.elem = {}
+        self.ranges = None
+        self.coll = coll
+
+    cdef bint empty(self):
+        return not self.eq and not self.elem and self.ranges is None
+
+
+@cython.final
+cdef class CollIndex:
+    """Everything indexed for one (database, collection)."""
+
+    def __init__(self, uint32_t always):
+        self.paths = []
+        self.by_pid = {}
+        self.always = always
+
+    cdef PathIndex path(self, uint32_t pid):
+        pix = self.by_pid.get(pid)
+        if pix is None:
+            pix = PathIndex(pid, self)
+            self.by_pid[pid] = pix
+            self.paths.append(pix)
+        return <PathIndex>pix
+
+    cdef void prune(self, PathIndex pix) except *:
+        # Empty path indexes would still cost a lookup per event.
+        if pix.empty():
+            del self.by_pid[pix.pid]
+            self.paths.remove(pix)
+
+
+cdef void *grow(void *ptr, uint32_t *cap, uint32_t need, size_t item) except NULL:
+    """realloc an array to hold ``need`` items, zeroing the new part."""
+    cdef uint32_t old = cap[0], new
+    if need <= old and ptr != NULL:
+        return ptr
+    new = max(need, 2 * old, 64)
+    p = realloc(ptr, new * item)
+    if p == NULL:
+        raise MemoryError()
+    memset(<char *>p + old * item, 0, (new - old) * item)
+    cap[0] = new
+    return p
+
+
+@cython.final
+cdef class Core:
+    """The subscription index. Driven by ``streamer.matcher.Matcher``, which
+    compiles subscriptions into clauses and atoms; this class stores them and
+    matches events."""
+
+    def __cinit__(self):
+        self.slots = NULL
+        self.slot_epoch = NULL
+        self.clauses = NULL
+        self.postings = NULL
+        self.atom_refs = NULL
+        self.atom_epoch = NULL
+        self.atom_val = NULL
+
+    def __init__(self):
+        self.ctx = Ctx()
+        self.colls = {}
+        self.path_ids = {}
+        self.path_comps = self.ctx.path_comps
+        self.sub_slots = {}
+        self.slot_ids = []
+        self.free_slots = []
+        self.nslots = self.slot_cap = 0
+        self.free_clauses = []
+        self.nclauses = self.clause_cap = 0
+        self.free_postings = []
+        self.npostings = self.posting_cap = 0
+        self.posting_owner = []
+        self.posting_key = []
+        self.range_owner = []
+        self.free_ranges = []
+        self.atom_ids = {}
+        self.atom_preds = []
+        self.atom_keys = []
+        self.atom_cap = 0
+        self.free_atoms = []
+        self.scan_clauses = 0
+
+    def __dealloc__(self):
+        cdef uint32_t i
+        if self.slots != NULL:
+            for i in range(self.nslots):
+                free(self.slots[i].clauses)
+        if self.clauses != NULL:
+            for i in range(self.nclauses):
+                free(self.clauses[i].atoms)
+                free(self.clauses[i].handles)
+        if self.postings != NULL:
+            for i in range(self.npostings):
+                free(self.postings[i].items)
+        free(self.slots)
+        free(self.slot_epoch)
+        free(self.clauses)
+        free(self.postings)
+        free(self.atom_refs)
+        free(self.atom_epoch)
+        free(self.atom_val)
+
+    def __len__(self):
+        return len(self.sub_slots)
+
+    def __contains__(self, sub_id):
+        return sub_id in self.sub_slots
+
+    def stats(self):
+        """Counts for metrics and benchmarks."""
+        return {
+            "subscriptions": len(self.sub_slots),
+            "clauses": self.nclauses - len(self.free_clauses),
+            "scan_clauses": self.scan_clauses,
+            "atoms": len(self.atom_ids),
+            "postings": self.npostings - len(self.free_postings),
+            "paths": len(self.path_comps),
+        }
+
+    # -- interning -----------------------------------------------------
+
+    def path_id(self, tuple comps):
+        """The id of a field path (tuple of map keys), interned."""
+        pid = self.path_ids.get(comps)
+        if pid is None:
+            pid = len(self.path_comps)
+            self.path_comps.append(comps)
+            self.path_ids[comps] = pid
+            self.ctx.reserve_paths(pid + 1)
+        return pid
+
+    def find_atom(self, key):
+        """The id of the atom interned under ``key``, or -1."""
+        return self.atom_ids.get(key, -1)
+
+    def new_atom(self, key, Pred pred):
+        """Intern a new atom; it lives while some clause refers to it."""
+        cdef uint32_t cap
+        if self.free_atoms:
+            aid = self.free_atoms.pop()
+            self.atom_preds[aid] = pred
+            self.atom_keys[aid] = key
+        else:
+            aid = len(self.atom_preds)
+            self.atom_preds.append(pred)
+            self.atom_keys.append(key)
+            if aid >= self.atom_cap:
+                cap = self.atom_cap
+                self.atom_refs = <uint32_t *>grow(self.atom_refs, &cap, aid + 1, sizeof(uint32_t))
+                cap = self.atom_cap
+                self.atom_epoch = <uint32_t *>grow(self.atom_epoch, &cap, aid + 1, sizeof(uint32_t))
+                cap = self.atom_cap
+                self.atom_val = <uint8_t *>grow(self.atom_val, &cap, aid + 1, sizeof(uint8_t))
+                self.atom_cap = cap
+        self.atom_refs[aid] = 0
+        self.atom_epoch[aid] = 0
+        self.atom_ids[key] = aid
+        return aid
+
+    # -- postings ------------------------------------------------------
+
+    cdef uint32_t new_posting(self, object owner, object key, bint elem) except? 0xffffffff:
+        cdef uint32_t h
+        if self.free_postings:
+            h = self.free_postings.pop()
+            self.posting_owner[h] = owner
+            self.posting_key[h] = key
+        else:
+            h = self.npostings
+            self.postings = <Posting *>grow(self.postings, &self.posting_cap, h + 1, sizeof(Posting))
+            self.npostings += 1
+            self.posting_owner.append(owner)
+            self.posting_key.append(key)
+        self.postings[h].n = 0
+        self.postings[h].elem = elem
+        if owner is not None:
+            ((<PathIndex>owner).elem if elem else (<PathIndex>owner).eq)[key] = h
+        return h
+
+    cdef void posting_add(self, uint32_t h, uint32_t c) except *:
+        cdef Posting *p = &self.postings[h]
+        cdef uint32_t cap
+        if p.n == p.cap:
+            cap = 4 if p.cap == 0 else 2 * p.cap
+            items = <uint32_t *>realloc(p.items, cap * sizeof(uint32_t))
+            if items == NULL:
+                raise MemoryError()
+            p.items = items
+            p.cap = cap
+        p.items[p.n] = c
+        p.n += 1
+
+    cdef void posting_remove(self, uint32_t h, uint32_t c):
+        cdef Posting *p = &self.postings[h]
+        cdef uint32_t i
+        for i in range(p.n):
+            if p.items[i] == c:
+                p.n -= 1
+                p.items[i] = p.items[p.n]
+                return
+
+    # -- clauses -------------------------------------------------------
+
+    cdef uint32_t new_clause(self) except? 0xffffffff:
+        cdef uint32_t c
+        if self.free_clauses:
+            c = self.free_clauses.pop()
+        else:
+            c = self.nclauses
+            self.clauses = <Clause *>grow(self.clauses, &self.clause_cap, c + 1, sizeof(Clause))
+            self.nclauses += 1
+        memset(&self.clauses[c], 0, sizeof(Clause))
+        return c
+
+    cdef void drop_clause(self, uint32_t c) except *:
+        cdef Clause *cl = &self.clauses[c]
+        cdef uint32_t i, h, aid, rid
+        cdef PathIndex pix
+        if cl.kind == ACCESS_RANGE:
+            rid = cl.handles[0]
+            pix = <PathIndex>self.range_owner[rid]
+            range_remove(&pix.ranges.arrs[cl.range_op - OP_LT], cl.threshold, c)
+            if pix.ranges.empty():
+                pix.ranges = None
+                self.range_owner[rid] = None
+                self.free_ranges.append(rid)
+                pix.coll.prune(pix)
+        else:
+            for i in range(cl.nhandles):
+                h = cl.handles[i]
+                self.posting_remove(h, c)
+                owner = self.posting_owner[h]
+                if self.postings[h].n == 0 and owner is not None:
+                    pix = <PathIndex>owner
+                    del (pix.elem if self.postings[h].elem else pix.eq)[self.posting_key[h]]
+                    self.posting_owner[h] = None
+                    self.posting_key[h] = None
+                    self.free_postings.append(h)
+                    pix.coll.prune(pix)
+            if cl.kind == ACCESS_ALWAYS and cl.natoms:
+                self.scan_clauses -= 1
+        for i in range(cl.natoms):
+            aid = cl.atoms[i]
+            self.atom_refs[aid] -= 1
+            if self.atom_refs[aid] == 0:
+                del self.atom_ids[self.atom_keys[aid]]
+                self.atom_preds[aid] = None
+                self.atom_keys[aid] = None
+                self.free_atoms.append(aid)
+        free(cl.atoms)
+        free(cl.handles)
+        memset(cl, 0, sizeof(Clause))
+        self.free_clauses.append(c)
+
+    cdef CollIndex coll(self, object database, object collection, bint create):
+        cdef PyObject *p = PyDict_GetItem(self.colls, database)
+        if p == NULL:
+            if not create:
+                return None
+            self.colls[database] = {}
+            p = PyDict_GetItem(self.colls, database)
+        by_coll = <dict>p
+        p = PyDict_GetItem(by_coll, collection)
+        if p != NULL:
+            return <CollIndex>p
+        if not create:
+            return None
+        ci = CollIndex(self.new_posting(None, None, False))
+        by_coll[collection] = ci
+        return ci
+
+    # -- subscriptions -------------------------------------------------
+
+    def add(self, str sub_id, str database, str collection, list clauses):
+        """Register a subscription compiled to clauses.
+
+        Each clause is ``(access, atom_ids)``; ``access`` is ``None`` (visit
+        on every event of the collection), ``("eq", path_id, keys)`` or
+        ``("elem", path_id, keys)`` with distinct keys from ``index_key``,
+        or ``("range", path_id, op, threshold)`` with a ``range_key``.
+        """
+        cdef uint32_t slot, c, i, n, h, rid, cap
+        cdef Clause *cl
+        cdef PathIndex pix
+        cdef int op
+        if sub_id in self.sub_slots:
+            raise DuplicateSubscription(f"subscription id {sub_id!r} already exists")
+        ci = self.coll(database, collection, True)
+        if self.free_slots:
+            slot = self.free_slots.pop()
+            self.slot_ids[slot] = sub_id
+        else:
+            slot = self.nslots
+            cap = self.slot_cap
+            self.slots = <Slot *>grow(self.slots, &self.slot_cap, slot + 1, sizeof(Slot))
+            self.slot_epoch = <uint32_t *>grow(self.slot_epoch, &cap, slot + 1, sizeof(uint32_t))
+            self.nslots += 1
+            self.slot_ids.append(sub_id)
+        self.sub_slots[sub_id] = slot
+        n = len(clauses)
+        self.slots[slot].nclauses = 0
+        self.slots[slot].clauses = <uint32_t *>malloc(max(n, 1) * sizeof(uint32_t))
+        if self.slots[slot].clauses == NULL:
+            raise MemoryError()
+        self.slot_epoch[slot] = 0
+        for access, atoms in clauses:
+            c = self.new_clause()
+            self.slots[slot].clauses[self.slots[slot].nclauses] = c
+            self.slots[slot].nclauses += 1
+            cl = &self.clauses[c]
+            cl.slot = slot
+            cl.natoms = len(atoms)
+            cl.atoms = <uint32_t *>malloc(max(cl.natoms, 1) * sizeof(uint32_t))
+            if cl.atoms == NULL:
+                raise MemoryError()
+            for i in range(cl.natoms):
+                cl.atoms[i] = atoms[i]
+                self.atom_refs[cl.atoms[i]] += 1
+            if access is None:
+                cl.kind = ACCESS_ALWAYS
+                cl.nhandles = 1
+                cl.handles = <uint32_t *>malloc(sizeof(uint32_t))
+                if cl.handles == NULL:
+                    raise MemoryError()
+                cl.handles[0] = ci.always
+                self.posting_add(ci.always, c)
+                if cl.natoms:
+                    self.scan_clauses += 1
+                continue
+            cl.kind = ACCESS_KINDS[access[0]]
+            pix = ci.path(access[1])
+            if cl.kind == ACCESS_RANGE:
+                op = OPS[access[2]]
+                if pix.ranges is None:
+                    pix.ranges = RangeIndex()
+                    if self.free_ranges:
+                        rid = self.free_ranges.pop()
+                        self.range_owner[rid] = pix
+                    else:
+                        rid = len(self.range_owner)
+                        self.range_owner.append(pix)
+                    pix.ranges.rid = rid
+                cl.range_op = op
+                cl.threshold = access[3]
+                cl.nhandles = 1
+                cl.handles = <uint32_t *>malloc(sizeof(uint32_t))
+                if cl.handles == NULL:
+                    raise MemoryError()
+                cl.handles[0] = pix.ranges.rid
+                range_insert(&pix.ranges.arrs[op - OP_LT], cl.threshold, c)
+                continue
+            keys = access[2]
+            table = pix.elem if cl.kind == ACCESS_ELEM else pix.eq
+            cl.nhandles = len(keys)
+            cl.handles = <uint32_t *>malloc(max(cl.nhandles, 1) * sizeof(uint32_t))
+            if cl.handles == NULL:
+                raise MemoryError()
+            for i in range(cl.nhandles):
+                hp = table.get(keys[i])
+                if hp is None:
+                    h = self.new_posting(pix, keys[i], cl.kind == ACCESS_ELEM)
+                else:
+                    h = hp
+                self.posting_add(h, c)
+                # the clause pointer may have moved if postings grew: re-read
+                cl = &self.clauses[c]
+                cl.handles[i] = h
+        return slot
+
+    def remove(self, str sub_id):
+        """Deregister a subscription; False if the id is unknown."""
+        cdef uint32_t slot, i
+        p = self.sub_slots.pop(sub_id, None)
+        if p is None:
+            return False
+        slot = p
+        for i in range(self.slots[slot].nclauses):
+            self.drop_clause(self.slots[slot].clauses[i])
+        free(self.slots[slot].clauses)
+        self.slots[slot].clauses = NULL
+        self.slots[slot].nclauses = 0
+        self.slot_ids[slot] = None
+        self.free_slots.append(slot)
+        return True
+
+    def posting_size(self, str database, str collection, uint32_t pid, key, bint elem=False):
+        """How many clauses a key's posting holds (access-choice heuristic)."""
+        ci = self.coll(database, collection, False)
+        if ci is None:
+            return 0
+        pix = (<CollIndex>ci).by_pid.get(pid)
+        if pix is None:
+            return 0
+        h = ((<PathIndex>pix).elem if elem else (<PathIndex>pix).eq).get(key)
+        return 0 if h is None else self.postings[<uint32_t>h].n
+
+    # -- matching ------------------------------------------------------
+
+    cdef int verify(self, uint32_t c) except -1:
+        cdef Clause *cl = &self.clauses[c]
+        cdef uint32_t i, aid
+        cdef uint32_t epoch = self.ctx.epoch
+        for i in range(cl.natoms):
+            aid = cl.atoms[i]
+            if self.atom_epoch[aid] != epoch:
+                self.atom_val[aid] = (<Pred>PyList_GET_ITEM(self.atom_preds, aid)).test(self.ctx)
+                self.atom_epoch[aid] = epoch
+            if not self.atom_val[aid]:
+                return 0
+        return 1
+
+    cdef int visit(self, uint32_t c, list out) except -1:
+        cdef uint32_t slot = self.clauses[c].slot
+        if self.slot_epoch[slot] == self.ctx.epoch:
+            return 0
+        if self.verify(c):
+            self.slot_epoch[slot] = self.ctx.epoch
+            PyList_Append(out, <object>PyList_GET_ITEM(self.slot_ids, slot))
+        return 0
+
+    cdef int scan_posting(self, uint32_t h, list out) except -1:
+        cdef uint32_t i = 0
+        # Verification runs no code that can change the index, so the
+        # posting's items pointer stays valid for the whole loop.
+        cdef Posting *p = &self.postings[h]
+        while i < p.n:
+            self.visit(p.items[i], out)
+            i += 1
+        return 0
+
+    cdef int scan_ranges(self, RangeIndex rix, double v, list out) except -1:
+        cdef RangeArr *a
+        cdef uint32_t i, end
+        a = &rix.arrs[OP_GT - OP_LT]          # x > t: thresholds t < v
+        end = lower_bound(a, v)
+        for i in range(end):
+            self.visit(a.clauses[i], out)
+        a = &rix.arrs[OP_GE - OP_LT]          # x >= t: t <= v
+        end = upper_bound(a, v)
+        for i in range(end):
+            self.visit(a.clauses[i], out)
+        a = &rix.arrs[OP_LT - OP_LT]          # x < t: t > v
+        for i in range(upper_bound(a, v), a.n):
+            self.visit(a.clauses[i], out)
+        a = &rix.arrs[OP_LE - OP_LT]          # x <= t: t >= v
+        for i in range(lower_bound(a, v), a.n):
+            self.visit(a.clauses[i], out)
+        return 0
+
+    cdef void next_epoch(self):
+        cdef Ctx ctx = self.ctx
+        ctx.epoch += 1
+        if ctx.epoch == 0:
+            # After 2**32 events the stamps could collide: start over.
+            memset(self.slot_epoch, 0, self.slot_cap * sizeof(uint32_t))
+            memset(self.atom_epoch, 0, self.atom_cap * sizeof(uint32_t))
+            memset(ctx.path_epoch, 0, ctx.npaths * sizeof(uint32_t))
+            ctx.epoch = 1
+
+    def match(self, database, collection, document_id, document):
+        """Ids of the subscriptions matching one document, each once."""
+        cdef CollIndex ci
+        cdef PathIndex pix
+        cdef PyObject *hp
+        cdef Ctx ctx = self.ctx
+        cdef double d
+        out = []
+        ci = self.coll(database, collection, False)
+        if ci is None:
+            return out
+        self.next_epoch()
+        ctx.doc = document
+        ctx.doc_id = document_id
+        ctx.view = None
+        try:
+            self.scan_posting(ci.always, out)
+            for p in ci.paths:
+                pix = <PathIndex>p
+                v = ctx.path_value(pix.pid)
+                if v is MISS:
+                    continue
+                if pix.eq:
+                    key = index_key(v)
+                    if key is not NK:
+                        hp = PyDict_GetItem(pix.eq, key)
+                        if hp != NULL:
+                            self.scan_posting(<uint32_t><object>hp, out)
+                if pix.elem:
+                    if PyList_Check(v):
+                        for e in <list>v:
+                            key = index_key(e)
+                            if key is not NK:
+                                hp = PyDict_GetItem(pix.elem, key)
+                                if hp != NULL:
+                                    self.scan_posting(<uint32_t><object>hp, out)
+                    elif PyDict_Check(v):
+                        for k in <dict>v:
+                            if PyUnicode_Check(k):
+                                hp = PyDict_GetItem(pix.elem, k)
+                                if hp != NULL:
+                                    self.scan_posting(<uint32_t><object>hp, out)
+                if pix.ranges is not None:
+                    if PyFloat_Check(v):
+                        d = PyFloat_AS_DOUBLE(v)
+                        if not isnan(d):
+                            self.scan_ranges(pix.ranges, d, out)
+                    elif is_int(v):
+                        self.scan_ranges(pix.ranges, int_to_double(v), out)
+        finally:
+            ctx.doc = None
+            ctx.doc_id = None
+            ctx.view = None
+        return out
+
+
+def evaluate(Node node, bindings):
+    """Evaluate a compiled expression with variable bindings: value or ERROR."""
+    return node(bindings)
