@@ -415,6 +415,8 @@ cdef class Ctx:
             view = dict(self.doc) if PyDict_Check(self.doc) else {}
             if self.doc_id is not None:
                 view["_id"] = self.doc_id
+            else:
+                view.pop("_id", None)
             self.view = view
         return self.view
 

@@ -1,0 +1,167 @@
+"""The public matching API: register subscriptions, match events.
+
+``Matcher`` turns each subscription into clauses (see ``streamer.compiler``),
+chooses for every clause the one atom the index looks it up by (its access
+atom: document id, then the equality or ``in`` key with the smallest posting
+list, then list membership, then a numeric range), interns the remaining
+atoms, and hands the result to the compiled core (``streamer._ext._core``),
+which holds all per-subscription state in C arrays and matches events.
+
+A clause with no indexable atom is a *scan* clause: it is verified on every
+event of its collection. It is allowed and counted (``stats()``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from streamer import cel
+from streamer._ext import _core
+from streamer.compiler import Atom, Clause, Filter, lower_expression, lower_filter
+from streamer.errors import DuplicateSubscription, InvalidSubscription
+
+__all__ = ["DuplicateSubscription", "Filter", "InvalidSubscription", "Matcher"]
+
+
+class Matcher:
+    """An index of subscriptions over (database, collection, document) events.
+
+    >>> m = Matcher()
+    >>> m.add("s1", "app", "messages", filters=[Filter("chat_id", "==", "c1")])
+    >>> m.match("app", "messages", "m-1", {"chat_id": "c1"})
+    ['s1']
+    """
+
+    __slots__ = ("_core",)
+
+    def __init__(self) -> None:
+        self._core = _core.Core()
+
+    def __len__(self) -> int:
+        return len(self._core)
+
+    def __contains__(self, subscription_id: object) -> bool:
+        return subscription_id in self._core
+
+    def add(
+        self,
+        subscription_id: str,
+        database: str,
+        collection: str,
+        *,
+        filters: Iterable[Filter] = (),
+        expression: str | None = None,
+    ) -> None:
+        """Register a subscription: all ``filters`` AND the CEL ``expression``.
+
+        Raises ``InvalidSubscription`` (a ``ValueError``) naming the bad part,
+        or ``DuplicateSubscription`` if the id is taken; the index is then
+        unchanged.
+        """
+        for name, value in (
+            ("subscription id", subscription_id),
+            ("database", database),
+            ("collection", collection),
+        ):
+            if not isinstance(value, str):
+                raise InvalidSubscription(f"{name} must be a string, got {type(value).__name__}")
+        if not subscription_id:
+            raise InvalidSubscription("subscription id must not be empty")
+        if subscription_id in self._core:
+            raise DuplicateSubscription(f"subscription id {subscription_id!r} already exists")
+        clauses = compile_subscription(filters, expression)
+        core = self._core
+        planned = [self._plan(database, collection, clause) for clause in clauses]
+        core.add(subscription_id, database, collection, planned)
+
+    def remove(self, subscription_id: str) -> bool:
+        """Deregister a subscription; False if the id is unknown."""
+        if not isinstance(subscription_id, str):
+            return False
+        return bool(self._core.remove(subscription_id))
+
+    def match(
+        self, database: str, collection: str, document_id: str | None, document: object
+    ) -> list[str]:
+        """Ids of every subscription matching the document, each once.
+
+        Never raises for odd documents: values of the wrong type, nulls or
+        missing fields simply do not match.
+        """
+        return self._core.match(database, collection, document_id, document)  # type: ignore[no-any-return]
+
+    def stats(self) -> dict[str, int]:
+        """Sizes of the index: subscriptions, clauses, scan clauses, atoms…"""
+        return self._core.stats()  # type: ignore[no-any-return]
+
+    def _plan(
+        self, database: str, collection: str, clause: Clause
+    ) -> tuple[tuple[Any, ...] | None, list[int]]:
+        core = self._core
+        best = -1
+        best_score: tuple[int, int, int] = (2, 0, 0)
+        for i, atom in enumerate(clause):
+            access = atom.access
+            if access is None:
+                continue
+            if access[0] == "range":
+                score = (1, 0, 0)
+            else:
+                pid = core.path_id(access[1])
+                elem = access[0] == "elem"
+                size = sum(core.posting_size(database, collection, pid, k, elem) for k in access[2])
+                score = (0, size, len(access[2]))
+            if score < best_score:
+                best, best_score = i, score
+        planned_access: tuple[Any, ...] | None = None
+        if best >= 0:
+            access = clause[best].access
+            assert access is not None
+            planned_access = (access[0], core.path_id(access[1]), *access[2:])
+        residual: dict[tuple[Any, ...], Atom] = {}
+        for i, atom in enumerate(clause):
+            if i != best:
+                residual.setdefault(atom.key, atom)
+        if best >= 0:
+            residual.pop(clause[best].key, None)
+        return planned_access, [self._intern(atom) for atom in residual.values()]
+
+    def _intern(self, atom: Atom) -> int:
+        core = self._core
+        aid: int = core.find_atom(atom.key)
+        if aid < 0:
+            aid = core.new_atom(atom.key, atom.build(core))
+        return aid
+
+
+def compile_subscription(filters: Iterable[Filter], expression: str | None) -> list[Clause]:
+    """Validate a subscription and lower it to clauses (DNF of atoms)."""
+    if isinstance(filters, str | bytes) or not isinstance(filters, Iterable):
+        raise InvalidSubscription(f"filters must be a list of Filter, got {type(filters).__name__}")
+    never = False
+    conjunction: Clause = []
+    for index, flt in enumerate(filters, 1):
+        atom = lower_filter(index, flt)
+        if atom is None:
+            never = True
+        else:
+            conjunction.append(atom)
+    if expression is not None and not isinstance(expression, str):
+        raise InvalidSubscription(f"expression must be a string, got {type(expression).__name__}")
+    if not expression:
+        return [] if never else [conjunction]
+    ast = parse_expression(expression)
+    if never:
+        return []
+    return [conjunction + clause for clause in lower_expression(ast)]
+
+
+def parse_expression(expression: str) -> cel.Expr:
+    """Parse and check a subscription's CEL expression."""
+    try:
+        ast = cel.parse(expression)
+        cel.check(ast)
+    except InvalidSubscription as exc:
+        raise InvalidSubscription(f"expression: {exc}") from None
+    return ast
