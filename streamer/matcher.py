@@ -100,18 +100,17 @@ class Matcher:
     ) -> tuple[tuple[Any, ...] | None, list[int]]:
         core = self._core
         best = -1
-        best_score: tuple[int, int, int] = (2, 0, 0)
+        best_score: tuple[int, float] = (2, 0.0)
         for i, atom in enumerate(clause):
             access = atom.access
             if access is None:
                 continue
             if access[0] == "range":
-                score = (1, 0, 0)
+                score = (1, 0.0)
             else:
                 pid = core.path_id(access[1])
                 elem = access[0] == "elem"
-                size = sum(core.posting_size(database, collection, pid, k, elem) for k in access[2])
-                score = (0, size, len(access[2]))
+                score = (0, core.access_cost(database, collection, pid, access[2], elem))
             if score < best_score:
                 best, best_score = i, score
         planned_access: tuple[Any, ...] | None = None

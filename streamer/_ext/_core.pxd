@@ -1,9 +1,9 @@
 # Declarations of the compiled matching core. See _core.pyx for the design.
-from libc.stdint cimport uint8_t, uint32_t
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
 
 
 cdef struct Posting:
-    uint32_t *items
+    uint64_t *items       # entries, see entry_of()
     uint32_t n
     uint32_t cap
     uint8_t elem          # the key lives in the PathIndex's elem dict
@@ -11,7 +11,7 @@ cdef struct Posting:
 
 cdef struct RangeArr:
     double *keys
-    uint32_t *clauses
+    uint64_t *entries
     uint32_t n
     uint32_t cap
 
@@ -25,6 +25,7 @@ cdef struct Clause:
     uint32_t nhandles
     uint32_t *handles     # posting handles; for ACCESS_RANGE one range id
     double threshold      # for ACCESS_RANGE
+    uint64_t entry        # what the postings hold for this clause
 
 
 cdef struct Slot:
@@ -120,10 +121,11 @@ cdef class Core:
     cdef readonly Py_ssize_t scan_clauses
 
     cdef uint32_t new_posting(self, object owner, object key, bint elem) except? 0xffffffff
-    cdef void posting_add(self, uint32_t h, uint32_t c) except *
-    cdef void posting_remove(self, uint32_t h, uint32_t c)
+    cdef void posting_add(self, uint32_t h, uint64_t e) except *
+    cdef void posting_remove(self, uint32_t h, uint64_t e)
     cdef int verify(self, uint32_t c) except -1
-    cdef int visit(self, uint32_t c, list out) except -1
+    cdef int visit(self, uint64_t e, list out) except -1
+    cdef int scan_entries(self, uint64_t *entries, uint32_t start, uint32_t end, list out) except -1
     cdef int scan_posting(self, uint32_t h, list out) except -1
     cdef int scan_ranges(self, RangeIndex rix, double v, list out) except -1
     cdef CollIndex coll(self, object database, object collection, bint create)

@@ -31,11 +31,17 @@ from cpython.long cimport PyLong_Check
 from cpython.object cimport PyObject
 from cpython.unicode cimport PyUnicode_Check
 from libc.math cimport INFINITY, isnan
-from libc.stdint cimport uint8_t, uint32_t
+from libc.stdint cimport uint8_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memmove, memset
 
 import re2
+
+cdef extern from *:
+    """
+    #define STREAMER_PREFETCH(p) __builtin_prefetch((const void *)(p))
+    """
+    void prefetch "STREAMER_PREFETCH"(const void *p) nogil
 
 from streamer.errors import DuplicateSubscription
 
@@ -86,7 +92,17 @@ DEF ACCESS_EQ = 1
 DEF ACCESS_ELEM = 2
 DEF ACCESS_RANGE = 3
 
-DEF NONE32 = 0xffffffff
+# A posting entry is 64 bits. A clause with no residual atom whose
+# subscription cannot be reached twice by one event (one clause, not a list
+# membership) is stored as the address of its id string, tagged ENTRY_ID: a
+# candidate is then a match, with no clause or slot lookup (each would be a
+# cache miss at a million subscriptions). Any other clause is stored as its
+# clause id shifted left, tagged ENTRY_CLAUSE.
+DEF ENTRY_ID = 1
+DEF ENTRY_CLAUSE = 2
+DEF ENTRY_TAGS = 7
+# How many entries ahead the id strings are prefetched.
+DEF PREFETCH = 8
 
 OPS = {"==": OP_EQ, "!=": OP_NE, "<": OP_LT, "<=": OP_LE, ">": OP_GT, ">=": OP_GE}
 ARITH = {"+": AR_ADD, "-": AR_SUB, "*": AR_MUL, "/": AR_DIV, "%": AR_MOD}
@@ -916,7 +932,7 @@ cdef class Expression(Pred):
 # ---------------------------------------------------------------- index
 
 
-cdef void range_insert(RangeArr *a, double key, uint32_t clause) except *:
+cdef void range_insert(RangeArr *a, double key, uint64_t entry) except *:
     cdef uint32_t lo = 0, hi = a.n, mid, cap
     if a.n == a.cap:
         cap = 8 if a.cap == 0 else 2 * a.cap
@@ -924,10 +940,10 @@ cdef void range_insert(RangeArr *a, double key, uint32_t clause) except *:
         if k == NULL:
             raise MemoryError()
         a.keys = k
-        c = <uint32_t *>realloc(a.clauses, cap * sizeof(uint32_t))
+        c = <uint64_t *>realloc(a.entries, cap * sizeof(uint64_t))
         if c == NULL:
             raise MemoryError()
-        a.clauses = c
+        a.entries = c
         a.cap = cap
     while lo < hi:
         mid = (lo + hi) >> 1
@@ -936,9 +952,9 @@ cdef void range_insert(RangeArr *a, double key, uint32_t clause) except *:
         else:
             hi = mid
     memmove(&a.keys[lo + 1], &a.keys[lo], (a.n - lo) * sizeof(double))
-    memmove(&a.clauses[lo + 1], &a.clauses[lo], (a.n - lo) * sizeof(uint32_t))
+    memmove(&a.entries[lo + 1], &a.entries[lo], (a.n - lo) * sizeof(uint64_t))
     a.keys[lo] = key
-    a.clauses[lo] = clause
+    a.entries[lo] = entry
     a.n += 1
 
 
@@ -964,12 +980,12 @@ cdef uint32_t upper_bound(RangeArr *a, double key) nogil:
     return lo
 
 
-cdef void range_remove(RangeArr *a, double key, uint32_t clause):
+cdef void range_remove(RangeArr *a, double key, uint64_t entry):
     cdef uint32_t i = lower_bound(a, key)
     while i < a.n and a.keys[i] == key:
-        if a.clauses[i] == clause:
+        if a.entries[i] == entry:
             memmove(&a.keys[i], &a.keys[i + 1], (a.n - i - 1) * sizeof(double))
-            memmove(&a.clauses[i], &a.clauses[i + 1], (a.n - i - 1) * sizeof(uint32_t))
+            memmove(&a.entries[i], &a.entries[i + 1], (a.n - i - 1) * sizeof(uint64_t))
             a.n -= 1
             return
         i += 1
@@ -986,7 +1002,7 @@ cdef class RangeIndex:
     def __dealloc__(self):
         for i in range(4):
             free(self.arrs[i].keys)
-            free(self.arrs[i].clauses)
+            free(self.arrs[i].entries)
 
     cdef bint empty(self):
         return (self.arrs[0].n | self.arrs[1].n | self.arrs[2].n | self.arrs[3].n) == 0
@@ -1181,24 +1197,24 @@ cdef class Core:
             ((<PathIndex>owner).elem if elem else (<PathIndex>owner).eq)[key] = h
         return h
 
-    cdef void posting_add(self, uint32_t h, uint32_t c) except *:
+    cdef void posting_add(self, uint32_t h, uint64_t e) except *:
         cdef Posting *p = &self.postings[h]
         cdef uint32_t cap
         if p.n == p.cap:
-            cap = 4 if p.cap == 0 else 2 * p.cap
-            items = <uint32_t *>realloc(p.items, cap * sizeof(uint32_t))
+            cap = 2 if p.cap == 0 else 2 * p.cap
+            items = <uint64_t *>realloc(p.items, cap * sizeof(uint64_t))
             if items == NULL:
                 raise MemoryError()
             p.items = items
             p.cap = cap
-        p.items[p.n] = c
+        p.items[p.n] = e
         p.n += 1
 
-    cdef void posting_remove(self, uint32_t h, uint32_t c):
+    cdef void posting_remove(self, uint32_t h, uint64_t e):
         cdef Posting *p = &self.postings[h]
         cdef uint32_t i
         for i in range(p.n):
-            if p.items[i] == c:
+            if p.items[i] == e:
                 p.n -= 1
                 p.items[i] = p.items[p.n]
                 return
@@ -1223,7 +1239,7 @@ cdef class Core:
         if cl.kind == ACCESS_RANGE:
             rid = cl.handles[0]
             pix = <PathIndex>self.range_owner[rid]
-            range_remove(&pix.ranges.arrs[cl.range_op - OP_LT], cl.threshold, c)
+            range_remove(&pix.ranges.arrs[cl.range_op - OP_LT], cl.threshold, cl.entry)
             if pix.ranges.empty():
                 pix.ranges = None
                 self.range_owner[rid] = None
@@ -1232,7 +1248,7 @@ cdef class Core:
         else:
             for i in range(cl.nhandles):
                 h = cl.handles[i]
-                self.posting_remove(h, c)
+                self.posting_remove(h, cl.entry)
                 owner = self.posting_owner[h]
                 if self.postings[h].n == 0 and owner is not None:
                     pix = <PathIndex>owner
@@ -1320,6 +1336,10 @@ cdef class Core:
             for i in range(cl.natoms):
                 cl.atoms[i] = atoms[i]
                 self.atom_refs[cl.atoms[i]] += 1
+            if cl.natoms == 0 and n == 1 and (access is None or access[0] != "elem"):
+                cl.entry = (<uintptr_t><PyObject *>sub_id) | ENTRY_ID
+            else:
+                cl.entry = (<uint64_t>c << 3) | ENTRY_CLAUSE
             if access is None:
                 cl.kind = ACCESS_ALWAYS
                 cl.nhandles = 1
@@ -1327,7 +1347,7 @@ cdef class Core:
                 if cl.handles == NULL:
                     raise MemoryError()
                 cl.handles[0] = ci.always
-                self.posting_add(ci.always, c)
+                self.posting_add(ci.always, cl.entry)
                 if cl.natoms:
                     self.scan_clauses += 1
                 continue
@@ -1351,7 +1371,7 @@ cdef class Core:
                 if cl.handles == NULL:
                     raise MemoryError()
                 cl.handles[0] = pix.ranges.rid
-                range_insert(&pix.ranges.arrs[op - OP_LT], cl.threshold, c)
+                range_insert(&pix.ranges.arrs[op - OP_LT], cl.threshold, cl.entry)
                 continue
             keys = access[2]
             table = pix.elem if cl.kind == ACCESS_ELEM else pix.eq
@@ -1365,9 +1385,7 @@ cdef class Core:
                     h = self.new_posting(pix, keys[i], cl.kind == ACCESS_ELEM)
                 else:
                     h = hp
-                self.posting_add(h, c)
-                # the clause pointer may have moved if postings grew: re-read
-                cl = &self.clauses[c]
+                self.posting_add(h, cl.entry)
                 cl.handles[i] = h
         return slot
 
@@ -1387,16 +1405,25 @@ cdef class Core:
         self.free_slots.append(slot)
         return True
 
-    def posting_size(self, str database, str collection, uint32_t pid, key, bint elem=False):
-        """How many clauses a key's posting holds (access-choice heuristic)."""
+    def access_cost(self, str database, str collection, uint32_t pid, keys, bint elem):
+        """Estimated candidates per event if a clause is indexed under keys.
+
+        Each key's posting is visited when the event's value equals it; with
+        no event statistics, each of the path's distinct keys is taken as
+        equally likely. So ``type == "text"`` (one key, a long posting)
+        costs more than ``chat_id == "c7"`` (thousands of keys).
+        """
+        cdef double visits = 0
+        cdef dict table
         ci = self.coll(database, collection, False)
-        if ci is None:
-            return 0
-        pix = (<CollIndex>ci).by_pid.get(pid)
+        pix = None if ci is None else (<CollIndex>ci).by_pid.get(pid)
         if pix is None:
-            return 0
-        h = ((<PathIndex>pix).elem if elem else (<PathIndex>pix).eq).get(key)
-        return 0 if h is None else self.postings[<uint32_t>h].n
+            return float(len(keys))
+        table = (<PathIndex>pix).elem if elem else (<PathIndex>pix).eq
+        for k in keys:
+            h = table.get(k)
+            visits += 1 + (0 if h is None else self.postings[<uint32_t>h].n)
+        return visits / (len(table) + 1)
 
     # -- matching ------------------------------------------------------
 
@@ -1413,8 +1440,13 @@ cdef class Core:
                 return 0
         return 1
 
-    cdef int visit(self, uint32_t c, list out) except -1:
-        cdef uint32_t slot = self.clauses[c].slot
+    cdef int visit(self, uint64_t e, list out) except -1:
+        cdef uint32_t c, slot
+        if e & ENTRY_ID:
+            PyList_Append(out, <object><PyObject *><uintptr_t>(e & ~(<uint64_t>ENTRY_TAGS)))
+            return 0
+        c = <uint32_t>(e >> 3)
+        slot = self.clauses[c].slot
         if self.slot_epoch[slot] == self.ctx.epoch:
             return 0
         if self.verify(c):
@@ -1422,33 +1454,35 @@ cdef class Core:
             PyList_Append(out, <object>PyList_GET_ITEM(self.slot_ids, slot))
         return 0
 
-    cdef int scan_posting(self, uint32_t h, list out) except -1:
-        cdef uint32_t i = 0
+    cdef int scan_entries(self, uint64_t *entries, uint32_t start, uint32_t end, list out) except -1:
+        cdef uint32_t i
+        cdef uint64_t ahead
         # Verification runs no code that can change the index, so the
-        # posting's items pointer stays valid for the whole loop.
-        cdef Posting *p = &self.postings[h]
-        while i < p.n:
-            self.visit(p.items[i], out)
-            i += 1
+        # array stays valid for the whole loop. Appending an id touches the
+        # id string (its reference count): prefetch those a few entries
+        # ahead so the cache misses overlap instead of queueing.
+        for i in range(start, end):
+            if i + PREFETCH < end:
+                ahead = entries[i + PREFETCH]
+                if ahead & ENTRY_ID:
+                    prefetch(<void *><uintptr_t>(ahead & ~(<uint64_t>ENTRY_TAGS)))
+            self.visit(entries[i], out)
         return 0
+
+    cdef int scan_posting(self, uint32_t h, list out) except -1:
+        cdef Posting *p = &self.postings[h]
+        return self.scan_entries(p.items, 0, p.n, out)
 
     cdef int scan_ranges(self, RangeIndex rix, double v, list out) except -1:
         cdef RangeArr *a
-        cdef uint32_t i, end
         a = &rix.arrs[OP_GT - OP_LT]          # x > t: thresholds t < v
-        end = lower_bound(a, v)
-        for i in range(end):
-            self.visit(a.clauses[i], out)
+        self.scan_entries(a.entries, 0, lower_bound(a, v), out)
         a = &rix.arrs[OP_GE - OP_LT]          # x >= t: t <= v
-        end = upper_bound(a, v)
-        for i in range(end):
-            self.visit(a.clauses[i], out)
+        self.scan_entries(a.entries, 0, upper_bound(a, v), out)
         a = &rix.arrs[OP_LT - OP_LT]          # x < t: t > v
-        for i in range(upper_bound(a, v), a.n):
-            self.visit(a.clauses[i], out)
+        self.scan_entries(a.entries, upper_bound(a, v), a.n, out)
         a = &rix.arrs[OP_LE - OP_LT]          # x <= t: t >= v
-        for i in range(lower_bound(a, v), a.n):
-            self.visit(a.clauses[i], out)
+        self.scan_entries(a.entries, lower_bound(a, v), a.n, out)
         return 0
 
     cdef void next_epoch(self):
