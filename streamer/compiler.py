@@ -60,20 +60,18 @@ class Filter(NamedTuple):
     value: Value
 
 
-class Atom(NamedTuple):
-    """An atom before interning: its key and how to build its predicate.
-
-    ``access`` says how the index can find events that may satisfy it:
-    ``("eq", path, keys)``, ``("elem", path, keys)``, ``("range", path, op,
-    threshold)`` or ``None``; only exact accesses are offered, so a clause
-    found through an atom need not re-test it.
-    """
-
-    key: tuple[Any, ...]
-    build: Callable[[_core.Core], _core.Pred]
-    access: tuple[Any, ...] | None
-
-
+# An atom before interning: ``(key, access, factory)``.
+#
+# ``key`` identifies the predicate; for the structured kinds the core builds
+# the predicate from the key alone (``("cmp", path, op, const)``, ``("in",
+# path, consts)``, ``("holds", path, const, substring)``, constants as
+# ``const_key`` pairs), otherwise ``factory(core)`` builds it.
+# ``access`` says how the index can find events that may satisfy it:
+# ``("eq", path, keys)``, ``("elem", path, keys)``, ``("range", path, op,
+# threshold)`` or ``None``. Only exact accesses are offered, so a clause found
+# through an atom need not test it again. Plain tuples, because a million
+# subscriptions are lowered at subscribe time and NamedTuples cost 10x more.
+Atom = tuple[tuple[Any, ...], tuple[Any, ...] | None, Callable[[_core.Core], _core.Pred] | None]
 Clause = list[Atom]
 
 
@@ -99,36 +97,24 @@ def compare_atom(path: tuple[str, ...], op: str, value: object) -> Atom:
         threshold = _core.range_key(value)
         if threshold is not None:
             access = ("range", path, op, threshold)
-    return Atom(
-        ("cmp", path, op, const_key(value)),
-        lambda core: _core.PathCompare(core.path_id(path), op, value),
-        access,
-    )
+    return ("cmp", path, op, const_key(value)), access, None
 
 
 def in_atom(path: tuple[str, ...], values: Sequence[object]) -> Atom:
     keys = [_core.index_key(v) for v in values]
     access = None
-    if all(k is not _core.NOKEY for k in keys):
+    if _core.NOKEY not in keys:
         access = ("eq", path, tuple(dict.fromkeys(keys)))
-    consts = list(values)
-    return Atom(
-        ("in", path, tuple(const_key(v) for v in values)),
-        lambda core: _core.PathIn(core.path_id(path), consts),
-        access,
-    )
+    return ("in", path, tuple(const_key(v) for v in values)), access, None
 
 
 def holds_atom(path: tuple[str, ...], value: object, substring: bool) -> Atom:
     access = None
-    key = _core.index_key(value)
-    if not substring and key is not _core.NOKEY:
-        access = ("elem", path, (key,))
-    return Atom(
-        ("holds", path, const_key(value), substring),
-        lambda core: _core.PathHolds(core.path_id(path), value, substring),
-        access,
-    )
+    if not substring:
+        key = _core.index_key(value)
+        if key is not _core.NOKEY:
+            access = ("elem", path, (key,))
+    return ("holds", path, const_key(value), substring), access, None
 
 
 def expression_atom(expr: cel.Expr, negate: bool) -> Atom:
@@ -138,7 +124,7 @@ def expression_atom(expr: cel.Expr, negate: bool) -> Atom:
         node = compile_node(expr, core)
         return _core.Expression(_core.Not(node) if negate else node)
 
-    return Atom(key, build, None)
+    return key, None, build
 
 
 # ---------------------------------------------------------------- filters
@@ -161,6 +147,14 @@ def _check_scalar(where: str, value: object) -> None:
     )
 
 
+def _scalar_ok(value: object) -> bool:
+    """The common case of ``_check_scalar``, without building messages."""
+    t = type(value)
+    if t is str or t is float or t is bool:
+        return True
+    return t is int and INT64_MIN <= value <= INT64_MAX  # type: ignore[operator]
+
+
 def _filter_path(where: str, field: object) -> tuple[str, ...]:
     if not isinstance(field, str) or not field:
         raise InvalidSubscription(f"{where}: field must be a non-empty string, got {field!r}")
@@ -170,31 +164,52 @@ def _filter_path(where: str, field: object) -> tuple[str, ...]:
     return path
 
 
+# Field names repeat across subscriptions; splitting each once saves time
+# at a million subscribe requests. Bounded, since names are client data.
+_PATHS: dict[str, tuple[str, ...]] = {}
+_PATHS_LIMIT = 65536
+_ID_PATH = ("_id",)
+
+
 def lower_filter(index: int, flt: object) -> Atom | None:
-    """One filter as an atom; None when it can never hold (``in []``)."""
-    where = f"filter {index}"
+    """One filter as an atom; None when it can never hold (``in []``).
+
+    ``index`` (1-based) only names the filter in error messages.
+    """
     try:
         field, op_name, value = flt  # type: ignore[misc]
     except (TypeError, ValueError):
-        raise InvalidSubscription(f"{where}: expected Filter(field, op, value), got {flt!r}") from None
-    path = _filter_path(where, field)
-    op = OPERATORS.get(op_name) if isinstance(op_name, str) else None
+        raise InvalidSubscription(
+            f"filter {index}: expected Filter(field, op, value), got {flt!r}"
+        ) from None
+    path = _PATHS.get(field) if type(field) is str else None
+    if path is None:
+        path = _filter_path(f"filter {index}", field)
+        if len(_PATHS) >= _PATHS_LIMIT:
+            _PATHS.clear()
+        _PATHS[field] = path
+    op = OPERATORS.get(op_name) if type(op_name) is str else None
     if op is None:
-        raise InvalidSubscription(f"{where}: unsupported operator {op_name!r}")
-    if isinstance(value, list | tuple):
+        raise InvalidSubscription(f"filter {index}: unsupported operator {op_name!r}")
+    if type(value) is list or type(value) is tuple:
         if op not in ("in", "==", "!="):
-            raise InvalidSubscription(f"{where}: operator {op_name!r} needs a single value, got a list")
+            raise InvalidSubscription(
+                f"filter {index}: operator {op_name!r} needs a single value, got a list"
+            )
         for i, v in enumerate(value):
-            _check_scalar(f"{where}: list item {i}", v)
+            if not _scalar_ok(v):
+                _check_scalar(f"filter {index}: list item {i}", v)
         value = list(value)
     else:
         if op == "in":
-            raise InvalidSubscription(f"{where}: operator 'in' needs a list value, got {value!r}")
-        _check_scalar(where, value)
-    if path == ("_id",):
-        value = _document_id_value(where, value)
+            raise InvalidSubscription(
+                f"filter {index}: operator 'in' needs a list value, got {value!r}"
+            )
+        if not _scalar_ok(value):
+            _check_scalar(f"filter {index}", value)
+    if path == _ID_PATH:
+        value = _document_id_value(f"filter {index}", value)
     if op == "in":
-        assert isinstance(value, list)
         return in_atom(path, value) if value else None
     if op == "contains":
         return holds_atom(path, value, substring=True)

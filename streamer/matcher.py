@@ -14,11 +14,9 @@ event of its collection. It is allowed and counted (``stats()``).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
-
 from streamer import cel
 from streamer._ext import _core
-from streamer.compiler import Atom, Clause, Filter, lower_expression, lower_filter
+from streamer.compiler import Clause, Filter, lower_expression, lower_filter
 from streamer.errors import DuplicateSubscription, InvalidSubscription
 
 __all__ = ["DuplicateSubscription", "Filter", "InvalidSubscription", "Matcher"]
@@ -70,10 +68,9 @@ class Matcher:
             raise InvalidSubscription("subscription id must not be empty")
         if subscription_id in self._core:
             raise DuplicateSubscription(f"subscription id {subscription_id!r} already exists")
-        clauses = compile_subscription(filters, expression)
-        core = self._core
-        planned = [self._plan(database, collection, clause) for clause in clauses]
-        core.add(subscription_id, database, collection, planned)
+        self._core.add(
+            subscription_id, database, collection, compile_subscription(filters, expression)
+        )
 
     def remove(self, subscription_id: str) -> bool:
         """Deregister a subscription; False if the id is unknown."""
@@ -95,48 +92,10 @@ class Matcher:
         """Sizes of the index: subscriptions, clauses, scan clauses, atoms…"""
         return self._core.stats()  # type: ignore[no-any-return]
 
-    def _plan(
-        self, database: str, collection: str, clause: Clause
-    ) -> tuple[tuple[Any, ...] | None, list[int]]:
-        core = self._core
-        best = -1
-        best_score: tuple[int, float] = (2, 0.0)
-        for i, atom in enumerate(clause):
-            access = atom.access
-            if access is None:
-                continue
-            if access[0] == "range":
-                score = (1, 0.0)
-            else:
-                pid = core.path_id(access[1])
-                elem = access[0] == "elem"
-                score = (0, core.access_cost(database, collection, pid, access[2], elem))
-            if score < best_score:
-                best, best_score = i, score
-        planned_access: tuple[Any, ...] | None = None
-        if best >= 0:
-            access = clause[best].access
-            assert access is not None
-            planned_access = (access[0], core.path_id(access[1]), *access[2:])
-        residual: dict[tuple[Any, ...], Atom] = {}
-        for i, atom in enumerate(clause):
-            if i != best:
-                residual.setdefault(atom.key, atom)
-        if best >= 0:
-            residual.pop(clause[best].key, None)
-        return planned_access, [self._intern(atom) for atom in residual.values()]
-
-    def _intern(self, atom: Atom) -> int:
-        core = self._core
-        aid: int = core.find_atom(atom.key)
-        if aid < 0:
-            aid = core.new_atom(atom.key, atom.build(core))
-        return aid
-
 
 def compile_subscription(filters: Iterable[Filter], expression: str | None) -> list[Clause]:
     """Validate a subscription and lower it to clauses (DNF of atoms)."""
-    if isinstance(filters, str | bytes) or not isinstance(filters, Iterable):
+    if isinstance(filters, str | bytes) or not hasattr(filters, "__iter__"):
         raise InvalidSubscription(f"filters must be a list of Filter, got {type(filters).__name__}")
     never = False
     conjunction: Clause = []

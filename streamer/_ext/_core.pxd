@@ -123,6 +123,12 @@ cdef class Core:
     cdef uint32_t new_posting(self, object owner, object key, bint elem) except? 0xffffffff
     cdef void posting_add(self, uint32_t h, uint64_t e) except *
     cdef void posting_remove(self, uint32_t h, uint64_t e)
+    cdef uint32_t intern(self, tuple atom) except? 0xffffffff
+    cdef Pred build_pred(self, tuple key)
+    cdef double access_cost(self, CollIndex ci, uint32_t pid, tuple keys, bint elem)
+    cdef tuple plan(self, CollIndex ci, list clause)
+    cdef void add_clause(self, CollIndex ci, uint32_t slot, str sub_id, uint32_t n,
+                         object access, list atoms) except *
     cdef int verify(self, uint32_t c) except -1
     cdef int visit(self, uint64_t e, list out) except -1
     cdef int scan_entries(self, uint64_t *entries, uint32_t start, uint32_t end, list out) except -1
@@ -130,5 +136,6 @@ cdef class Core:
     cdef int scan_ranges(self, RangeIndex rix, double v, list out) except -1
     cdef CollIndex coll(self, object database, object collection, bint create)
     cdef void next_epoch(self)
+    cpdef uint32_t path_id(self, tuple comps) except? 0xffffffff
     cdef uint32_t new_clause(self) except? 0xffffffff
     cdef void drop_clause(self, uint32_t c) except *

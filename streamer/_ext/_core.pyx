@@ -346,6 +346,13 @@ cdef object arith(int op, object a, object b):
     return ERR
 
 
+cdef object const_value(tuple ck):
+    """The constant a ``streamer.compiler.const_key`` pair stands for."""
+    if ck[0] == "list":
+        return [const_value(c) for c in ck[1]]
+    return ck[1]
+
+
 cdef object regex_cache = {}
 
 
@@ -1139,7 +1146,7 @@ cdef class Core:
 
     # -- interning -----------------------------------------------------
 
-    def path_id(self, tuple comps):
+    cpdef uint32_t path_id(self, tuple comps) except? 0xffffffff:
         """The id of a field path (tuple of map keys), interned."""
         pid = self.path_ids.get(comps)
         if pid is None:
@@ -1149,13 +1156,15 @@ cdef class Core:
             self.ctx.reserve_paths(pid + 1)
         return pid
 
-    def find_atom(self, key):
-        """The id of the atom interned under ``key``, or -1."""
-        return self.atom_ids.get(key, -1)
-
-    def new_atom(self, key, Pred pred):
-        """Intern a new atom; it lives while some clause refers to it."""
-        cdef uint32_t cap
+    cdef uint32_t intern(self, tuple atom) except? 0xffffffff:
+        """The id of an atom ``(key, access, factory)``, interned by key."""
+        cdef uint32_t cap, aid
+        key = atom[0]
+        found = self.atom_ids.get(key)
+        if found is not None:
+            return found
+        factory = atom[2]
+        pred = factory(self) if factory is not None else self.build_pred(key)
         if self.free_atoms:
             aid = self.free_atoms.pop()
             self.atom_preds[aid] = pred
@@ -1176,6 +1185,35 @@ cdef class Core:
         self.atom_epoch[aid] = 0
         self.atom_ids[key] = aid
         return aid
+
+    cdef Pred build_pred(self, tuple key):
+        kind = key[0]
+        if kind == "cmp":
+            return PathCompare(self.path_id(key[1]), key[2], const_value(key[3]))
+        if kind == "in":
+            return PathIn(self.path_id(key[1]), [const_value(c) for c in key[2]])
+        if kind == "holds":
+            return PathHolds(self.path_id(key[1]), const_value(key[2]), key[3])
+        raise ValueError(f"atom {key!r} needs a factory")
+
+    cdef double access_cost(self, CollIndex ci, uint32_t pid, tuple keys, bint elem):
+        """Estimated candidates per event if a clause is indexed under keys.
+
+        Each key's posting is visited when the event's value equals it; with
+        no event statistics, each of the path's distinct keys is taken as
+        equally likely. So ``type == "text"`` (one key, a long posting)
+        costs more than ``chat_id == "c7"`` (thousands of keys).
+        """
+        cdef double visits = 0
+        cdef dict table
+        pix = ci.by_pid.get(pid)
+        if pix is None:
+            return len(keys)
+        table = (<PathIndex>pix).elem if elem else (<PathIndex>pix).eq
+        for k in keys:
+            h = table.get(k)
+            visits += 1 + (0 if h is None else self.postings[<uint32_t>h].n)
+        return visits / (len(table) + 1)
 
     # -- postings ------------------------------------------------------
 
@@ -1292,20 +1330,20 @@ cdef class Core:
     # -- subscriptions -------------------------------------------------
 
     def add(self, str sub_id, str database, str collection, list clauses):
-        """Register a subscription compiled to clauses.
+        """Register a subscription given as clauses (lists of atoms).
 
-        Each clause is ``(access, atom_ids)``; ``access`` is ``None`` (visit
-        on every event of the collection), ``("eq", path_id, keys)`` or
-        ``("elem", path_id, keys)`` with distinct keys from ``index_key``,
-        or ``("range", path_id, op, threshold)`` with a ``range_key``.
+        Atoms are ``(key, access, factory)`` tuples (``streamer.compiler``).
+        Per clause, the atom with the cheapest exact access becomes its index
+        entry (hash keys before ranges; without any, the clause is visited on
+        every event of the collection) and the others are interned and
+        verified on candidates.
         """
-        cdef uint32_t slot, c, i, n, h, rid, cap
-        cdef Clause *cl
-        cdef PathIndex pix
-        cdef int op
+        cdef uint32_t slot, n
         if sub_id in self.sub_slots:
             raise DuplicateSubscription(f"subscription id {sub_id!r} already exists")
         ci = self.coll(database, collection, True)
+        n = len(clauses)
+        planned = [self.plan(ci, clause) for clause in clauses]
         if self.free_slots:
             slot = self.free_slots.pop()
             self.slot_ids[slot] = sub_id
@@ -1317,77 +1355,106 @@ cdef class Core:
             self.nslots += 1
             self.slot_ids.append(sub_id)
         self.sub_slots[sub_id] = slot
-        n = len(clauses)
         self.slots[slot].nclauses = 0
         self.slots[slot].clauses = <uint32_t *>malloc(max(n, 1) * sizeof(uint32_t))
         if self.slots[slot].clauses == NULL:
             raise MemoryError()
         self.slot_epoch[slot] = 0
-        for access, atoms in clauses:
-            c = self.new_clause()
-            self.slots[slot].clauses[self.slots[slot].nclauses] = c
-            self.slots[slot].nclauses += 1
-            cl = &self.clauses[c]
-            cl.slot = slot
-            cl.natoms = len(atoms)
-            cl.atoms = <uint32_t *>malloc(max(cl.natoms, 1) * sizeof(uint32_t))
-            if cl.atoms == NULL:
-                raise MemoryError()
-            for i in range(cl.natoms):
-                cl.atoms[i] = atoms[i]
-                self.atom_refs[cl.atoms[i]] += 1
-            if cl.natoms == 0 and n == 1 and (access is None or access[0] != "elem"):
-                cl.entry = (<uintptr_t><PyObject *>sub_id) | ENTRY_ID
-            else:
-                cl.entry = (<uint64_t>c << 3) | ENTRY_CLAUSE
+        for access, atoms in planned:
+            self.add_clause(ci, slot, sub_id, n, access, atoms)
+
+    cdef tuple plan(self, CollIndex ci, list clause):
+        cdef Py_ssize_t i, best = -1
+        cdef double cost, best_cost = INFINITY
+        for i in range(len(clause)):
+            access = (<tuple>clause[i])[1]
             if access is None:
-                cl.kind = ACCESS_ALWAYS
-                cl.nhandles = 1
-                cl.handles = <uint32_t *>malloc(sizeof(uint32_t))
-                if cl.handles == NULL:
-                    raise MemoryError()
-                cl.handles[0] = ci.always
-                self.posting_add(ci.always, cl.entry)
-                if cl.natoms:
-                    self.scan_clauses += 1
                 continue
-            cl.kind = ACCESS_KINDS[access[0]]
-            pix = ci.path(access[1])
-            if cl.kind == ACCESS_RANGE:
-                op = OPS[access[2]]
-                if pix.ranges is None:
-                    pix.ranges = RangeIndex()
-                    if self.free_ranges:
-                        rid = self.free_ranges.pop()
-                        self.range_owner[rid] = pix
-                    else:
-                        rid = len(self.range_owner)
-                        self.range_owner.append(pix)
-                    pix.ranges.rid = rid
-                cl.range_op = op
-                cl.threshold = access[3]
-                cl.nhandles = 1
-                cl.handles = <uint32_t *>malloc(sizeof(uint32_t))
-                if cl.handles == NULL:
-                    raise MemoryError()
-                cl.handles[0] = pix.ranges.rid
-                range_insert(&pix.ranges.arrs[op - OP_LT], cl.threshold, cl.entry)
-                continue
-            keys = access[2]
-            table = pix.elem if cl.kind == ACCESS_ELEM else pix.eq
-            cl.nhandles = len(keys)
-            cl.handles = <uint32_t *>malloc(max(cl.nhandles, 1) * sizeof(uint32_t))
+            if access[0] == "range":
+                cost = 1e300
+            else:
+                cost = self.access_cost(ci, self.path_id(access[1]), access[2], access[0] == "elem")
+            if best < 0 or cost < best_cost:
+                best, best_cost = i, cost
+        planned = None
+        residual = {}
+        for i in range(len(clause)):
+            if i != best:
+                residual.setdefault(clause[i][0], clause[i])
+        if best >= 0:
+            access = clause[best][1]
+            residual.pop(clause[best][0], None)
+            planned = (access[0], self.path_id(access[1])) + access[2:]
+        return planned, [self.intern(atom) for atom in residual.values()]
+
+    cdef void add_clause(self, CollIndex ci, uint32_t slot, str sub_id, uint32_t n,
+                         object access, list atoms) except *:
+        cdef uint32_t c, i, h, rid
+        cdef Clause *cl
+        cdef PathIndex pix
+        cdef int op
+        c = self.new_clause()
+        self.slots[slot].clauses[self.slots[slot].nclauses] = c
+        self.slots[slot].nclauses += 1
+        cl = &self.clauses[c]
+        cl.slot = slot
+        cl.natoms = len(atoms)
+        cl.atoms = <uint32_t *>malloc(max(cl.natoms, 1) * sizeof(uint32_t))
+        if cl.atoms == NULL:
+            raise MemoryError()
+        for i in range(cl.natoms):
+            cl.atoms[i] = atoms[i]
+            self.atom_refs[cl.atoms[i]] += 1
+        if cl.natoms == 0 and n == 1 and (access is None or access[0] != "elem"):
+            cl.entry = (<uintptr_t><PyObject *>sub_id) | ENTRY_ID
+        else:
+            cl.entry = (<uint64_t>c << 3) | ENTRY_CLAUSE
+        cl.nhandles = 1
+        if access is None:
+            cl.kind = ACCESS_ALWAYS
+            cl.handles = <uint32_t *>malloc(sizeof(uint32_t))
             if cl.handles == NULL:
                 raise MemoryError()
-            for i in range(cl.nhandles):
-                hp = table.get(keys[i])
-                if hp is None:
-                    h = self.new_posting(pix, keys[i], cl.kind == ACCESS_ELEM)
+            cl.handles[0] = ci.always
+            self.posting_add(ci.always, cl.entry)
+            if cl.natoms:
+                self.scan_clauses += 1
+            return
+        cl.kind = ACCESS_KINDS[access[0]]
+        pix = ci.path(access[1])
+        if cl.kind == ACCESS_RANGE:
+            op = OPS[access[2]]
+            if pix.ranges is None:
+                pix.ranges = RangeIndex()
+                if self.free_ranges:
+                    rid = self.free_ranges.pop()
+                    self.range_owner[rid] = pix
                 else:
-                    h = hp
-                self.posting_add(h, cl.entry)
-                cl.handles[i] = h
-        return slot
+                    rid = len(self.range_owner)
+                    self.range_owner.append(pix)
+                pix.ranges.rid = rid
+            cl.range_op = op
+            cl.threshold = access[3]
+            cl.handles = <uint32_t *>malloc(sizeof(uint32_t))
+            if cl.handles == NULL:
+                raise MemoryError()
+            cl.handles[0] = pix.ranges.rid
+            range_insert(&pix.ranges.arrs[op - OP_LT], cl.threshold, cl.entry)
+            return
+        keys = access[2]
+        table = pix.elem if cl.kind == ACCESS_ELEM else pix.eq
+        cl.nhandles = len(keys)
+        cl.handles = <uint32_t *>malloc(max(cl.nhandles, 1) * sizeof(uint32_t))
+        if cl.handles == NULL:
+            raise MemoryError()
+        for i in range(cl.nhandles):
+            hp = table.get(keys[i])
+            if hp is None:
+                h = self.new_posting(pix, keys[i], cl.kind == ACCESS_ELEM)
+            else:
+                h = hp
+            self.posting_add(h, cl.entry)
+            cl.handles[i] = h
 
     def remove(self, str sub_id):
         """Deregister a subscription; False if the id is unknown."""
@@ -1404,26 +1471,6 @@ cdef class Core:
         self.slot_ids[slot] = None
         self.free_slots.append(slot)
         return True
-
-    def access_cost(self, str database, str collection, uint32_t pid, keys, bint elem):
-        """Estimated candidates per event if a clause is indexed under keys.
-
-        Each key's posting is visited when the event's value equals it; with
-        no event statistics, each of the path's distinct keys is taken as
-        equally likely. So ``type == "text"`` (one key, a long posting)
-        costs more than ``chat_id == "c7"`` (thousands of keys).
-        """
-        cdef double visits = 0
-        cdef dict table
-        ci = self.coll(database, collection, False)
-        pix = None if ci is None else (<CollIndex>ci).by_pid.get(pid)
-        if pix is None:
-            return float(len(keys))
-        table = (<PathIndex>pix).elem if elem else (<PathIndex>pix).eq
-        for k in keys:
-            h = table.get(k)
-            visits += 1 + (0 if h is None else self.postings[<uint32_t>h].n)
-        return visits / (len(table) + 1)
 
     # -- matching ------------------------------------------------------
 

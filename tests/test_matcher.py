@@ -1,0 +1,389 @@
+"""The public matching API: semantics, errors, and fast vs reference."""
+
+from __future__ import annotations
+
+import gc
+import math
+from typing import Any
+
+import hypothesis.strategies as st
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from streamer.matcher import DuplicateSubscription, Filter, InvalidSubscription, Matcher
+from streamer.reference import ReferenceMatcher
+
+
+def both() -> tuple[Matcher, ReferenceMatcher]:
+    return Matcher(), ReferenceMatcher()
+
+
+def test_issue_example() -> None:
+    m = Matcher()
+    m.add("s1", "app", "messages", filters=[Filter("chat_id", "==", "c1")])
+    m.add("s2", "app", "messages", expression="doc.score >= 3.5 && 'urgent' in doc.tags")
+    m.add(
+        "s3", "app", "messages", filters=[Filter("type", "==", "text")],
+        expression="doc.chat_id == 'c1'",
+    )
+    doc = {"chat_id": "c1", "score": 4.0, "tags": ["urgent"], "type": "text"}
+    assert sorted(m.match("app", "messages", "m-17", doc)) == ["s1", "s2", "s3"]
+    assert m.remove("s2") is True
+    assert m.remove("s2") is False
+    assert len(m) == 2
+    assert sorted(m.match("app", "messages", "m-17", doc)) == ["s1", "s3"]
+
+
+# (filters, expression, document, matches?) — document id is always "d1".
+CASES: list[tuple[list[Filter], str | None, Any, bool]] = [
+    ([], None, {"x": 1}, True),
+    ([Filter("x", "==", "a")], None, {"x": "a"}, True),
+    ([Filter("x", "eq", "a")], None, {"x": "b"}, False),
+    ([Filter("x", "==", 5)], None, {"x": 5.0}, True),
+    ([Filter("x", "==", 5.0)], None, {"x": 5}, True),
+    ([Filter("age", "gt", 20)], None, {"age": 25.0}, True),
+    ([Filter("age", ">", 20)], None, {"age": 20}, False),
+    ([Filter("age", ">=", 20)], None, {"age": 20}, True),
+    ([Filter("age", "<", 20.5)], None, {"age": 20}, True),
+    ([Filter("age", "lte", 20)], None, {"age": 20.0}, True),
+    ([Filter("x", "==", 1)], None, {"x": "1"}, False),
+    ([Filter("x", "!=", 1)], None, {"x": "1"}, True),
+    ([Filter("x", ">", 1)], None, {"x": "2"}, False),
+    ([Filter("x", "<", "b")], None, {"x": "a"}, True),
+    ([Filter("x", "!=", 1)], None, {}, False),
+    ([Filter("x", "==", 1)], None, {"x": None}, False),
+    ([Filter("x", "!=", 1)], None, {"x": None}, True),
+    ([Filter("x", "==", True)], None, {"x": 1}, False),
+    ([Filter("x", "==", 1)], None, {"x": True}, False),
+    ([Filter("x", "==", True)], None, {"x": True}, True),
+    ([Filter("x", "in", ["a", 2])], None, {"x": 2.0}, True),
+    ([Filter("x", "in", ["a", 2])], None, {"x": "b"}, False),
+    ([Filter("x", "in", [])], None, {"x": "b"}, False),
+    ([Filter("tags", "contains", "u")], None, {"tags": ["u", "v"]}, True),
+    ([Filter("tags", "contains", "u")], None, {"tags": "a u b"}, True),
+    ([Filter("tags", "contains", "u")], None, {"tags": {"u": 1}}, False),
+    ([Filter("tags", "contains", 3)], None, {"tags": [1, 3.0]}, True),
+    ([Filter("p.a.city", "==", "B")], None, {"p": {"a": {"city": "B"}}}, True),
+    ([Filter("p.a.city", "==", "B")], None, {"p": {"a": "city"}}, False),
+    ([Filter("p.a", "==", "B")], None, {"p": ["a"]}, False),
+    ([Filter("_id", "==", "d1")], None, {"_id": "other"}, True),
+    ([Filter("_id", "==", "d2")], None, {"_id": "d2"}, False),
+    ([Filter("_id", "in", ["d0", "d1"])], None, {}, True),
+    ([Filter("x", "==", math.nan)], None, {"x": math.nan}, False),
+    ([Filter("x", "!=", math.nan)], None, {"x": math.nan}, True),
+    ([Filter("x", ">", -math.inf)], None, {"x": -1e308}, True),
+    ([Filter("x", "==", math.inf)], None, {"x": math.inf}, True),
+    ([Filter("x", "==", 2**63 - 1)], None, {"x": 2**63 - 1}, True),
+    ([Filter("x", "==", 2**63 - 1)], None, {"x": 2**63 - 2}, False),
+    ([Filter("x", "==", 2**53 + 1)], None, {"x": 2**53}, False),
+    ([Filter("x", "==", -(2**63))], None, {"x": -(2**63)}, True),
+    ([Filter("x", ">", 2**53 - 1)], None, {"x": 2**53 + 1}, True),
+    ([Filter('we"ird\\\n\u00e9', "==", "q'\"\\\n")], None, {'we"ird\\\n\u00e9': "q'\"\\\n"}, True),
+    ([Filter("a", "==", 1)], "doc.b == 2", {"a": 1, "b": 2}, True),
+    ([Filter("a", "==", 1)], "doc.b == 2", {"a": 1, "b": 3}, False),
+    ([], "doc.a == 1 || doc.b == 2", {"a": 1, "b": 2}, True),
+    ([], "doc.a == 1 || doc.b == 2", {"a": 0, "b": 2}, True),
+    ([], "doc.a == 1 || doc.missing.x", {"a": 1}, True),
+    ([], "doc.missing.x || doc.a == 1", {"a": 1}, True),
+    ([], "doc.missing.x && doc.a == 1", {"a": 1}, False),
+    ([], "!(doc.a < 1)", {"a": math.nan}, True),
+    ([], "doc.a >= 1", {"a": math.nan}, False),
+    ([], "!(doc.a == 1)", {}, False),
+    ([], "!(doc.a == 1)", {"a": 2}, True),
+    ([], "!(doc.a == 1 && doc.b == 1)", {"a": 1, "b": 2}, True),
+    ([], "'u' in doc.tags", {"tags": ["u"]}, True),
+    ([], "'u' in doc.tags", {"tags": {"u": 0}}, True),
+    ([], "'u' in doc.tags", {"tags": "u"}, False),
+    ([], "doc.x in ['a', 1]", {"x": 1.0}, True),
+    ([], "doc['a\\'b'] == 'x\\n'", {"a'b": "x\n"}, True),
+    ([], "doc._id == 'd1'", {}, True),
+    ([], "has(doc.p) && doc.p.c == 'DE'", {"p": {"c": "DE"}}, True),
+    ([], "has(doc.p) && doc.p.c == 'DE'", {"q": 1}, False),
+    ([], "doc.t.startsWith('he')", {"t": "hello"}, True),
+    ([], "doc.t.matches('^h.l+o$')", {"t": "hello"}, True),
+    ([], "size(doc.tags) == 2", {"tags": [1, 2]}, True),
+    ([], "doc.n + 1 == 3", {"n": 2}, True),
+    ([], "doc.n / 0 == 1 || true", {"n": 2}, True),
+    ([], "doc.a ? true : false", {"a": True}, True),
+    ([], "doc.a", {"a": 1}, False),
+    ([], "true", {}, True),
+    ([], "false || doc.a == 1", {"a": 1}, True),
+    ([], "-1 < doc.a", {"a": 0}, True),
+    ([], "1 == doc.a", {"a": 1}, True),
+    ([], "doc.a == [1, 2]", {"a": [1, 2.0]}, True),
+    ([Filter("a", "==", 1)], None, None, False),
+    ([], None, None, True),
+    ([Filter("a", "==", 1)], None, ["a"], False),
+    ([Filter("a", "==", 1)], None, "a", False),
+]
+
+
+@pytest.mark.parametrize(("filters", "expression", "doc", "expected"), CASES)
+def test_semantics(filters: list[Filter], expression: str | None, doc: Any, expected: bool) -> None:
+    for matcher in both():
+        matcher.add("s", "db", "c", filters=filters, expression=expression)
+        got = matcher.match("db", "c", "d1", doc)
+        assert got == (["s"] if expected else []), (type(matcher).__name__, filters, expression)
+
+
+def test_other_collection_or_database_never_matches() -> None:
+    m = Matcher()
+    m.add("s", "db", "c")
+    assert m.match("db", "c", "x", {}) == ["s"]
+    assert m.match("db", "other", "x", {}) == []
+    assert m.match("other", "c", "x", {}) == []
+
+
+def test_one_id_per_subscription_even_if_several_clauses_match() -> None:
+    m = Matcher()
+    m.add("s", "db", "c", expression="doc.a == 1 || doc.b == 2 || 'u' in doc.t")
+    assert m.match("db", "c", "x", {"a": 1, "b": 2, "t": ["u", "u"]}) == ["s"]
+    assert m.stats()["scan_clauses"] == 0
+
+
+def test_scan_subscriptions_are_counted() -> None:
+    m = Matcher()
+    m.add("s", "db", "c", expression="doc.t.endsWith('x')")
+    assert m.stats()["scan_clauses"] == 1
+    assert m.match("db", "c", "1", {"t": "ax"}) == ["s"]
+    m.remove("s")
+    assert m.stats()["scan_clauses"] == 0
+
+
+def test_remove_frees_everything_and_ids_can_be_reused() -> None:
+    m = Matcher()
+    for i in range(50):
+        m.add(f"s{i}", "db", "c", filters=[Filter("a", "==", i % 5), Filter("b", ">", i)])
+        m.add(f"e{i}", "db", "c", expression=f"doc.t.startsWith('{i % 3}') || doc.r < {i}")
+    for i in range(50):
+        assert m.remove(f"s{i}") and m.remove(f"e{i}")
+    stats = m.stats()
+    assert (len(m), stats["clauses"], stats["atoms"], stats["postings"]) == (0, 0, 0, 1)
+    m.add("s1", "db", "c", filters=[Filter("a", "==", 1)])
+    assert m.match("db", "c", "x", {"a": 1}) == ["s1"]
+
+
+def test_duplicate_ids_are_global_and_leave_the_first_untouched() -> None:
+    m = Matcher()
+    m.add("s", "db", "c", filters=[Filter("a", "==", 1)])
+    with pytest.raises(DuplicateSubscription, match="'s' already exists"):
+        m.add("s", "other", "coll")
+    with pytest.raises(KeyError):
+        m.add("s", "db", "c")
+    assert m.match("db", "c", "x", {"a": 1}) == ["s"]
+    assert len(m) == 1
+
+
+ERRORS: list[tuple[dict[str, Any], str]] = [
+    ({"filters": [Filter("a", "==", 1), Filter("b", "like", "x")]},
+     "filter 2: unsupported operator 'like'"),
+    ({"filters": [Filter("a", "==", None)]}, "filter 1: value is null"),
+    ({"filters": [Filter("a", "==", 2**63)]}, "filter 1: integer 9223372036854775808 is outside"),
+    ({"filters": [Filter("a", "in", "x")]}, "filter 1: operator 'in' needs a list value"),
+    ({"filters": [Filter("a", ">", [1])]}, "filter 1: operator '>' needs a single value"),
+    ({"filters": [Filter("a", "in", [1, [2]])]}, "filter 1: list item 1: unsupported value type list"),
+    ({"filters": [Filter("a", "==", {"k": 1})]}, "filter 1: unsupported value type dict"),
+    ({"filters": [Filter("", "==", 1)]}, "filter 1: field must be a non-empty string"),
+    ({"filters": [Filter("a..b", "==", 1)]}, "filter 1: field 'a..b' has an empty path segment"),
+    ({"filters": [Filter("_id", "==", 1.5)]}, "filter 1: _id compares as a string, got float"),
+    ({"filters": [("a", "==")]}, "filter 1: expected Filter(field, op, value)"),
+    ({"filters": "a == 1"}, "filters must be a list of Filter"),
+    ({"expression": "doc.a == (1))"}, "expression: unexpected ')' at column 13"),
+    ({"expression": "x.a == 1"}, "expression: undeclared reference to 'x' at column 1"),
+    ({"expression": "doc.a.like('x')"}, "expression: unsupported function 'like'"),
+    ({"expression": "doc.a.exists(x, x > 1)"}, "expression: macro 'exists' is not supported"),
+    ({"expression": "doc.a == '" + "x" * 5000 + "'"}, "expression: expression is 5011 characters long; the limit is 4096"),
+    ({"expression": "(" * 200 + "1" + ")" * 200}, "expression: expression nests deeper than 64"),
+    ({"expression": 5}, "expression must be a string"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), ERRORS)
+def test_invalid_subscriptions_name_the_problem(kwargs: dict[str, Any], message: str) -> None:
+    m = Matcher()
+    with pytest.raises(InvalidSubscription) as info:
+        m.add("s", "db", "c", **kwargs)
+    assert message in str(info.value)
+    assert isinstance(info.value, ValueError)
+    assert len(m) == 0 and m.stats()["atoms"] == 0
+
+
+@pytest.mark.parametrize("bad", [None, 5, ""])
+def test_bad_ids(bad: Any) -> None:
+    with pytest.raises(InvalidSubscription):
+        Matcher().add(bad, "db", "c")
+
+
+def test_deeply_nested_document_does_not_crash() -> None:
+    doc: Any = {"leaf": 1}
+    for _ in range(100_000):
+        doc = {"a": doc}
+    m = Matcher()
+    m.add("s", "db", "c", filters=[Filter("a.a.a.a", "==", 1)])
+    m.add("e", "db", "c", expression="doc.a.a.a == 1 || size(doc) > 0")
+    assert m.match("db", "c", "x", doc) == ["e"]
+
+
+def test_no_per_subscription_python_objects() -> None:
+    # The index keeps per-subscription state in C: adding 20k subscriptions
+    # must not add anything like 20k GC-tracked Python objects.
+    m = Matcher()
+    gc.collect()
+    before = len(gc.get_objects())
+    for i in range(20_000):
+        m.add(f"s{i}", "db", "c", filters=[Filter("a", "==", i), Filter("b", ">", i % 7)])
+    gc.collect()
+    assert len(gc.get_objects()) - before < 2_000
+
+
+# ---------------------------------------------------------------- properties
+
+FIELDS = ["a", "b", "n.a", "tags", "_id"]
+SCALARS = st.one_of(
+    st.integers(-2, 3),
+    st.sampled_from([0.0, 1.0, 2.5, -1.5, math.nan, math.inf, 2.0**53, 2**53 + 1]),
+    st.sampled_from(["x", "y", "", "d1"]),
+    st.booleans(),
+)
+DOC_VALUES = st.recursive(
+    st.one_of(SCALARS, st.none()),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.sampled_from(["a", "b"]), inner, max_size=2)
+    ),
+    max_leaves=5,
+)
+DOCS = st.dictionaries(st.sampled_from(["a", "b", "n", "tags", "_id"]), DOC_VALUES, max_size=5)
+FILTERS = st.builds(
+    Filter,
+    st.sampled_from(FIELDS),
+    st.sampled_from(["==", "!=", "<", "<=", ">", ">=", "eq", "gte", "contains"]),
+    SCALARS,
+) | st.builds(Filter, st.sampled_from(FIELDS), st.just("in"), st.lists(SCALARS, max_size=3))
+
+
+def _literal(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return repr(v) if math.isfinite(v) else ("(0.0/0.0)" if math.isnan(v) else "(1.0/0.0)")
+    if isinstance(v, str):
+        return repr(v)
+    return str(v)
+
+
+CEL_PATHS = st.sampled_from(["doc.a", "doc.b", "doc.n.a", "doc.tags", "doc._id", "doc['a']"])
+CEL_ATOMS = st.one_of(
+    st.builds(
+        lambda p, op, v, flip: f"{_literal(v)} {op} {p}" if flip else f"{p} {op} {_literal(v)}",
+        CEL_PATHS, st.sampled_from(["==", "!=", "<", "<=", ">", ">="]), SCALARS, st.booleans(),
+    ),
+    st.builds(lambda v, p: f"{_literal(v)} in {p}", SCALARS, CEL_PATHS),
+    st.builds(
+        lambda p, vs: f"{p} in [{', '.join(_literal(v) for v in vs)}]", CEL_PATHS,
+        st.lists(SCALARS, max_size=3),
+    ),
+    st.builds(lambda p: f"has({p})", st.sampled_from(["doc.a", "doc.n.a", "doc.tags"])),
+    st.builds(lambda p: f"{p}.startsWith('x')", CEL_PATHS),
+    st.builds(lambda p: f"size({p}) > 1", CEL_PATHS),
+    st.sampled_from(["true", "false", "doc.a", "doc.a + 1 == 2", "doc.b ? doc.a == 1 : true"]),
+)
+CEL = st.recursive(
+    CEL_ATOMS,
+    lambda inner: st.one_of(
+        st.builds(lambda a, b: f"({a}) && ({b})", inner, inner),
+        st.builds(lambda a, b: f"({a}) || ({b})", inner, inner),
+        st.builds(lambda a: f"!({a})", inner),
+    ),
+    max_leaves=6,
+)
+
+
+class FastVersusReference(RuleBasedStateMachine):
+    """Random subscribe/unsubscribe/match sequences through both matchers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fast = Matcher()
+        self.ref = ReferenceMatcher()
+        self.next_id = 0
+
+    @rule(
+        coll=st.sampled_from(["c1", "c2"]),
+        filters=st.lists(FILTERS, max_size=3),
+        expression=st.none() | CEL,
+    )
+    def add(self, coll: str, filters: list[Filter], expression: str | None) -> None:
+        sub_id = f"s{self.next_id}"
+        self.next_id += 1
+        errors = []
+        for matcher in (self.fast, self.ref):
+            try:
+                matcher.add(sub_id, "db", coll, filters=filters, expression=expression)
+                errors.append(None)
+            except InvalidSubscription as exc:
+                errors.append(str(exc))
+        assert errors[0] == errors[1]
+
+    @rule(data=st.data())
+    def remove(self, data: st.DataObject) -> None:
+        sub_id = f"s{data.draw(st.integers(0, max(self.next_id, 1)))}"
+        assert self.fast.remove(sub_id) == self.ref.remove(sub_id)
+
+    @rule(coll=st.sampled_from(["c1", "c2"]), doc=DOCS, doc_id=st.sampled_from(["d1", "x", None]))
+    def match(self, coll: str, doc: dict[str, Any], doc_id: str | None) -> None:
+        fast = self.fast.match("db", coll, doc_id, doc)
+        event(f"matched {min(len(fast), 3)}")
+        assert len(fast) == len(set(fast))
+        assert sorted(fast) == sorted(self.ref.match("db", coll, doc_id, doc)), doc
+
+    @invariant()
+    def same_size(self) -> None:
+        assert len(self.fast) == len(self.ref)
+
+
+FastVersusReference.TestCase.settings = settings(
+    max_examples=300, stateful_step_count=30, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+test_fast_matches_reference = FastVersusReference.TestCase
+
+
+# ---------------------------------------------------------------- fuzzing
+
+ANY_VALUE = st.recursive(
+    st.one_of(
+        st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=8),
+        st.binary(max_size=4), st.just(object()),
+    ),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.tuples(inner),
+        st.dictionaries(st.one_of(st.text(max_size=3), st.integers()), inner, max_size=3),
+    ),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    filters=st.lists(
+        st.one_of(
+            st.tuples(st.one_of(st.text(max_size=6), ANY_VALUE), st.text(max_size=4), ANY_VALUE),
+            st.builds(Filter, st.sampled_from(FIELDS), st.sampled_from(["==", "in", ">"]), ANY_VALUE),
+            ANY_VALUE,
+        ),
+        max_size=3,
+    ),
+    expression=st.none() | st.text(max_size=40) | CEL,
+    docs=st.lists(ANY_VALUE | DOCS, max_size=3),
+)
+def test_no_input_crashes(filters: list[Any], expression: str | None, docs: list[Any]) -> None:
+    m = Matcher()
+    m.add("whole", "db", "c")
+    try:
+        m.add("s", "db", "c", filters=filters, expression=expression)
+    except InvalidSubscription:
+        pass
+    for doc in docs:
+        assert "whole" in m.match("db", "c", "id", doc)
+        m.match("db", "c", doc, doc)
