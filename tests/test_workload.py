@@ -148,7 +148,7 @@ def test_cel_shapes(subs: list[SubscriptionSpec]) -> None:
             assert e.startswith("doc.chat_id == 'c") and " && doc.score >= " in e
             shapes["chat_score"] += 1
     assert set(shapes) == {"profile", "user_or_tag", "chat_prefix", "chat_score"}
-    assert len(set(texts)) > 0.9 * len(texts)  # constants vary
+    assert len(set(texts)) > 0.75 * len(texts)  # constants vary (channels repeat some)
     # both int and double constants against the double `score`
     thresholds = {e.rsplit(" ", 1)[1] for e in texts if " && doc.score >= " in e}
     assert any("." in t for t in thresholds) and any("." not in t for t in thresholds)
