@@ -263,7 +263,9 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     }
     try:
         RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS_PATH.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
+        RESULTS_PATH.write_text(
+            json.dumps(payload, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8"
+        )
         terminalreporter.write_line(f"figures written to {RESULTS_PATH}")
     except OSError as exc:  # a read-only checkout must not lose the table
         terminalreporter.write_line(f"could not write {RESULTS_PATH}: {exc}")
