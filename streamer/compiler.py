@@ -176,19 +176,22 @@ def lower_filter(index: int, flt: object) -> Atom | None:
 
     ``index`` (1-based) only names the filter in error messages.
     """
+    field: object
+    op_name: object
+    value: Any
     try:
         field, op_name, value = flt  # type: ignore[misc]
     except (TypeError, ValueError):
         raise InvalidSubscription(
             f"filter {index}: expected Filter(field, op, value), got {flt!r}"
         ) from None
-    path = _PATHS.get(field) if type(field) is str else None
+    path = _PATHS.get(field) if isinstance(field, str) else None
     if path is None:
         path = _filter_path(f"filter {index}", field)
         if len(_PATHS) >= _PATHS_LIMIT:
             _PATHS.clear()
-        _PATHS[field] = path
-    op = OPERATORS.get(op_name) if type(op_name) is str else None
+        _PATHS[field] = path  # type: ignore[index]
+    op = OPERATORS.get(op_name) if isinstance(op_name, str) else None
     if op is None:
         raise InvalidSubscription(f"filter {index}: unsupported operator {op_name!r}")
     if type(value) is list or type(value) is tuple:
@@ -223,7 +226,9 @@ def _document_id_value(where: str, value: Value) -> Value:
             return v
         if isinstance(v, int) and not isinstance(v, bool):
             return str(v)
-        raise InvalidSubscription(f"{where}: _id compares as a string, got {type(v).__name__} {v!r}")
+        raise InvalidSubscription(
+            f"{where}: _id compares as a string, got {type(v).__name__} {v!r}"
+        )
 
     if isinstance(value, list):
         return [one(v) for v in value]

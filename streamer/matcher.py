@@ -14,6 +14,7 @@ event of its collection. It is allowed and counted (``stats()``).
 from __future__ import annotations
 
 from collections.abc import Iterable
+
 from streamer import cel
 from streamer._ext import _core
 from streamer.compiler import Clause, Filter, lower_expression, lower_filter
@@ -86,11 +87,11 @@ class Matcher:
         Never raises for odd documents: values of the wrong type, nulls or
         missing fields simply do not match.
         """
-        return self._core.match(database, collection, document_id, document)  # type: ignore[no-any-return]
+        return self._core.match(database, collection, document_id, document)
 
     def stats(self) -> dict[str, int]:
         """Sizes of the index: subscriptions, clauses, scan clauses, atoms…"""
-        return self._core.stats()  # type: ignore[no-any-return]
+        return self._core.stats()
 
 
 def compile_subscription(filters: Iterable[Filter], expression: str | None) -> list[Clause]:

@@ -182,7 +182,8 @@ ERRORS: list[tuple[dict[str, Any], str]] = [
     ({"filters": [Filter("a", "==", 2**63)]}, "filter 1: integer 9223372036854775808 is outside"),
     ({"filters": [Filter("a", "in", "x")]}, "filter 1: operator 'in' needs a list value"),
     ({"filters": [Filter("a", ">", [1])]}, "filter 1: operator '>' needs a single value"),
-    ({"filters": [Filter("a", "in", [1, [2]])]}, "filter 1: list item 1: unsupported value type list"),
+    ({"filters": [Filter("a", "in", [1, [2]])]},
+     "filter 1: list item 1: unsupported value type list"),
     ({"filters": [Filter("a", "==", {"k": 1})]}, "filter 1: unsupported value type dict"),
     ({"filters": [Filter("", "==", 1)]}, "filter 1: field must be a non-empty string"),
     ({"filters": [Filter("a..b", "==", 1)]}, "filter 1: field 'a..b' has an empty path segment"),
@@ -193,7 +194,8 @@ ERRORS: list[tuple[dict[str, Any], str]] = [
     ({"expression": "x.a == 1"}, "expression: undeclared reference to 'x' at column 1"),
     ({"expression": "doc.a.like('x')"}, "expression: unsupported function 'like'"),
     ({"expression": "doc.a.exists(x, x > 1)"}, "expression: macro 'exists' is not supported"),
-    ({"expression": "doc.a == '" + "x" * 5000 + "'"}, "expression: expression is 5011 characters long; the limit is 4096"),
+    ({"expression": "doc.a == '" + "x" * 5000 + "'"},
+     "expression: expression is 5011 characters long; the limit is 4096"),
     ({"expression": "(" * 200 + "1" + ")" * 200}, "expression: expression nests deeper than 64"),
     ({"expression": 5}, "expression must be a string"),
 ]
@@ -369,7 +371,9 @@ ANY_VALUE = st.recursive(
     filters=st.lists(
         st.one_of(
             st.tuples(st.one_of(st.text(max_size=6), ANY_VALUE), st.text(max_size=4), ANY_VALUE),
-            st.builds(Filter, st.sampled_from(FIELDS), st.sampled_from(["==", "in", ">"]), ANY_VALUE),
+            st.builds(
+                Filter, st.sampled_from(FIELDS), st.sampled_from(["==", "in", ">"]), ANY_VALUE
+            ),
             ANY_VALUE,
         ),
         max_size=3,

@@ -1597,7 +1597,3 @@ cdef class Core:
             ctx.view = None
         return out
 
-
-def evaluate(Node node, bindings):
-    """Evaluate a compiled expression with variable bindings: value or ERROR."""
-    return node(bindings)

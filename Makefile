@@ -1,0 +1,43 @@
+# Everyday commands. Each creates .venv on first use and installs what it needs
+# from pyproject.toml; PYTHON picks the interpreter (3.11+).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test bench demo lint sanitize wheel clean
+
+$(STAMP): pyproject.toml setup.py streamer/_ext/_core.pyx streamer/_ext/_core.pxd
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,bench,lint]'
+	touch $(STAMP)
+
+## Run the test suite (what CI runs).
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+## Run the benchmarks (sizes: STREAMER_BENCH_SIZES, default 100000,1000000).
+bench: $(STAMP)
+	$(PY) -m pytest -q bench/bench_matching.py
+
+## The main job until the service lands: the matching benchmark at a small size.
+demo: $(STAMP)
+	STREAMER_BENCH_SIZES=20000 $(PY) -m pytest -q bench/bench_matching.py
+
+## ruff and mypy.
+lint: $(STAMP)
+	$(PY) -m ruff check streamer tests bench
+	$(PY) -m mypy
+
+## The core tests against an AddressSanitizer + UBSan build (CMakeLists.txt).
+sanitize: $(STAMP)
+	PYTHON=$(PY) tools/sanitize.sh
+
+## Build an sdist and a wheel into dist/.
+wheel: $(STAMP)
+	$(PY) -m pip install --quiet build
+	$(PY) -m build
+
+clean:
+	rm -rf $(VENV) build build-sanitize dist *.egg-info streamer/_ext/*.c streamer/_ext/*.so

@@ -1,0 +1,129 @@
+# Hand-written type stub of the compiled core (streamer/_ext/_core.pyx);
+# mypy checks the Python side against it.
+from typing import Any, Final, final
+
+ERROR: Final[object]
+MISSING: Final[object]
+NOKEY: Final[object]
+TRUE_KEY: Final[object]
+FALSE_KEY: Final[object]
+OPS: Final[dict[str, int]]
+
+def index_key(v: object) -> object: ...
+def range_key(v: object) -> float | None: ...
+
+class Node:
+    def __call__(
+        self, bindings: dict[str, object] | None = None, doc: object = None, doc_id: object = None
+    ) -> object: ...
+
+@final
+class Const(Node):
+    def __init__(self, value: object) -> None: ...
+
+@final
+class Ident(Node):
+    def __init__(self, name: str) -> None: ...
+
+@final
+class Root(Node): ...
+
+@final
+class DocPath(Node):
+    def __init__(self, pid: int) -> None: ...
+
+@final
+class Select(Node):
+    def __init__(self, operand: Node, field: str) -> None: ...
+
+@final
+class Has(Node):
+    def __init__(self, operand: Node, field: str) -> None: ...
+
+@final
+class Index(Node):
+    def __init__(self, operand: Node, index: Node) -> None: ...
+
+@final
+class And(Node):
+    def __init__(self, terms: list[Node]) -> None: ...
+
+@final
+class Or(Node):
+    def __init__(self, terms: list[Node]) -> None: ...
+
+@final
+class Not(Node):
+    def __init__(self, operand: Node) -> None: ...
+
+@final
+class Neg(Node):
+    def __init__(self, operand: Node) -> None: ...
+
+@final
+class Cond(Node):
+    def __init__(self, cond: Node, then: Node, other: Node) -> None: ...
+
+@final
+class Compare(Node):
+    def __init__(self, op: str, left: Node, right: Node) -> None: ...
+
+@final
+class Arith(Node):
+    def __init__(self, op: str, left: Node, right: Node) -> None: ...
+
+@final
+class In(Node):
+    def __init__(self, item: Node, container: Node) -> None: ...
+
+@final
+class Size(Node):
+    def __init__(self, operand: Node) -> None: ...
+
+@final
+class StringFunction(Node):
+    def __init__(self, name: str, target: Node, arg: Node) -> None: ...
+
+@final
+class Matches(Node):
+    def __init__(self, target: Node, pattern: Node) -> None: ...
+
+@final
+class ListLit(Node):
+    def __init__(self, items: list[Node]) -> None: ...
+
+@final
+class MapLit(Node):
+    def __init__(self, keys: list[Node], values: list[Node]) -> None: ...
+
+class Pred: ...
+
+@final
+class PathCompare(Pred):
+    def __init__(self, pid: int, op: str, const: object) -> None: ...
+
+@final
+class PathIn(Pred):
+    def __init__(self, pid: int, consts: list[object]) -> None: ...
+
+@final
+class PathHolds(Pred):
+    def __init__(self, pid: int, const: object, substring: bool) -> None: ...
+
+@final
+class Expression(Pred):
+    def __init__(self, node: Node) -> None: ...
+
+@final
+class Core:
+    scan_clauses: int
+    def __init__(self) -> None: ...
+    def __len__(self) -> int: ...
+    def __contains__(self, sub_id: object) -> bool: ...
+    def stats(self) -> dict[str, int]: ...
+    def path_id(self, comps: tuple[str, ...]) -> int: ...
+    def add(self, sub_id: str, database: str, collection: str, clauses: list[list[Any]]) -> None: ...
+    def remove(self, sub_id: str) -> bool: ...
+    def match(
+        self, database: object, collection: object, document_id: object, document: object
+    ) -> list[str]: ...
