@@ -1,4 +1,5 @@
 # Declarations of the compiled matching core. See _core.pyx for the design.
+from cpython.object cimport PyObject
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 
 
@@ -7,6 +8,8 @@ cdef struct Posting:
     uint32_t n
     uint32_t cap
     uint8_t elem          # the key lives in the PathIndex's elem dict
+    PyObject *owner       # owned: the PathIndex whose dict maps key -> posting
+    PyObject *key         # owned
 
 
 cdef struct RangeArr:
@@ -31,6 +34,7 @@ cdef struct Clause:
 cdef struct Slot:
     uint32_t nclauses
     uint32_t *clauses
+    PyObject *id          # owned; NULL for a free slot
 
 
 cdef class Ctx:
@@ -92,7 +96,6 @@ cdef class Core:
     cdef dict path_ids
     cdef list path_comps
     cdef dict sub_slots
-    cdef list slot_ids
     cdef Slot *slots
     cdef uint32_t *slot_epoch
     cdef uint32_t nslots
@@ -106,8 +109,6 @@ cdef class Core:
     cdef uint32_t npostings
     cdef uint32_t posting_cap
     cdef list free_postings
-    cdef list posting_owner
-    cdef list posting_key
     cdef list range_owner
     cdef list free_ranges
     cdef dict atom_ids
@@ -121,6 +122,7 @@ cdef class Core:
     cdef readonly Py_ssize_t scan_clauses
 
     cdef uint32_t new_posting(self, object owner, object key, bint elem) except? 0xffffffff
+    cdef void release_posting(self, uint32_t h) except *
     cdef void posting_add(self, uint32_t h, uint64_t e) except *
     cdef void posting_remove(self, uint32_t h, uint64_t e)
     cdef uint32_t intern(self, tuple atom) except? 0xffffffff

@@ -29,6 +29,7 @@ from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_Check
 from cpython.list cimport PyList_Append, PyList_Check, PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.long cimport PyLong_Check
 from cpython.object cimport PyObject
+from cpython.ref cimport Py_INCREF, Py_XDECREF
 from cpython.unicode cimport PyUnicode_Check
 from libc.math cimport INFINITY, isnan
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, uintptr_t
@@ -132,11 +133,19 @@ cdef double int_to_double(object v):
 
 
 cdef object map_lookup(dict d, object key):
-    """CEL map lookup: str/int/bool keys; Python would confuse True with 1."""
+    """CEL map lookup: str/int/bool keys, and integral doubles find int keys
+    (CEL's numeric key equality); Python would confuse True with 1."""
     cdef PyObject *p
+    cdef double x
     if PyUnicode_Check(key):
         p = PyDict_GetItem(d, key)
         return MISS if p == NULL else <object>p
+    if PyFloat_Check(key):
+        x = PyFloat_AS_DOUBLE(key)
+        # Range first: converting an out-of-range double to an integer is UB.
+        if not (-9.2e18 < x < 9.2e18) or x != <double><long long>x:
+            return MISS
+        key = <long long>x
     if PyBool_Check(key) or PyLong_Check(key):
         kb = PyBool_Check(key)
         for k, v in d.items():
@@ -560,7 +569,7 @@ cdef class Index(Node):
         if PyList_Check(v):
             if PyFloat_Check(i):
                 d = PyFloat_AS_DOUBLE(i)
-                if isnan(d) or d != <double><long long>d or not (-1e18 < d < 1e18):
+                if not (-9.2e18 < d < 9.2e18) or d != <double><long long>d:
                     return ERR
                 i = <long long>d
             elif not is_int(i):
@@ -1089,15 +1098,12 @@ cdef class Core:
         self.path_ids = {}
         self.path_comps = self.ctx.path_comps
         self.sub_slots = {}
-        self.slot_ids = []
         self.free_slots = []
         self.nslots = self.slot_cap = 0
         self.free_clauses = []
         self.nclauses = self.clause_cap = 0
         self.free_postings = []
         self.npostings = self.posting_cap = 0
-        self.posting_owner = []
-        self.posting_key = []
         self.range_owner = []
         self.free_ranges = []
         self.atom_ids = {}
@@ -1112,6 +1118,7 @@ cdef class Core:
         if self.slots != NULL:
             for i in range(self.nslots):
                 free(self.slots[i].clauses)
+                Py_XDECREF(self.slots[i].id)
         if self.clauses != NULL:
             for i in range(self.nclauses):
                 free(self.clauses[i].atoms)
@@ -1119,6 +1126,8 @@ cdef class Core:
         if self.postings != NULL:
             for i in range(self.npostings):
                 free(self.postings[i].items)
+                Py_XDECREF(self.postings[i].owner)
+                Py_XDECREF(self.postings[i].key)
         free(self.slots)
         free(self.slot_epoch)
         free(self.clauses)
@@ -1221,19 +1230,28 @@ cdef class Core:
         cdef uint32_t h
         if self.free_postings:
             h = self.free_postings.pop()
-            self.posting_owner[h] = owner
-            self.posting_key[h] = key
         else:
             h = self.npostings
             self.postings = <Posting *>grow(self.postings, &self.posting_cap, h + 1, sizeof(Posting))
             self.npostings += 1
-            self.posting_owner.append(owner)
-            self.posting_key.append(key)
+        # Owners and keys live in the C array, not in Python lists: a list
+        # of a million references is walked by every full garbage collection.
+        Py_INCREF(owner)
+        Py_INCREF(key)
+        self.postings[h].owner = <PyObject *>owner
+        self.postings[h].key = <PyObject *>key
         self.postings[h].n = 0
         self.postings[h].elem = elem
         if owner is not None:
             ((<PathIndex>owner).elem if elem else (<PathIndex>owner).eq)[key] = h
         return h
+
+    cdef void release_posting(self, uint32_t h) except *:
+        Py_XDECREF(self.postings[h].owner)
+        Py_XDECREF(self.postings[h].key)
+        self.postings[h].owner = NULL
+        self.postings[h].key = NULL
+        self.free_postings.append(h)
 
     cdef void posting_add(self, uint32_t h, uint64_t e) except *:
         cdef Posting *p = &self.postings[h]
@@ -1287,13 +1305,11 @@ cdef class Core:
             for i in range(cl.nhandles):
                 h = cl.handles[i]
                 self.posting_remove(h, cl.entry)
-                owner = self.posting_owner[h]
+                owner = <object>self.postings[h].owner
                 if self.postings[h].n == 0 and owner is not None:
                     pix = <PathIndex>owner
-                    del (pix.elem if self.postings[h].elem else pix.eq)[self.posting_key[h]]
-                    self.posting_owner[h] = None
-                    self.posting_key[h] = None
-                    self.free_postings.append(h)
+                    del (pix.elem if self.postings[h].elem else pix.eq)[<object>self.postings[h].key]
+                    self.release_posting(h)
                     pix.coll.prune(pix)
             if cl.kind == ACCESS_ALWAYS and cl.natoms:
                 self.scan_clauses -= 1
@@ -1346,14 +1362,15 @@ cdef class Core:
         planned = [self.plan(ci, clause) for clause in clauses]
         if self.free_slots:
             slot = self.free_slots.pop()
-            self.slot_ids[slot] = sub_id
         else:
             slot = self.nslots
             cap = self.slot_cap
             self.slots = <Slot *>grow(self.slots, &self.slot_cap, slot + 1, sizeof(Slot))
             self.slot_epoch = <uint32_t *>grow(self.slot_epoch, &cap, slot + 1, sizeof(uint32_t))
             self.nslots += 1
-            self.slot_ids.append(sub_id)
+        # The id is referenced from C (see release_posting for why).
+        Py_INCREF(sub_id)
+        self.slots[slot].id = <PyObject *>sub_id
         self.sub_slots[sub_id] = slot
         self.slots[slot].nclauses = 0
         self.slots[slot].clauses = <uint32_t *>malloc(max(n, 1) * sizeof(uint32_t))
@@ -1468,7 +1485,8 @@ cdef class Core:
         free(self.slots[slot].clauses)
         self.slots[slot].clauses = NULL
         self.slots[slot].nclauses = 0
-        self.slot_ids[slot] = None
+        Py_XDECREF(self.slots[slot].id)
+        self.slots[slot].id = NULL
         self.free_slots.append(slot)
         return True
 
@@ -1498,7 +1516,7 @@ cdef class Core:
             return 0
         if self.verify(c):
             self.slot_epoch[slot] = self.ctx.epoch
-            PyList_Append(out, <object>PyList_GET_ITEM(self.slot_ids, slot))
+            PyList_Append(out, <object>self.slots[slot].id)
         return 0
 
     cdef int scan_entries(self, uint64_t *entries, uint32_t start, uint32_t end, list out) except -1:
