@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from streamer import cel
+from streamer import cel, compiler
 from streamer.errors import InvalidSubscription
 
 # --------------------------------------------------------------------------
@@ -40,6 +40,7 @@ CASES: list[dict[str, Any]] = json.loads(CONFORMANCE_PATH.read_text(encoding="ut
 Evaluator = Callable[[cel.Expr, Mapping[str, object]], object]
 EVALUATORS: dict[str, Evaluator] = {
     "reference": lambda expr, bindings: cel.evaluate(expr, bindings),
+    "compiled": lambda expr, bindings: compiler.evaluate(expr, dict(bindings)),
 }
 
 # Cases that cannot pass, with the reason (the goal is none).
