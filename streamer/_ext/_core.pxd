@@ -3,10 +3,19 @@ from cpython.object cimport PyObject
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 
 
-cdef struct Posting:
-    uint64_t *items       # entries, see entry_of()
+cdef struct Group:
+    uint32_t *atoms       # sorted ids of the residual atoms all entries share
+    uint32_t natoms
+    uint64_t *refs        # entries, see ENTRY_* in _core.pyx
     uint32_t n
     uint32_t cap
+
+
+cdef struct Posting:
+    Group *groups
+    uint32_t ngroups
+    uint32_t gcap
+    uint32_t total        # entries over all groups
     uint8_t elem          # the key lives in the PathIndex's elem dict
     PyObject *owner       # owned: the PathIndex whose dict maps key -> posting
     PyObject *key         # owned
@@ -28,7 +37,7 @@ cdef struct Clause:
     uint32_t nhandles
     uint32_t *handles     # posting handles; for ACCESS_RANGE one range id
     double threshold      # for ACCESS_RANGE
-    uint64_t entry        # what the postings hold for this clause
+    uint64_t entry        # the reference postings or range arrays hold
 
 
 cdef struct Slot:
@@ -120,11 +129,15 @@ cdef class Core:
     cdef uint32_t atom_cap
     cdef list free_atoms
     cdef readonly Py_ssize_t scan_clauses
+    cdef PyObject **found
+    cdef uint32_t nfound
+    cdef uint32_t found_cap
 
     cdef uint32_t new_posting(self, object owner, object key, bint elem) except? 0xffffffff
     cdef void release_posting(self, uint32_t h) except *
-    cdef void posting_add(self, uint32_t h, uint64_t e) except *
-    cdef void posting_remove(self, uint32_t h, uint64_t e)
+    cdef void posting_add(self, uint32_t h, Clause *cl) except *
+    cdef void posting_remove(self, uint32_t h, Clause *cl)
+    cdef int atoms_true(self, uint32_t *atoms, uint32_t natoms) except -1
     cdef uint32_t intern(self, tuple atom) except? 0xffffffff
     cdef Pred build_pred(self, tuple key)
     cdef double access_cost(self, CollIndex ci, uint32_t pid, tuple keys, bint elem)
@@ -132,10 +145,11 @@ cdef class Core:
     cdef void add_clause(self, CollIndex ci, uint32_t slot, str sub_id, uint32_t n,
                          object access, list atoms) except *
     cdef int verify(self, uint32_t c) except -1
-    cdef int visit(self, uint64_t e, list out) except -1
-    cdef int scan_entries(self, uint64_t *entries, uint32_t start, uint32_t end, list out) except -1
-    cdef int scan_posting(self, uint32_t h, list out) except -1
-    cdef int scan_ranges(self, RangeIndex rix, double v, list out) except -1
+    cdef int push(self, PyObject *sub_id) except -1
+    cdef int emit(self, uint64_t ref) except -1
+    cdef int emit_all(self, uint64_t *refs, uint32_t start, uint32_t end) except -1
+    cdef int scan_posting(self, uint32_t h) except -1
+    cdef int scan_ranges(self, RangeIndex rix, double v) except -1
     cdef CollIndex coll(self, object database, object collection, bint create)
     cdef void next_epoch(self)
     cpdef uint32_t path_id(self, tuple comps) except? 0xffffffff

@@ -26,7 +26,7 @@ cimport cython
 from cpython.bool cimport PyBool_Check
 from cpython.dict cimport PyDict_Check, PyDict_GetItem
 from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_Check
-from cpython.list cimport PyList_Append, PyList_Check, PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.list cimport PyList_Check, PyList_GET_ITEM, PyList_GET_SIZE, PyList_New
 from cpython.long cimport PyLong_Check
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_INCREF, Py_XDECREF
@@ -34,7 +34,7 @@ from cpython.unicode cimport PyUnicode_Check
 from libc.math cimport INFINITY, isnan
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport free, malloc, realloc
-from libc.string cimport memmove, memset
+from libc.string cimport memcmp, memcpy, memmove, memset
 
 import re2
 
@@ -43,6 +43,12 @@ cdef extern from *:
     #define STREAMER_PREFETCH(p) __builtin_prefetch((const void *)(p))
     """
     void prefetch "STREAMER_PREFETCH"(const void *p) nogil
+
+cdef extern from "Python.h":
+    # Raw-pointer forms: the id strings are borrowed from the index until the
+    # result list is built, so no reference counting happens while scanning.
+    void incref "Py_INCREF"(PyObject *o)
+    void list_set_item "PyList_SET_ITEM"(PyObject *lst, Py_ssize_t i, PyObject *o)
 
 from streamer.errors import DuplicateSubscription
 
@@ -93,14 +99,23 @@ DEF ACCESS_EQ = 1
 DEF ACCESS_ELEM = 2
 DEF ACCESS_RANGE = 3
 
-# A posting entry is 64 bits. A clause with no residual atom whose
-# subscription cannot be reached twice by one event (one clause, not a list
-# membership) is stored as the address of its id string, tagged ENTRY_ID: a
-# candidate is then a match, with no clause or slot lookup (each would be a
-# cache miss at a million subscriptions). Any other clause is stored as its
-# clause id shifted left, tagged ENTRY_CLAUSE.
+# Postings group their clauses by residual atoms: clauses that need the same
+# atoms true are checked once per event as a group, then every entry of the
+# group is a match. Cost follows matches plus distinct residuals, not
+# candidates (``country == 'DE'`` shared by thousands of clauses that differ
+# only among a few ``age >= N`` thresholds costs a few atom tests).
+#
+# An entry (a reference) is 64 bits, tagged in its low bits:
+# - ENTRY_ID: the address of the subscription id string; used when one event
+#   cannot reach the subscription twice (one clause, not list membership), so
+#   a match needs no clause or slot lookup (each a cache miss at a million
+#   subscriptions);
+# - ENTRY_SLOT: slot << 3; the slot's epoch stamp removes duplicates;
+# - ENTRY_CLAUSE: clause << 3; range arrays only: the clause's own atoms are
+#   verified, then deduplicated by slot.
 DEF ENTRY_ID = 1
-DEF ENTRY_CLAUSE = 2
+DEF ENTRY_SLOT = 2
+DEF ENTRY_CLAUSE = 4
 DEF ENTRY_TAGS = 7
 # How many entries ahead the id strings are prefetched.
 DEF PREFETCH = 8
@@ -1091,6 +1106,7 @@ cdef class Core:
         self.atom_refs = NULL
         self.atom_epoch = NULL
         self.atom_val = NULL
+        self.found = NULL
 
     def __init__(self):
         self.ctx = Ctx()
@@ -1112,9 +1128,10 @@ cdef class Core:
         self.atom_cap = 0
         self.free_atoms = []
         self.scan_clauses = 0
+        self.nfound = self.found_cap = 0
 
     def __dealloc__(self):
-        cdef uint32_t i
+        cdef uint32_t i, j
         if self.slots != NULL:
             for i in range(self.nslots):
                 free(self.slots[i].clauses)
@@ -1125,7 +1142,10 @@ cdef class Core:
                 free(self.clauses[i].handles)
         if self.postings != NULL:
             for i in range(self.npostings):
-                free(self.postings[i].items)
+                for j in range(self.postings[i].ngroups):
+                    free(self.postings[i].groups[j].atoms)
+                    free(self.postings[i].groups[j].refs)
+                free(self.postings[i].groups)
                 Py_XDECREF(self.postings[i].owner)
                 Py_XDECREF(self.postings[i].key)
         free(self.slots)
@@ -1135,6 +1155,7 @@ cdef class Core:
         free(self.atom_refs)
         free(self.atom_epoch)
         free(self.atom_val)
+        free(self.found)
 
     def __len__(self):
         return len(self.sub_slots)
@@ -1221,7 +1242,7 @@ cdef class Core:
         table = (<PathIndex>pix).elem if elem else (<PathIndex>pix).eq
         for k in keys:
             h = table.get(k)
-            visits += 1 + (0 if h is None else self.postings[<uint32_t>h].n)
+            visits += 1 + (0 if h is None else self.postings[<uint32_t>h].total)
         return visits / (len(table) + 1)
 
     # -- postings ------------------------------------------------------
@@ -1240,7 +1261,8 @@ cdef class Core:
         Py_INCREF(key)
         self.postings[h].owner = <PyObject *>owner
         self.postings[h].key = <PyObject *>key
-        self.postings[h].n = 0
+        self.postings[h].ngroups = 0
+        self.postings[h].total = 0
         self.postings[h].elem = elem
         if owner is not None:
             ((<PathIndex>owner).elem if elem else (<PathIndex>owner).eq)[key] = h
@@ -1253,27 +1275,62 @@ cdef class Core:
         self.postings[h].key = NULL
         self.free_postings.append(h)
 
-    cdef void posting_add(self, uint32_t h, uint64_t e) except *:
+    cdef void posting_add(self, uint32_t h, Clause *cl) except *:
         cdef Posting *p = &self.postings[h]
-        cdef uint32_t cap
-        if p.n == p.cap:
-            cap = 2 if p.cap == 0 else 2 * p.cap
-            items = <uint64_t *>realloc(p.items, cap * sizeof(uint64_t))
-            if items == NULL:
+        cdef Group *g = NULL
+        cdef uint32_t i, cap
+        for i in range(p.ngroups):
+            if p.groups[i].natoms == cl.natoms and memcmp(
+                    p.groups[i].atoms, cl.atoms, cl.natoms * sizeof(uint32_t)) == 0:
+                g = &p.groups[i]
+                break
+        if g == NULL:
+            if p.ngroups == p.gcap:
+                cap = 1 if p.gcap == 0 else 2 * p.gcap
+                groups = <Group *>realloc(p.groups, cap * sizeof(Group))
+                if groups == NULL:
+                    raise MemoryError()
+                p.groups = groups
+                p.gcap = cap
+            g = &p.groups[p.ngroups]
+            memset(g, 0, sizeof(Group))
+            g.atoms = <uint32_t *>malloc(max(cl.natoms, 1) * sizeof(uint32_t))
+            if g.atoms == NULL:
                 raise MemoryError()
-            p.items = items
-            p.cap = cap
-        p.items[p.n] = e
-        p.n += 1
+            memcpy(g.atoms, cl.atoms, cl.natoms * sizeof(uint32_t))
+            g.natoms = cl.natoms
+            p.ngroups += 1
+        if g.n == g.cap:
+            cap = 2 if g.cap == 0 else 2 * g.cap
+            refs = <uint64_t *>realloc(g.refs, cap * sizeof(uint64_t))
+            if refs == NULL:
+                raise MemoryError()
+            g.refs = refs
+            g.cap = cap
+        g.refs[g.n] = cl.entry
+        g.n += 1
+        p.total += 1
 
-    cdef void posting_remove(self, uint32_t h, uint64_t e):
+    cdef void posting_remove(self, uint32_t h, Clause *cl):
         cdef Posting *p = &self.postings[h]
-        cdef uint32_t i
-        for i in range(p.n):
-            if p.items[i] == e:
-                p.n -= 1
-                p.items[i] = p.items[p.n]
-                return
+        cdef Group *g
+        cdef uint32_t i, k
+        for i in range(p.ngroups):
+            g = &p.groups[i]
+            if g.natoms != cl.natoms or memcmp(g.atoms, cl.atoms, cl.natoms * sizeof(uint32_t)):
+                continue
+            for k in range(g.n):
+                if g.refs[k] == cl.entry:
+                    g.n -= 1
+                    g.refs[k] = g.refs[g.n]
+                    p.total -= 1
+                    break
+            if g.n == 0:
+                free(g.atoms)
+                free(g.refs)
+                p.ngroups -= 1
+                p.groups[i] = p.groups[p.ngroups]
+            return
 
     # -- clauses -------------------------------------------------------
 
@@ -1304,9 +1361,9 @@ cdef class Core:
         else:
             for i in range(cl.nhandles):
                 h = cl.handles[i]
-                self.posting_remove(h, cl.entry)
+                self.posting_remove(h, cl)
                 owner = <object>self.postings[h].owner
-                if self.postings[h].n == 0 and owner is not None:
+                if self.postings[h].total == 0 and owner is not None:
                     pix = <PathIndex>owner
                     del (pix.elem if self.postings[h].elem else pix.eq)[<object>self.postings[h].key]
                     self.release_posting(h)
@@ -1415,6 +1472,8 @@ cdef class Core:
         self.slots[slot].nclauses += 1
         cl = &self.clauses[c]
         cl.slot = slot
+        # Sorted, so that equal residuals compare equal as groups.
+        atoms = sorted(atoms)
         cl.natoms = len(atoms)
         cl.atoms = <uint32_t *>malloc(max(cl.natoms, 1) * sizeof(uint32_t))
         if cl.atoms == NULL:
@@ -1422,10 +1481,15 @@ cdef class Core:
         for i in range(cl.natoms):
             cl.atoms[i] = atoms[i]
             self.atom_refs[cl.atoms[i]] += 1
-        if cl.natoms == 0 and n == 1 and (access is None or access[0] != "elem"):
+        if access is not None and access[0] == "range":
+            if cl.natoms == 0 and n == 1:
+                cl.entry = (<uintptr_t><PyObject *>sub_id) | ENTRY_ID
+            else:
+                cl.entry = (<uint64_t>c << 3) | ENTRY_CLAUSE
+        elif n == 1 and (access is None or access[0] != "elem"):
             cl.entry = (<uintptr_t><PyObject *>sub_id) | ENTRY_ID
         else:
-            cl.entry = (<uint64_t>c << 3) | ENTRY_CLAUSE
+            cl.entry = (<uint64_t>slot << 3) | ENTRY_SLOT
         cl.nhandles = 1
         if access is None:
             cl.kind = ACCESS_ALWAYS
@@ -1433,7 +1497,7 @@ cdef class Core:
             if cl.handles == NULL:
                 raise MemoryError()
             cl.handles[0] = ci.always
-            self.posting_add(ci.always, cl.entry)
+            self.posting_add(ci.always, cl)
             if cl.natoms:
                 self.scan_clauses += 1
             return
@@ -1470,7 +1534,7 @@ cdef class Core:
                 h = self.new_posting(pix, keys[i], cl.kind == ACCESS_ELEM)
             else:
                 h = hp
-            self.posting_add(h, cl.entry)
+            self.posting_add(h, cl)
             cl.handles[i] = h
 
     def remove(self, str sub_id):
@@ -1492,12 +1556,11 @@ cdef class Core:
 
     # -- matching ------------------------------------------------------
 
-    cdef int verify(self, uint32_t c) except -1:
-        cdef Clause *cl = &self.clauses[c]
+    cdef int atoms_true(self, uint32_t *atoms, uint32_t natoms) except -1:
         cdef uint32_t i, aid
         cdef uint32_t epoch = self.ctx.epoch
-        for i in range(cl.natoms):
-            aid = cl.atoms[i]
+        for i in range(natoms):
+            aid = atoms[i]
             if self.atom_epoch[aid] != epoch:
                 self.atom_val[aid] = (<Pred>PyList_GET_ITEM(self.atom_preds, aid)).test(self.ctx)
                 self.atom_epoch[aid] = epoch
@@ -1505,49 +1568,72 @@ cdef class Core:
                 return 0
         return 1
 
-    cdef int visit(self, uint64_t e, list out) except -1:
-        cdef uint32_t c, slot
-        if e & ENTRY_ID:
-            PyList_Append(out, <object><PyObject *><uintptr_t>(e & ~(<uint64_t>ENTRY_TAGS)))
-            return 0
-        c = <uint32_t>(e >> 3)
-        slot = self.clauses[c].slot
-        if self.slot_epoch[slot] == self.ctx.epoch:
-            return 0
-        if self.verify(c):
+    cdef int verify(self, uint32_t c) except -1:
+        return self.atoms_true(self.clauses[c].atoms, self.clauses[c].natoms)
+
+    cdef int push(self, PyObject *sub_id) except -1:
+        if self.nfound == self.found_cap:
+            self.found = <PyObject **>grow(self.found, &self.found_cap, self.nfound + 1, sizeof(PyObject *))
+        self.found[self.nfound] = sub_id
+        self.nfound += 1
+        return 0
+
+    cdef int emit(self, uint64_t ref) except -1:
+        """Report the subscription behind a reference whose atoms hold."""
+        cdef uint32_t slot, c
+        if ref & ENTRY_ID:
+            return self.push(<PyObject *><uintptr_t>(ref & ~(<uint64_t>ENTRY_TAGS)))
+        if ref & ENTRY_SLOT:
+            slot = <uint32_t>(ref >> 3)
+        else:
+            c = <uint32_t>(ref >> 3)
+            slot = self.clauses[c].slot
+            if self.slot_epoch[slot] == self.ctx.epoch or not self.verify(c):
+                return 0
+        if self.slot_epoch[slot] != self.ctx.epoch:
             self.slot_epoch[slot] = self.ctx.epoch
-            PyList_Append(out, <object>self.slots[slot].id)
+            self.push(self.slots[slot].id)
         return 0
 
-    cdef int scan_entries(self, uint64_t *entries, uint32_t start, uint32_t end, list out) except -1:
+    cdef int emit_all(self, uint64_t *refs, uint32_t start, uint32_t end) except -1:
         cdef uint32_t i
-        cdef uint64_t ahead
-        # Verification runs no code that can change the index, so the
-        # array stays valid for the whole loop. Appending an id touches the
-        # id string (its reference count): prefetch those a few entries
-        # ahead so the cache misses overlap instead of queueing.
+        cdef uint64_t ref
+        if start >= end:
+            return 0
+        if self.nfound + (end - start) > self.found_cap:
+            self.found = <PyObject **>grow(
+                self.found, &self.found_cap, self.nfound + (end - start), sizeof(PyObject *))
+        # Verification runs no code that can change the index, so the array
+        # stays valid for the whole loop; the common entry is inlined.
         for i in range(start, end):
-            if i + PREFETCH < end:
-                ahead = entries[i + PREFETCH]
-                if ahead & ENTRY_ID:
-                    prefetch(<void *><uintptr_t>(ahead & ~(<uint64_t>ENTRY_TAGS)))
-            self.visit(entries[i], out)
+            ref = refs[i]
+            if ref & ENTRY_ID:
+                self.found[self.nfound] = <PyObject *><uintptr_t>(ref & ~(<uint64_t>ENTRY_TAGS))
+                self.nfound += 1
+            else:
+                self.emit(ref)
         return 0
 
-    cdef int scan_posting(self, uint32_t h, list out) except -1:
+    cdef int scan_posting(self, uint32_t h) except -1:
         cdef Posting *p = &self.postings[h]
-        return self.scan_entries(p.items, 0, p.n, out)
+        cdef Group *g
+        cdef uint32_t i
+        for i in range(p.ngroups):
+            g = &p.groups[i]
+            if self.atoms_true(g.atoms, g.natoms):
+                self.emit_all(g.refs, 0, g.n)
+        return 0
 
-    cdef int scan_ranges(self, RangeIndex rix, double v, list out) except -1:
+    cdef int scan_ranges(self, RangeIndex rix, double v) except -1:
         cdef RangeArr *a
         a = &rix.arrs[OP_GT - OP_LT]          # x > t: thresholds t < v
-        self.scan_entries(a.entries, 0, lower_bound(a, v), out)
+        self.emit_all(a.entries, 0, lower_bound(a, v))
         a = &rix.arrs[OP_GE - OP_LT]          # x >= t: t <= v
-        self.scan_entries(a.entries, 0, upper_bound(a, v), out)
+        self.emit_all(a.entries, 0, upper_bound(a, v))
         a = &rix.arrs[OP_LT - OP_LT]          # x < t: t > v
-        self.scan_entries(a.entries, upper_bound(a, v), a.n, out)
+        self.emit_all(a.entries, upper_bound(a, v), a.n)
         a = &rix.arrs[OP_LE - OP_LT]          # x <= t: t >= v
-        self.scan_entries(a.entries, lower_bound(a, v), a.n, out)
+        self.emit_all(a.entries, lower_bound(a, v), a.n)
         return 0
 
     cdef void next_epoch(self):
@@ -1567,16 +1653,17 @@ cdef class Core:
         cdef PyObject *hp
         cdef Ctx ctx = self.ctx
         cdef double d
-        out = []
+        cdef uint32_t i
         ci = self.coll(database, collection, False)
         if ci is None:
-            return out
+            return []
         self.next_epoch()
+        self.nfound = 0
         ctx.doc = document
         ctx.doc_id = document_id
         ctx.view = None
         try:
-            self.scan_posting(ci.always, out)
+            self.scan_posting(ci.always)
             for p in ci.paths:
                 pix = <PathIndex>p
                 v = ctx.path_value(pix.pid)
@@ -1587,7 +1674,7 @@ cdef class Core:
                     if key is not NK:
                         hp = PyDict_GetItem(pix.eq, key)
                         if hp != NULL:
-                            self.scan_posting(<uint32_t><object>hp, out)
+                            self.scan_posting(<uint32_t><object>hp)
                 if pix.elem:
                     if PyList_Check(v):
                         for e in <list>v:
@@ -1595,23 +1682,30 @@ cdef class Core:
                             if key is not NK:
                                 hp = PyDict_GetItem(pix.elem, key)
                                 if hp != NULL:
-                                    self.scan_posting(<uint32_t><object>hp, out)
+                                    self.scan_posting(<uint32_t><object>hp)
                     elif PyDict_Check(v):
                         for k in <dict>v:
                             if PyUnicode_Check(k):
                                 hp = PyDict_GetItem(pix.elem, k)
                                 if hp != NULL:
-                                    self.scan_posting(<uint32_t><object>hp, out)
+                                    self.scan_posting(<uint32_t><object>hp)
                 if pix.ranges is not None:
                     if PyFloat_Check(v):
                         d = PyFloat_AS_DOUBLE(v)
                         if not isnan(d):
-                            self.scan_ranges(pix.ranges, d, out)
+                            self.scan_ranges(pix.ranges, d)
                     elif is_int(v):
-                        self.scan_ranges(pix.ranges, int_to_double(v), out)
+                        self.scan_ranges(pix.ranges, int_to_double(v))
         finally:
             ctx.doc = None
             ctx.doc_id = None
             ctx.view = None
+        # Touch each id string once, in a tight loop where the processor can
+        # overlap the cache misses, prefetching a few ahead.
+        out = PyList_New(self.nfound)
+        for i in range(self.nfound):
+            if i + PREFETCH < self.nfound:
+                prefetch(self.found[i + PREFETCH])
+            incref(self.found[i])
+            list_set_item(<PyObject *>out, i, self.found[i])
         return out
-
