@@ -118,7 +118,7 @@ DEF ENTRY_SLOT = 2
 DEF ENTRY_CLAUSE = 4
 DEF ENTRY_TAGS = 7
 # How many entries ahead the id strings are prefetched.
-DEF PREFETCH = 8
+DEF PREFETCH = 16
 
 OPS = {"==": OP_EQ, "!=": OP_NE, "<": OP_LT, "<=": OP_LE, ">": OP_GT, ">=": OP_GE}
 ARITH = {"+": AR_ADD, "-": AR_SUB, "*": AR_MUL, "/": AR_DIV, "%": AR_MOD}
