@@ -75,8 +75,14 @@ Atom = tuple[tuple[Any, ...], tuple[Any, ...] | None, Callable[[_core.Core], _co
 Clause = list[Atom]
 
 
+_SCALAR_NAMES = {str: "str", int: "int", float: "float", bool: "bool", type(None): "NoneType"}
+
+
 def const_key(value: object) -> object:
     """A hashable key for a constant that keeps 1, 1.0 and True apart."""
+    name = _SCALAR_NAMES.get(type(value))
+    if name is not None:
+        return (name, value)
     if isinstance(value, list):
         return ("list", tuple(const_key(v) for v in value))
     if isinstance(value, dict):

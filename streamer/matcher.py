@@ -58,15 +58,13 @@ class Matcher:
         or ``DuplicateSubscription`` if the id is taken; the index is then
         unchanged.
         """
-        for name, value in (
-            ("subscription id", subscription_id),
-            ("database", database),
-            ("collection", collection),
+        if (
+            type(subscription_id) is not str
+            or type(database) is not str
+            or type(collection) is not str
+            or not subscription_id
         ):
-            if not isinstance(value, str):
-                raise InvalidSubscription(f"{name} must be a string, got {type(value).__name__}")
-        if not subscription_id:
-            raise InvalidSubscription("subscription id must not be empty")
+            _check_names(subscription_id, database, collection)
         if subscription_id in self._core:
             raise DuplicateSubscription(f"subscription id {subscription_id!r} already exists")
         self._core.add(
@@ -92,6 +90,18 @@ class Matcher:
     def stats(self) -> dict[str, int]:
         """Sizes of the index: subscriptions, clauses, scan clauses, atoms…"""
         return self._core.stats()
+
+
+def _check_names(subscription_id: object, database: object, collection: object) -> None:
+    for name, value in (
+        ("subscription id", subscription_id),
+        ("database", database),
+        ("collection", collection),
+    ):
+        if not isinstance(value, str):
+            raise InvalidSubscription(f"{name} must be a string, got {type(value).__name__}")
+    if not subscription_id:
+        raise InvalidSubscription("subscription id must not be empty")
 
 
 def compile_subscription(filters: Iterable[Filter], expression: str | None) -> list[Clause]:

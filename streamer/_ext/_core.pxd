@@ -28,21 +28,27 @@ cdef struct RangeArr:
     uint32_t cap
 
 
+# Arrays of one element are stored inline (``*0`` fields, the pointer NULL):
+# most subscriptions have one clause, one access key and at most one residual
+# atom, and a malloc per field would cost time and ~32 bytes each.
 cdef struct Clause:
     uint32_t slot
     uint32_t natoms
-    uint32_t *atoms
+    uint32_t atom0
+    uint32_t *atoms       # when natoms > 1; see clause_atoms()
     uint8_t kind          # ACCESS_* constant
     uint8_t range_op      # for ACCESS_RANGE: OP_LT..OP_GE
     uint32_t nhandles
-    uint32_t *handles     # posting handles; for ACCESS_RANGE one range id
+    uint32_t handle0
+    uint32_t *handles     # when nhandles > 1: posting handles, or a range id
     double threshold      # for ACCESS_RANGE
     uint64_t entry        # the reference postings or range arrays hold
 
 
 cdef struct Slot:
     uint32_t nclauses
-    uint32_t *clauses
+    uint32_t clause0
+    uint32_t *clauses     # when nclauses > 1; see slot_clauses()
     PyObject *id          # owned; NULL for a free slot
 
 

@@ -963,6 +963,27 @@ cdef class Expression(Pred):
 # ---------------------------------------------------------------- index
 
 
+cdef inline uint32_t *clause_atoms(Clause *cl) noexcept nogil:
+    return cl.atoms if cl.atoms != NULL else &cl.atom0
+
+
+cdef inline uint32_t *clause_handles(Clause *cl) noexcept nogil:
+    return cl.handles if cl.handles != NULL else &cl.handle0
+
+
+cdef inline uint32_t *slot_clauses(Slot *s) noexcept nogil:
+    return s.clauses if s.clauses != NULL else &s.clause0
+
+
+cdef void alloc_array(uint32_t n, uint32_t **field) except *:
+    """Give ``field`` a block for n > 1 elements; NULL selects inline storage."""
+    field[0] = NULL
+    if n > 1:
+        field[0] = <uint32_t *>malloc(n * sizeof(uint32_t))
+        if field[0] == NULL:
+            raise MemoryError()
+
+
 cdef void range_insert(RangeArr *a, double key, uint64_t entry) except *:
     cdef uint32_t lo = 0, hi = a.n, mid, cap
     if a.n == a.cap:
@@ -1281,7 +1302,7 @@ cdef class Core:
         cdef uint32_t i, cap
         for i in range(p.ngroups):
             if p.groups[i].natoms == cl.natoms and memcmp(
-                    p.groups[i].atoms, cl.atoms, cl.natoms * sizeof(uint32_t)) == 0:
+                    p.groups[i].atoms, clause_atoms(cl), cl.natoms * sizeof(uint32_t)) == 0:
                 g = &p.groups[i]
                 break
         if g == NULL:
@@ -1297,7 +1318,7 @@ cdef class Core:
             g.atoms = <uint32_t *>malloc(max(cl.natoms, 1) * sizeof(uint32_t))
             if g.atoms == NULL:
                 raise MemoryError()
-            memcpy(g.atoms, cl.atoms, cl.natoms * sizeof(uint32_t))
+            memcpy(g.atoms, clause_atoms(cl), cl.natoms * sizeof(uint32_t))
             g.natoms = cl.natoms
             p.ngroups += 1
         if g.n == g.cap:
@@ -1317,7 +1338,8 @@ cdef class Core:
         cdef uint32_t i, k
         for i in range(p.ngroups):
             g = &p.groups[i]
-            if g.natoms != cl.natoms or memcmp(g.atoms, cl.atoms, cl.natoms * sizeof(uint32_t)):
+            if g.natoms != cl.natoms or memcmp(
+                    g.atoms, clause_atoms(cl), cl.natoms * sizeof(uint32_t)):
                 continue
             for k in range(g.n):
                 if g.refs[k] == cl.entry:
@@ -1350,7 +1372,7 @@ cdef class Core:
         cdef uint32_t i, h, aid, rid
         cdef PathIndex pix
         if cl.kind == ACCESS_RANGE:
-            rid = cl.handles[0]
+            rid = clause_handles(cl)[0]
             pix = <PathIndex>self.range_owner[rid]
             range_remove(&pix.ranges.arrs[cl.range_op - OP_LT], cl.threshold, cl.entry)
             if pix.ranges.empty():
@@ -1360,7 +1382,7 @@ cdef class Core:
                 pix.coll.prune(pix)
         else:
             for i in range(cl.nhandles):
-                h = cl.handles[i]
+                h = clause_handles(cl)[i]
                 self.posting_remove(h, cl)
                 owner = <object>self.postings[h].owner
                 if self.postings[h].total == 0 and owner is not None:
@@ -1371,7 +1393,7 @@ cdef class Core:
             if cl.kind == ACCESS_ALWAYS and cl.natoms:
                 self.scan_clauses -= 1
         for i in range(cl.natoms):
-            aid = cl.atoms[i]
+            aid = clause_atoms(cl)[i]
             self.atom_refs[aid] -= 1
             if self.atom_refs[aid] == 0:
                 del self.atom_ids[self.atom_keys[aid]]
@@ -1430,9 +1452,7 @@ cdef class Core:
         self.slots[slot].id = <PyObject *>sub_id
         self.sub_slots[sub_id] = slot
         self.slots[slot].nclauses = 0
-        self.slots[slot].clauses = <uint32_t *>malloc(max(n, 1) * sizeof(uint32_t))
-        if self.slots[slot].clauses == NULL:
-            raise MemoryError()
+        alloc_array(n, &self.slots[slot].clauses)
         self.slot_epoch[slot] = 0
         for access, atoms in planned:
             self.add_clause(ci, slot, sub_id, n, access, atoms)
@@ -1468,19 +1488,17 @@ cdef class Core:
         cdef PathIndex pix
         cdef int op
         c = self.new_clause()
-        self.slots[slot].clauses[self.slots[slot].nclauses] = c
+        slot_clauses(&self.slots[slot])[self.slots[slot].nclauses] = c
         self.slots[slot].nclauses += 1
         cl = &self.clauses[c]
         cl.slot = slot
         # Sorted, so that equal residuals compare equal as groups.
         atoms = sorted(atoms)
         cl.natoms = len(atoms)
-        cl.atoms = <uint32_t *>malloc(max(cl.natoms, 1) * sizeof(uint32_t))
-        if cl.atoms == NULL:
-            raise MemoryError()
+        alloc_array(cl.natoms, &cl.atoms)
         for i in range(cl.natoms):
-            cl.atoms[i] = atoms[i]
-            self.atom_refs[cl.atoms[i]] += 1
+            clause_atoms(cl)[i] = atoms[i]
+            self.atom_refs[atoms[i]] += 1
         if access is not None and access[0] == "range":
             if cl.natoms == 0 and n == 1:
                 cl.entry = (<uintptr_t><PyObject *>sub_id) | ENTRY_ID
@@ -1493,10 +1511,7 @@ cdef class Core:
         cl.nhandles = 1
         if access is None:
             cl.kind = ACCESS_ALWAYS
-            cl.handles = <uint32_t *>malloc(sizeof(uint32_t))
-            if cl.handles == NULL:
-                raise MemoryError()
-            cl.handles[0] = ci.always
+            cl.handle0 = ci.always
             self.posting_add(ci.always, cl)
             if cl.natoms:
                 self.scan_clauses += 1
@@ -1516,18 +1531,13 @@ cdef class Core:
                 pix.ranges.rid = rid
             cl.range_op = op
             cl.threshold = access[3]
-            cl.handles = <uint32_t *>malloc(sizeof(uint32_t))
-            if cl.handles == NULL:
-                raise MemoryError()
-            cl.handles[0] = pix.ranges.rid
+            cl.handle0 = pix.ranges.rid
             range_insert(&pix.ranges.arrs[op - OP_LT], cl.threshold, cl.entry)
             return
         keys = access[2]
         table = pix.elem if cl.kind == ACCESS_ELEM else pix.eq
         cl.nhandles = len(keys)
-        cl.handles = <uint32_t *>malloc(max(cl.nhandles, 1) * sizeof(uint32_t))
-        if cl.handles == NULL:
-            raise MemoryError()
+        alloc_array(cl.nhandles, &cl.handles)
         for i in range(cl.nhandles):
             hp = table.get(keys[i])
             if hp is None:
@@ -1535,7 +1545,7 @@ cdef class Core:
             else:
                 h = hp
             self.posting_add(h, cl)
-            cl.handles[i] = h
+            clause_handles(cl)[i] = h
 
     def remove(self, str sub_id):
         """Deregister a subscription; False if the id is unknown."""
@@ -1545,7 +1555,7 @@ cdef class Core:
             return False
         slot = p
         for i in range(self.slots[slot].nclauses):
-            self.drop_clause(self.slots[slot].clauses[i])
+            self.drop_clause(slot_clauses(&self.slots[slot])[i])
         free(self.slots[slot].clauses)
         self.slots[slot].clauses = NULL
         self.slots[slot].nclauses = 0
@@ -1569,7 +1579,7 @@ cdef class Core:
         return 1
 
     cdef int verify(self, uint32_t c) except -1:
-        return self.atoms_true(self.clauses[c].atoms, self.clauses[c].natoms)
+        return self.atoms_true(clause_atoms(&self.clauses[c]), self.clauses[c].natoms)
 
     cdef int push(self, PyObject *sub_id) except -1:
         if self.nfound == self.found_cap:
