@@ -77,6 +77,9 @@ __all__ = [
 MAX_EXPRESSION_LENGTH = 4096
 MAX_DEPTH = 64
 MAX_NODES = 1024
+# Equality walks nested lists and maps; values nested deeper than this compare
+# as an evaluation error (documents are data: they must not exhaust the stack).
+MAX_VALUE_DEPTH = 100
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
@@ -1042,8 +1045,10 @@ def _checked(i: int) -> int:
     return i
 
 
-def _equals(a: object, b: object) -> bool:
+def _equals(a: object, b: object, depth: int = 0) -> bool:
     """CEL heterogeneous equality (never an error for known value types)."""
+    if depth > MAX_VALUE_DEPTH:
+        raise CelEvalError(f"values nest deeper than {MAX_VALUE_DEPTH} levels")
     if a is None or b is None:
         return a is b
     if isinstance(a, bool) or isinstance(b, bool):
@@ -1065,13 +1070,13 @@ def _equals(a: object, b: object) -> bool:
     if isinstance(a, list):
         if not isinstance(b, list) or len(a) != len(b):
             return False
-        return all(_equals(x, y) for x, y in zip(a, b, strict=True))
+        return all(_equals(x, y, depth + 1) for x, y in zip(a, b, strict=True))
     if isinstance(a, dict):
         if not isinstance(b, dict) or len(a) != len(b):
             return False
         for key, value in a.items():
             found, other = _map_find(b, key)
-            if not found or not _equals(value, other):
+            if not found or not _equals(value, other, depth + 1):
                 return False
         return True
     raise CelEvalError(f"unsupported value of type {type(a).__name__}")

@@ -227,6 +227,19 @@ def test_deeply_nested_document_does_not_crash() -> None:
     assert m.match("db", "c", "x", doc) == ["e"]
 
 
+@pytest.mark.parametrize("expression", ["doc.a == doc.b", "!(doc.a == doc.b)", "doc.a in [doc.b]"])
+def test_deeply_nested_values_compare_as_an_error(expression: str) -> None:
+    # Equality recurses into lists: a hostile document must not overflow the
+    # C stack (this once crashed the process).
+    a: Any = []
+    b: Any = []
+    for _ in range(200_000):
+        a, b = [a], [b]
+    for matcher in both():
+        matcher.add("s", "db", "c", expression=expression)
+        assert matcher.match("db", "c", "x", {"a": a, "b": b}) == []
+
+
 def test_no_per_subscription_python_objects() -> None:
     # The index keeps per-subscription state in C: adding 20k subscriptions
     # must not add anything like 20k GC-tracked Python objects.

@@ -170,48 +170,61 @@ cdef object map_lookup(dict d, object key):
     return ERR
 
 
-cdef bint cel_eq(object a, object b) except -1:
-    """CEL heterogeneous equality: values of different kinds are unequal."""
+# Mirrors streamer.cel.MAX_VALUE_DEPTH: deeper values compare as an error
+# (C recursion on a hostile document would otherwise overflow the stack).
+DEF MAX_VALUE_DEPTH = 100
+
+
+cdef int cel_eq(object a, object b, int depth=0) except -2:
+    """CEL heterogeneous equality: 1 or 0 (values of different kinds are
+    unequal), or -1 for an evaluation error (unknown types, too deep)."""
     cdef Py_ssize_t i, n
+    cdef int r
+    if depth > MAX_VALUE_DEPTH:
+        return -1
+    if a is None or b is None:
+        return a is b
+    if PyBool_Check(a) or PyBool_Check(b):
+        return a is b
     if PyUnicode_Check(a):
         return PyUnicode_Check(b) and a == b
-    if PyBool_Check(a):
-        return a is b
     if PyLong_Check(a):
-        if PyBool_Check(b):
-            return False
         if PyLong_Check(b):
             return a == b
         if PyFloat_Check(b):
             return int_to_double(a) == PyFloat_AS_DOUBLE(b)
-        return False
+        return 0
     if PyFloat_Check(a):
         if PyFloat_Check(b):
             return PyFloat_AS_DOUBLE(a) == PyFloat_AS_DOUBLE(b)
-        if PyLong_Check(b) and not PyBool_Check(b):
+        if PyLong_Check(b):
             return PyFloat_AS_DOUBLE(a) == int_to_double(b)
-        return False
-    if a is None:
-        return b is None
+        return 0
     if PyList_Check(a):
         if not PyList_Check(b):
-            return False
+            return 0
         n = PyList_GET_SIZE(a)
         if n != PyList_GET_SIZE(b):
-            return False
+            return 0
         for i in range(n):
-            if not cel_eq(<object>PyList_GET_ITEM(a, i), <object>PyList_GET_ITEM(b, i)):
-                return False
-        return True
+            r = cel_eq(<object>PyList_GET_ITEM(a, i), <object>PyList_GET_ITEM(b, i), depth + 1)
+            if r != 1:
+                return r
+        return 1
     if PyDict_Check(a):
         if not PyDict_Check(b) or len(<dict>a) != len(<dict>b):
-            return False
+            return 0
         for k, v in (<dict>a).items():
             other = map_lookup(<dict>b, k)
-            if other is MISS or other is ERR or not cel_eq(v, other):
-                return False
-        return True
-    return False
+            if other is ERR:
+                return -1
+            if other is MISS:
+                return 0
+            r = cel_eq(v, other, depth + 1)
+            if r != 1:
+                return r
+        return 1
+    return -1
 
 
 cdef int cel_cmp(object a, object b) except -3:
@@ -265,9 +278,9 @@ cdef inline object cmp_result(int op, int c):
 cdef inline bint cmp_true(int op, object a, object b) except -1:
     cdef int c
     if op == OP_EQ:
-        return cel_eq(a, b)
+        return cel_eq(a, b) == 1
     if op == OP_NE:
-        return not cel_eq(a, b)
+        return cel_eq(a, b) == 0
     c = cel_cmp(a, b)
     if c == -2 or c == 2:
         return False
@@ -704,10 +717,11 @@ cdef class Compare(Node):
         b = self.right.eval(ctx)
         if b is ERR:
             return ERR
-        if self.op == OP_EQ:
-            return cel_eq(a, b)
-        if self.op == OP_NE:
-            return not cel_eq(a, b)
+        if self.op <= OP_NE:
+            r = cel_eq(a, b)
+            if r < 0:
+                return ERR
+            return (r == 1) == (self.op == OP_EQ)
         return cmp_result(self.op, cel_cmp(a, b))
 
 
@@ -733,16 +747,20 @@ cdef class Arith(Node):
 
 
 cdef object membership(object item, object container):
+    cdef int r
     if PyList_Check(container):
         for e in <list>container:
-            if cel_eq(item, e):
+            r = cel_eq(item, e)
+            if r < 0:
+                return ERR
+            if r:
                 return True
         return False
     if PyDict_Check(container):
-        r = map_lookup(<dict>container, item)
-        if r is ERR:
+        found = map_lookup(<dict>container, item)
+        if found is ERR:
             return ERR
-        return r is not MISS
+        return found is not MISS
     return ERR
 
 
@@ -914,7 +932,7 @@ cdef class PathIn(Pred):
         if v is MISS:
             return 0
         for c in self.consts:
-            if cel_eq(v, c):
+            if cel_eq(v, c) == 1:
                 return 1
         return 0
 
@@ -937,7 +955,7 @@ cdef class PathHolds(Pred):
         v = ctx.path_value(self.pid)
         if PyList_Check(v):
             for e in <list>v:
-                if cel_eq(e, self.const):
+                if cel_eq(e, self.const) == 1:
                     return 1
             return 0
         if PyUnicode_Check(v):
