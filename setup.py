@@ -1,4 +1,4 @@
-"""Build the Cython extension; all metadata lives in pyproject.toml."""
+"""Build the Cython extensions; all metadata lives in pyproject.toml."""
 
 import os
 
@@ -12,7 +12,10 @@ if os.environ.get("STREAMER_DEBUG"):
 
 setup(
     ext_modules=cythonize(
-        [Extension("streamer._ext._core", ["streamer/_ext/_core.pyx"], extra_compile_args=extra)],
+        [
+            Extension(f"streamer._ext.{m}", [f"streamer/_ext/{m}.pyx"], extra_compile_args=extra)
+            for m in ("_core", "_celparse")
+        ],
         compiler_directives={"language_level": "3"},
     ),
 )

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Build the Cython core with ASan+UBSan (CMakeLists.txt) into build-sanitize/
-# and run the core tests against it. Exits non-zero on any sanitizer report.
+# Build the Cython extensions with ASan+UBSan (CMakeLists.txt) into build-sanitize/
+# and run the core and CEL tests against them. Exits non-zero on any sanitizer report.
 #   PYTHON=.venv/bin/python tools/sanitize.sh [extra pytest args]
 # Needs cmake, gcc, and Cython + pytest + hypothesis in $PYTHON's environment.
 set -euo pipefail
@@ -23,7 +23,7 @@ cmake -S . -B "$BUILD" -DPython_EXECUTABLE="$PYTHON"
 cmake --build "$BUILD"
 
 tests=()
-for t in tests/test_matcher.py tests/test_cel.py; do [[ -e $t ]] && tests+=("$t"); done
+for t in tests/test_matcher.py tests/test_cel.py tests/test_celparse.py; do [[ -e $t ]] && tests+=("$t"); done
 
 # The interpreter is not instrumented, so the sanitizer runtimes must be loaded
 # before anything else (GCC keeps UBSan's in a separate library).
@@ -40,8 +40,9 @@ export PYTHONPATH=$BUILD/stage
 
 # -P everywhere: `python -m` would otherwise put the repo (with the normal .so)
 # ahead of PYTHONPATH, and the conftest only checks "is an extension".
-"$PYTHON" -P -c 'import os, streamer._ext._core as c
-assert os.path.abspath(c.__file__).startswith(os.environ["PYTHONPATH"] + "/"), c.__file__'
+"$PYTHON" -P -c 'import os, streamer._ext._core as c, streamer._ext._celparse as p
+for m in (c, p):
+    assert os.path.abspath(m.__file__).startswith(os.environ["PYTHONPATH"] + "/"), m.__file__'
 
 # --capture=sys: sanitizers write to fd 2, which fd-level capture would swallow
 # along with the aborted process. The example counts are the tests' own: the
