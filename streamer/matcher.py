@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from streamer import cel
-from streamer._ext import _core
+from streamer._ext import _celparse, _core
 from streamer.compiler import Clause, Filter, lower_expression, lower_filter
 from streamer.errors import DuplicateSubscription, InvalidSubscription
 
@@ -129,8 +129,7 @@ def compile_subscription(filters: Iterable[Filter], expression: str | None) -> l
 def parse_expression(expression: str) -> cel.Expr:
     """Parse and check a subscription's CEL expression."""
     try:
-        ast = cel.parse(expression)
-        cel.check(ast)
+        ast = _celparse.parse(expression, check=True)
     except InvalidSubscription as exc:
         raise InvalidSubscription(f"expression: {exc}") from None
     return ast

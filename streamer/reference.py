@@ -13,8 +13,7 @@ from collections.abc import Iterable
 
 from streamer import cel
 from streamer.compiler import OPERATORS, Filter, lower_filter
-from streamer.errors import DuplicateSubscription
-from streamer.matcher import parse_expression
+from streamer.errors import DuplicateSubscription, InvalidSubscription
 
 _MISSING = object()
 _BINARY = {op: cel.parse(f"a {op} b") for op in ("==", "!=", "<", "<=", ">", ">=")}
@@ -48,6 +47,16 @@ def _filter_holds(flt: Filter, view: dict[str, object]) -> bool:
     return _holds(_BINARY[op], value, target)
 
 
+def _parse(expression: str) -> cel.Expr:
+    """The pure-Python parser and checker (the fast path uses the compiled one)."""
+    try:
+        ast = cel.parse(expression)
+        cel.check(ast)
+    except InvalidSubscription as exc:
+        raise InvalidSubscription(f"expression: {exc}") from None
+    return ast
+
+
 class ReferenceMatcher:
     """Same API and answers as ``streamer.matcher.Matcher``, by brute force."""
 
@@ -69,7 +78,7 @@ class ReferenceMatcher:
         filters = [Filter(*f) for f in filters]
         for index, flt in enumerate(filters, 1):
             lower_filter(index, flt)
-        ast = parse_expression(expression) if expression else None
+        ast = _parse(expression) if expression else None
         if subscription_id in self._subs:
             raise DuplicateSubscription(f"subscription id {subscription_id!r} already exists")
         self._subs[subscription_id] = (database, collection, filters, ast)
