@@ -381,6 +381,9 @@ def test_match_latency(loaded: Loaded) -> None:
             counts[i] = len(result)
             if len(set(result)) != len(result):
                 duplicates += 1
+            # Free this result here, not inside the next timed call (rebinding
+            # `result` there would bill its deallocation to the next event).
+            del result
     times.sort()
     counts.sort()
     row = loaded.row
