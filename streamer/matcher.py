@@ -55,8 +55,8 @@ class Matcher:
         """Register a subscription: all ``filters`` AND the CEL ``expression``.
 
         Raises ``InvalidSubscription`` (a ``ValueError``) naming the bad part,
-        or ``DuplicateSubscription`` if the id is taken; the index is then
-        unchanged.
+        or ``DuplicateSubscription`` (a ``KeyError``) if the id is taken; the
+        index is then unchanged. A request that is both gets the former.
         """
         if (
             type(subscription_id) is not str
@@ -65,8 +65,6 @@ class Matcher:
             or not subscription_id
         ):
             _check_names(subscription_id, database, collection)
-        if subscription_id in self._core:
-            raise DuplicateSubscription(f"subscription id {subscription_id!r} already exists")
         self._core.add(
             subscription_id, database, collection, compile_subscription(filters, expression)
         )

@@ -24,7 +24,7 @@ CEL's ``&&``/``||`` absorb errors and raising would be far slower.
 
 cimport cython
 from cpython.bool cimport PyBool_Check
-from cpython.dict cimport PyDict_Check, PyDict_GetItem
+from cpython.dict cimport PyDict_Check, PyDict_GetItem, PyDict_SetDefault
 from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_Check
 from cpython.list cimport PyList_Check, PyList_GET_ITEM, PyList_GET_SIZE, PyList_New
 from cpython.long cimport PyLong_Check
@@ -1452,11 +1452,18 @@ cdef class Core:
         verified on candidates.
         """
         cdef uint32_t slot, n
-        if sub_id in self.sub_slots:
+        # One lookup both checks the id and claims it (the id dict is the
+        # largest table here: each probe is a cache miss at a million ids).
+        slot_number = self.free_slots[len(self.free_slots) - 1] if self.free_slots else self.nslots
+        if PyDict_SetDefault(self.sub_slots, sub_id, slot_number) != <PyObject *>slot_number:
             raise DuplicateSubscription(f"subscription id {sub_id!r} already exists")
-        ci = self.coll(database, collection, True)
-        n = len(clauses)
-        planned = [self.plan(ci, clause) for clause in clauses]
+        try:
+            ci = self.coll(database, collection, True)
+            n = len(clauses)
+            planned = [self.plan(ci, clause) for clause in clauses]
+        except BaseException:
+            del self.sub_slots[sub_id]
+            raise
         if self.free_slots:
             slot = self.free_slots.pop()
         else:
@@ -1468,7 +1475,6 @@ cdef class Core:
         # The id is referenced from C (see release_posting for why).
         Py_INCREF(sub_id)
         self.slots[slot].id = <PyObject *>sub_id
-        self.sub_slots[sub_id] = slot
         self.slots[slot].nclauses = 0
         alloc_array(n, &self.slots[slot].clauses)
         self.slot_epoch[slot] = 0
@@ -1476,9 +1482,17 @@ cdef class Core:
             self.add_clause(ci, slot, sub_id, n, access, atoms)
 
     cdef tuple plan(self, CollIndex ci, list clause):
-        cdef Py_ssize_t i, best = -1
+        cdef Py_ssize_t i, best = -1, n = len(clause)
         cdef double cost, best_cost = INFINITY
-        for i in range(len(clause)):
+        cdef tuple atom
+        if n == 1:
+            # The common subscription: one atom; its access (if any) is it.
+            atom = <tuple>clause[0]
+            access = atom[1]
+            if access is None:
+                return None, [self.intern(atom)]
+            return (access[0], self.path_id(access[1])) + access[2:], []
+        for i in range(n):
             access = (<tuple>clause[i])[1]
             if access is None:
                 continue
@@ -1490,7 +1504,7 @@ cdef class Core:
                 best, best_cost = i, cost
         planned = None
         residual = {}
-        for i in range(len(clause)):
+        for i in range(n):
             if i != best:
                 residual.setdefault(clause[i][0], clause[i])
         if best >= 0:
@@ -1511,7 +1525,8 @@ cdef class Core:
         cl = &self.clauses[c]
         cl.slot = slot
         # Sorted, so that equal residuals compare equal as groups.
-        atoms = sorted(atoms)
+        if len(atoms) > 1:
+            atoms = sorted(atoms)
         cl.natoms = len(atoms)
         alloc_array(cl.natoms, &cl.atoms)
         for i in range(cl.natoms):
