@@ -5,7 +5,8 @@ import os
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-# STREAMER_SANITIZE=1 is for debugging only; `make sanitize` uses CMake.
+# STREAMER_DEBUG=1: no optimisation, with symbols (for gdb). Sanitizer builds
+# are CMake's job (`make sanitize`).
 extra = ["-O2"]
 if os.environ.get("STREAMER_DEBUG"):
     extra = ["-O0", "-g"]

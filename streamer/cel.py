@@ -487,6 +487,8 @@ def _classify(text: str, pos: int) -> tuple[str, object]:
             value = int(text)
         # An int above INT64_MAX is only valid right after a unary minus.
         return ("int" if value <= INT64_MAX else "bigint"), value
+    if text.startswith("//"):
+        return "comment", None
     if c in "'\"" or text[-1] in "'\"":
         return _string_token(text, pos)
     if c == "`":
@@ -496,8 +498,6 @@ def _classify(text: str, pos: int) -> tuple[str, object]:
         if _QUOTED_FIELD_RE.fullmatch(name) is None:
             return "err", f"invalid quoted field name {text!r} at {_col(pos)}"
         return "qid", name
-    if text.startswith("//"):
-        return "comment", None
     return "err", f"unexpected character {c!r} at {_col(pos)}"
 
 

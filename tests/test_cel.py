@@ -258,6 +258,15 @@ def test_parse_errors(source: str, message: str) -> None:
     assert isinstance(info.value, ValueError)
 
 
+@pytest.mark.parametrize(
+    "source",
+    ["doc.a == 1 // it's 'x'", "doc.a == 1 // \"quoted\"", "doc.a == 1 // note\n"],
+)
+def test_comments_may_end_with_a_quote(source: str) -> None:
+    # A comment ending in a quote was once read as a string literal.
+    assert cel.parse(source) == cel.parse("doc.a == 1")
+
+
 def test_deep_nesting_never_overflows_the_stack() -> None:
     for opener, closer in (("(", ")"), ("[", "]"), ("!(", ")"), ("a[", "]"), ("f(", ")")):
         source = opener * 10_000 + "1" + closer * 10_000

@@ -291,11 +291,6 @@ cdef class _Parser:
                 while c2 >= 0 and c2 != 10:
                     k += 1
                     c2 = self.ch(k)
-                # The reference classifies a comment that ends with a quote as
-                # a string token (_classify); so do we.
-                if k > p + 2 and _is_quote(self.ch(k - 1)):
-                    if not self.string_token(p, k):
-                        break
                 p = k
             elif c == 96:  # `
                 k = p + 1
