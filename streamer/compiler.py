@@ -418,7 +418,7 @@ def _compile_call(expr: cel.Call, core: _core.Core | None) -> _core.Node:
     if expr.target is None and fn in ("_&&_", "_||_"):
         terms: list[_core.Node] = []
         _flatten(expr, fn, core, terms)
-        return _core.And(terms) if fn == "_&&_" else _core.Or(terms)
+        return _core.Junction(terms, fn == "_&&_")
     args = [compile_node(a, core) for a in expr.args]
     target = None if expr.target is None else compile_node(expr.target, core)
     if target is None:

@@ -45,12 +45,8 @@ class Index(Node):
     def __init__(self, operand: Node, index: Node) -> None: ...
 
 @final
-class And(Node):
-    def __init__(self, terms: list[Node]) -> None: ...
-
-@final
-class Or(Node):
-    def __init__(self, terms: list[Node]) -> None: ...
+class Junction(Node):
+    def __init__(self, terms: list[Node], conjunction: bool) -> None: ...
 
 @final
 class Not(Node):

@@ -612,39 +612,26 @@ cdef class Index(Node):
 
 
 @cython.final
-cdef class And(Node):
+cdef class Junction(Node):
+    """CEL's ``&&`` (conjunction) or ``||`` over any number of terms, with
+    error absorption: the absorbing value (false for ``&&``, true for ``||``)
+    wins over errors, in any position; otherwise any error is the result."""
     cdef list terms
+    cdef object absorbing
 
-    def __init__(self, list terms):
+    def __init__(self, list terms, bint conjunction):
         self.terms = terms
+        self.absorbing = not conjunction
 
     cdef object eval(self, Ctx ctx):
         cdef bint err = False
         for t in self.terms:
             v = (<Node>t).eval(ctx)
-            if v is False:
-                return False
-            if v is not True:
+            if v is self.absorbing:
+                return v
+            if v is not (not self.absorbing):
                 err = True
-        return ERR if err else True
-
-
-@cython.final
-cdef class Or(Node):
-    cdef list terms
-
-    def __init__(self, list terms):
-        self.terms = terms
-
-    cdef object eval(self, Ctx ctx):
-        cdef bint err = False
-        for t in self.terms:
-            v = (<Node>t).eval(ctx)
-            if v is True:
-                return True
-            if v is not False:
-                err = True
-        return ERR if err else False
+        return ERR if err else (not self.absorbing)
 
 
 @cython.final
