@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test bench demo lint sanitize wheel clean
+.PHONY: test bench demo lint proto sanitize wheel clean
 
 $(STAMP): pyproject.toml setup.py streamer/_ext/_core.pyx streamer/_ext/_core.pxd
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check streamer tests bench
 	$(PY) -m mypy
+
+## Regenerate the protocol stubs in streamer/protocol/ from proto/.
+proto: $(STAMP)
+	$(PY) tools/gen_proto.py
 
 ## The core tests against an AddressSanitizer + UBSan build (CMakeLists.txt).
 sanitize: $(STAMP)
