@@ -27,7 +27,7 @@ demo: $(STAMP)
 
 ## ruff and mypy.
 lint: $(STAMP)
-	$(PY) -m ruff check streamer tests bench
+	$(PY) -m ruff check streamer tests bench tools
 	$(PY) -m mypy
 
 ## Regenerate the protocol stubs in streamer/protocol/ from proto/.
