@@ -1,0 +1,136 @@
+"""Durable ingest progress: the Puller marker and the gateways known with it.
+
+The ingest loop calls ``advance`` for every event it has fully matched and
+enqueued (and for heartbeats); a background task persists the latest marker
+to ``<state_dir>/progress.json`` by atomic replace. Writes are batched: one
+per ``interval`` (100 ms) unless ``batch`` (1000) advances pile up first, and
+a pending marker is written no later than ``interval`` after it advanced,
+even if nothing else arrives. ``flush`` writes at once (shutdown).
+
+The file also keeps the ids of the gateways connected before a restart, so
+that the next start can wait for them to re-register (SPEC section 3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+
+from streamer.errors import StreamerError
+
+FILE_NAME = "progress.json"
+log = logging.getLogger(__name__)
+
+
+class ProgressFileError(StreamerError, ValueError):
+    """The progress file exists but cannot be read back."""
+
+
+@dataclass(frozen=True, slots=True)
+class SavedProgress:
+    marker: str = ""
+    gateways: frozenset[str] = field(default_factory=frozenset)
+
+
+class ProgressStore:
+    """Latest marker in memory, persisted in batches by ``run()``."""
+
+    def __init__(self, state_dir: Path, *, interval: float = 0.1, batch: int = 1000) -> None:
+        self.path = Path(state_dir) / FILE_NAME
+        self.interval = interval
+        self.batch = batch
+        self.marker = ""
+        self.gateways: frozenset[str] = frozenset()
+        self.writes = 0
+        self._dirty = 0  # advances since the last write
+        self._since = 0.0  # loop time of the first unwritten advance
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+
+    def load(self) -> SavedProgress:
+        """Read the saved progress (empty if there is none yet)."""
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return SavedProgress()
+        try:
+            data = orjson.loads(raw)
+            saved = SavedProgress(str(data["marker"]), frozenset(map(str, data["gateways"])))
+        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ProgressFileError(f"{self.path}: not a progress file ({exc})") from None
+        self.marker, self.gateways = saved.marker, saved.gateways
+        return saved
+
+    def advance(self, marker: str) -> None:
+        """Record the marker of an event fully matched and enqueued."""
+        if marker == self.marker:
+            return
+        self.marker = marker
+        if self._dirty == 0:
+            self._since = asyncio.get_running_loop().time()
+        self._dirty += 1
+        if self._dirty == 1 or self._dirty >= self.batch:
+            self._wake.set()
+
+    def set_gateways(self, gateways: frozenset[str]) -> None:
+        """Record the connected gateways; written with the next marker write."""
+        self.gateways = gateways
+
+    async def run(self) -> None:
+        """Persist pending markers until cancelled."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._dirty and self._dirty < self.batch:
+                remaining = self._since + self.interval - loop.time()
+                if remaining <= 0:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), remaining)
+                self._wake.clear()
+            if self._dirty:
+                try:
+                    await self.flush()
+                except OSError as exc:
+                    # Keep the marker pending and try again: progress only
+                    # moves forward once it is on disk.
+                    log.error("cannot write %s: %s; retrying", self.path, exc)
+                    await asyncio.sleep(self.interval)
+                    self._wake.set()
+
+    async def flush(self) -> None:
+        """Write the current marker now (off the event loop)."""
+        async with self._lock:
+            if not self._dirty:
+                return
+            dirty, self._dirty = self._dirty, 0
+            payload = orjson.dumps({"marker": self.marker, "gateways": sorted(self.gateways)})
+            try:
+                await asyncio.to_thread(self._write, payload)
+            except OSError:
+                self._dirty += dirty
+                raise
+            self.writes += 1
+
+    def _write(self, payload: bytes) -> None:
+        # Write a sibling, fsync it, rename over the old file, fsync the
+        # directory: a crash leaves either the old marker or the new one.
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -1,0 +1,101 @@
+"""Durable progress: atomic files, batched writes, nothing pending left behind."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from streamer.progress import ProgressFileError, ProgressStore, SavedProgress
+
+
+async def _until(predicate: Callable[[], bool], seconds: float = 5.0) -> None:
+    # Bounded wait for the background writer; not a timing assertion.
+    for _ in range(int(seconds / 0.01)):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached")
+
+
+def test_fresh_state_dir_has_no_progress(tmp_path: Path) -> None:
+    assert ProgressStore(tmp_path / "new").load() == SavedProgress()
+
+
+def test_roundtrip_and_no_temporary_file_left(tmp_path: Path) -> None:
+    async def main() -> None:
+        store = ProgressStore(tmp_path)
+        store.set_gateways(frozenset({"gw-1", "gw-0"}))
+        store.advance("m-1")
+        await store.flush()
+
+    asyncio.run(main())
+    assert os.listdir(tmp_path) == ["progress.json"]
+    assert ProgressStore(tmp_path).load() == SavedProgress("m-1", frozenset({"gw-0", "gw-1"}))
+
+
+def test_pending_marker_is_written_without_further_events(tmp_path: Path) -> None:
+    async def main() -> int:
+        store = ProgressStore(tmp_path, interval=0.05)
+        task = asyncio.create_task(store.run())
+        for i in range(10):
+            store.advance(f"m-{i}")
+        await _until(lambda: ProgressStore(tmp_path).load().marker == "m-9")
+        task.cancel()
+        return store.writes
+
+    # Ten advances within one interval are one write.
+    assert asyncio.run(main()) == 1
+
+
+def test_a_full_batch_is_written_at_once(tmp_path: Path) -> None:
+    async def main() -> int:
+        # An interval no test run reaches: only the batch size can trigger.
+        store = ProgressStore(tmp_path, interval=3600, batch=1000)
+        task = asyncio.create_task(store.run())
+        for i in range(2500):
+            store.advance(f"m-{i}")
+        await _until(lambda: store.writes == 1)
+        task.cancel()
+        return store.writes
+
+    assert asyncio.run(main()) == 1
+    assert ProgressStore(tmp_path).load().marker == "m-2499"
+
+
+def test_repeated_marker_is_not_a_write(tmp_path: Path) -> None:
+    async def main() -> int:
+        store = ProgressStore(tmp_path)
+        store.advance("m-1")
+        await store.flush()
+        store.advance("m-1")
+        await store.flush()
+        return store.writes
+
+    assert asyncio.run(main()) == 1
+
+
+def test_unreadable_file_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "progress.json").write_bytes(b"{not json")
+    with pytest.raises(ProgressFileError, match=r"progress\.json: not a progress file"):
+        ProgressStore(tmp_path).load()
+
+
+def test_failed_write_keeps_the_marker_pending(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+
+    async def main() -> ProgressStore:
+        store = ProgressStore(blocker / "state")
+        store.advance("m-1")
+        with pytest.raises(OSError):
+            await store.flush()
+        store.path = tmp_path / "progress.json"
+        await store.flush()
+        return store
+
+    assert asyncio.run(main()).writes == 1
+    assert ProgressStore(tmp_path).load().marker == "m-1"
