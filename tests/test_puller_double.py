@@ -9,7 +9,7 @@ import pytest
 
 from streamer.protocol import puller_v1_pb2 as pb
 from streamer.protocol import puller_v1_pb2_grpc as pb_grpc
-from tests.puller_double import PullerDouble
+from puller_double import PullerDouble
 
 
 def change(i: int, coll: str = "messages") -> pb.ChangeEvent:
