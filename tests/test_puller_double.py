@@ -6,10 +6,10 @@ import asyncio
 
 import grpc
 import pytest
+from puller_double import PullerDouble
 
 from streamer.protocol import puller_v1_pb2 as pb
 from streamer.protocol import puller_v1_pb2_grpc as pb_grpc
-from puller_double import PullerDouble
 
 
 def change(i: int, coll: str = "messages") -> pb.ChangeEvent:
