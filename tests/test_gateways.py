@@ -1,0 +1,105 @@
+"""Gateway sessions: responses, ownership, limits and TTL expiry."""
+
+from __future__ import annotations
+
+import uuid
+
+from streamer.gateways import GatewayRegistry, Limits
+from streamer.matcher import Matcher
+from streamer.protocol.streamer_v1_pb2 import Filter, ListValue, SubscribeRequest, Value
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def request(sub_id: str = "", *filters: Filter, expression: str = "") -> SubscribeRequest:
+    return SubscribeRequest(
+        subscription_id=sub_id, database="app", collection="messages",
+        filters=list(filters), expression=expression,
+    )
+
+
+def chat(c: str) -> Filter:
+    return Filter(field="chat_id", op="==", value=Value(string_value=c))
+
+
+def test_subscribe_echoes_or_generates_the_id() -> None:
+    registry = GatewayRegistry(Matcher())
+    session = registry.connect()
+    response = registry.subscribe(session, request("s1", chat("c1")))
+    assert (response.subscription_id, response.success, response.code) == ("s1", True, "")
+    generated = registry.subscribe(session, request("", chat("c2")))
+    assert generated.success and uuid.UUID(generated.subscription_id)
+    assert registry.matcher.match("app", "messages", "m", {"chat_id": "c1"}) == ["s1"]
+
+
+def test_values_of_every_kind() -> None:
+    registry = GatewayRegistry(Matcher())
+    session = registry.connect()
+    filters = [
+        Filter(field="n", op=">=", value=Value(int_value=3)),
+        Filter(field="x", op="<", value=Value(double_value=2.5)),
+        Filter(field="b", op="==", value=Value(bool_value=True)),
+        Filter(field="t", op="in", value=Value(list_value=ListValue(
+            values=[Value(string_value="a"), Value(int_value=1)]))),
+    ]
+    assert registry.subscribe(session, request("s", *filters)).success
+    doc = {"n": 3.0, "x": 1, "b": True, "t": 1.0}
+    assert registry.matcher.match("app", "messages", "m", doc) == ["s"]
+
+
+def test_rejections_carry_a_code_and_a_precise_error() -> None:
+    registry = GatewayRegistry(Matcher(), limits=Limits(max_filters=2, max_subscriptions=3))
+    one, other = registry.connect(), registry.connect()
+    assert registry.subscribe(one, request("s1", chat("c1"))).success
+    dup = registry.subscribe(other, request("s1", chat("c9")))
+    assert (dup.success, dup.code) == (False, "already_exists")
+    bad_op = registry.subscribe(one, request("s2", Filter(field="a", op="like", value=Value())))
+    assert (bad_op.code, bad_op.error) == (
+        "invalid_argument", "filter 1: unsupported operator 'like'")
+    null = registry.subscribe(one, request("s3", Filter(field="a", op="==")))
+    assert (null.code, null.error) == ("invalid_argument", "filter 1: value is null")
+    cel = registry.subscribe(one, request("s4", expression="doc.a == (1))"))
+    assert cel.code == "invalid_argument" and "column 13" in cel.error
+    many = registry.subscribe(one, request("s5", chat("a"), chat("b"), chat("c")))
+    assert (many.code, many.error) == ("resource_exhausted", "3 filters; the limit is 2")
+    assert registry.subscribe(one, request("s6")).success
+    assert registry.subscribe(one, request("s7")).success
+    full = registry.subscribe(one, request("s8"))
+    assert full.code == "resource_exhausted"
+    # The first s1 still delivers, to its owner.
+    assert registry.owners["s1"] is one
+
+
+def test_only_the_owner_unsubscribes_and_disconnect_removes_exactly_its_own() -> None:
+    registry = GatewayRegistry(Matcher())
+    one, other = registry.connect(), registry.connect()
+    registry.subscribe(one, request("a", chat("c")))
+    registry.subscribe(other, request("b", chat("c")))
+    assert not registry.unsubscribe(other, "a")
+    assert not registry.unsubscribe(other, "missing")
+    assert registry.disconnect(one) == 1
+    assert registry.matcher.match("app", "messages", "m", {"chat_id": "c"}) == ["b"]
+    assert set(registry.owners) == {"b"}
+
+
+def test_silent_sessions_expire_and_lose_their_subscriptions() -> None:
+    clock = Clock()
+    registry = GatewayRegistry(Matcher(), session_ttl=90, clock=clock)
+    quiet, chatty = registry.connect(), registry.connect()
+    registry.subscribe(quiet, request("q", chat("c")))
+    registry.subscribe(chatty, request("c", chat("c")))
+    clock.now += 60
+    registry.touch(chatty, "gw-2")
+    clock.now += 31
+    assert registry.expired() == [quiet]
+    assert chatty.gateway_id == "gw-2"
+    assert registry.matcher.match("app", "messages", "m", {"chat_id": "c"}) == ["c"]
+    assert len(registry) == 1
+    clock.now += 90
+    assert registry.expired() == [chatty] and len(registry.matcher) == 0
