@@ -1,0 +1,124 @@
+"""The gateway-facing gRPC service: ``syntrix.streamer.v1.StreamerService``.
+
+``Stream`` is a short adapter: protocol messages in, ``GatewayRegistry``
+calls, protocol messages out through the stream's ``GatewayQueue`` (its only
+writer). ``deliver`` is how the ingest hands a delivery to a gateway; a full
+queue cuts that gateway off with ``RESOURCE_EXHAUSTED`` (SPEC section 6).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from streamer.delivery import DEFAULT_CAPACITY, GatewayQueue
+from streamer.gateways import GatewayRegistry, Session
+from streamer.protocol import streamer_v1_pb2_grpc
+from streamer.protocol.streamer_v1_pb2 import (
+    EventDelivery,
+    GatewayMessage,
+    HeartbeatAck,
+    StreamerMessage,
+)
+
+log = logging.getLogger(__name__)
+
+
+class _Stream:
+    """One open gateway stream: its session, queue and cut-off signal."""
+
+    __slots__ = ("cut_off", "queue", "session")
+
+    def __init__(self, session: Session, queue: GatewayQueue) -> None:
+        self.session = session
+        self.queue = queue
+        self.cut_off = asyncio.Event()
+
+
+class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
+    def __init__(
+        self, registry: GatewayRegistry, *, queue_capacity: int = DEFAULT_CAPACITY
+    ) -> None:
+        self.registry = registry
+        self.queue_capacity = queue_capacity
+        self.streams: dict[int, _Stream] = {}
+        self.lagging_cut_offs = 0
+
+    def deliver(self, session: Session, delivery: EventDelivery) -> bool:
+        """Enqueue a delivery without waiting; a full queue cuts the gateway off."""
+        stream = self.streams.get(session.key)
+        if stream is None:
+            return False
+        if stream.queue.offer(delivery):
+            return True
+        self._cut_off(stream)
+        return False
+
+    def _cut_off(self, stream: _Stream) -> None:
+        if not stream.cut_off.is_set():
+            self.lagging_cut_offs += 1
+            stream.cut_off.set()
+
+    async def Stream(
+        self,
+        request_iterator: AsyncIterator[GatewayMessage],
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        registry = self.registry
+        session = registry.connect()
+        stream = _Stream(session, GatewayQueue(context.write, capacity=self.queue_capacity))
+        self.streams[session.key] = stream
+        writer = asyncio.create_task(stream.queue.run())
+        reader = asyncio.create_task(self._read(stream, request_iterator))
+        cut = asyncio.create_task(stream.cut_off.wait())
+        try:
+            await asyncio.wait([reader, cut, writer], return_when=asyncio.FIRST_COMPLETED)
+            if stream.cut_off.is_set():
+                await context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"gateway lagging: more than {self.queue_capacity} messages queued",
+                )
+            if writer.done():
+                writer.result()  # a write failed: the stream is gone
+            reader.result()
+            stream.queue.close()
+            await writer
+        finally:
+            self.streams.pop(session.key, None)
+            registry.disconnect(session)
+            stream.queue.close()
+            for task in (reader, cut, writer):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    async def _read(self, stream: _Stream, messages: AsyncIterator[GatewayMessage]) -> None:
+        registry, session, queue = self.registry, stream.session, stream.queue
+        async for message in messages:
+            kind = message.WhichOneof("payload")
+            if kind == "subscribe":
+                registry.touch(session)
+                response = registry.subscribe(session, message.subscribe)
+                self._send(stream, StreamerMessage(subscribe_response=response))
+            elif kind == "unsubscribe":
+                registry.touch(session)
+                registry.unsubscribe(session, message.unsubscribe.subscription_id)
+            elif kind == "heartbeat":
+                registry.touch(session, message.heartbeat.gateway_id)
+                ack = HeartbeatAck(timestamp=message.heartbeat.timestamp)
+                self._send(stream, StreamerMessage(heartbeat_ack=ack))
+            elif kind == "hello":
+                registry.touch(session, message.hello.gateway_id)
+                if message.hello.batch_delivery:
+                    queue.enable_batches(message.hello.max_batch)
+            else:
+                registry.touch(session)
+                log.warning("gateway %s sent an empty message", session.gateway_id or session.key)
+
+    def _send(self, stream: _Stream, message: StreamerMessage) -> None:
+        if not stream.queue.offer(message):
+            self._cut_off(stream)

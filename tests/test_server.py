@@ -1,0 +1,148 @@
+"""StreamerService over real gRPC on loopback (SPEC section 3.1 behaviour)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import grpc
+
+from streamer.gateways import GatewayRegistry
+from streamer.matcher import Matcher
+from streamer.protocol import streamer_v1_pb2_grpc as pb_grpc
+from streamer.protocol.streamer_v1_pb2 import (
+    EventDelivery,
+    Filter,
+    GatewayMessage,
+    Heartbeat,
+    Hello,
+    StreamerEvent,
+    StreamerMessage,
+    SubscribeRequest,
+    UnsubscribeRequest,
+    Value,
+)
+from streamer.server import StreamerServicer
+
+
+def subscribe(sub_id: str, chat: str = "c1") -> GatewayMessage:
+    return GatewayMessage(subscribe=SubscribeRequest(
+        subscription_id=sub_id, database="app", collection="messages",
+        filters=[Filter(field="chat_id", op="==", value=Value(string_value=chat))],
+    ))
+
+
+def heartbeat(ts: int, gateway_id: str = "gw-1") -> GatewayMessage:
+    return GatewayMessage(heartbeat=Heartbeat(gateway_id=gateway_id, timestamp=ts))
+
+
+Scenario = Callable[[pb_grpc.StreamerServiceStub, StreamerServicer], Awaitable[None]]
+
+
+def run(scenario: Scenario, **servicer_kw: int) -> None:
+    async def main() -> None:
+        servicer = StreamerServicer(GatewayRegistry(Matcher()), **servicer_kw)
+        server = grpc.aio.server()
+        pb_grpc.add_StreamerServiceServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                await asyncio.wait_for(scenario(pb_grpc.StreamerServiceStub(channel), servicer), 30)
+        finally:
+            await server.stop(grace=1)
+
+    asyncio.run(main())
+
+
+async def read(call: grpc.aio.StreamStreamCall) -> StreamerMessage:
+    message = await call.read()
+    assert message is not grpc.aio.EOF
+    return message  # type: ignore[no-any-return]
+
+
+def test_subscribe_heartbeat_unsubscribe_and_disconnect() -> None:
+    async def scenario(stub: pb_grpc.StreamerServiceStub, servicer: StreamerServicer) -> None:
+        call = stub.Stream()
+        await call.write(subscribe("s1"))
+        first = await read(call)
+        assert (first.subscribe_response.subscription_id, first.subscribe_response.success) == (
+            "s1", True)
+        await call.write(subscribe("s1"))
+        dup = await read(call)
+        assert dup.subscribe_response.code == "already_exists"
+        await call.write(GatewayMessage(unsubscribe=UnsubscribeRequest(subscription_id="nope")))
+        await call.write(heartbeat(42))
+        ack = await read(call)  # no response to the unknown unsubscribe came first
+        assert ack.heartbeat_ack.timestamp == 42
+        matcher = servicer.registry.matcher
+        assert matcher.match("app", "messages", "m", {"chat_id": "c1"}) == ["s1"]
+        await call.done_writing()
+        assert await call.read() is grpc.aio.EOF
+        for _ in range(500):
+            if len(matcher) == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert len(matcher) == 0 and len(servicer.registry) == 0
+
+    run(scenario)
+
+
+def test_deliveries_plain_and_batched() -> None:
+    async def scenario(stub: pb_grpc.StreamerServiceStub, servicer: StreamerServicer) -> None:
+        plain, batched = stub.Stream(), stub.Stream()
+        await batched.write(GatewayMessage(hello=Hello(gateway_id="gw-b", batch_delivery=True)))
+        for call, sub in ((plain, "p"), (batched, "b")):
+            await call.write(subscribe(sub))
+            assert (await read(call)).subscribe_response.success
+        streams = {s.session.gateway_id: s.session for s in servicer.streams.values()}
+        plain_session = next(s for name, s in streams.items() if name != "gw-b")
+        for i in range(3):
+            event = StreamerEvent(event_id=f"e{i}")
+            for session, sub in ((plain_session, "p"), (streams["gw-b"], "b")):
+                assert servicer.deliver(session, EventDelivery(subscription_ids=[sub], event=event))
+        got_plain = [(await read(plain)).delivery.event.event_id for _ in range(3)]
+        assert got_plain == ["e0", "e1", "e2"]
+        got_batched: list[str] = []
+        while len(got_batched) < 3:
+            message = await read(batched)
+            assert message.HasField("batch")
+            got_batched += [d.event.event_id for d in message.batch.deliveries]
+        assert got_batched == ["e0", "e1", "e2"]
+        plain.cancel()
+        batched.cancel()
+
+    run(scenario)
+
+
+def test_a_lagging_gateway_is_cut_off_with_resource_exhausted() -> None:
+    async def scenario(stub: pb_grpc.StreamerServiceStub, servicer: StreamerServicer) -> None:
+        call = stub.Stream()
+        await call.write(subscribe("s1"))
+        assert (await read(call)).subscribe_response.success
+        session = next(iter(servicer.streams.values())).session
+        big = StreamerEvent(event_id="e", document_data=b"x" * 100_000)
+        # The client reads nothing: the transport fills, then the queue.
+        accepted = 0
+        for _ in range(10_000):
+            if not servicer.deliver(session, EventDelivery(subscription_ids=["s1"], event=big)):
+                break
+            accepted += 1
+            await asyncio.sleep(0)
+        assert servicer.lagging_cut_offs == 1
+        code = None
+        try:
+            while await call.read() is not grpc.aio.EOF:
+                pass
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        for _ in range(500):
+            if len(servicer.registry.matcher) == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert len(servicer.registry.matcher) == 0
+
+    run(scenario, queue_capacity=8)
+
+
