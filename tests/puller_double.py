@@ -31,9 +31,13 @@ class PullerDouble(pb_grpc.PullerServiceServicer):
         self.port = 0
 
     async def start(self) -> str:
+        return await self.start_on(0)
+
+    async def start_on(self, port: int) -> str:
+        """Serve on a given loopback port (0: a free one), e.g. to restart."""
         self._server = grpc.aio.server()
         pb_grpc.add_PullerServiceServicer_to_server(self, self._server)
-        self.port = self._server.add_insecure_port("127.0.0.1:0")
+        self.port = self._server.add_insecure_port(f"127.0.0.1:{port}")
         await self._server.start()
         return f"127.0.0.1:{self.port}"
 

@@ -1,0 +1,163 @@
+"""Puller ingest: consume ``puller.v1``, match each event once, fan out.
+
+The ingest keeps one stream to the Puller. It asks for ``SubscribeBatch``
+first and falls back to ``Subscribe`` when the Puller answers
+``UNIMPLEMENTED`` (a Syntrix Puller); it reconnects with jittered
+exponential backoff, resuming after the last marker it processed, and when
+the Puller refuses that marker (``INVALID_ARGUMENT``: too old) it says so
+loudly, counts it, and resumes from the live head.
+
+Each event is transformed (``streamer.events``), matched once (twice with a
+pre-image, for enter/leave), grouped into one delivery per (gateway,
+operation), handed to the gateways' queues without waiting, and only then
+is its marker advanced (``streamer.progress``). Poison events are counted by
+reason, logged with their id, and skipped; their marker still advances.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections import Counter
+from collections.abc import AsyncIterator
+
+import grpc
+
+from streamer.events import Change, Layout, Op, PoisonEvent, normalize
+from streamer.gateways import GatewayRegistry, Session
+from streamer.progress import ProgressStore
+from streamer.protocol import puller_v1_pb2 as puller_pb
+from streamer.protocol import puller_v1_pb2_grpc as puller_grpc
+from streamer.protocol.streamer_v1_pb2 import EventDelivery, StreamerEvent
+from streamer.server import StreamerServicer
+
+log = logging.getLogger(__name__)
+
+
+class Ingest:
+    def __init__(
+        self,
+        target: str,
+        registry: GatewayRegistry,
+        servicer: StreamerServicer,
+        progress: ProgressStore,
+        *,
+        consumer_id: str = "streamer",
+        layout: Layout = "plain",
+        soft_delete_field: str = "deleted",
+        backoff: tuple[float, float] = (0.1, 5.0),
+    ) -> None:
+        self.target = target
+        self.registry = registry
+        self.servicer = servicer
+        self.progress = progress
+        self.consumer_id = consumer_id
+        self.layout: Layout = layout
+        self.soft_delete_field = soft_delete_field
+        self.backoff = backoff
+        self.batched = True
+        self.events = Counter[str]()  # by delivered operation, or "heartbeat"
+        self.poison = Counter[str]()  # by reason
+        self.matches = 0
+        self.deliveries = 0
+        self.reconnects = 0
+        self.markers_refused = 0
+
+    async def run(self) -> None:
+        """Consume the Puller until cancelled, reconnecting as needed."""
+        delay = self.backoff[0]
+        while True:
+            try:
+                async with grpc.aio.insecure_channel(self.target) as channel:
+                    stub = puller_grpc.PullerServiceStub(channel)  # type: ignore[no-untyped-call]
+                    async for event in self._events(stub):
+                        self.process(event)
+                        delay = self.backoff[0]
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                if code == grpc.StatusCode.UNIMPLEMENTED and self.batched:
+                    log.info("puller has no SubscribeBatch; using Subscribe")
+                    self.batched = False
+                    continue
+                if code == grpc.StatusCode.INVALID_ARGUMENT and self.progress.marker:
+                    self.markers_refused += 1
+                    log.error(
+                        "puller refused marker %r (%s): resuming from the live head; "
+                        "events in between are LOST",
+                        self.progress.marker, exc.details(),
+                    )
+                    self.progress.advance("")
+                    continue
+                log.warning("puller stream failed (%s: %s)", code, exc.details())
+            self.reconnects += 1
+            await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(delay * 2, self.backoff[1])
+
+    async def _events(
+        self, stub: puller_grpc.PullerServiceStub
+    ) -> AsyncIterator[puller_pb.PullerEvent]:
+        request = puller_pb.SubscribeRequest(
+            consumer_id=self.consumer_id, after=self.progress.marker
+        )
+        if self.batched:
+            async for batch in stub.SubscribeBatch(request):
+                for event in batch.events:
+                    yield event
+        else:
+            async for event in stub.Subscribe(request):
+                yield event
+
+    def process(self, event: puller_pb.PullerEvent) -> None:
+        """Match and enqueue one event, then advance the marker (never raises
+        for bad input)."""
+        if event.HasField("change_event"):
+            try:
+                change = normalize(
+                    event.change_event, layout=self.layout,
+                    soft_delete_field=self.soft_delete_field,
+                )
+            except PoisonEvent as exc:
+                self.poison[exc.reason] += 1
+                log.warning("skipping event %s: %s", event.change_event.event_id, exc)
+            else:
+                self._fan_out(change, event.progress)
+        else:
+            self.events["heartbeat"] += 1
+        self.progress.advance(event.progress)
+
+    def _fan_out(self, change: Change, progress: str) -> None:
+        matcher = self.registry.matcher
+        doc = change.document if change.document is not None else {}
+        after = matcher.match(change.database, change.collection, change.document_id, doc)
+        by_op: dict[Op, list[str]] = {}
+        if change.op is Op.UPDATE and change.before is not None:
+            before = set(
+                matcher.match(change.database, change.collection, change.document_id, change.before)
+            )
+            for sub_id in after:
+                by_op.setdefault(Op.UPDATE if sub_id in before else Op.INSERT, []).append(sub_id)
+            left = before.difference(after)
+            if left:
+                by_op[Op.DELETE] = sorted(left)
+        elif after:
+            by_op[change.op] = after
+        self.events[change.op.name] += 1
+        owners = self.registry.owners
+        for op, sub_ids in by_op.items():
+            self.matches += len(sub_ids)
+            event = StreamerEvent(
+                event_id=change.event_id, database=change.database,
+                collection=change.collection, document_id=change.document_id,
+                operation=op.value,  # type: ignore[arg-type]
+                document_data=change.document_data,
+                timestamp=change.timestamp, progress=progress,
+            )
+            per_session: dict[int, tuple[Session, list[str]]] = {}
+            for sub_id in sub_ids:
+                session = owners.get(sub_id)
+                if session is not None:
+                    per_session.setdefault(session.key, (session, []))[1].append(sub_id)
+            for session, ids in per_session.values():
+                if self.servicer.deliver(session, EventDelivery(subscription_ids=ids, event=event)):
+                    self.deliveries += 1
