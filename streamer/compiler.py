@@ -429,11 +429,11 @@ def _compile_call(expr: cel.Call, core: _core.Core | None) -> _core.Node:
         if fn == "_?_:_" and len(args) == 3:
             return _core.Cond(*args)
         if fn in _CMP_FUNCTIONS and len(args) == 2:
-            return _core.Compare(_CMP_FUNCTIONS[fn], *args)
+            return _core.Binary(_CMP_FUNCTIONS[fn], *args)
         if fn in _ARITH_FUNCTIONS and len(args) == 2:
-            return _core.Arith(_ARITH_FUNCTIONS[fn], *args)
+            return _core.Binary(_ARITH_FUNCTIONS[fn], *args)
         if fn == "@in" and len(args) == 2:
-            return _core.In(*args)
+            return _core.Binary("in", *args)
         if fn == "size" and len(args) == 1:
             return _core.Size(args[0])
         if fn == "matches" and len(args) == 2:

@@ -61,16 +61,8 @@ class Cond(Node):
     def __init__(self, cond: Node, then: Node, other: Node) -> None: ...
 
 @final
-class Compare(Node):
+class Binary(Node):
     def __init__(self, op: str, left: Node, right: Node) -> None: ...
-
-@final
-class Arith(Node):
-    def __init__(self, op: str, left: Node, right: Node) -> None: ...
-
-@final
-class In(Node):
-    def __init__(self, item: Node, container: Node) -> None: ...
 
 @final
 class Size(Node):

@@ -686,53 +686,6 @@ cdef class Cond(Node):
         return ERR
 
 
-@cython.final
-cdef class Compare(Node):
-    cdef int op
-    cdef Node left
-    cdef Node right
-
-    def __init__(self, str op, Node left, Node right):
-        self.op = OPS[op]
-        self.left = left
-        self.right = right
-
-    cdef object eval(self, Ctx ctx):
-        a = self.left.eval(ctx)
-        if a is ERR:
-            return ERR
-        b = self.right.eval(ctx)
-        if b is ERR:
-            return ERR
-        if self.op <= OP_NE:
-            r = cel_eq(a, b)
-            if r < 0:
-                return ERR
-            return (r == 1) == (self.op == OP_EQ)
-        return cmp_result(self.op, cel_cmp(a, b))
-
-
-@cython.final
-cdef class Arith(Node):
-    cdef int op
-    cdef Node left
-    cdef Node right
-
-    def __init__(self, str op, Node left, Node right):
-        self.op = ARITH[op]
-        self.left = left
-        self.right = right
-
-    cdef object eval(self, Ctx ctx):
-        a = self.left.eval(ctx)
-        if a is ERR:
-            return ERR
-        b = self.right.eval(ctx)
-        if b is ERR:
-            return ERR
-        return arith(self.op, a, b)
-
-
 cdef object membership(object item, object container):
     cdef int r
     if PyList_Check(container):
@@ -752,22 +705,43 @@ cdef object membership(object item, object container):
 
 
 @cython.final
-cdef class In(Node):
-    cdef Node item
-    cdef Node container
+cdef class Binary(Node):
+    """A binary operator on two evaluated operands: a comparison, arithmetic
+    or ``in``; an error in either operand is the result."""
+    cdef int kind     # 0 comparison, 1 arithmetic, 2 membership
+    cdef int op
+    cdef Node left
+    cdef Node right
 
-    def __init__(self, Node item, Node container):
-        self.item = item
-        self.container = container
+    def __init__(self, str op, Node left, Node right):
+        if op in OPS:
+            self.kind, self.op = 0, OPS[op]
+        elif op in ARITH:
+            self.kind, self.op = 1, ARITH[op]
+        elif op == "in":
+            self.kind, self.op = 2, 0
+        else:
+            raise ValueError(f"unknown binary operator {op!r}")
+        self.left = left
+        self.right = right
 
     cdef object eval(self, Ctx ctx):
-        a = self.item.eval(ctx)
+        a = self.left.eval(ctx)
         if a is ERR:
             return ERR
-        c = self.container.eval(ctx)
-        if c is ERR:
+        b = self.right.eval(ctx)
+        if b is ERR:
             return ERR
-        return membership(a, c)
+        if self.kind == 1:
+            return arith(self.op, a, b)
+        if self.kind == 2:
+            return membership(a, b)
+        if self.op <= OP_NE:
+            r = cel_eq(a, b)
+            if r < 0:
+                return ERR
+            return (r == 1) == (self.op == OP_EQ)
+        return cmp_result(self.op, cel_cmp(a, b))
 
 
 @cython.final
