@@ -29,14 +29,15 @@ log = logging.getLogger(__name__)
 
 
 class _Stream:
-    """One open gateway stream: its session, queue and cut-off signal."""
+    """One open gateway stream: its session, queue, and why it must end."""
 
-    __slots__ = ("cut_off", "queue", "session")
+    __slots__ = ("cut_off", "queue", "reason", "session")
 
     def __init__(self, session: Session, queue: GatewayQueue) -> None:
         self.session = session
         self.queue = queue
         self.cut_off = asyncio.Event()
+        self.reason: tuple[grpc.StatusCode, str] = (grpc.StatusCode.OK, "")
 
 
 class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
@@ -58,9 +59,21 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
         self._cut_off(stream)
         return False
 
+    def close(self, session: Session) -> None:
+        """End the stream of an expired session."""
+        stream = self.streams.get(session.key)
+        if stream is not None and not stream.cut_off.is_set():
+            ttl = self.registry.session_ttl
+            stream.reason = (grpc.StatusCode.DEADLINE_EXCEEDED, f"session silent for {ttl:g} s")
+            stream.cut_off.set()
+
     def _cut_off(self, stream: _Stream) -> None:
         if not stream.cut_off.is_set():
             self.lagging_cut_offs += 1
+            stream.reason = (
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"gateway lagging: more than {self.queue_capacity} messages queued",
+            )
             stream.cut_off.set()
 
     async def Stream(
@@ -78,10 +91,7 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
         try:
             await asyncio.wait([reader, cut, writer], return_when=asyncio.FIRST_COMPLETED)
             if stream.cut_off.is_set():
-                await context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"gateway lagging: more than {self.queue_capacity} messages queued",
-                )
+                await context.abort(*stream.reason)
             if writer.done():
                 writer.result()  # a write failed: the stream is gone
             reader.result()

@@ -146,3 +146,24 @@ def test_a_lagging_gateway_is_cut_off_with_resource_exhausted() -> None:
     run(scenario, queue_capacity=8)
 
 
+
+
+def test_an_expired_session_is_closed() -> None:
+    async def scenario(stub: pb_grpc.StreamerServiceStub, servicer: StreamerServicer) -> None:
+        call = stub.Stream()
+        await call.write(subscribe("s1"))
+        assert (await read(call)).subscribe_response.success
+        registry = servicer.registry
+        registry.session_ttl = 0  # everything is silent for longer than that
+        [session] = registry.expired()
+        servicer.close(session)
+        code = None
+        try:
+            while await call.read() is not grpc.aio.EOF:
+                pass
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+        assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert len(registry.matcher) == 0
+
+    run(scenario)

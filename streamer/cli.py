@@ -1,0 +1,155 @@
+"""The ``streamer`` command line: ``streamer serve`` runs the service.
+
+Every option can also be set through an environment variable named
+``STREAMER_<OPTION>`` (``--session-ttl`` → ``STREAMER_SESSION_TTL``); a flag
+given on the command line wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+
+from streamer.delivery import DEFAULT_CAPACITY
+from streamer.events import LAYOUTS
+from streamer.gateways import GatewayRegistry
+from streamer.ingest import Ingest
+from streamer.matcher import Matcher
+from streamer.progress import ProgressStore
+from streamer.protocol import streamer_v1_pb2_grpc
+from streamer.server import StreamerServicer
+
+log = logging.getLogger("streamer")
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"STREAMER_{name.upper().replace('-', '_')}", default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="streamer",
+        description="The fan-out and matching engine between a Puller and its gateways.",
+        epilog="Each option also reads STREAMER_<OPTION> from the environment.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = commands.add_parser(
+        "serve",
+        help="run the Streamer service",
+        description="Serve syntrix.streamer.v1 to gateways and consume a puller.v1 Puller.",
+        epilog="Each option also reads STREAMER_<OPTION> from the environment, "
+        "e.g. STREAMER_SESSION_TTL=30; a flag given here wins. "
+        "SIGTERM/SIGINT stop ingest, flush the progress marker, drain the "
+        "gateway queues for --drain-seconds and exit 0.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    serve.add_argument(
+        "--listen", default=_env("listen", "127.0.0.1:50052"),
+        help="HOST:PORT the gateway-facing gRPC server binds",
+    )
+    serve.add_argument(
+        "--puller", default=_env("puller"), required=_env("puller") is None,
+        help="HOST:PORT of the Puller (puller.v1)",
+    )
+    serve.add_argument(
+        "--state-dir", type=Path, default=_env("state_dir", "streamer-state"),
+        help="directory of the durable progress marker",
+    )
+    serve.add_argument(
+        "--session-ttl", type=float, default=_env("session_ttl", "90"),
+        help="seconds of silence after which a gateway session expires",
+    )
+    serve.add_argument(
+        "--document-layout", choices=LAYOUTS, default=_env("document_layout", "plain"),
+        help="how Puller documents are laid out (SPEC section 4)",
+    )
+    serve.add_argument(
+        "--gateway-queue", type=int, default=_env("gateway_queue", str(DEFAULT_CAPACITY)),
+        help="messages queued per gateway before it is cut off as lagging",
+    )
+    serve.add_argument(
+        "--consumer-id", default=_env("consumer_id", "streamer"),
+        help="consumer id sent to the Puller",
+    )
+    serve.add_argument(
+        "--drain-seconds", type=float, default=_env("drain_seconds", "5"),
+        help="on SIGTERM/SIGINT, how long queued messages may still be sent",
+    )
+    serve.add_argument(
+        "--log-level", default=_env("log_level", "INFO"),
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log verbosity",
+    )
+    return parser
+
+
+async def serve(args: argparse.Namespace) -> int:
+    progress = ProgressStore(args.state_dir)
+    saved = progress.load()
+    matcher = Matcher()
+    registry = GatewayRegistry(matcher, session_ttl=args.session_ttl)
+    servicer = StreamerServicer(registry, queue_capacity=args.gateway_queue)
+    server = grpc.aio.server()
+    streamer_v1_pb2_grpc.add_StreamerServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    port = server.add_insecure_port(args.listen)
+    if port == 0:
+        log.error("cannot listen on %s", args.listen)
+        return 2
+    await server.start()
+    ingest = Ingest(
+        args.puller, registry, servicer, progress,
+        consumer_id=args.consumer_id, layout=args.document_layout,
+    )
+    log.info(
+        "serving on %s (port %d); puller %s; resuming after %r",
+        args.listen, port, args.puller, saved.marker,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    tasks = [
+        asyncio.create_task(ingest.run(), name="ingest"),
+        asyncio.create_task(progress.run(), name="progress"),
+        asyncio.create_task(_sweep(registry, servicer), name="sweeper"),
+    ]
+    await stop.wait()
+    log.info("stopping: ingest first, then the marker, then the gateway streams")
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    await progress.flush()
+    await server.stop(grace=args.drain_seconds)
+    log.info("stopped at marker %r", progress.marker)
+    return 0
+
+
+async def _sweep(registry: GatewayRegistry, servicer: StreamerServicer) -> None:
+    """Expire silent gateway sessions (only the expired ones are looked at)."""
+    while True:
+        await asyncio.sleep(max(registry.session_ttl / 10, 0.05))
+        for session in registry.expired():
+            servicer.close(session)
+            log.info("session of gateway %s expired", session.gateway_id or session.key)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""`streamer serve` as a real process: serves, delivers, and stops on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import orjson
+from puller_double import PullerDouble
+
+from streamer.progress import ProgressStore
+from streamer.protocol import puller_v1_pb2 as pb
+from streamer.protocol import streamer_v1_pb2_grpc as sgrpc
+from streamer.protocol.streamer_v1_pb2 import (
+    Filter,
+    GatewayMessage,
+    SubscribeRequest,
+    Value,
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_help_documents_every_option() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "streamer", "serve", "--help"],
+        capture_output=True, text=True, check=True, timeout=60,
+    ).stdout
+    for option in ("--listen", "--puller", "--state-dir", "--session-ttl", "--document-layout",
+                   "--gateway-queue", "--drain-seconds", "STREAMER_"):
+        assert option in out
+
+
+def test_bad_environment_value_is_a_clear_error() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "streamer", "serve", "--puller", "127.0.0.1:1"],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "STREAMER_SESSION_TTL": "soon"},
+    )
+    assert result.returncode == 2
+    assert "invalid float value: 'soon'" in result.stderr
+
+
+def test_serve_delivers_and_exits_cleanly_on_sigterm(tmp_path: Path) -> None:
+    async def main() -> None:
+        puller = PullerDouble()
+        target = await puller.start()
+        port = free_port()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "streamer", "serve", "--listen", f"127.0.0.1:{port}",
+             "--puller", target, "--state-dir", str(tmp_path)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                await asyncio.wait_for(channel.channel_ready(), 30)
+                call = sgrpc.StreamerServiceStub(channel).Stream()
+                await call.write(GatewayMessage(subscribe=SubscribeRequest(
+                    subscription_id="s", database="app", collection="messages",
+                    filters=[Filter(field="chat", op="==", value=Value(string_value="c"))])))
+                assert (await call.read()).subscribe_response.success
+                for _ in range(1000):
+                    if puller.subscriptions:
+                        break
+                    await asyncio.sleep(0.01)
+                await puller.append(pb.ChangeEvent(
+                    event_id="e0", database="app", mgo_coll="messages", mgo_doc_id="m0",
+                    op_type="insert", full_doc=orjson.dumps({"chat": "c"})))
+                delivery = (await asyncio.wait_for(call.read(), 30)).delivery
+                assert (list(delivery.subscription_ids), delivery.event.progress) == (["s"], "p0")
+                proc.send_signal(signal.SIGTERM)
+                assert await asyncio.to_thread(proc.wait, 30) == 0
+            assert ProgressStore(tmp_path).load().marker == "p0"
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+            await puller.stop()
+
+    asyncio.run(main())
