@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from streamer.delivery import DEFAULT_CAPACITY
 from streamer.events import LAYOUTS
@@ -29,6 +30,7 @@ from streamer.protocol import streamer_v1_pb2_grpc
 from streamer.server import StreamerServicer
 
 log = logging.getLogger("streamer")
+SERVICE_NAME = "syntrix.streamer.v1.StreamerService"
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -99,11 +101,17 @@ async def serve(args: argparse.Namespace) -> int:
     servicer = StreamerServicer(registry, queue_capacity=args.gateway_queue)
     server = grpc.aio.server()
     streamer_v1_pb2_grpc.add_StreamerServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    # The standard health service: SERVING overall and for StreamerService
+    # while running; NOT_SERVING as soon as shutdown begins.
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_insecure_port(args.listen)
     if port == 0:
         log.error("cannot listen on %s", args.listen)
         return 2
     await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     ingest = Ingest(
         args.puller, registry, servicer, progress,
         consumer_id=args.consumer_id, layout=args.document_layout,
@@ -123,6 +131,7 @@ async def serve(args: argparse.Namespace) -> int:
     ]
     await stop.wait()
     log.info("stopping: ingest first, then the marker, then the gateway streams")
+    await health_servicer.enter_graceful_shutdown()
     for task in tasks:
         task.cancel()
     for task in tasks:

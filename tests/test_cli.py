@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 import orjson
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from puller_double import PullerDouble
 
 from streamer.progress import ProgressStore
@@ -64,6 +65,10 @@ def test_serve_delivers_and_exits_cleanly_on_sigterm(tmp_path: Path) -> None:
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
                 await asyncio.wait_for(channel.channel_ready(), 30)
+                checks = health_pb2_grpc.HealthStub(channel)
+                for name in ("", "syntrix.streamer.v1.StreamerService"):
+                    status = await checks.Check(health_pb2.HealthCheckRequest(service=name))
+                    assert status.status == health_pb2.HealthCheckResponse.SERVING
                 call = sgrpc.StreamerServiceStub(channel).Stream()
                 await call.write(GatewayMessage(subscribe=SubscribeRequest(
                     subscription_id="s", database="app", collection="messages",
