@@ -20,6 +20,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from streamer.auth import TokenAuth, TokenFileError, read_token
 from streamer.delivery import DEFAULT_CAPACITY
 from streamer.events import LAYOUTS
 from streamer.gateways import GatewayRegistry
@@ -87,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="on SIGTERM/SIGINT, how long queued messages may still be sent",
     )
     serve.add_argument(
+        "--auth-token-file", type=Path, default=_env("auth_token_file"),
+        help="file holding the shared token gateways must send as "
+        "'authorization: Bearer <token>'; unset, gateways are not authenticated",
+    )
+    serve.add_argument(
         "--log-level", default=_env("log_level", "INFO"),
         choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log verbosity",
     )
@@ -99,7 +105,14 @@ async def serve(args: argparse.Namespace) -> int:
     matcher = Matcher()
     registry = GatewayRegistry(matcher, session_ttl=args.session_ttl)
     servicer = StreamerServicer(registry, queue_capacity=args.gateway_queue)
-    server = grpc.aio.server()
+    interceptors = []
+    if args.auth_token_file is not None:
+        try:
+            interceptors.append(TokenAuth(read_token(args.auth_token_file)))
+        except TokenFileError as exc:
+            log.error("%s", exc)
+            return 2
+    server = grpc.aio.server(interceptors=interceptors)
     streamer_v1_pb2_grpc.add_StreamerServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     # The standard health service: SERVING overall and for StreamerService
     # while running; NOT_SERVING as soon as shutdown begins.
