@@ -395,10 +395,7 @@ def compile_node(expr: cel.Expr, core: _core.Core | None = None) -> _core.Node:
             return _core.Root()
         return _core.Ident(expr.name)
     if isinstance(expr, cel.Select):
-        operand = compile_node(expr.operand, core)
-        if expr.test_only:
-            return _core.Has(operand, expr.field)
-        return _core.Select(operand, expr.field)
+        return _core.Field(compile_node(expr.operand, core), expr.field, expr.test_only)
     if isinstance(expr, cel.Index):
         return _core.Index(compile_node(expr.operand, core), compile_node(expr.index, core))
     if isinstance(expr, cel.ListExpr):
@@ -437,14 +434,12 @@ def _compile_call(expr: cel.Call, core: _core.Core | None) -> _core.Node:
         if fn == "size" and len(args) == 1:
             return _core.Size(args[0])
         if fn == "matches" and len(args) == 2:
-            return _core.Matches(*args)
+            return _core.StringFunction(fn, *args)
     else:
         if fn == "size" and not args:
             return _core.Size(target)
-        if fn in ("contains", "startsWith", "endsWith") and len(args) == 1:
+        if fn in ("contains", "startsWith", "endsWith", "matches") and len(args) == 1:
             return _core.StringFunction(fn, target, args[0])
-        if fn == "matches" and len(args) == 1:
-            return _core.Matches(target, args[0])
     # Unknown functions are rejected at subscribe time by cel.check; outside
     # subscriptions (conformance) they are an evaluation error, as in CEL.
     return _core.Const(_core.ERROR)

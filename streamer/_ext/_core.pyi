@@ -33,12 +33,8 @@ class DocPath(Node):
     def __init__(self, pid: int) -> None: ...
 
 @final
-class Select(Node):
-    def __init__(self, operand: Node, field: str) -> None: ...
-
-@final
-class Has(Node):
-    def __init__(self, operand: Node, field: str) -> None: ...
+class Field(Node):
+    def __init__(self, operand: Node, field: str, test_only: bool) -> None: ...
 
 @final
 class Index(Node):
@@ -71,10 +67,6 @@ class Size(Node):
 @final
 class StringFunction(Node):
     def __init__(self, name: str, target: Node, arg: Node) -> None: ...
-
-@final
-class Matches(Node):
-    def __init__(self, target: Node, pattern: Node) -> None: ...
 
 @final
 class ListLit(Node):

@@ -93,6 +93,7 @@ DEF AR_MOD = 4
 DEF SF_CONTAINS = 0
 DEF SF_STARTS = 1
 DEF SF_ENDS = 2
+DEF SF_MATCHES = 3
 
 DEF ACCESS_ALWAYS = 0
 DEF ACCESS_EQ = 1
@@ -122,7 +123,9 @@ DEF PREFETCH = 16
 
 OPS = {"==": OP_EQ, "!=": OP_NE, "<": OP_LT, "<=": OP_LE, ">": OP_GT, ">=": OP_GE}
 ARITH = {"+": AR_ADD, "-": AR_SUB, "*": AR_MUL, "/": AR_DIV, "%": AR_MOD}
-STRING_FUNCTIONS = {"contains": SF_CONTAINS, "startsWith": SF_STARTS, "endsWith": SF_ENDS}
+STRING_FUNCTIONS = {
+    "contains": SF_CONTAINS, "startsWith": SF_STARTS, "endsWith": SF_ENDS, "matches": SF_MATCHES,
+}
 ACCESS_KINDS = {"eq": ACCESS_EQ, "elem": ACCESS_ELEM, "range": ACCESS_RANGE}
 
 cdef object INT64_MIN = -(2 ** 63)
@@ -544,13 +547,16 @@ cdef class DocPath(Node):
 
 
 @cython.final
-cdef class Select(Node):
+cdef class Field(Node):
+    """``operand.field`` on a map, or with ``test_only`` the ``has()`` test."""
     cdef Node operand
     cdef object field
+    cdef bint test_only
 
-    def __init__(self, Node operand, str field):
+    def __init__(self, Node operand, str field, bint test_only):
         self.operand = operand
         self.field = field
+        self.test_only = test_only
 
     cdef object eval(self, Ctx ctx):
         cdef PyObject *p
@@ -558,23 +564,9 @@ cdef class Select(Node):
         if not PyDict_Check(v):
             return ERR
         p = PyDict_GetItem(v, self.field)
+        if self.test_only:
+            return p != NULL
         return ERR if p == NULL else <object>p
-
-
-@cython.final
-cdef class Has(Node):
-    cdef Node operand
-    cdef object field
-
-    def __init__(self, Node operand, str field):
-        self.operand = operand
-        self.field = field
-
-    cdef object eval(self, Ctx ctx):
-        v = self.operand.eval(ctx)
-        if not PyDict_Check(v):
-            return ERR
-        return PyDict_GetItem(v, self.field) != NULL
 
 
 @cython.final
@@ -780,26 +772,9 @@ cdef class StringFunction(Node):
             return a in <str>s
         if self.fn == SF_STARTS:
             return (<str>s).startswith(a)
-        return (<str>s).endswith(a)
-
-
-@cython.final
-cdef class Matches(Node):
-    cdef Node target
-    cdef Node pattern
-
-    def __init__(self, Node target, Node pattern):
-        self.target = target
-        self.pattern = pattern
-
-    cdef object eval(self, Ctx ctx):
-        s = self.target.eval(ctx)
-        if not PyUnicode_Check(s):
-            return ERR
-        p = self.pattern.eval(ctx)
-        if not PyUnicode_Check(p):
-            return ERR
-        rx = compiled_regex(p)
+        if self.fn == SF_ENDS:
+            return (<str>s).endswith(a)
+        rx = compiled_regex(a)
         if rx is ERR:
             return ERR
         return rx.search(s) is not None
