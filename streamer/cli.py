@@ -23,15 +23,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from streamer.auth import TokenAuth, TokenFileError, read_token
 from streamer.delivery import DEFAULT_CAPACITY
 from streamer.events import LAYOUTS
-from streamer.gateways import GatewayRegistry
+from streamer.gateways import GatewayRegistry, RestartWindow
 from streamer.ingest import Ingest
 from streamer.matcher import Matcher
-from streamer.progress import ProgressStore
-from streamer.protocol import streamer_v1_pb2_grpc
-from streamer.server import StreamerServicer
+from streamer.progress import ProgressFileError, ProgressStore, SavedProgress
+from streamer.server import SERVICE_NAME, StreamerServicer, add_to_server
 
 log = logging.getLogger("streamer")
-SERVICE_NAME = "syntrix.streamer.v1.StreamerService"
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -80,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="messages queued per gateway before it is cut off as lagging",
     )
     serve.add_argument(
+        "--resume-grace", type=float, default=_env("resume_grace", "3"),
+        help="after a restart with a saved marker, seconds to hold ingest so "
+        "gateways can re-register first; ends early once every gateway known "
+        "before the restart has said Hello, re-subscribed and sent a Heartbeat",
+    )
+    serve.add_argument(
         "--consumer-id", default=_env("consumer_id", "streamer"),
         help="consumer id sent to the Puller",
     )
@@ -101,7 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def serve(args: argparse.Namespace) -> int:
     progress = ProgressStore(args.state_dir)
-    saved = progress.load()
+    try:
+        saved = progress.load()
+    except ProgressFileError as exc:
+        log.error("%s; move it away to start from the live head", exc)
+        return 2
     matcher = Matcher()
     registry = GatewayRegistry(matcher, session_ttl=args.session_ttl)
     servicer = StreamerServicer(registry, queue_capacity=args.gateway_queue)
@@ -113,7 +121,7 @@ async def serve(args: argparse.Namespace) -> int:
             log.error("%s", exc)
             return 2
     server = grpc.aio.server(interceptors=interceptors)
-    streamer_v1_pb2_grpc.add_StreamerServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    add_to_server(servicer, server)
     # The standard health service: SERVING overall and for StreamerService
     # while running; NOT_SERVING as soon as shutdown begins.
     health_servicer = health.aio.HealthServicer()
@@ -138,7 +146,10 @@ async def serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     tasks = [
-        asyncio.create_task(ingest.run(), name="ingest"),
+        asyncio.create_task(
+            _ingest_after_restart_window(ingest, registry, progress, saved, args.resume_grace),
+            name="ingest",
+        ),
         asyncio.create_task(progress.run(), name="progress"),
         asyncio.create_task(_sweep(registry, servicer), name="sweeper"),
     ]
@@ -154,6 +165,36 @@ async def serve(args: argparse.Namespace) -> int:
     await server.stop(grace=args.drain_seconds)
     log.info("stopped at marker %r", progress.marker)
     return 0
+
+
+async def _ingest_after_restart_window(
+    ingest: Ingest,
+    registry: GatewayRegistry,
+    progress: ProgressStore,
+    saved: SavedProgress,
+    grace: float,
+) -> None:
+    """Hold ingest until the gateways known before a restart are back (or
+    ``grace`` has passed), then run it."""
+    if saved.marker and grace > 0:
+        # Until the window closes the progress file keeps the gateways of
+        # the previous run: a crash now must wait for all of them again.
+        window = registry.window = RestartWindow(saved.gateways)
+        log.info(
+            "restart window: holding ingest up to %g s for %d gateway(s) with Hello "
+            "and %d without", grace, len(saved.gateways.ids), saved.gateways.others,
+        )
+        if await window.wait(grace):
+            log.info("restart window: every known gateway re-registered")
+        else:
+            log.info(
+                "restart window: grace elapsed; not back: %s",
+                ", ".join(sorted(window.pending)) or "only gateways without Hello",
+            )
+        registry.window = None
+    registry.on_known = progress.set_gateways
+    progress.set_gateways(registry.known)
+    await ingest.run()
 
 
 async def _sweep(registry: GatewayRegistry, servicer: StreamerServicer) -> None:

@@ -1,9 +1,20 @@
-"""Delivery to one gateway: a bounded queue and its single writer (SPEC section 6).
+"""Delivery to one gateway: wire framing, a bounded queue and its single writer
+(SPEC section 6).
+
+Everything a gateway stream sends is a serialized ``StreamerMessage``. The
+ingest serializes each event once and frames it once per gateway
+(``delivery_message``), so the bytes of an event are shared by every gateway
+that gets it instead of being rebuilt and re-encoded per stream. The framing
+is the protobuf wire format written by hand because a delivery message is
+also, byte for byte, an element of ``DeliveryBatch.deliveries`` (both are
+field 1, length-delimited): a batch is the concatenation of queued
+deliveries behind one header, about 0.2 µs for 16 where building the message
+objects costs about 7 µs.
 
 The ingest loop ``offer``s messages without ever waiting; one writer task per
-gateway stream drains the queue in order and is the only code that writes to
-the stream. A gateway that said ``Hello{batch_delivery}`` gets consecutive
-deliveries packed into ``DeliveryBatch`` messages (up to its ``max_batch``,
+stream drains the queue in order and is the only code that writes to the
+stream. A gateway that said ``Hello{batch_delivery}`` gets consecutive
+deliveries packed into one ``batch`` message (up to its ``max_batch``,
 whatever is ready, never waiting on a timer); others get one ``delivery`` per
 message. A full queue means the gateway is lagging: ``offer`` returns False
 and the caller cuts it off, so the others never wait.
@@ -15,16 +26,56 @@ import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable
 
-from streamer.protocol.streamer_v1_pb2 import DeliveryBatch, EventDelivery, StreamerMessage
+from streamer.protocol.streamer_v1_pb2 import StreamerEvent
 
 DEFAULT_CAPACITY = 10_000
 DEFAULT_MAX_BATCH = 256
 
-Send = Callable[[StreamerMessage], Awaitable[None]]
+# Field tags (field number << 3 | wire type 2, length-delimited) of
+# StreamerMessage.delivery and DeliveryBatch.deliveries (1, the same byte),
+# EventDelivery.subscription_ids (1), EventDelivery.event (2) and
+# StreamerMessage.batch (4). The field numbers are pinned by test_protocol.
+_DELIVERY = 0x0A
+_DELIVERY_TAG = b"\x0a"
+_EVENT_TAG = b"\x12"
+_BATCH_TAG = b"\x22"
+_SMALL_VARINTS = [bytes((n,)) for n in range(0x80)]
+
+Send = Callable[[bytes], Awaitable[None]]
+
+
+def varint(n: int) -> bytes:
+    """A protobuf base-128 varint of a non-negative length."""
+    if n < 0x80:
+        return _SMALL_VARINTS[n]
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def subscription_field(subscription_id: str) -> bytes:
+    """One ``EventDelivery.subscription_ids`` entry, framed (once per subscription)."""
+    data = subscription_id.encode()
+    return _DELIVERY_TAG + varint(len(data)) + data
+
+
+def event_field(event: StreamerEvent) -> bytes:
+    """``EventDelivery.event``, serialized and framed once per event and operation."""
+    data = event.SerializeToString()
+    return _EVENT_TAG + varint(len(data)) + data
+
+
+def delivery_message(subscription_fields: list[bytes], event: bytes) -> bytes:
+    """A serialized ``StreamerMessage{delivery}`` from pre-framed parts."""
+    body = b"".join(subscription_fields) + event
+    return _DELIVERY_TAG + varint(len(body)) + body
 
 
 class GatewayQueue:
-    """Outbound messages of one gateway stream, in order."""
+    """Outbound serialized messages of one gateway stream, in order."""
 
     def __init__(self, send: Send, *, capacity: int = DEFAULT_CAPACITY) -> None:
         if capacity < 1:
@@ -33,7 +84,7 @@ class GatewayQueue:
         self.capacity = capacity
         # None: plain deliveries; otherwise the largest batch to send.
         self.max_batch: int | None = None
-        self._items: deque[StreamerMessage | EventDelivery] = deque()
+        self._items: deque[bytes] = deque()
         self._ready = asyncio.Event()
         self._closed = False
         self.sent_messages = 0
@@ -46,11 +97,12 @@ class GatewayQueue:
         """Pack deliveries into batches of up to ``max_batch`` (0: the default)."""
         self.max_batch = max_batch if max_batch > 0 else DEFAULT_MAX_BATCH
 
-    def offer(self, item: StreamerMessage | EventDelivery) -> bool:
-        """Enqueue without waiting; False when the queue is full (lagging)."""
+    def offer(self, message: bytes) -> bool:
+        """Enqueue a serialized ``StreamerMessage`` without waiting; False when
+        the queue is full (lagging) or closed."""
         if self._closed or len(self._items) >= self.capacity:
             return False
-        self._items.append(item)
+        self._items.append(message)
         self._ready.set()
         return True
 
@@ -61,7 +113,7 @@ class GatewayQueue:
 
     async def run(self) -> None:
         """The writer: drain the queue until closed and empty."""
-        items = self._items
+        items, send = self._items, self._send
         while True:
             if not items:
                 if self._closed:
@@ -69,19 +121,21 @@ class GatewayQueue:
                 self._ready.clear()
                 await self._ready.wait()
                 continue
-            item = items.popleft()
-            if isinstance(item, StreamerMessage):
-                await self._send(item)
+            message = items.popleft()
+            # The first byte of a serialized StreamerMessage is the tag of
+            # its one payload field, so it tells deliveries from control
+            # messages (heartbeat acks, subscribe responses) for free.
+            if message[0] != _DELIVERY or self.max_batch is None:
+                await send(message)
                 self.sent_messages += 1
+                self.sent_deliveries += message[0] == _DELIVERY
                 continue
-            if self.max_batch is None:
-                await self._send(StreamerMessage(delivery=item))
-                self.sent_deliveries += 1
-                self.sent_messages += 1
-                continue
-            batch = [item]
-            while items and len(batch) < self.max_batch and isinstance(items[0], EventDelivery):
-                batch.append(items.popleft())  # type: ignore[arg-type]
-            await self._send(StreamerMessage(batch=DeliveryBatch(deliveries=batch)))
+            batch = [message]
+            size = len(message)
+            while items and len(batch) < self.max_batch and items[0][0] == _DELIVERY:
+                message = items.popleft()
+                batch.append(message)
+                size += len(message)
+            await send(b"".join((_BATCH_TAG, varint(size), *batch)))
             self.sent_deliveries += len(batch)
             self.sent_messages += 1

@@ -8,10 +8,17 @@ remove its own subscriptions), enforces per-gateway limits, and expires
 sessions that stay silent for the session TTL. Sessions are kept in
 last-seen order, so the sweep looks only at the expired ones, never at
 subscriptions.
+
+It also knows which gateways are connected (``KnownGateways``, persisted
+next to the progress marker) and, after a restart, which of those have
+re-registered (``RestartWindow``): a gateway that said ``Hello`` proves it
+has re-sent its subscriptions with the first ``Heartbeat`` that follows,
+because messages on one stream are processed in order.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
 import uuid
@@ -20,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from streamer.delivery import subscription_field
 from streamer.errors import DuplicateSubscription, InvalidSubscription
 from streamer.matcher import Filter, Matcher
 from streamer.protocol.streamer_v1_pb2 import SubscribeRequest, SubscribeResponse, Value
@@ -38,13 +46,61 @@ class Limits:
     max_expression_length: int = 4096
 
 
+@dataclass(frozen=True, slots=True)
+class KnownGateways:
+    """The connected gateways, as persisted with the progress marker.
+
+    ``ids`` are the gateways that said ``Hello``; ``others`` counts the
+    streams that did not (plain Syntrix gateways), whose re-registration
+    cannot be observed."""
+
+    ids: frozenset[str] = frozenset()
+    others: int = 0
+
+
+class RestartWindow:
+    """After a restart: waits until every gateway known before it has
+    re-registered, so the replay after the saved marker is matched against
+    their subscriptions."""
+
+    def __init__(self, known: KnownGateways) -> None:
+        self.known = known
+        self.pending = set(known.ids)
+        self._complete = asyncio.Event()
+        self._check()
+
+    def heartbeat(self, session: Session) -> None:
+        if session.hello and session.gateway_id in self.pending:
+            self.pending.discard(session.gateway_id)
+            self._check()
+
+    def _check(self) -> None:
+        # Plain gateways never prove re-registration: only the grace ends
+        # the window for them.
+        if not self.pending and not self.known.others:
+            self._complete.set()
+
+    async def wait(self, grace: float) -> bool:
+        """Wait up to ``grace`` seconds; True if every known gateway is back."""
+        if self._complete.is_set():
+            return True
+        try:
+            await asyncio.wait_for(self._complete.wait(), grace)
+        except TimeoutError:
+            return False
+        return True
+
+
 @dataclass(eq=False, slots=True)
 class Session:
     """One gateway stream."""
 
     key: int
     gateway_id: str = ""
-    subscriptions: set[str] = field(default_factory=set)
+    hello: bool = False  # said Hello: speaks the restart-window protocol
+    # Subscription id → its ``EventDelivery.subscription_ids`` wire field,
+    # framed once here rather than for every delivery.
+    subscriptions: dict[str, bytes] = field(default_factory=dict)
     last_seen: float = 0.0
 
 
@@ -66,6 +122,10 @@ class GatewayRegistry:
         self.owners: dict[str, Session] = {}
         self._sessions: OrderedDict[int, Session] = OrderedDict()
         self._keys = itertools.count(1)
+        self.known = KnownGateways()
+        # Called with the new ``known`` whenever it changes (persistence).
+        self.on_known: Callable[[KnownGateways], None] | None = None
+        self.window: RestartWindow | None = None
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -73,6 +133,7 @@ class GatewayRegistry:
     def connect(self) -> Session:
         session = Session(next(self._keys), last_seen=self.clock())
         self._sessions[session.key] = session
+        self._known_changed()
         return session
 
     def touch(self, session: Session, gateway_id: str = "") -> None:
@@ -82,6 +143,28 @@ class GatewayRegistry:
             session.gateway_id = gateway_id
         if session.key in self._sessions:
             self._sessions.move_to_end(session.key)
+
+    def hello(self, session: Session, gateway_id: str) -> None:
+        self.touch(session, gateway_id)
+        if not session.hello:
+            session.hello = True
+            self._known_changed()
+
+    def heartbeat(self, session: Session, gateway_id: str) -> None:
+        self.touch(session, gateway_id)
+        if self.window is not None:
+            self.window.heartbeat(session)
+
+    def _known_changed(self) -> None:
+        sessions = self._sessions.values()
+        known = KnownGateways(
+            frozenset(s.gateway_id for s in sessions if s.hello),
+            sum(not s.hello for s in sessions),
+        )
+        if known != self.known:
+            self.known = known
+            if self.on_known is not None:
+                self.on_known(known)
 
     def subscribe(self, session: Session, request: SubscribeRequest) -> SubscribeResponse:
         """Register one subscription; always answers, never raises."""
@@ -108,7 +191,7 @@ class GatewayRegistry:
             return SubscribeResponse(
                 subscription_id=sub_id, success=False, error=str(exc), code=INVALID_ARGUMENT
             )
-        session.subscriptions.add(sub_id)
+        session.subscriptions[sub_id] = subscription_field(sub_id)
         self.owners[sub_id] = session
         return SubscribeResponse(subscription_id=sub_id, success=True)
 
@@ -116,14 +199,15 @@ class GatewayRegistry:
         """Remove one of the session's own subscriptions; others are ignored."""
         if sub_id not in session.subscriptions:
             return False
-        session.subscriptions.discard(sub_id)
+        del session.subscriptions[sub_id]
         del self.owners[sub_id]
         self.matcher.remove(sub_id)
         return True
 
     def disconnect(self, session: Session) -> int:
         """End a session and remove exactly its subscriptions."""
-        self._sessions.pop(session.key, None)
+        if self._sessions.pop(session.key, None) is not None:
+            self._known_changed()
         removed = 0
         for sub_id in session.subscriptions:
             del self.owners[sub_id]

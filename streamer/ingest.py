@@ -24,12 +24,13 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from streamer.delivery import delivery_message, event_field
 from streamer.events import Change, Layout, Op, PoisonEvent, normalize
 from streamer.gateways import GatewayRegistry, Session
 from streamer.progress import ProgressStore
 from streamer.protocol import puller_v1_pb2 as puller_pb
 from streamer.protocol import puller_v1_pb2_grpc as puller_grpc
-from streamer.protocol.streamer_v1_pb2 import EventDelivery, StreamerEvent
+from streamer.protocol.streamer_v1_pb2 import StreamerEvent
 from streamer.server import StreamerServicer
 
 log = logging.getLogger(__name__)
@@ -144,20 +145,27 @@ class Ingest:
             by_op[change.op] = after
         self.events[change.op.name] += 1
         owners = self.registry.owners
+        deliver = self.servicer.deliver
         for op, sub_ids in by_op.items():
             self.matches += len(sub_ids)
-            event = StreamerEvent(
+            # Serialized once; every gateway's delivery reuses these bytes.
+            event = event_field(StreamerEvent(
                 event_id=change.event_id, database=change.database,
                 collection=change.collection, document_id=change.document_id,
                 operation=op.value,  # type: ignore[arg-type]
                 document_data=change.document_data,
                 timestamp=change.timestamp, progress=progress,
-            )
-            per_session: dict[int, tuple[Session, list[str]]] = {}
+            ))
+            per_session: dict[Session, list[bytes]] = {}
             for sub_id in sub_ids:
                 session = owners.get(sub_id)
                 if session is not None:
-                    per_session.setdefault(session.key, (session, []))[1].append(sub_id)
-            for session, ids in per_session.values():
-                if self.servicer.deliver(session, EventDelivery(subscription_ids=ids, event=event)):
+                    framed = session.subscriptions[sub_id]
+                    ids = per_session.get(session)
+                    if ids is None:
+                        per_session[session] = [framed]
+                    else:
+                        ids.append(framed)
+            for session, ids in per_session.items():
+                if deliver(session, delivery_message(ids, event)):
                     self.deliveries += 1

@@ -7,8 +7,10 @@ per ``interval`` (100 ms) unless ``batch`` (1000) advances pile up first, and
 a pending marker is written no later than ``interval`` after it advanced,
 even if nothing else arrives. ``flush`` writes at once (shutdown).
 
-The file also keeps the ids of the gateways connected before a restart, so
-that the next start can wait for them to re-register (SPEC section 3).
+The file also keeps the gateways connected when it was written
+(``KnownGateways``), so that the next start can wait for them to
+re-register before the replay (``streamer.gateways.RestartWindow``); a
+change to them is written like an advance.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 import orjson
 
 from streamer.errors import StreamerError
+from streamer.gateways import KnownGateways
 
 FILE_NAME = "progress.json"
 log = logging.getLogger(__name__)
@@ -35,7 +38,7 @@ class ProgressFileError(StreamerError, ValueError):
 @dataclass(frozen=True, slots=True)
 class SavedProgress:
     marker: str = ""
-    gateways: frozenset[str] = field(default_factory=frozenset)
+    gateways: KnownGateways = field(default_factory=KnownGateways)
 
 
 class ProgressStore:
@@ -46,7 +49,7 @@ class ProgressStore:
         self.interval = interval
         self.batch = batch
         self.marker = ""
-        self.gateways: frozenset[str] = frozenset()
+        self.gateways = KnownGateways()
         self.writes = 0
         self._dirty = 0  # advances since the last write
         self._since = 0.0  # loop time of the first unwritten advance
@@ -61,8 +64,9 @@ class ProgressStore:
             return SavedProgress()
         try:
             data = orjson.loads(raw)
-            saved = SavedProgress(str(data["marker"]), frozenset(map(str, data["gateways"])))
-        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+            known = KnownGateways(frozenset(map(str, data["gateways"])), int(data["others"]))
+            saved = SavedProgress(str(data["marker"]), known)
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise ProgressFileError(f"{self.path}: not a progress file ({exc})") from None
         self.marker, self.gateways = saved.marker, saved.gateways
         return saved
@@ -72,15 +76,20 @@ class ProgressStore:
         if marker == self.marker:
             return
         self.marker = marker
+        self._changed()
+
+    def set_gateways(self, gateways: KnownGateways) -> None:
+        """Record the connected gateways (written like an advance)."""
+        if gateways != self.gateways:
+            self.gateways = gateways
+            self._changed()
+
+    def _changed(self) -> None:
         if self._dirty == 0:
             self._since = asyncio.get_running_loop().time()
         self._dirty += 1
         if self._dirty == 1 or self._dirty >= self.batch:
             self._wake.set()
-
-    def set_gateways(self, gateways: frozenset[str]) -> None:
-        """Record the connected gateways; written with the next marker write."""
-        self.gateways = gateways
 
     async def run(self) -> None:
         """Persist pending markers until cancelled."""
@@ -111,7 +120,10 @@ class ProgressStore:
             if not self._dirty:
                 return
             dirty, self._dirty = self._dirty, 0
-            payload = orjson.dumps({"marker": self.marker, "gateways": sorted(self.gateways)})
+            known = self.gateways
+            payload = orjson.dumps(
+                {"marker": self.marker, "gateways": sorted(known.ids), "others": known.others}
+            )
             try:
                 await asyncio.to_thread(self._write, payload)
             except OSError:

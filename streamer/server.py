@@ -4,6 +4,10 @@
 calls, protocol messages out through the stream's ``GatewayQueue`` (its only
 writer). ``deliver`` is how the ingest hands a delivery to a gateway; a full
 queue cuts that gateway off with ``RESOURCE_EXHAUSTED`` (SPEC section 6).
+
+Outbound messages are already serialized (``streamer.delivery``), so the
+service is registered with ``add_to_server``, whose response serializer
+passes bytes through, not with the generated ``add_..._to_server``.
 """
 
 from __future__ import annotations
@@ -19,13 +23,13 @@ from streamer.delivery import DEFAULT_CAPACITY, GatewayQueue
 from streamer.gateways import GatewayRegistry, Session
 from streamer.protocol import streamer_v1_pb2_grpc
 from streamer.protocol.streamer_v1_pb2 import (
-    EventDelivery,
     GatewayMessage,
     HeartbeatAck,
     StreamerMessage,
 )
 
 log = logging.getLogger(__name__)
+SERVICE_NAME = "syntrix.streamer.v1.StreamerService"
 
 
 class _Stream:
@@ -49,12 +53,13 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
         self.streams: dict[int, _Stream] = {}
         self.lagging_cut_offs = 0
 
-    def deliver(self, session: Session, delivery: EventDelivery) -> bool:
-        """Enqueue a delivery without waiting; a full queue cuts the gateway off."""
+    def deliver(self, session: Session, message: bytes) -> bool:
+        """Enqueue a serialized delivery (``streamer.delivery.delivery_message``)
+        without waiting; a full queue cuts the gateway off."""
         stream = self.streams.get(session.key)
         if stream is None:
             return False
-        if stream.queue.offer(delivery):
+        if stream.queue.offer(message):
             return True
         self._cut_off(stream)
         return False
@@ -118,11 +123,11 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
                 registry.touch(session)
                 registry.unsubscribe(session, message.unsubscribe.subscription_id)
             elif kind == "heartbeat":
-                registry.touch(session, message.heartbeat.gateway_id)
+                registry.heartbeat(session, message.heartbeat.gateway_id)
                 ack = HeartbeatAck(timestamp=message.heartbeat.timestamp)
                 self._send(stream, StreamerMessage(heartbeat_ack=ack))
             elif kind == "hello":
-                registry.touch(session, message.hello.gateway_id)
+                registry.hello(session, message.hello.gateway_id)
                 if message.hello.batch_delivery:
                     queue.enable_batches(message.hello.max_batch)
             else:
@@ -130,5 +135,19 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
                 log.warning("gateway %s sent an empty message", session.gateway_id or session.key)
 
     def _send(self, stream: _Stream, message: StreamerMessage) -> None:
-        if not stream.queue.offer(message):
+        if not stream.queue.offer(message.SerializeToString()):
             self._cut_off(stream)
+
+
+
+def add_to_server(servicer: StreamerServicer, server: grpc.aio.Server) -> None:
+    """Register ``StreamerService`` on ``server``, sending pre-serialized bytes."""
+    stream = grpc.stream_stream_rpc_method_handler(
+        servicer.Stream,
+        request_deserializer=GatewayMessage.FromString,
+        response_serializer=None,  # the queue holds serialized StreamerMessages
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE_NAME, {"Stream": stream}),)
+    )
+

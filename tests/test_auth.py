@@ -14,7 +14,7 @@ from streamer.gateways import GatewayRegistry
 from streamer.matcher import Matcher
 from streamer.protocol import streamer_v1_pb2_grpc as sgrpc
 from streamer.protocol.streamer_v1_pb2 import GatewayMessage, Heartbeat
-from streamer.server import StreamerServicer
+from streamer.server import StreamerServicer, add_to_server
 
 
 def test_token_file_errors(tmp_path: Path) -> None:
@@ -41,9 +41,7 @@ def test_only_the_right_bearer_token_gets_in(
 ) -> None:
     async def main() -> None:
         server = grpc.aio.server(interceptors=[TokenAuth(b"s3cret")])
-        sgrpc.add_StreamerServiceServicer_to_server(
-            StreamerServicer(GatewayRegistry(Matcher())), server
-        )
+        add_to_server(StreamerServicer(GatewayRegistry(Matcher())), server)
         health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()

@@ -21,6 +21,8 @@ from streamer.protocol import streamer_v1_pb2_grpc as sgrpc
 from streamer.protocol.streamer_v1_pb2 import (
     Filter,
     GatewayMessage,
+    Heartbeat,
+    Hello,
     SubscribeRequest,
     Value,
 )
@@ -93,3 +95,91 @@ def test_serve_delivers_and_exits_cleanly_on_sigterm(tmp_path: Path) -> None:
             await puller.stop()
 
     asyncio.run(main())
+
+
+def _serve(port: int, puller: str, state: Path, *extra: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "streamer", "serve", "--listen", f"127.0.0.1:{port}",
+         "--puller", puller, "--state-dir", str(state), *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> bytes:
+    if proc.poll() is None:
+        proc.kill()
+    out, _ = proc.communicate(timeout=10)
+    return out
+
+
+def test_restart_window_ends_when_known_gateways_are_back(tmp_path: Path) -> None:
+    """A saved marker and a known gateway: ingest waits for that gateway's
+    Hello, subscriptions and Heartbeat, not for the (huge) grace."""
+    (tmp_path / "progress.json").write_bytes(
+        orjson.dumps({"marker": "p0", "gateways": ["gw-1"], "others": 0}))
+
+    async def main() -> None:
+        puller = PullerDouble()
+        target = await puller.start()
+        await puller.append(*(pb.ChangeEvent(
+            event_id=f"e{i}", database="app", mgo_coll="messages", mgo_doc_id=f"m{i}",
+            op_type="insert", full_doc=orjson.dumps({"chat": "c"})) for i in range(3)))
+        port = free_port()
+        proc = _serve(port, target, tmp_path, "--resume-grace", "600")
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                await asyncio.wait_for(channel.channel_ready(), 30)
+                call = sgrpc.StreamerServiceStub(channel).Stream()
+                await call.write(GatewayMessage(hello=Hello(gateway_id="gw-1")))
+                await call.write(GatewayMessage(subscribe=SubscribeRequest(
+                    subscription_id="s", database="app", collection="messages")))
+                assert (await call.read()).subscribe_response.success
+                await asyncio.sleep(0.2)
+                assert not puller.subscriptions, "ingest started before the heartbeat"
+                await call.write(GatewayMessage(heartbeat=Heartbeat(gateway_id="gw-1")))
+                assert (await call.read()).HasField("heartbeat_ack")
+                got = [(await asyncio.wait_for(call.read(), 30)).delivery.event.event_id
+                       for _ in range(2)]
+                # Everything after the saved marker, and nothing before it.
+                assert got == ["e1", "e2"]
+                assert puller.subscriptions[0].after == "p0"
+                call.cancel()
+        finally:
+            out = _stop(proc)
+            await puller.stop()
+        assert b"every known gateway re-registered" in out
+
+    asyncio.run(main())
+
+
+def test_restart_window_waits_the_grace_for_gateways_without_hello(tmp_path: Path) -> None:
+    (tmp_path / "progress.json").write_bytes(
+        orjson.dumps({"marker": "p0", "gateways": [], "others": 1}))
+
+    async def main() -> None:
+        puller = PullerDouble()
+        target = await puller.start()
+        proc = _serve(free_port(), target, tmp_path, "--resume-grace", "0.5")
+        try:
+            for _ in range(3000):
+                if puller.subscriptions:
+                    break
+                await asyncio.sleep(0.01)
+            assert puller.subscriptions[0].after == "p0"
+        finally:
+            out = _stop(proc)
+            await puller.stop()
+        assert b"grace elapsed; not back: only gateways without Hello" in out
+
+    asyncio.run(main())
+
+
+def test_unreadable_progress_file_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "progress.json").write_bytes(b"{not json")
+    result = subprocess.run(
+        [sys.executable, "-m", "streamer", "serve", "--puller", "127.0.0.1:1",
+         "--listen", f"127.0.0.1:{free_port()}", "--state-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert "progress.json: not a progress file" in result.stderr

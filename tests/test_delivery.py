@@ -1,23 +1,39 @@
-"""Per-gateway queues: order, batching, bounded size, single writer."""
+"""Per-gateway queues and wire framing: order, batching, bounded size, single
+writer, and bytes identical to what protobuf would encode."""
 
 from __future__ import annotations
 
 import asyncio
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from streamer.delivery import GatewayQueue
+from streamer.delivery import (
+    GatewayQueue,
+    delivery_message,
+    event_field,
+    subscription_field,
+    varint,
+)
 from streamer.protocol.streamer_v1_pb2 import (
+    DeliveryBatch,
     EventDelivery,
     HeartbeatAck,
+    Hello,
     StreamerEvent,
     StreamerMessage,
     SubscribeResponse,
 )
 
 
-def delivery(i: int) -> EventDelivery:
-    return EventDelivery(subscription_ids=[f"s{i}"], event=StreamerEvent(event_id=f"e{i}"))
+def delivery(i: int) -> bytes:
+    event = event_field(StreamerEvent(event_id=f"e{i}"))
+    return delivery_message([subscription_field(f"s{i}")], event)
+
+
+def control(message: StreamerMessage) -> bytes:
+    return message.SerializeToString()
 
 
 class Sink:
@@ -29,11 +45,11 @@ class Sink:
         self.gate = asyncio.Event()
         self.gate.set()
 
-    async def __call__(self, message: StreamerMessage) -> None:
+    async def __call__(self, data: bytes) -> None:
         self.writers += 1
         assert self.writers == 1, "two writers on one stream"
         await self.gate.wait()
-        self.messages.append(message)
+        self.messages.append(StreamerMessage.FromString(data))
         self.writers -= 1
 
     def event_ids(self) -> list[str]:
@@ -51,42 +67,96 @@ async def drain(queue: GatewayQueue) -> None:
     await asyncio.wait_for(queue.run(), 10)
 
 
+events = st.builds(
+    StreamerEvent,
+    event_id=st.text(max_size=40),
+    database=st.text(max_size=10),
+    collection=st.text(max_size=10),
+    document_id=st.text(max_size=40),
+    operation=st.sampled_from([1, 2, 4]),
+    document_data=st.binary(max_size=20_000),
+    timestamp=st.integers(-(2**63), 2**63 - 1),
+    progress=st.text(max_size=20),
+)
+id_lists = st.lists(st.text(max_size=300), min_size=1, max_size=5)
+
+
+@given(st.integers(1, 2**32 - 1))
+def test_varint_is_protobufs(n: int) -> None:
+    # Hello.max_batch is uint32 field 3: its tag byte, then the varint.
+    assert b"\x18" + varint(n) == Hello(max_batch=n).SerializeToString()
+
+
+@given(id_lists, events)
+def test_a_framed_delivery_is_the_protobuf_encoding(ids: list[str], event: StreamerEvent) -> None:
+    expected = StreamerMessage(delivery=EventDelivery(subscription_ids=ids, event=event))
+    data = delivery_message([subscription_field(i) for i in ids], event_field(event))
+    assert data == expected.SerializeToString()
+    assert StreamerMessage.FromString(data) == expected
+
+
+@given(st.lists(st.tuples(id_lists, events), min_size=1, max_size=6))
+def test_a_batch_of_framed_deliveries_is_the_protobuf_encoding(
+    deliveries: list[tuple[list[str], StreamerEvent]],
+) -> None:
+    async def main() -> list[bytes]:
+        sent: list[bytes] = []
+
+        async def send(data: bytes) -> None:
+            sent.append(data)
+
+        queue = GatewayQueue(send)
+        queue.enable_batches(len(deliveries))
+        for ids, event in deliveries:
+            queue.offer(delivery_message([subscription_field(i) for i in ids], event_field(event)))
+        await drain(queue)
+        return sent
+
+    expected = StreamerMessage(batch=DeliveryBatch(deliveries=[
+        EventDelivery(subscription_ids=ids, event=event) for ids, event in deliveries
+    ]))
+    assert asyncio.run(main()) == [expected.SerializeToString()]
+
+
 def test_plain_deliveries_in_order_with_control_messages_interleaved() -> None:
-    async def main() -> Sink:
+    async def main() -> tuple[Sink, GatewayQueue]:
         sink = Sink()
         queue = GatewayQueue(sink)
-        assert queue.offer(StreamerMessage(subscribe_response=SubscribeResponse(success=True)))
+        response = SubscribeResponse(success=True)
+        assert queue.offer(control(StreamerMessage(subscribe_response=response)))
         for i in range(5):
             assert queue.offer(delivery(i))
-        assert queue.offer(StreamerMessage(heartbeat_ack=HeartbeatAck(timestamp=7)))
+        assert queue.offer(control(StreamerMessage(heartbeat_ack=HeartbeatAck(timestamp=7))))
         await drain(queue)
-        return sink
+        return sink, queue
 
-    sink = asyncio.run(main())
+    sink, queue = asyncio.run(main())
     kinds = [m.WhichOneof("payload") for m in sink.messages]
     assert kinds == ["subscribe_response"] + ["delivery"] * 5 + ["heartbeat_ack"]
     assert sink.event_ids() == [f"e{i}" for i in range(5)]
+    assert (queue.sent_messages, queue.sent_deliveries) == (7, 5)
 
 
 def test_batches_pack_what_is_ready_and_stop_at_control_messages() -> None:
-    async def main() -> Sink:
+    async def main() -> tuple[Sink, GatewayQueue]:
         sink = Sink()
         queue = GatewayQueue(sink)
         queue.enable_batches(3)
         for i in range(7):
             queue.offer(delivery(i))
-        queue.offer(StreamerMessage(heartbeat_ack=HeartbeatAck(timestamp=1)))
+        queue.offer(control(StreamerMessage(heartbeat_ack=HeartbeatAck(timestamp=0))))
         queue.offer(delivery(7))
         await drain(queue)
-        return sink
+        return sink, queue
 
-    sink = asyncio.run(main())
+    sink, queue = asyncio.run(main())
     shape = [
         len(m.batch.deliveries) if m.HasField("batch") else m.WhichOneof("payload")
         for m in sink.messages
     ]
     assert shape == [3, 3, 1, "heartbeat_ack", 1]
     assert sink.event_ids() == [f"e{i}" for i in range(8)]
+    assert (queue.sent_messages, queue.sent_deliveries) == (5, 8)
 
 
 def test_full_queue_refuses_without_waiting() -> None:

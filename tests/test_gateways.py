@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
-from streamer.gateways import GatewayRegistry, Limits
+from streamer.gateways import GatewayRegistry, KnownGateways, Limits, RestartWindow
 from streamer.matcher import Matcher
 from streamer.protocol.streamer_v1_pb2 import Filter, ListValue, SubscribeRequest, Value
 
@@ -103,3 +104,50 @@ def test_silent_sessions_expire_and_lose_their_subscriptions() -> None:
     assert len(registry) == 1
     clock.now += 90
     assert registry.expired() == [chatty] and len(registry.matcher) == 0
+
+
+def test_known_gateways_follow_hello_and_disconnect() -> None:
+    async def main() -> list[KnownGateways]:
+        registry = GatewayRegistry(Matcher())
+        seen: list[KnownGateways] = []
+        registry.on_known = seen.append
+        a, b = registry.connect(), registry.connect()
+        registry.hello(a, "gw-a")
+        registry.heartbeat(b, "gw-b")  # a plain gateway: known by count only
+        registry.disconnect(a)
+        registry.disconnect(b)
+        return seen
+
+    assert asyncio.run(main()) == [
+        KnownGateways(frozenset(), 1),
+        KnownGateways(frozenset(), 2),
+        KnownGateways(frozenset({"gw-a"}), 1),
+        KnownGateways(frozenset(), 1),
+        KnownGateways(frozenset(), 0),
+    ]
+
+
+def test_restart_window_closes_when_every_hello_gateway_heartbeats() -> None:
+    async def main() -> tuple[bool, bool, set[str]]:
+        registry = GatewayRegistry(Matcher())
+        window = registry.window = RestartWindow(KnownGateways(frozenset({"gw-a", "gw-b"})))
+        a, b = registry.connect(), registry.connect()
+        registry.hello(a, "gw-a")
+        registry.heartbeat(a, "gw-a")
+        registry.heartbeat(b, "gw-b")  # no Hello on this stream: proves nothing
+        early = await window.wait(0.01)
+        pending = set(window.pending)
+        registry.hello(b, "gw-b")
+        registry.heartbeat(b, "gw-b")
+        return early, await window.wait(30), pending
+
+    assert asyncio.run(main()) == (False, True, {"gw-b"})
+
+
+def test_restart_window_waits_the_whole_grace_for_plain_gateways() -> None:
+    async def main() -> bool:
+        window = RestartWindow(KnownGateways(frozenset(), 1))
+        return await window.wait(0.05)
+
+    assert asyncio.run(main()) is False
+    assert asyncio.run(RestartWindow(KnownGateways()).wait(0)) is True

@@ -25,7 +25,7 @@ from streamer.protocol.streamer_v1_pb2 import (
     SubscribeRequest,
     Value,
 )
-from streamer.server import StreamerServicer
+from streamer.server import StreamerServicer, add_to_server
 
 
 def change(
@@ -79,7 +79,7 @@ def run(
         registry = GatewayRegistry(Matcher())
         servicer = StreamerServicer(registry)
         server = grpc.aio.server()
-        sgrpc.add_StreamerServiceServicer_to_server(servicer, server)
+        add_to_server(servicer, server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         progress = ProgressStore(tmp_path, interval=0.01)

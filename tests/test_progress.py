@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from streamer.gateways import KnownGateways
 from streamer.progress import ProgressFileError, ProgressStore, SavedProgress
 
 
@@ -28,13 +29,26 @@ def test_fresh_state_dir_has_no_progress(tmp_path: Path) -> None:
 def test_roundtrip_and_no_temporary_file_left(tmp_path: Path) -> None:
     async def main() -> None:
         store = ProgressStore(tmp_path)
-        store.set_gateways(frozenset({"gw-1", "gw-0"}))
+        store.set_gateways(KnownGateways(frozenset({"gw-1", "gw-0"}), 2))
         store.advance("m-1")
         await store.flush()
 
     asyncio.run(main())
     assert os.listdir(tmp_path) == ["progress.json"]
-    assert ProgressStore(tmp_path).load() == SavedProgress("m-1", frozenset({"gw-0", "gw-1"}))
+    assert ProgressStore(tmp_path).load() == SavedProgress(
+        "m-1", KnownGateways(frozenset({"gw-0", "gw-1"}), 2))
+
+
+def test_a_change_of_gateways_alone_is_written(tmp_path: Path) -> None:
+    async def main() -> None:
+        store = ProgressStore(tmp_path, interval=0.01)
+        task = asyncio.create_task(store.run())
+        store.set_gateways(KnownGateways(frozenset({"gw-0"}), 0))
+        await _until(lambda: store.writes == 1)
+        task.cancel()
+
+    asyncio.run(main())
+    assert ProgressStore(tmp_path).load().gateways.ids == {"gw-0"}
 
 
 def test_pending_marker_is_written_without_further_events(tmp_path: Path) -> None:

@@ -7,11 +7,11 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
+from streamer.delivery import delivery_message, event_field, subscription_field
 from streamer.gateways import GatewayRegistry
 from streamer.matcher import Matcher
 from streamer.protocol import streamer_v1_pb2_grpc as pb_grpc
 from streamer.protocol.streamer_v1_pb2 import (
-    EventDelivery,
     Filter,
     GatewayMessage,
     Heartbeat,
@@ -22,7 +22,7 @@ from streamer.protocol.streamer_v1_pb2 import (
     UnsubscribeRequest,
     Value,
 )
-from streamer.server import StreamerServicer
+from streamer.server import StreamerServicer, add_to_server
 
 
 def subscribe(sub_id: str, chat: str = "c1") -> GatewayMessage:
@@ -30,6 +30,10 @@ def subscribe(sub_id: str, chat: str = "c1") -> GatewayMessage:
         subscription_id=sub_id, database="app", collection="messages",
         filters=[Filter(field="chat_id", op="==", value=Value(string_value=chat))],
     ))
+
+
+def framed(sub_ids: list[str], event: StreamerEvent) -> bytes:
+    return delivery_message([subscription_field(s) for s in sub_ids], event_field(event))
 
 
 def heartbeat(ts: int, gateway_id: str = "gw-1") -> GatewayMessage:
@@ -43,7 +47,7 @@ def run(scenario: Scenario, **servicer_kw: int) -> None:
     async def main() -> None:
         servicer = StreamerServicer(GatewayRegistry(Matcher()), **servicer_kw)
         server = grpc.aio.server()
-        pb_grpc.add_StreamerServiceServicer_to_server(servicer, server)
+        add_to_server(servicer, server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         try:
@@ -100,7 +104,7 @@ def test_deliveries_plain_and_batched() -> None:
         for i in range(3):
             event = StreamerEvent(event_id=f"e{i}")
             for session, sub in ((plain_session, "p"), (streams["gw-b"], "b")):
-                assert servicer.deliver(session, EventDelivery(subscription_ids=[sub], event=event))
+                assert servicer.deliver(session, framed([sub], event))
         got_plain = [(await read(plain)).delivery.event.event_id for _ in range(3)]
         assert got_plain == ["e0", "e1", "e2"]
         got_batched: list[str] = []
@@ -125,7 +129,7 @@ def test_a_lagging_gateway_is_cut_off_with_resource_exhausted() -> None:
         # The client reads nothing: the transport fills, then the queue.
         accepted = 0
         for _ in range(10_000):
-            if not servicer.deliver(session, EventDelivery(subscription_ids=["s1"], event=big)):
+            if not servicer.deliver(session, framed(["s1"], big)):
                 break
             accepted += 1
             await asyncio.sleep(0)
