@@ -19,7 +19,7 @@ test: $(STAMP)
 
 ## Run the benchmarks (sizes: STREAMER_BENCH_SIZES, default 100000,1000000).
 bench: $(STAMP)
-	$(PY) -m pytest -q bench/bench_matching.py
+	$(PY) -m pytest -q bench/bench_matching.py bench/bench_ingest.py
 
 ## The main job until the service lands: the matching benchmark at a small size.
 demo: $(STAMP)

@@ -66,7 +66,14 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Mod
 
 # ------------------------------------------------------------------- results
 def pytest_configure(config: pytest.Config) -> None:
-    config.stash[_RESULTS_KEY] = {"sizes": {}, "notes": {}, "meta": {}}
+    config.stash[_RESULTS_KEY] = {"sizes": {}, "notes": {}, "meta": {}, "reports": []}
+
+
+@pytest.fixture(scope="session")
+def bench_report(request: pytest.FixtureRequest) -> list[str]:
+    """Lines other suites (``bench_ingest``) print in the final summary."""
+    reports: list[str] = request.config.stash[_RESULTS_KEY]["reports"]
+    return reports
 
 
 @pytest.fixture(scope="session")
@@ -240,6 +247,10 @@ def _render(results: dict[str, Any]) -> list[str]:
 @pytest.hookimpl(trylast=True)  # after pytest-benchmark's own table
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
     results = config.stash.get(_RESULTS_KEY, None)
+    if results and results["reports"]:
+        terminalreporter.write_sep("=", "service benchmarks")
+        for text in results["reports"]:
+            terminalreporter.write_line(text)
     if not results or not results["sizes"]:
         return
     meta = results["meta"]

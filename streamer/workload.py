@@ -55,7 +55,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from streamer.matcher import Filter
+from streamer.protocol.puller_v1_pb2 import ChangeEvent
 
 __all__ = [
     "CEL_SHAPES",
@@ -63,6 +66,7 @@ __all__ = [
     "EventSpec",
     "SubscriptionSpec",
     "Workload",
+    "change_event",
 ]
 
 DATABASE = "app"
@@ -490,3 +494,20 @@ class Workload:
             else:
                 cid = active_chat()
                 yield EventSpec(DATABASE, CHATS, "update", cid, chat_doc(cid, t))
+
+
+def change_event(spec: EventSpec, index: int, *, timestamp: int = 0) -> ChangeEvent:
+    """The ``puller.v1`` form of a workload event, as a Puller would send it.
+
+    A soft delete is an ``update`` whose post-image says ``deleted: true``
+    (SPEC section 5 turns it into a DELETE); ``index`` names the event.
+    """
+    return ChangeEvent(
+        event_id=f"ev-{index}",
+        database=spec.database,
+        mgo_coll=spec.collection,
+        mgo_doc_id=spec.document_id,
+        op_type="insert" if spec.op == "insert" else "update",
+        full_doc=orjson.dumps(spec.document),
+        timestamp=timestamp,
+    )

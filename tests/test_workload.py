@@ -255,3 +255,17 @@ def test_matcher_accepts_every_subscription(
     # a handful to a few hundred matches per event, never a large share of N
     assert sum(counts) / len(counts) >= 1
     assert max(counts) < 0.05 * N
+
+
+def test_change_events_normalize_to_the_workload_operations() -> None:
+    from streamer.events import Op, normalize
+    from streamer.workload import change_event
+
+    ops = {"insert": Op.INSERT, "update": Op.UPDATE, "delete": Op.DELETE}
+    for i, spec in enumerate(Workload(1000, seed=3).events(500)):
+        change = normalize(change_event(spec, i))
+        # An update may pick a message deleted earlier: still a soft delete.
+        op = Op.DELETE if spec.document.get("deleted") else ops[spec.op]
+        assert (change.op, change.collection, change.document_id) == (
+            op, spec.collection, spec.document_id)
+        assert change.document == spec.document
