@@ -66,6 +66,7 @@ class GatewayRegistry:
         self.owners: dict[str, Session] = {}
         self._sessions: OrderedDict[int, Session] = OrderedDict()
         self._keys = itertools.count(1)
+        self.expired_sessions = 0
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -141,6 +142,7 @@ class GatewayRegistry:
                 break
             self.disconnect(session)
             out.append(session)
+        self.expired_sessions += len(out)
         return out
 
     def _check_limits(self, session: Session, request: SubscribeRequest) -> str | None:

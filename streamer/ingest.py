@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 
@@ -26,6 +27,7 @@ import grpc
 
 from streamer.events import Change, Layout, Op, PoisonEvent, normalize
 from streamer.gateways import GatewayRegistry, Session
+from streamer.metrics import LatencyHistogram
 from streamer.progress import ProgressStore
 from streamer.protocol import puller_v1_pb2 as puller_pb
 from streamer.protocol import puller_v1_pb2_grpc as puller_grpc
@@ -61,8 +63,10 @@ class Ingest:
         self.poison = Counter[str]()  # by reason
         self.matches = 0
         self.deliveries = 0
+        self.delivered = Counter[str]()  # deliveries by operation
         self.reconnects = 0
         self.markers_refused = 0
+        self.latency = LatencyHistogram()  # seconds from receipt to enqueued
 
     async def run(self) -> None:
         """Consume the Puller until cancelled, reconnecting as needed."""
@@ -112,6 +116,7 @@ class Ingest:
         """Match and enqueue one event, then advance the marker (never raises
         for bad input)."""
         if event.HasField("change_event"):
+            start = time.perf_counter()
             try:
                 change = normalize(
                     event.change_event, layout=self.layout,
@@ -122,6 +127,7 @@ class Ingest:
                 log.warning("skipping event %s: %s", event.change_event.event_id, exc)
             else:
                 self._fan_out(change, event.progress)
+                self.latency.observe(time.perf_counter() - start)
         else:
             self.events["heartbeat"] += 1
         self.progress.advance(event.progress)
@@ -161,3 +167,4 @@ class Ingest:
             for session, ids in per_session.values():
                 if self.servicer.deliver(session, EventDelivery(subscription_ids=ids, event=event)):
                     self.deliveries += 1
+                    self.delivered[op.name] += 1

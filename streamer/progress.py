@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +49,7 @@ class ProgressStore:
         self.marker = ""
         self.gateways: frozenset[str] = frozenset()
         self.writes = 0
+        self.advanced_at = time.monotonic()  # when the marker last changed
         self._dirty = 0  # advances since the last write
         self._since = 0.0  # loop time of the first unwritten advance
         self._wake = asyncio.Event()
@@ -72,6 +74,7 @@ class ProgressStore:
         if marker == self.marker:
             return
         self.marker = marker
+        self.advanced_at = time.monotonic()
         if self._dirty == 0:
             self._since = asyncio.get_running_loop().time()
         self._dirty += 1
