@@ -26,6 +26,7 @@ from streamer.events import LAYOUTS
 from streamer.gateways import GatewayRegistry, RestartWindow
 from streamer.ingest import Ingest
 from streamer.matcher import Matcher
+from streamer.metrics import MetricsError, MetricsServer, StreamerCollector, metrics_address
 from streamer.progress import ProgressFileError, ProgressStore, SavedProgress
 from streamer.server import SERVICE_NAME, StreamerServicer, add_to_server
 
@@ -97,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
         "'authorization: Bearer <token>'; unset, gateways are not authenticated",
     )
     serve.add_argument(
+        "--metrics", type=metrics_address, default=_env("metrics"), metavar="HOST:PORT",
+        help="serve Prometheus metrics over HTTP at http://HOST:PORT/metrics; "
+        "unset, there is no metrics endpoint",
+    )
+    serve.add_argument(
         "--log-level", default=_env("log_level", "INFO"),
         choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log verbosity",
     )
@@ -130,13 +136,22 @@ async def serve(args: argparse.Namespace) -> int:
     if port == 0:
         log.error("cannot listen on %s", args.listen)
         return 2
-    await server.start()
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     ingest = Ingest(
         args.puller, registry, servicer, progress,
         consumer_id=args.consumer_id, layout=args.document_layout,
     )
+    metrics = None
+    if args.metrics is not None:
+        try:
+            metrics = MetricsServer(*args.metrics, StreamerCollector(ingest))
+        except MetricsError as exc:
+            log.error("%s", exc)
+            await server.stop(None)
+            return 2
+        log.info("metrics on http://%s/metrics", metrics.address)
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info(
         "serving on %s (port %d); puller %s; resuming after %r",
         args.listen, port, args.puller, saved.marker,
@@ -163,6 +178,8 @@ async def serve(args: argparse.Namespace) -> int:
             await task
     await progress.flush()
     await server.stop(grace=args.drain_seconds)
+    if metrics is not None:
+        await asyncio.to_thread(metrics.close)
     log.info("stopped at marker %r", progress.marker)
     return 0
 

@@ -126,6 +126,7 @@ class GatewayRegistry:
         # Called with the new ``known`` whenever it changes (persistence).
         self.on_known: Callable[[KnownGateways], None] | None = None
         self.window: RestartWindow | None = None
+        self.expired_sessions = 0
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -225,6 +226,7 @@ class GatewayRegistry:
                 break
             self.disconnect(session)
             out.append(session)
+        self.expired_sessions += len(out)
         return out
 
     def _check_limits(self, session: Session, request: SubscribeRequest) -> str | None:

@@ -19,14 +19,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
 from streamer.delivery import delivery_message, event_field
 from streamer.events import Change, Layout, Op, PoisonEvent, normalize
 from streamer.gateways import GatewayRegistry, Session
+from streamer.metrics import LatencyHistogram
 from streamer.progress import ProgressStore
 from streamer.protocol import puller_v1_pb2 as puller_pb
 from streamer.protocol import puller_v1_pb2_grpc as puller_grpc
@@ -62,8 +64,10 @@ class Ingest:
         self.poison = Counter[str]()  # by reason
         self.matches = 0
         self.deliveries = 0
+        self.delivered = Counter[str]()  # deliveries by operation
         self.reconnects = 0
         self.markers_refused = 0
+        self.latency = LatencyHistogram()  # seconds from receipt to enqueued
 
     async def run(self) -> None:
         """Consume the Puller until cancelled, reconnecting as needed."""
@@ -72,8 +76,10 @@ class Ingest:
             try:
                 async with grpc.aio.insecure_channel(self.target) as channel:
                     stub = puller_grpc.PullerServiceStub(channel)  # type: ignore[no-untyped-call]
-                    async for event in self._events(stub):
-                        self.process(event)
+                    async for events in self._messages(stub):
+                        received = time.perf_counter()
+                        for event in events:
+                            self.process(event, received)
                         delay = self.backoff[0]
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
@@ -95,24 +101,27 @@ class Ingest:
             await asyncio.sleep(delay * random.uniform(0.5, 1.5))
             delay = min(delay * 2, self.backoff[1])
 
-    async def _events(
+    async def _messages(
         self, stub: puller_grpc.PullerServiceStub
-    ) -> AsyncIterator[puller_pb.PullerEvent]:
+    ) -> AsyncIterator[Sequence[puller_pb.PullerEvent]]:
+        """The events of each message from the Puller (several when batched)."""
         request = puller_pb.SubscribeRequest(
             consumer_id=self.consumer_id, after=self.progress.marker
         )
         if self.batched:
             async for batch in stub.SubscribeBatch(request):
-                for event in batch.events:
-                    yield event
+                yield batch.events
         else:
             async for event in stub.Subscribe(request):
-                yield event
+                yield (event,)
 
-    def process(self, event: puller_pb.PullerEvent) -> None:
+    def process(self, event: puller_pb.PullerEvent, received: float | None = None) -> None:
         """Match and enqueue one event, then advance the marker (never raises
-        for bad input)."""
+        for bad input). ``received`` is the ``perf_counter`` time its message
+        arrived: the ingest→enqueue latency includes the wait behind the
+        events before it in the same batch."""
         if event.HasField("change_event"):
+            start = time.perf_counter() if received is None else received
             try:
                 change = normalize(
                     event.change_event, layout=self.layout,
@@ -123,6 +132,7 @@ class Ingest:
                 log.warning("skipping event %s: %s", event.change_event.event_id, exc)
             else:
                 self._fan_out(change, event.progress)
+                self.latency.observe(time.perf_counter() - start)
         else:
             self.events["heartbeat"] += 1
         self.progress.advance(event.progress)
@@ -169,3 +179,4 @@ class Ingest:
             for session, ids in per_session.items():
                 if deliver(session, delivery_message(ids, event)):
                     self.deliveries += 1
+                    self.delivered[op.name] += 1

@@ -32,10 +32,11 @@ class Matcher:
     ['s1']
     """
 
-    __slots__ = ("_core",)
+    __slots__ = ("_core", "_scan_subscriptions")
 
     def __init__(self) -> None:
         self._core = _core.Core()
+        self._scan_subscriptions = 0
 
     def __len__(self) -> int:
         return len(self._core)
@@ -65,15 +66,22 @@ class Matcher:
             or not subscription_id
         ):
             _check_names(subscription_id, database, collection)
-        self._core.add(
-            subscription_id, database, collection, compile_subscription(filters, expression)
-        )
+        core = self._core
+        scan_clauses = core.scan_clauses
+        core.add(subscription_id, database, collection, compile_subscription(filters, expression))
+        if core.scan_clauses != scan_clauses:
+            self._scan_subscriptions += 1
 
     def remove(self, subscription_id: str) -> bool:
         """Deregister a subscription; False if the id is unknown."""
         if not isinstance(subscription_id, str):
             return False
-        return bool(self._core.remove(subscription_id))
+        core = self._core
+        scan_clauses = core.scan_clauses
+        removed = bool(core.remove(subscription_id))
+        if core.scan_clauses != scan_clauses:
+            self._scan_subscriptions -= 1
+        return removed
 
     def match(
         self, database: str, collection: str, document_id: str | None, document: object
@@ -86,8 +94,15 @@ class Matcher:
         return self._core.match(database, collection, document_id, document)
 
     def stats(self) -> dict[str, int]:
-        """Sizes of the index: subscriptions, clauses, scan clauses, atoms…"""
-        return self._core.stats()
+        """Sizes of the index: subscriptions, clauses, scan clauses, atoms…
+
+        ``scan_subscriptions`` counts the subscriptions with at least one scan
+        clause (the core's scan clause count moves exactly when one of those is
+        added or removed).
+        """
+        stats = self._core.stats()
+        stats["scan_subscriptions"] = self._scan_subscriptions
+        return stats
 
 
 def _check_names(subscription_id: object, database: object, collection: object) -> None:

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +52,7 @@ class ProgressStore:
         self.marker = ""
         self.gateways = KnownGateways()
         self.writes = 0
+        self.advanced_at = time.monotonic()  # when the marker last changed
         self._dirty = 0  # advances since the last write
         self._since = 0.0  # loop time of the first unwritten advance
         self._wake = asyncio.Event()
@@ -76,6 +78,7 @@ class ProgressStore:
         if marker == self.marker:
             return
         self.marker = marker
+        self.advanced_at = time.monotonic()
         self._changed()
 
     def set_gateways(self, gateways: KnownGateways) -> None:

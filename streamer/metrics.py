@@ -1,0 +1,296 @@
+"""Prometheus metrics of ``streamer serve`` (``--metrics HOST:PORT``).
+
+Nothing on the ingest path touches prometheus-client. The ingest, the
+servicer, the gateway registry, the matcher and the progress store keep plain
+counters (ints, ``Counter`` dicts, ``LatencyHistogram``) as they work;
+``StreamerCollector`` reads them when Prometheus scrapes and turns them into
+metric families. ``MetricsServer`` serves ``/metrics`` from a private
+``CollectorRegistry`` (never the process-global default, so several servers
+or tests in one process do not collide) with prometheus-client's HTTP server,
+in a daemon thread.
+
+Scrapes therefore run on that thread while the event loop keeps mutating the
+counters. That is safe under the GIL because the collector only reads:
+integers are read whole, and dicts are copied with ``dict(...)`` /
+``list(d.values())``, which run in C without letting another thread in, so a
+scrape never sees a dict change size under it. Values read in one scrape may
+be a few events apart from each other (e.g. the matches and the deliveries of
+the event being processed); each one is exact.
+
+Gateway queue depths are exported as the total and the maximum over all
+streams, not one series per gateway: gateway ids are chosen by the gateways
+and streams come and go (every reconnect is a new stream), so a per-gateway
+label would be unbounded cardinality for Prometheus and its series would stay
+around long after the stream is gone. The logs name the gateway that was cut
+off as lagging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import start_http_server
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from streamer.errors import StreamerError
+
+if TYPE_CHECKING:
+    from streamer.ingest import Ingest
+
+# Bucket bounds (seconds) of the ingest latency: 1 µs to 100 ms in 1-2.5-5 steps.
+LATENCY_BUCKETS: tuple[float, ...] = (
+    1e-6, 2.5e-6, 5e-6,
+    1e-5, 2.5e-5, 5e-5,
+    1e-4, 2.5e-4, 5e-4,
+    1e-3, 2.5e-3, 5e-3,
+    1e-2, 2.5e-2, 5e-2,
+    1e-1,
+)  # fmt: skip
+
+# Keys of Ingest.events / Ingest.delivered exported even before they first
+# occur (lower-cased as label values), so that the series always exist.
+EVENT_KEYS = ("INSERT", "UPDATE", "DELETE", "heartbeat")
+DELIVERY_KEYS = ("INSERT", "UPDATE", "DELETE")
+
+
+class MetricsError(StreamerError, OSError):
+    """The metrics endpoint cannot be served at the address given."""
+
+
+class LatencyHistogram:
+    """A fixed-bucket histogram cheap enough for the ingest hot path.
+
+    ``observe`` is one bisection over the bucket bounds, one list increment and
+    one float addition; the cumulative form Prometheus wants is built only at
+    scrape time. A value equal to a bound falls in that bound's bucket
+    (Prometheus ``le``).
+    """
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: Iterable[float] = LATENCY_BUCKETS) -> None:
+        self.bounds = tuple(sorted(bounds))
+        self.counts = [0] * (len(self.bounds) + 1)  # the last one: above every bound
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
+        self.sum += seconds
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def cumulative(self) -> tuple[list[tuple[str, float]], float]:
+        """``(le, cumulative count)`` pairs ending with ``+Inf``, and the sum."""
+        counts, total = list(self.counts), self.sum
+        buckets = []
+        running = 0
+        for bound, count in zip((*map(repr, self.bounds), "+Inf"), counts, strict=True):
+            running += count
+            buckets.append((bound, float(running)))
+        return buckets, total
+
+
+class StreamerCollector(Collector):
+    """Reads the counters of one running streamer at scrape time.
+
+    Everything is reached through the ``Ingest``: its registry (and matcher),
+    servicer and progress store.
+    """
+
+    def __init__(self, ingest: Ingest, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ingest = ingest
+        self.clock = clock
+
+    def collect(self) -> Iterator[Metric]:
+        ingest = self.ingest
+        servicer, registry, progress = ingest.servicer, ingest.registry, ingest.progress
+
+        events = dict(ingest.events)
+        family = CounterMetricFamily(
+            "streamer_events",
+            "Events received from the Puller and processed, by operation after the "
+            "event transformation (SPEC section 5), and Puller heartbeats. Poison "
+            "events are counted in streamer_poison_events_total instead.",
+            labels=["op"],
+        )
+        for key in EVENT_KEYS:
+            family.add_metric([key.lower()], events.get(key, 0))
+        yield family
+
+        family = CounterMetricFamily(
+            "streamer_poison_events",
+            "Puller events skipped because they can never be processed, by reason "
+            "(bad_json, too_large, not_object, bad_layout, unknown_op, missing_document). "
+            "Their progress marker still advances.",
+            labels=["reason"],
+        )
+        for reason, count in sorted(dict(ingest.poison).items()):
+            family.add_metric([reason], count)
+        yield family
+
+        yield CounterMetricFamily(
+            "streamer_matches",
+            "Subscription matches: one per (event, subscription, delivered operation), "
+            "including subscriptions whose gateway was gone by delivery time.",
+            value=ingest.matches,
+        )
+
+        delivered = dict(ingest.delivered)
+        family = CounterMetricFamily(
+            "streamer_deliveries",
+            "Deliveries enqueued to gateways (one per event, gateway and delivered "
+            "operation; a delivery names every matching subscription of that gateway), "
+            "by operation. Sum over operation for all deliveries.",
+            labels=["operation"],
+        )
+        for key in DELIVERY_KEYS:
+            family.add_metric([key.lower()], delivered.get(key, 0))
+        yield family
+
+        buckets, total = ingest.latency.cumulative()
+        yield HistogramMetricFamily(
+            "streamer_ingest_latency_seconds",
+            "Seconds from the ingest taking a (non-poison) change event to all of its "
+            "deliveries being enqueued: transformation, matching and fan-out.",
+            buckets=buckets, sum_value=total, unit="seconds",
+        )
+
+        yield CounterMetricFamily(
+            "streamer_puller_reconnects",
+            "Times the stream to the Puller ended or failed and was opened again.",
+            value=ingest.reconnects,
+        )
+        yield CounterMetricFamily(
+            "streamer_puller_markers_refused",
+            "Times the Puller refused the saved progress marker as too old; ingest then "
+            "resumed from the live head and the events in between were lost.",
+            value=ingest.markers_refused,
+        )
+
+        streams = list(servicer.streams.values())
+        depths = [len(stream.queue) for stream in streams]
+        yield GaugeMetricFamily(
+            "streamer_gateway_streams",
+            "Connected gateway streams (each has its own outbound queue).",
+            value=len(streams),
+        )
+        yield GaugeMetricFamily(
+            "streamer_gateway_queued_messages",
+            "Messages waiting in the outbound queues of all gateway streams together.",
+            value=sum(depths),
+        )
+        yield GaugeMetricFamily(
+            "streamer_gateway_queued_messages_max",
+            "Messages waiting in the fullest gateway queue (0 without streams); a stream "
+            "reaching streamer_gateway_queue_capacity is cut off as lagging.",
+            value=max(depths, default=0),
+        )
+        yield GaugeMetricFamily(
+            "streamer_gateway_queue_capacity",
+            "Messages one gateway queue holds before the gateway is cut off (--gateway-queue).",
+            value=servicer.queue_capacity,
+        )
+        yield CounterMetricFamily(
+            "streamer_lagging_cutoffs",
+            "Gateway streams ended with RESOURCE_EXHAUSTED because their queue was full.",
+            value=servicer.lagging_cut_offs,
+        )
+        yield CounterMetricFamily(
+            "streamer_expired_sessions",
+            "Gateway sessions expired after --session-ttl seconds of silence.",
+            value=registry.expired_sessions,
+        )
+
+        stats = registry.matcher.stats()
+        scan = stats["scan_subscriptions"]
+        kinds = GaugeMetricFamily(
+            "streamer_subscriptions",
+            "Registered subscriptions, by kind: 'scan' if at least one of its clauses has "
+            "no indexable atom (verified on every event of its collection), else 'indexed'.",
+            labels=["kind"],
+        )
+        kinds.add_metric(["indexed"], stats["subscriptions"] - scan)
+        kinds.add_metric(["scan"], scan)
+        yield kinds
+        kinds = GaugeMetricFamily(
+            "streamer_clauses",
+            "Clauses of the subscription index, by kind: 'scan' clauses have no indexable "
+            "atom and are verified on every event of their collection.",
+            labels=["kind"],
+        )
+        kinds.add_metric(["indexed"], stats["clauses"] - stats["scan_clauses"])
+        kinds.add_metric(["scan"], stats["scan_clauses"])
+        yield kinds
+
+        yield GaugeMetricFamily(
+            "streamer_progress_marker_age_seconds",
+            "Seconds since the Puller progress marker last advanced (since start if it "
+            "has not yet); grows while no events or new markers arrive.",
+            value=max(self.clock() - progress.advanced_at, 0.0), unit="seconds",
+        )
+        yield CounterMetricFamily(
+            "streamer_progress_writes",
+            "Progress marker writes to the state directory (each fsynced).",
+            value=progress.writes,
+        )
+
+
+def metrics_address(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) as ``(host, port)``; an argparse type."""
+    host, sep, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"not HOST:PORT: {value!r}")
+    return host, int(port)
+
+
+class MetricsServer:
+    """``/metrics`` over HTTP (prometheus-client's server, in a daemon thread).
+
+    Binds in the constructor (``MetricsError`` if it cannot) and serves the
+    ``collectors`` from then on, from its own ``registry``; ``close`` stops it.
+    """
+
+    def __init__(self, host: str, port: int, *collectors: Collector) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        for collector in collectors:
+            self.registry.register(collector)
+        try:
+            server, thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            raise MetricsError(
+                f"cannot serve metrics on {_join(host, port)}: {exc.strerror or exc}"
+            ) from None
+        self._server: WSGIServer = server
+        self._thread: threading.Thread = thread
+        self.host = host
+        self.port: int = server.server_port
+
+    @property
+    def address(self) -> str:
+        return _join(self.host, self.port)
+
+    def close(self) -> None:
+        """Stop serving and release the port (blocks for up to half a second)."""
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+
+
+def _join(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
