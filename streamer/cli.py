@@ -20,11 +20,19 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from streamer.auth import TokenAuth, TokenFileError, read_token
+from streamer.auth import (
+    CredentialsError,
+    TokenAuth,
+    TokenFileError,
+    channel_credentials,
+    read_token,
+    server_credentials,
+)
 from streamer.delivery import DEFAULT_CAPACITY
 from streamer.events import LAYOUTS
 from streamer.gateways import GatewayRegistry, RestartWindow
 from streamer.ingest import Ingest
+from streamer.logs import configure_logging
 from streamer.matcher import Matcher
 from streamer.metrics import MetricsError, MetricsServer, StreamerCollector, metrics_address
 from streamer.progress import ProgressFileError, ProgressStore, SavedProgress
@@ -103,8 +111,31 @@ def build_parser() -> argparse.ArgumentParser:
         "unset, there is no metrics endpoint",
     )
     serve.add_argument(
+        "--tls-cert", type=Path, default=_env("tls_cert"),
+        help="PEM certificate chain of the gateway-facing server; with --tls-key "
+        "gateways must connect with TLS; unset, they connect in plaintext",
+    )
+    serve.add_argument(
+        "--tls-key", type=Path, default=_env("tls_key"),
+        help="PEM private key (unencrypted) of --tls-cert",
+    )
+    serve.add_argument(
+        "--tls-client-ca", type=Path, default=_env("tls_client_ca"),
+        help="PEM CA certificate(s); enables mutual TLS: gateways must present a "
+        "client certificate signed by one of them (needs --tls-cert and --tls-key)",
+    )
+    serve.add_argument(
+        "--puller-tls-ca", type=Path, default=_env("puller_tls_ca"),
+        help="PEM CA certificate(s) to verify the Puller by; connect to the Puller "
+        "with TLS; unset, in plaintext",
+    )
+    serve.add_argument(
         "--log-level", default=_env("log_level", "INFO"),
         choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log verbosity",
+    )
+    serve.add_argument(
+        "--log-format", default=_env("log_format", "text"), choices=["text", "json"],
+        help="log lines on stderr: text, or json (one object per line)",
     )
     return parser
 
@@ -126,19 +157,28 @@ async def serve(args: argparse.Namespace) -> int:
         except TokenFileError as exc:
             log.error("%s", exc)
             return 2
+    try:
+        credentials, puller_credentials = _credentials(args)
+    except CredentialsError as exc:
+        log.error("%s", exc)
+        return 2
     server = grpc.aio.server(interceptors=interceptors)
     add_to_server(servicer, server)
     # The standard health service: SERVING overall and for StreamerService
     # while running; NOT_SERVING as soon as shutdown begins.
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(args.listen)
+    port = (
+        server.add_insecure_port(args.listen) if credentials is None
+        else server.add_secure_port(args.listen, credentials)
+    )
     if port == 0:
         log.error("cannot listen on %s", args.listen)
         return 2
     ingest = Ingest(
         args.puller, registry, servicer, progress,
         consumer_id=args.consumer_id, layout=args.document_layout,
+        credentials=puller_credentials,
     )
     metrics = None
     if args.metrics is not None:
@@ -212,6 +252,34 @@ async def _ingest_after_restart_window(
     registry.on_known = progress.set_gateways
     progress.set_gateways(registry.known)
     await ingest.run()
+def _credentials(
+    args: argparse.Namespace,
+) -> tuple[grpc.ServerCredentials | None, grpc.ChannelCredentials | None]:
+    """The gateway-facing server's TLS credentials and the Puller channel's
+    (None: plaintext), from the --tls-* and --puller-tls-ca files."""
+    if args.tls_cert is None and args.tls_key is None:
+        if args.tls_client_ca is not None:
+            raise CredentialsError("--tls-client-ca needs --tls-cert and --tls-key")
+        server = None
+        log.info("gateways connect in plaintext (no --tls-cert)")
+    elif args.tls_key is None:
+        raise CredentialsError("--tls-cert needs --tls-key (or STREAMER_TLS_KEY)")
+    elif args.tls_cert is None:
+        raise CredentialsError("--tls-key needs --tls-cert (or STREAMER_TLS_CERT)")
+    else:
+        server = server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca)
+        if args.tls_client_ca is None:
+            log.info("gateways connect with TLS (certificate %s)", args.tls_cert)
+        else:
+            log.info(
+                "gateways connect with mutual TLS (certificate %s; client certificates "
+                "signed by %s required)", args.tls_cert, args.tls_client_ca,
+            )
+    if args.puller_tls_ca is None:
+        return server, None
+    puller = channel_credentials(args.puller_tls_ca)
+    log.info("the Puller is reached with TLS (CA %s)", args.puller_tls_ca)
+    return server, puller
 
 
 async def _sweep(registry: GatewayRegistry, servicer: StreamerServicer) -> None:
@@ -225,9 +293,7 @@ async def _sweep(registry: GatewayRegistry, servicer: StreamerServicer) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(args.log_level, args.log_format)
     return asyncio.run(serve(args))
 
 

@@ -50,8 +50,10 @@ class Ingest:
         layout: Layout = "plain",
         soft_delete_field: str = "deleted",
         backoff: tuple[float, float] = (0.1, 5.0),
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         self.target = target
+        self.credentials = credentials
         self.registry = registry
         self.servicer = servicer
         self.progress = progress
@@ -74,7 +76,10 @@ class Ingest:
         delay = self.backoff[0]
         while True:
             try:
-                async with grpc.aio.insecure_channel(self.target) as channel:
+                async with (
+                    grpc.aio.insecure_channel(self.target) if self.credentials is None
+                    else grpc.aio.secure_channel(self.target, self.credentials)
+                ) as channel:
                     stub = puller_grpc.PullerServiceStub(channel)  # type: ignore[no-untyped-call]
                     async for events in self._messages(stub):
                         received = time.perf_counter()

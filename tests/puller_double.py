@@ -6,7 +6,7 @@ change events, gives event ``k`` the marker ``"p{k}"``, honours ``after``
 filters by ``collections``, and serves ``Subscribe`` and (unless built with
 ``batch=False``, like a Syntrix Puller) ``SubscribeBatch``. A marker it does
 not know gets ``INVALID_ARGUMENT``, as a Puller answers a marker too old to
-resume from.
+resume from. Built with ``credentials``, it serves TLS with them.
 """
 
 from __future__ import annotations
@@ -21,10 +21,17 @@ from streamer.protocol import puller_v1_pb2_grpc as pb_grpc
 
 
 class PullerDouble(pb_grpc.PullerServiceServicer):
-    def __init__(self, *, batch: bool = True, batch_size: int = 256) -> None:
+    def __init__(
+        self,
+        *,
+        batch: bool = True,
+        batch_size: int = 256,
+        credentials: grpc.ServerCredentials | None = None,
+    ) -> None:
         self.events: list[pb.ChangeEvent] = []
         self.batch = batch
         self.batch_size = batch_size
+        self.credentials = credentials
         self.subscriptions: list[pb.SubscribeRequest] = []
         self._appended = asyncio.Condition()
         self._server: grpc.aio.Server | None = None
@@ -37,7 +44,11 @@ class PullerDouble(pb_grpc.PullerServiceServicer):
         """Serve on a given loopback port (0: a free one), e.g. to restart."""
         self._server = grpc.aio.server()
         pb_grpc.add_PullerServiceServicer_to_server(self, self._server)
-        self.port = self._server.add_insecure_port(f"127.0.0.1:{port}")
+        address = f"127.0.0.1:{port}"
+        self.port = (
+            self._server.add_insecure_port(address) if self.credentials is None
+            else self._server.add_secure_port(address, self.credentials)
+        )
         await self._server.start()
         return f"127.0.0.1:{self.port}"
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import grpc
 import orjson
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from puller_double import PullerDouble
+from service_helpers import free_port
 
 from streamer.progress import ProgressStore
 from streamer.protocol import puller_v1_pb2 as pb
@@ -26,12 +26,6 @@ from streamer.protocol.streamer_v1_pb2 import (
     SubscribeRequest,
     Value,
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_help_documents_every_option() -> None:
