@@ -13,7 +13,7 @@ import grpc
 import orjson
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from puller_double import PullerDouble
-from service_helpers import free_port
+from service_helpers import free_port, serving
 
 from streamer.progress import ProgressStore
 from streamer.protocol import puller_v1_pb2 as pb
@@ -91,37 +91,24 @@ def test_serve_delivers_and_exits_cleanly_on_sigterm(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
-def _serve(port: int, puller: str, state: Path, *extra: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "streamer", "serve", "--listen", f"127.0.0.1:{port}",
-         "--puller", puller, "--state-dir", str(state), *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> bytes:
-    if proc.poll() is None:
-        proc.kill()
-    out, _ = proc.communicate(timeout=10)
-    return out
+def _saved(state: Path, marker: str, gateways: list[str], others: int) -> None:
+    state.mkdir()
+    (state / "progress.json").write_bytes(
+        orjson.dumps({"marker": marker, "gateways": gateways, "others": others}))
 
 
 def test_restart_window_ends_when_known_gateways_are_back(tmp_path: Path) -> None:
     """A saved marker and a known gateway: ingest waits for that gateway's
     Hello, subscriptions and Heartbeat, not for the (huge) grace."""
-    (tmp_path / "progress.json").write_bytes(
-        orjson.dumps({"marker": "p0", "gateways": ["gw-1"], "others": 0}))
+    _saved(tmp_path / "state", "p0", ["gw-1"], 0)
 
     async def main() -> None:
-        puller = PullerDouble()
-        target = await puller.start()
-        await puller.append(*(pb.ChangeEvent(
-            event_id=f"e{i}", database="app", mgo_coll="messages", mgo_doc_id=f"m{i}",
-            op_type="insert", full_doc=orjson.dumps({"chat": "c"})) for i in range(3)))
-        port = free_port()
-        proc = _serve(port, target, tmp_path, "--resume-grace", "600")
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with serving(tmp_path, "--resume-grace", "600") as serve:
+            puller = serve.puller
+            await puller.append(*(pb.ChangeEvent(
+                event_id=f"e{i}", database="app", mgo_coll="messages", mgo_doc_id=f"m{i}",
+                op_type="insert", full_doc=orjson.dumps({"chat": "c"})) for i in range(3)))
+            async with grpc.aio.insecure_channel(serve.address) as channel:
                 await asyncio.wait_for(channel.channel_ready(), 30)
                 call = sgrpc.StreamerServiceStub(channel).Stream()
                 await call.write(GatewayMessage(hello=Hello(gateway_id="gw-1")))
@@ -138,32 +125,22 @@ def test_restart_window_ends_when_known_gateways_are_back(tmp_path: Path) -> Non
                 assert got == ["e1", "e2"]
                 assert puller.subscriptions[0].after == "p0"
                 call.cancel()
-        finally:
-            out = _stop(proc)
-            await puller.stop()
-        assert b"every known gateway re-registered" in out
+            assert "every known gateway re-registered" in serve.log()
 
     asyncio.run(main())
 
 
 def test_restart_window_waits_the_grace_for_gateways_without_hello(tmp_path: Path) -> None:
-    (tmp_path / "progress.json").write_bytes(
-        orjson.dumps({"marker": "p0", "gateways": [], "others": 1}))
+    _saved(tmp_path / "state", "p0", [], 1)
 
     async def main() -> None:
-        puller = PullerDouble()
-        target = await puller.start()
-        proc = _serve(free_port(), target, tmp_path, "--resume-grace", "0.5")
-        try:
+        async with serving(tmp_path, "--resume-grace", "0.5") as serve:
             for _ in range(3000):
-                if puller.subscriptions:
+                if serve.puller.subscriptions:
                     break
                 await asyncio.sleep(0.01)
-            assert puller.subscriptions[0].after == "p0"
-        finally:
-            out = _stop(proc)
-            await puller.stop()
-        assert b"grace elapsed; not back: only gateways without Hello" in out
+            assert serve.puller.subscriptions[0].after == "p0"
+            assert "grace elapsed; not back: only gateways without Hello" in serve.log()
 
     asyncio.run(main())
 
