@@ -162,8 +162,9 @@ class StreamerCollector(Collector):
         buckets, total = ingest.latency.cumulative()
         yield HistogramMetricFamily(
             "streamer_ingest_latency_seconds",
-            "Seconds from the ingest taking a (non-poison) change event to all of its "
-            "deliveries being enqueued: transformation, matching and fan-out.",
+            "Seconds from the arrival of the Puller message carrying a (non-poison) "
+            "change event to all of its deliveries being enqueued: the wait behind "
+            "earlier events of the batch, transformation, matching and fan-out.",
             buckets=buckets, sum_value=total, unit="seconds",
         )
 
