@@ -27,3 +27,34 @@ class DuplicateSubscription(StreamerError, KeyError):
     def __str__(self) -> str:
         # KeyError.__str__ repr()s its argument; ours is a sentence.
         return str(self.args[0]) if self.args else ""
+
+
+class SubscriptionRejected(StreamerError, ValueError):
+    """The Streamer refused a ``SubscribeRequest`` (``streamer.client``).
+
+    ``code`` is the response's code (``invalid_argument``, ``already_exists``,
+    ``resource_exhausted``, ...) and ``error`` the server's own explanation.
+    """
+
+    def __init__(self, subscription_id: str, code: str, error: str) -> None:
+        super().__init__(f"subscription {subscription_id!r} rejected ({code}): {error}")
+        self.subscription_id = subscription_id
+        self.code = code
+        self.error = error
+
+
+class StreamClosed(StreamerError, ConnectionError):
+    """The client was closed; it sends and receives nothing more."""
+
+
+class AccessDenied(StreamerError, PermissionError):
+    """The Streamer refused the gateway's credentials (``UNAUTHENTICATED`` or
+    ``PERMISSION_DENIED``); retrying with the same ones cannot help.
+
+    ``code`` is the gRPC status name, ``details`` the server's message.
+    """
+
+    def __init__(self, code: str, details: str) -> None:
+        super().__init__(f"{code}: {details}")
+        self.code = code
+        self.details = details

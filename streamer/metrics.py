@@ -51,11 +51,14 @@ if TYPE_CHECKING:
 
 # Ten per decade (the R10 series), 1 µs to 100 ms: a p50/p99 interpolated
 # inside a bucket is off by less than one bucket width (at most 27 %).
-LATENCY_BUCKETS: tuple[float, ...] = tuple(
-    round(m * 10.0**e, 12)
-    for e in range(-6, -1)
-    for m in (1.0, 1.25, 1.6, 2.0, 2.5, 3.15, 4.0, 5.0, 6.3, 8.0)
-) + (0.1,)
+LATENCY_BUCKETS: tuple[float, ...] = (
+    *(
+        round(m * 10.0**e, 12)
+        for e in range(-6, -1)
+        for m in (1.0, 1.25, 1.6, 2.0, 2.5, 3.15, 4.0, 5.0, 6.3, 8.0)
+    ),
+    0.1,
+)
 
 # Keys of Ingest.events / Ingest.delivered exported even before they first
 # occur (lower-cased as label values), so that the series always exist.

@@ -1,22 +1,39 @@
-"""Running ``streamer serve`` as a real process in tests.
+"""The Streamer in tests, run as a gateway would meet it.
 
-``serving`` starts a ``PullerDouble`` and ``streamer serve`` against it on a
-free loopback port, with the process's output in a file, and stops both
-afterwards whatever happened.
+- ``Service``: the real pieces in-process on loopback: the gRPC server with
+  ``StreamerServicer`` (optionally behind ``TokenAuth``), a
+  ``GatewayRegistry`` with the session sweeper of ``streamer serve``, and an
+  ``Ingest`` fed by a ``PullerDouble``, so events appended to the Puller
+  reach gateways end to end. ``stop``/``start`` restart the Streamer on the
+  same port with a fresh registry, as a crash and restart would; the Puller
+  and the progress marker survive it.
+- ``serving``: ``streamer serve`` as a real process against a fresh
+  ``PullerDouble`` on a free loopback port, its output in a file, both
+  stopped afterwards whatever happened.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 
 import grpc
 from puller_double import PullerDouble
+
+from streamer.auth import TokenAuth
+from streamer.cli import _sweep
+from streamer.gateways import GatewayRegistry
+from streamer.ingest import Ingest
+from streamer.matcher import Matcher
+from streamer.progress import ProgressStore
+from streamer.server import StreamerServicer, add_to_server
 
 
 def free_port() -> int:
@@ -65,3 +82,80 @@ async def serving(
                 proc.wait(10)
     finally:
         await puller.stop()
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 10) -> None:
+    """Bounded wait for something that happens in the background."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
+class Service:
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        session_ttl: float = 90.0,
+        token: bytes | None = None,
+        registry_type: type[GatewayRegistry] = GatewayRegistry,
+    ) -> None:
+        self.session_ttl = session_ttl
+        self.token = token
+        self.registry_type = registry_type
+        self.puller = PullerDouble()
+        self.progress = ProgressStore(state_dir)
+        self.port = 0
+        # Fresh at every start, as after a restart.
+        self.registry: GatewayRegistry
+        self.servicer: StreamerServicer
+        self._server: grpc.aio.Server | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        """Start the Streamer (on the port of the last start, if any) and
+        wait until its ingest follows the Puller."""
+        if not self.puller.port:
+            await self.puller.start()
+        self.registry = self.registry_type(Matcher(), session_ttl=self.session_ttl)
+        self.servicer = StreamerServicer(self.registry)
+        interceptors = [TokenAuth(self.token)] if self.token is not None else []
+        self._server = grpc.aio.server(interceptors=interceptors)
+        add_to_server(self.servicer, self._server)
+        self.port = self._server.add_insecure_port(self.target)
+        await self._server.start()
+        subscribed = len(self.puller.subscriptions)
+        ingest = Ingest(
+            f"127.0.0.1:{self.puller.port}", self.registry, self.servicer, self.progress,
+            backoff=(0.01, 0.05),
+        )
+        self._tasks = [
+            asyncio.create_task(ingest.run()),
+            asyncio.create_task(_sweep(self.registry, self.servicer)),
+        ]
+        await until(lambda: len(self.puller.subscriptions) > subscribed)
+
+    async def stop(self) -> None:
+        """Stop the Streamer (not the Puller): every gateway stream breaks."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.stop(grace=0)
+
+    async def __aenter__(self) -> Service:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+        await self.puller.stop()

@@ -11,6 +11,7 @@ import grpc
 import orjson
 import pytest
 from puller_double import PullerDouble
+from service_helpers import until
 
 from streamer.gateways import GatewayRegistry
 from streamer.ingest import Ingest
@@ -59,15 +60,6 @@ async def deliveries(call: grpc.aio.StreamStreamCall, n: int) -> list[Any]:
         message: StreamerMessage = await call.read()
         out.append(message.delivery)
     return out
-
-
-async def until(predicate: Callable[[], bool]) -> None:
-    # Bounded wait for something the pipeline does in the background.
-    for _ in range(1000):
-        if predicate():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not reached")
 
 
 def run(

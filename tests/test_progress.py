@@ -4,22 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from service_helpers import until
 
 from streamer.gateways import KnownGateways
 from streamer.progress import ProgressFileError, ProgressStore, SavedProgress
-
-
-async def _until(predicate: Callable[[], bool], seconds: float = 5.0) -> None:
-    # Bounded wait for the background writer; not a timing assertion.
-    for _ in range(int(seconds / 0.01)):
-        if predicate():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not reached")
 
 
 def test_fresh_state_dir_has_no_progress(tmp_path: Path) -> None:
@@ -44,7 +35,7 @@ def test_a_change_of_gateways_alone_is_written(tmp_path: Path) -> None:
         store = ProgressStore(tmp_path, interval=0.01)
         task = asyncio.create_task(store.run())
         store.set_gateways(KnownGateways(frozenset({"gw-0"}), 0))
-        await _until(lambda: store.writes == 1)
+        await until(lambda: store.writes == 1)
         task.cancel()
 
     asyncio.run(main())
@@ -57,7 +48,7 @@ def test_pending_marker_is_written_without_further_events(tmp_path: Path) -> Non
         task = asyncio.create_task(store.run())
         for i in range(10):
             store.advance(f"m-{i}")
-        await _until(lambda: store.writes > 0)
+        await until(lambda: store.writes > 0)
         await asyncio.sleep(0.2)  # room for a wrong second write to show up
         task.cancel()
         return store.writes
@@ -74,7 +65,7 @@ def test_a_full_batch_is_written_at_once(tmp_path: Path) -> None:
         task = asyncio.create_task(store.run())
         for i in range(2500):
             store.advance(f"m-{i}")
-        await _until(lambda: store.writes == 1)
+        await until(lambda: store.writes == 1)
         task.cancel()
         return store.writes
 

@@ -1,0 +1,484 @@
+"""The gateway-side library: ``StreamerClient`` (SPEC sections 3.1 and 7).
+
+It owns one bidirectional ``StreamerService.Stream`` per client and
+everything a gateway needs around it: subscribe/unsubscribe with awaited
+responses, heartbeats, dead-stream detection (read errors and missing
+heartbeat acks), reconnection with jittered exponential backoff forever
+until closed, re-subscription of every live subscription under the same id
+after each reconnect, and async iteration over the deliveries::
+
+    async with StreamerClient("127.0.0.1:50052", gateway_id="gw-1") as client:
+        sid = await client.subscribe("messages", filters=[("chat_id", "==", "c1")])
+        async for delivery in client.deliveries():
+            ...
+
+Delivery is at-least-once: events around a reconnect can arrive twice and
+the client does not deduplicate. Wrong credentials (``UNAUTHENTICATED``,
+``PERMISSION_DENIED``) are not retried: the client fails with
+``AccessDenied``, raised by ``subscribe()`` and at the end of
+``deliveries()``.
+
+A re-subscription the server refuses after a reconnect is logged, dropped
+from ``live_subscriptions`` and handed to ``on_rejected`` (if given) as a
+``SubscriptionRejected``; the other subscriptions and the stream carry on.
+
+Only grpcio, protobuf and the standard library are needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from streamer.errors import AccessDenied, StreamClosed, SubscriptionRejected
+from streamer.protocol import streamer_v1_pb2_grpc
+from streamer.protocol.streamer_v1_pb2 import (
+    EventDelivery,
+    Filter,
+    GatewayMessage,
+    Heartbeat,
+    Hello,
+    ListValue,
+    SubscribeRequest,
+    SubscribeResponse,
+    UnsubscribeRequest,
+    Value,
+)
+
+if TYPE_CHECKING:
+    from streamer import matcher
+
+__all__ = ["AccessDenied", "StreamClosed", "StreamerClient", "SubscriptionRejected"]
+
+log = logging.getLogger(__name__)
+
+# Well below the server's 90 s session TTL, so one lost heartbeat never
+# expires the session.
+DEFAULT_HEARTBEAT_INTERVAL = 10.0
+_FATAL = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+class StreamerClient:
+    """One gateway's connection to a Streamer; see the module docstring.
+
+    ``batch`` sends ``Hello{batch_delivery}`` so the server may pack
+    deliveries (``max_batch`` per message, 0: the server's default); with
+    ``batch=False`` no Hello is sent, as a plain Syntrix gateway does.
+    ``ack_timeout`` (default three heartbeat intervals) is how long the
+    stream may go without a heartbeat ack (or, right after connecting,
+    without the answers to the re-subscriptions) before it is declared dead.
+    ``backoff`` is the (initial, maximum) reconnect delay in seconds, each
+    delay jittered by a factor in [0.5, 1.5]. ``tls`` is the channel's
+    credentials (None: plaintext), ``token`` is sent as ``authorization:
+    Bearer <token>`` on the stream, ``channel_options`` go to the channel
+    (e.g. ``grpc.ssl_target_name_override``).
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        gateway_id: str,
+        token: str | None = None,
+        tls: grpc.ChannelCredentials | None = None,
+        batch: bool = True,
+        max_batch: int = 0,
+        heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
+        ack_timeout: float | None = None,
+        backoff: tuple[float, float] = (0.1, 5.0),
+        on_rejected: Callable[[SubscriptionRejected], object] | None = None,
+        channel_options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        if not gateway_id:
+            raise ValueError("gateway_id must not be empty")
+        if not 0 <= max_batch < 2**32:
+            raise ValueError(f"max_batch must be a uint32, got {max_batch}")
+        if heartbeat_interval <= 0:
+            raise ValueError(f"heartbeat_interval must be positive, got {heartbeat_interval}")
+        if not 0 < backoff[0] <= backoff[1]:
+            raise ValueError(f"backoff must be (initial, maximum) with 0 < initial <= maximum, "
+                             f"got {backoff}")
+        self.target = target
+        self.gateway_id = gateway_id
+        self.batch = batch
+        self.max_batch = max_batch
+        self.heartbeat_interval = heartbeat_interval
+        self.ack_timeout = 3 * heartbeat_interval if ack_timeout is None else ack_timeout
+        self.backoff = backoff
+        self.on_rejected = on_rejected
+        self._tls = tls
+        self._channel_options = list(channel_options)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token is not None else ()
+        # Every subscription the client wants, confirmed or not, in subscribe
+        # order: what a reconnect re-sends.
+        self._requests: dict[str, SubscribeRequest] = {}
+        # Requests whose answer is awaited (sent, or to send once connected).
+        self._waiters: dict[str, asyncio.Future[SubscribeResponse]] = {}
+        # Per stream: its outgoing messages and the ids subscribed on it.
+        self._outbox: asyncio.Queue[GatewayMessage] | None = None
+        self._sent: set[str] = set()
+        # Unbounded on purpose: the reader never waits for the consumer, so
+        # heartbeat acks are never stuck behind deliveries (a bounded queue
+        # would make a slow consumer look like a dead stream). A consumer
+        # slower than the delivery rate grows this queue instead; the
+        # server's own bound (SPEC section 6) does not see it.
+        self._deliveries: asyncio.Queue[EventDelivery | None] = asyncio.Queue()
+        self._connected = asyncio.Event()
+        self._last_ack = 0.0
+        self._acked = asyncio.Event()
+        self._connections = 0
+        self._failure: AccessDenied | None = None
+        self._closed = False
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> StreamerClient:
+        self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @property
+    def connected(self) -> bool:
+        """True once the current stream has re-subscribed and its first
+        heartbeat was acknowledged."""
+        return self._connected.is_set()
+
+    @property
+    def reconnects(self) -> int:
+        """Streams established after the first one."""
+        return max(0, self._connections - 1)
+
+    @property
+    def live_subscriptions(self) -> list[str]:
+        """Ids the server has confirmed, which every reconnect re-subscribes
+        (while that happens, the ones not re-confirmed yet are left out)."""
+        return [sid for sid in self._requests if sid not in self._waiters]
+
+    def start(self) -> None:
+        """Start connecting in the background (``async with`` does it)."""
+        self._check_open()
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"streamer-client {self.target}")
+
+    async def close(self) -> None:
+        """Stop; pending ``subscribe()`` calls raise ``StreamClosed`` and
+        ``deliveries()`` ends after what was already received."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._end(StreamClosed("the client is closed"))
+
+    async def subscribe(
+        self,
+        collection: str,
+        *,
+        filters: Iterable[matcher.Filter | tuple[str, str, Any]] = (),
+        expression: str = "",
+        database: str = "",
+        subscription_id: str | None = None,
+        timeout: float | None = None,
+    ) -> str:
+        """Register a subscription and return its id once the server accepted it.
+
+        Without ``subscription_id`` the client generates a UUID4 (it must
+        know the id to re-subscribe it after a reconnect). While disconnected
+        this waits for the connection; ``timeout`` bounds the whole call
+        (``TimeoutError``). Raises ``SubscriptionRejected`` when refused,
+        ``TypeError`` for a filter value with no protocol ``Value``.
+        ``database`` is sent as given: the server has no default database,
+        so ``""`` matches only events whose database is ``""``.
+        """
+        self._check_open()
+        sub_id = subscription_id or str(uuid.uuid4())
+        if sub_id in self._requests:
+            raise SubscriptionRejected(
+                sub_id, "already_exists", "already subscribed by this client"
+            )
+        request = SubscribeRequest(
+            subscription_id=sub_id, collection=collection, database=database,
+            filters=[_filter(i, f) for i, f in enumerate(filters, 1)], expression=expression,
+        )
+        waiter = asyncio.get_running_loop().create_future()
+        self._requests[sub_id] = request
+        self._waiters[sub_id] = waiter
+        # While a stream is being set up, its handshake sends this request.
+        if self._connected.is_set():
+            self._sent.add(sub_id)
+            self._send(GatewayMessage(subscribe=request))
+        try:
+            async with asyncio.timeout(timeout):
+                response = await waiter
+        except BaseException:
+            waiter.cancel()  # wakes unsubscribe() calls waiting for the answer
+            if self._waiters.get(sub_id) is waiter:
+                del self._waiters[sub_id]
+            if self._requests.get(sub_id) is request:
+                del self._requests[sub_id]
+                if sub_id in self._sent:
+                    # The server may have registered it: nobody would own it.
+                    self._send(GatewayMessage(unsubscribe=UnsubscribeRequest(
+                        subscription_id=sub_id)))
+            raise
+        if not response.success:
+            raise SubscriptionRejected(sub_id, response.code, response.error)
+        return sub_id
+
+    async def unsubscribe(self, subscription_id: str) -> None:
+        """Remove a subscription (unknown ids are ignored, as the server does).
+
+        An id whose ``subscribe()`` is still waiting is removed once answered.
+        """
+        self._check_open()
+        waiter = self._waiters.get(subscription_id)
+        if waiter is not None:
+            await asyncio.wait([waiter])  # never cancels it, never raises its error
+        if self._requests.pop(subscription_id, None) is not None and subscription_id in self._sent:
+            self._send(GatewayMessage(unsubscribe=UnsubscribeRequest(
+                subscription_id=subscription_id)))
+
+    async def deliveries(self) -> AsyncIterator[EventDelivery]:
+        """Every delivery, batches flattened, in the order received.
+
+        Ends when the client is closed; raises ``AccessDenied`` after the
+        last delivery if the server refused the credentials. Meant for one
+        consumer at a time.
+        """
+        queue = self._deliveries
+        while True:
+            delivery = await queue.get()
+            if delivery is None:
+                queue.put_nowait(None)  # so every iterator ends, also later ones
+                if self._failure is not None:
+                    raise self._failure
+                return
+            yield delivery
+
+    def _check_open(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+        if self._closed:
+            raise StreamClosed("the client is closed")
+
+    def _end(self, error: AccessDenied | StreamClosed) -> None:
+        for waiter in self._waiters.values():
+            if not waiter.done():
+                waiter.set_exception(error)
+        self._waiters.clear()
+        self._deliveries.put_nowait(None)
+
+    def _send(self, message: GatewayMessage) -> None:
+        if self._outbox is not None:
+            self._outbox.put_nowait(message)
+
+    async def _run(self) -> None:
+        delay = self.backoff[0]
+        while True:
+            try:
+                established = await self._connect()
+            except AccessDenied as exc:
+                log.error("streamer %s refused gateway %s: %s", self.target, self.gateway_id, exc)
+                self._failure = exc
+                self._end(exc)
+                return
+            if established:
+                delay = self.backoff[0]
+            await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(delay * 2, self.backoff[1])
+
+    async def _connect(self) -> bool:
+        """One stream, until it fails; True if it got through the handshake."""
+        if self._tls is None:
+            channel = grpc.aio.insecure_channel(self.target, options=self._channel_options)
+        else:
+            channel = grpc.aio.secure_channel(self.target, self._tls, options=self._channel_options)
+        outbox: asyncio.Queue[GatewayMessage] = asyncio.Queue()
+        self._outbox, self._sent = outbox, set()
+        try:
+            stub = streamer_v1_pb2_grpc.StreamerServiceStub(channel)  # type: ignore[no-untyped-call]
+            call = stub.Stream(metadata=self._metadata)
+            tasks = [
+                asyncio.create_task(self._read(call)),
+                asyncio.create_task(self._write(call, outbox)),
+                asyncio.create_task(self._pulse()),
+            ]
+            try:
+                # Each task runs until the stream is unusable.
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                established = self._connected.is_set()
+                # A write racing the server's refusal turns the call's status
+                # into INTERNAL (grpc.aio marks the call failed itself): that
+                # attempt is retried, and the next one sees the real code.
+                if call.done():
+                    code = await call.code()
+                    if code in _FATAL:
+                        raise AccessDenied(code.name, await call.details())
+                error = next(iter(done)).exception()
+                if isinstance(error, grpc.aio.AioRpcError):
+                    reason = f"{error.code().name}: {error.details()}"
+                else:
+                    reason = str(error)
+                log.warning("stream to streamer %s lost: %s", self.target, reason)
+                return established
+            finally:
+                self._connected.clear()
+                self._outbox = None
+                call.cancel()
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            await channel.close()
+
+    async def _read(self, call: grpc.aio.StreamStreamCall) -> None:
+        async for message in call:
+            kind = message.WhichOneof("payload")
+            if kind == "delivery":
+                self._deliveries.put_nowait(message.delivery)
+            elif kind == "batch":
+                for delivery in message.batch.deliveries:
+                    self._deliveries.put_nowait(delivery)
+            elif kind == "heartbeat_ack":
+                self._last_ack = time.monotonic()
+                self._acked.set()
+            elif kind == "subscribe_response":
+                self._answer(message.subscribe_response)
+            else:
+                log.warning("streamer %s sent a message of unknown kind %r", self.target, kind)
+        raise ConnectionError("the server ended the stream")
+
+    def _answer(self, response: SubscribeResponse) -> None:
+        sub_id = response.subscription_id
+        waiter = self._waiters.pop(sub_id, None)
+        if waiter is None:
+            log.warning("ignoring a response for unknown subscription %r", sub_id)
+            return
+        if not response.success:
+            self._requests.pop(sub_id, None)
+        if not waiter.done():
+            waiter.set_result(response)
+
+    @staticmethod
+    async def _write(
+        call: grpc.aio.StreamStreamCall, outbox: asyncio.Queue[GatewayMessage]
+    ) -> None:
+        # The only writer of the call: grpc.aio allows one write at a time.
+        while True:
+            await call.write(await outbox.get())
+
+    async def _pulse(self) -> None:
+        """Handshake, then heartbeats until acks stop coming."""
+        # The server takes a heartbeat that follows re-subscriptions as proof
+        # that the gateway has re-registered everything (its restart window),
+        # so the order is: Hello, every re-subscription answered, Heartbeat.
+        if self.batch:
+            self._send(GatewayMessage(hello=Hello(
+                gateway_id=self.gateway_id, batch_delivery=True, max_batch=self.max_batch)))
+        loop = asyncio.get_running_loop()
+        resubscribed: dict[str, asyncio.Future[SubscribeResponse]] = {}
+        for sub_id in self._requests:
+            if sub_id not in self._waiters:  # else a subscribe() call awaits it
+                resubscribed[sub_id] = self._waiters[sub_id] = loop.create_future()
+        try:
+            self._send_unsent()
+            if resubscribed:
+                _, unanswered = await asyncio.wait(resubscribed.values(), timeout=self.ack_timeout)
+                if unanswered:
+                    raise TimeoutError(f"{len(unanswered)} re-subscriptions unanswered after "
+                                       f"{self.ack_timeout:g} s")
+        finally:
+            # Also when the stream dies meanwhile: answers already in count.
+            for sub_id, waiter in resubscribed.items():
+                if not waiter.done():
+                    waiter.cancel()  # wakes unsubscribe(); the next stream asks again
+                    del self._waiters[sub_id]
+                    continue
+                response = waiter.result()
+                if not response.success:
+                    self._rejected(SubscriptionRejected(sub_id, response.code, response.error))
+        self._acked.clear()
+        self._heartbeat()
+        # Connected means answered: until then a refused call looks fine.
+        try:
+            await asyncio.wait_for(self._acked.wait(), self.ack_timeout)
+        except TimeoutError:
+            raise TimeoutError(
+                f"first heartbeat unacknowledged after {self.ack_timeout:g} s"
+            ) from None
+        self._send_unsent()  # subscribe() calls made during the handshake
+        self._connections += 1
+        self._connected.set()
+        while True:
+            await asyncio.sleep(self.heartbeat_interval)
+            silent = time.monotonic() - self._last_ack
+            if silent > self.ack_timeout:
+                raise TimeoutError(f"no heartbeat ack for {silent:.1f} s")
+            self._heartbeat()
+
+    def _send_unsent(self) -> None:
+        for sub_id, request in self._requests.items():
+            if sub_id not in self._sent:
+                self._sent.add(sub_id)
+                self._send(GatewayMessage(subscribe=request))
+
+    def _heartbeat(self) -> None:
+        self._send(GatewayMessage(heartbeat=Heartbeat(
+            gateway_id=self.gateway_id, timestamp=time.time_ns() // 1_000_000)))
+
+    def _rejected(self, error: SubscriptionRejected) -> None:
+        log.error("re-subscription refused, subscription dropped: %s", error)
+        if self.on_rejected is not None:
+            try:
+                self.on_rejected(error)
+            except Exception:
+                log.exception("on_rejected callback failed")
+
+
+def _filter(position: int, spec: matcher.Filter | tuple[str, str, Any]) -> Filter:
+    if not isinstance(spec, tuple) or len(spec) != 3:
+        raise TypeError(
+            f"filter {position}: expected a Filter or a (field, op, value) tuple, got {spec!r}"
+        )
+    field, op, value = spec
+    if not isinstance(field, str) or not isinstance(op, str):
+        raise TypeError(f"filter {position}: field and op must be str, got {field!r}, {op!r}")
+    return Filter(field=field, op=op, value=_value(value, f"filter {position} ({field})"))
+
+
+def _value(value: object, where: str) -> Value:
+    """A Python value as a protocol ``Value`` (bool is tested before int: it is one)."""
+    if isinstance(value, str):
+        return Value(string_value=value)
+    if isinstance(value, bool):
+        return Value(bool_value=value)
+    if isinstance(value, int):
+        if not _INT64[0] <= value <= _INT64[1]:
+            raise ValueError(f"{where}: {value} does not fit in int64")
+        return Value(int_value=value)
+    if isinstance(value, float):
+        return Value(double_value=value)
+    if isinstance(value, list | tuple):
+        return Value(list_value=ListValue(values=[_value(v, where) for v in value]))
+    raise TypeError(
+        f"{where}: cannot send a {type(value).__name__} value "
+        "(str, int, float, bool or a list of them)"
+    )

@@ -1,0 +1,404 @@
+"""StreamerClient against a real Streamer on loopback (``service_helpers``),
+events flowing end to end from a test Puller, and against a raw peer that
+stops acknowledging heartbeats."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import orjson
+import pytest
+from service_helpers import Service, until
+
+from streamer.client import StreamerClient
+from streamer.errors import AccessDenied, StreamClosed, StreamerError, SubscriptionRejected
+from streamer.gateways import GatewayRegistry, Session
+from streamer.matcher import Filter
+from streamer.protocol import puller_v1_pb2 as pb
+from streamer.protocol import streamer_v1_pb2_grpc as sgrpc
+from streamer.protocol.streamer_v1_pb2 import (
+    EventDelivery,
+    GatewayMessage,
+    HeartbeatAck,
+    StreamerMessage,
+    SubscribeRequest,
+    SubscribeResponse,
+)
+
+FAST = {"heartbeat_interval": 0.1, "ack_timeout": 1.0, "backoff": (0.01, 0.05)}
+
+
+def run(scenario: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+def change(i: int, **doc: Any) -> pb.ChangeEvent:
+    return pb.ChangeEvent(
+        event_id=f"e{i}", database="app", mgo_coll="messages", mgo_doc_id=f"m{i}",
+        op_type="insert", full_doc=orjson.dumps(doc), timestamp=1000 + i,
+    )
+
+
+async def take(client: StreamerClient, n: int) -> list[EventDelivery]:
+    out: list[EventDelivery] = []
+
+    async def collect() -> None:
+        async for delivery in client.deliveries():
+            out.append(delivery)
+            if len(out) == n:
+                return
+
+    await asyncio.wait_for(collect(), 5)
+    return out
+
+
+def chat(name: str) -> list[tuple[str, str, Any]]:
+    return [("chat", "==", name)]
+
+
+def test_subscribe_returns_the_given_or_a_generated_id(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with Service(tmp_path) as svc, StreamerClient(
+            svc.target, gateway_id="gw", **FAST
+        ) as client:
+            given = await client.subscribe(
+                "messages", database="app", filters=chat("c1"), subscription_id="mine"
+            )
+            generated = await client.subscribe("messages", database="app", filters=chat("c2"))
+            assert given == "mine" and len(generated) == 36 and generated.count("-") == 4
+            assert client.live_subscriptions == ["mine", generated]
+            assert set(svc.registry.owners) == {"mine", generated}
+            await svc.puller.append(change(0, chat="c2"), change(1, chat="c1"))
+            got = await take(client, 2)
+            assert [(d.event.event_id, list(d.subscription_ids)) for d in got] == [
+                ("e0", [generated]), ("e1", ["mine"])]
+
+    run(scenario)
+
+
+def test_filter_values_and_filter_objects_reach_the_matcher(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with Service(tmp_path) as svc, StreamerClient(
+            svc.target, gateway_id="gw", **FAST
+        ) as client:
+            await client.subscribe("messages", database="app", subscription_id="s", filters=[
+                Filter("n", ">=", 2), ("flag", "==", True), ("tag", "in", ["x", "y"]),
+                ("score", "<", 1.5),
+            ])
+            await svc.puller.append(
+                change(0, n=3, flag=1, tag="x", score=1.0),  # 1 is not true: bool sent as bool
+                change(1, n=3, flag=True, tag="z", score=1.0),
+                change(2, n=3, flag=True, tag="y", score=1.0),
+            )
+            [delivery] = await take(client, 1)
+            assert delivery.event.event_id == "e2"
+            with pytest.raises(TypeError, match=r"filter 2 \(meta\): cannot send a dict value"):
+                await client.subscribe("messages", filters=[("a", "==", 1), ("meta", "==", {})])
+            with pytest.raises(TypeError, match="filter 1: expected a Filter or a"):
+                await client.subscribe("messages", filters=[("a", "==")])  # type: ignore[list-item]
+            with pytest.raises(ValueError, match=r"filter 1 \(a\): 18446744073709551616 does not"):
+                await client.subscribe("messages", filters=[("a", "==", [2**64])])
+            assert client.live_subscriptions == ["s"]
+
+    run(scenario)
+
+
+def test_rejections_raise_with_the_server_code(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with Service(tmp_path) as svc, StreamerClient(
+            svc.target, gateway_id="gw-1", **FAST
+        ) as one, StreamerClient(svc.target, gateway_id="gw-2", **FAST) as two:
+            with pytest.raises(SubscriptionRejected) as bad:
+                await one.subscribe("messages", filters=[("chat", "like", "c%")])
+            assert bad.value.code == "invalid_argument" and "like" in bad.value.error
+            assert isinstance(bad.value, ValueError) and isinstance(bad.value, StreamerError)
+            await one.subscribe("messages", filters=chat("c1"), subscription_id="taken")
+            with pytest.raises(SubscriptionRejected) as dup:
+                await two.subscribe("messages", filters=chat("c2"), subscription_id="taken")
+            assert (dup.value.code, dup.value.subscription_id) == ("already_exists", "taken")
+            with pytest.raises(SubscriptionRejected, match="already subscribed by this client"):
+                await one.subscribe("messages", subscription_id="taken")
+            assert one.live_subscriptions == ["taken"] and two.live_subscriptions == []
+            assert svc.registry.owners["taken"].gateway_id == "gw-1"
+
+    run(scenario)
+
+
+def test_unsubscribe_stops_deliveries(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with Service(tmp_path) as svc, StreamerClient(
+            svc.target, gateway_id="gw", **FAST
+        ) as client:
+            await client.subscribe("messages", database="app", filters=chat("c1"),
+                                   subscription_id="gone")
+            await client.subscribe("messages", database="app", filters=chat("c2"),
+                                   subscription_id="kept")
+            await client.unsubscribe("gone")
+            await client.unsubscribe("never-was")
+            assert client.live_subscriptions == ["kept"]
+            await until(lambda: "gone" not in svc.registry.owners)
+            await svc.puller.append(change(0, chat="c1"), change(1, chat="c2"))
+            # Deliveries keep the Puller's order: e0 would have come first.
+            [delivery] = await take(client, 1)
+            assert (delivery.event.event_id, list(delivery.subscription_ids)) == ("e1", ["kept"])
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("batch", [True, False], ids=["batch", "plain"])
+def test_deliveries_are_flattened_in_order(tmp_path: Path, batch: bool) -> None:
+    async def scenario() -> None:
+        async with Service(tmp_path) as svc, StreamerClient(
+            svc.target, gateway_id="gw", batch=batch, max_batch=8, **FAST
+        ) as client:
+            await client.subscribe("messages", database="app", filters=chat("c"),
+                                   subscription_id="s")
+            await svc.puller.append(*(change(i, chat="c") for i in range(50)))
+            got = await take(client, 50)
+            assert [d.event.event_id for d in got] == [f"e{i}" for i in range(50)]
+            assert all(list(d.subscription_ids) == ["s"] for d in got)
+            [stream] = svc.servicer.streams.values()
+            queue = stream.queue
+            assert stream.session.gateway_id == "gw"
+            if batch:
+                assert queue.max_batch == 8
+                assert queue.sent_messages < queue.sent_deliveries  # several per message
+            else:
+                assert queue.max_batch is None
+
+    run(scenario)
+
+
+def test_heartbeats_keep_the_session_alive(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with Service(tmp_path, session_ttl=0.5) as svc, StreamerClient(
+            svc.target, gateway_id="gw", **FAST
+        ) as client, grpc.aio.insecure_channel(svc.target) as channel:
+            await client.subscribe("messages", database="app", filters=chat("c"),
+                                   subscription_id="beating")
+            silent = sgrpc.StreamerServiceStub(channel).Stream()
+            await silent.write(GatewayMessage(subscribe=SubscribeRequest(
+                subscription_id="silent", database="app", collection="messages")))
+            assert (await silent.read()).subscribe_response.success
+            with pytest.raises(grpc.aio.AioRpcError) as expired:
+                while await silent.read() is not grpc.aio.EOF:
+                    pass
+            assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert set(svc.registry.owners) == {"beating"}
+            assert client.connected and client.reconnects == 0
+            await svc.puller.append(change(0, chat="c"))
+            [delivery] = await take(client, 1)
+            assert delivery.event.event_id == "e0"
+
+    run(scenario)
+
+
+class RecordingRegistry(GatewayRegistry):
+    """Notes the session's subscriptions whenever a message names the
+    gateway (``Hello`` and ``Heartbeat``)."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.named: list[tuple[str, frozenset[str]]] = []
+
+    def touch(self, session: Session, gateway_id: str = "") -> None:
+        super().touch(session, gateway_id)
+        if gateway_id:
+            self.named.append((gateway_id, frozenset(session.subscriptions)))
+
+
+def test_a_restarted_streamer_gets_every_subscription_back(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with Service(tmp_path, registry_type=RecordingRegistry) as svc, StreamerClient(
+            svc.target, gateway_id="gw", **FAST
+        ) as client:
+            a = await client.subscribe("messages", database="app", filters=chat("a"))
+            await client.subscribe("messages", database="app", filters=chat("b"),
+                                   subscription_id="b")
+            await svc.puller.append(change(0, chat="a"))
+            assert [d.event.event_id for d in await take(client, 1)] == ["e0"]
+            await svc.stop()
+            await until(lambda: not client.connected)
+            await svc.start()  # same port, empty registry
+            await until(lambda: client.connected)
+            assert client.reconnects == 1
+            assert client.live_subscriptions == [a, "b"]
+            assert set(svc.registry.owners) == {a, "b"}
+            registry = svc.registry
+            assert isinstance(registry, RecordingRegistry)
+            # Hello came before the re-subscriptions, the heartbeat after all.
+            assert registry.named[:2] == [("gw", frozenset()), ("gw", frozenset({a, "b"}))]
+            await svc.puller.append(change(1, chat="b"), change(2, chat="a"))
+            got = await take(client, 2)
+            assert [(d.event.event_id, list(d.subscription_ids)) for d in got] == [
+                ("e1", ["b"]), ("e2", [a])]
+
+    run(scenario)
+
+
+def test_subscribe_waits_for_the_connection(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        svc = Service(tmp_path)
+        async with svc:
+            await svc.stop()  # keeps its port, which is now closed
+            async with StreamerClient(svc.target, gateway_id="gw", **FAST) as client:
+                with pytest.raises(TimeoutError):
+                    await client.subscribe("messages", subscription_id="late", timeout=0.2)
+                assert client.live_subscriptions == []
+                waiting = asyncio.create_task(client.subscribe(
+                    "messages", database="app", filters=chat("c"), subscription_id="w"))
+                regretted = asyncio.create_task(client.subscribe("messages", subscription_id="r"))
+                await asyncio.sleep(0.2)
+                dropping = asyncio.create_task(client.unsubscribe("r"))  # waits for the answer
+                await asyncio.sleep(0.05)
+                assert not waiting.done() and not dropping.done() and not client.connected
+                await svc.start()
+                assert await asyncio.wait_for(waiting, 5) == "w"
+                assert await asyncio.wait_for(regretted, 5) == "r"
+                await asyncio.wait_for(dropping, 5)
+                assert client.live_subscriptions == ["w"]
+                await until(lambda: set(svc.registry.owners) == {"w"})
+
+    run(scenario)
+
+
+def test_wrong_token_fails_loudly_instead_of_retrying(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with Service(tmp_path, token=b"s3cret") as svc:
+            async with StreamerClient(
+                svc.target, gateway_id="gw", token="s3cret", **FAST
+            ) as client:
+                assert await client.subscribe("messages", subscription_id="in") == "in"
+            for token in ("nope", None):
+                async with StreamerClient(
+                    svc.target, gateway_id="gw", token=token, **FAST
+                ) as client:
+                    with pytest.raises(AccessDenied) as denied:
+                        await client.subscribe("messages", subscription_id="out")
+                    assert denied.value.code == "UNAUTHENTICATED"
+                    assert isinstance(denied.value, PermissionError)
+                    with pytest.raises(AccessDenied):
+                        await take(client, 1)
+                    with pytest.raises(AccessDenied):
+                        await client.unsubscribe("out")
+                    assert client.reconnects == 0 and not client.connected
+
+    run(scenario)
+
+
+def test_close_ends_deliveries_and_pending_calls(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with Service(tmp_path) as svc:
+            client = StreamerClient(svc.target, gateway_id="gw", **FAST)
+            client.start()
+            got: list[str] = []
+
+            async def consume() -> None:
+                async for delivery in client.deliveries():
+                    got.append(delivery.event.event_id)
+
+            consumer = asyncio.create_task(consume())
+            await client.subscribe("messages", database="app", filters=chat("c"),
+                                   subscription_id="s")
+            await svc.puller.append(change(0, chat="c"))
+            await until(lambda: got == ["e0"])
+            await svc.stop()
+            pending = asyncio.create_task(client.subscribe("messages", subscription_id="p"))
+            await asyncio.sleep(0.05)
+            await client.close()
+            with pytest.raises(StreamClosed):
+                await pending
+            await asyncio.wait_for(consumer, 5)  # ended, without an error
+            assert got == ["e0"]
+            assert [d async for d in client.deliveries()] == []
+            with pytest.raises(StreamClosed):
+                await client.subscribe("messages")
+            await client.close()
+
+    run(scenario)
+
+
+class StuckStreamer:
+    """A Streamer that answers subscriptions but acknowledges only the first
+    heartbeat of each stream (a stuck peer, which we cannot build from the
+    real one). It records each stream's messages; on the first stream it
+    also answers for an id nobody asked for, and on later ones it refuses
+    every subscription as taken."""
+
+    def __init__(self) -> None:
+        self.streams: list[list[str]] = []
+
+    async def stream(
+        self, requests: AsyncIterator[GatewayMessage], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[StreamerMessage]:
+        kinds: list[str] = []
+        self.streams.append(kinds)
+        first = len(self.streams) == 1
+        async for message in requests:
+            kind = message.WhichOneof("payload")
+            if kind != "subscribe":
+                if kind == "heartbeat" and "heartbeat" not in kinds:
+                    yield StreamerMessage(heartbeat_ack=HeartbeatAck(
+                        timestamp=message.heartbeat.timestamp))
+                kinds.append(str(kind))
+                continue
+            sub_id = message.subscribe.subscription_id
+            kinds.append(f"subscribe {sub_id}")
+            if first:
+                yield StreamerMessage(subscribe_response=SubscribeResponse(
+                    subscription_id="ghost", success=True))
+                response = SubscribeResponse(subscription_id=sub_id, success=True)
+            else:
+                response = SubscribeResponse(
+                    subscription_id=sub_id, success=False, code="already_exists", error="taken")
+            yield StreamerMessage(subscribe_response=response)
+
+    async def __aenter__(self) -> str:
+        self._server = grpc.aio.server()
+        handler = grpc.stream_stream_rpc_method_handler(
+            self.stream, request_deserializer=GatewayMessage.FromString,
+            response_serializer=StreamerMessage.SerializeToString,
+        )
+        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            "syntrix.streamer.v1.StreamerService", {"Stream": handler}),))
+        port = self._server.add_insecure_port("127.0.0.1:0")
+        await self._server.start()
+        return f"127.0.0.1:{port}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._server.stop(grace=0)
+
+
+def test_missing_acks_mean_a_dead_stream(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        peer = StuckStreamer()
+        rejected: list[SubscriptionRejected] = []
+        async with peer as target, StreamerClient(
+            target, gateway_id="gw", heartbeat_interval=0.05, ack_timeout=0.2,
+            backoff=(0.01, 0.05), on_rejected=rejected.append,
+        ) as client:
+            await until(lambda: client.connected)
+            assert await client.subscribe("messages", subscription_id="s") == "s"
+            await until(lambda: client.reconnects >= 2)  # the third stream got its ack
+            first, second, third = peer.streams[:3]
+            assert first[:3] == ["hello", "heartbeat", "subscribe s"]
+            # Re-subscribed with the same id between Hello and the heartbeat;
+            # refused, so dropped: the next stream no longer asks for it.
+            assert second[:3] == ["hello", "subscribe s", "heartbeat"]
+            assert third[:2] == ["hello", "heartbeat"]
+            assert not any(k.startswith("subscribe") for k in third)
+            [refusal] = rejected
+            assert (refusal.subscription_id, refusal.code, refusal.error) == (
+                "s", "already_exists", "taken")
+            assert client.live_subscriptions == []
+
+    with caplog.at_level(logging.WARNING, logger="streamer.client"):
+        run(scenario)
+    messages = [r.getMessage() for r in caplog.records]
+    assert "ignoring a response for unknown subscription 'ghost'" in messages
+    assert any(m.startswith("stream to streamer") and "no heartbeat ack" in m for m in messages)
