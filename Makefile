@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: test bench demo lint proto sanitize wheel clean
 
-$(STAMP): pyproject.toml setup.py streamer/_ext/_core.pyx streamer/_ext/_core.pxd
+$(STAMP): pyproject.toml setup.py streamer/_ext/*.pyx streamer/_ext/*.pxd
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test,bench,lint,dev]'

@@ -21,6 +21,10 @@ Sizes come from the environment: ``STREAMER_BENCH_INGEST_N`` (100000),
 ``STREAMER_BENCH_INGEST_RATE`` (10000), ``STREAMER_BENCH_INGEST_SECONDS``
 (20), ``STREAMER_BENCH_INGEST_GATEWAYS`` (8). Figures go to
 ``bench/results/ingest.json`` and are printed as a table.
+
+``STREAMER_BENCH_PROFILE=FILE`` records where the Streamer spends the paced
+run with py-spy (collapsed stacks, for flame graphs; py-spy must be on PATH
+and allowed to attach).
 """
 
 from __future__ import annotations
@@ -228,11 +232,18 @@ async def _run(state: Path) -> dict[str, Any]:
         await _feed(puller, warmup, RATE)
         await _processed(state, WARMUP_EVENTS - 1, 60)
 
+        profile = os.environ.get("STREAMER_BENCH_PROFILE")
+        spy = None if not profile else subprocess.Popen(
+            ["py-spy", "record", "--pid", str(proc.pid), "--format", "raw",
+             "--output", profile, "--duration", str(int(SECONDS)), "--nonblocking"],
+        )
         m0, cpu0, got0 = _scrape(metrics_port), streamer.cpu_times(), gateways.total
         start = time.perf_counter()
         await _feed(puller, timed, RATE)
         done = await _processed(state, len(paced) - 1, 120)
         m1, cpu1 = _scrape(metrics_port), streamer.cpu_times()
+        if spy is not None:
+            await asyncio.to_thread(spy.wait, 60)
         elapsed = done - start
         cpu = (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
         result: dict[str, Any] = {

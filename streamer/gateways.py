@@ -27,7 +27,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from streamer.delivery import subscription_field
 from streamer.errors import DuplicateSubscription, InvalidSubscription
 from streamer.matcher import Filter, Matcher
 from streamer.protocol.streamer_v1_pb2 import SubscribeRequest, SubscribeResponse, Value
@@ -98,9 +97,7 @@ class Session:
     key: int
     gateway_id: str = ""
     hello: bool = False  # said Hello: speaks the restart-window protocol
-    # Subscription id → its ``EventDelivery.subscription_ids`` wire field,
-    # framed once here rather than for every delivery.
-    subscriptions: dict[str, bytes] = field(default_factory=dict)
+    subscriptions: set[str] = field(default_factory=set)
     last_seen: float = 0.0
 
 
@@ -192,7 +189,7 @@ class GatewayRegistry:
             return SubscribeResponse(
                 subscription_id=sub_id, success=False, error=str(exc), code=INVALID_ARGUMENT
             )
-        session.subscriptions[sub_id] = subscription_field(sub_id)
+        session.subscriptions.add(sub_id)
         self.owners[sub_id] = session
         return SubscribeResponse(subscription_id=sub_id, success=True)
 
@@ -200,7 +197,7 @@ class GatewayRegistry:
         """Remove one of the session's own subscriptions; others are ignored."""
         if sub_id not in session.subscriptions:
             return False
-        del session.subscriptions[sub_id]
+        session.subscriptions.discard(sub_id)
         del self.owners[sub_id]
         self.matcher.remove(sub_id)
         return True

@@ -25,9 +25,9 @@ from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
-from streamer.delivery import delivery_message, event_field
+from streamer.delivery import event_field, frame_deliveries
 from streamer.events import Change, Layout, Op, PoisonEvent, normalize
-from streamer.gateways import GatewayRegistry, Session
+from streamer.gateways import GatewayRegistry
 from streamer.metrics import LatencyHistogram
 from streamer.progress import ProgressStore
 from streamer.protocol import puller_v1_pb2 as puller_pb
@@ -36,6 +36,9 @@ from streamer.protocol.streamer_v1_pb2 import StreamerEvent
 from streamer.server import StreamerServicer
 
 log = logging.getLogger(__name__)
+# Enum attribute access is a descriptor call; these are plain lookups.
+_NAME = {op: op.name for op in Op}
+_WIRE = {op: op.value for op in Op}
 
 
 class Ingest:
@@ -158,7 +161,7 @@ class Ingest:
                 by_op[Op.DELETE] = sorted(left)
         elif after:
             by_op[change.op] = after
-        self.events[change.op.name] += 1
+        self.events[_NAME[change.op]] += 1
         owners = self.registry.owners
         deliver = self.servicer.deliver
         for op, sub_ids in by_op.items():
@@ -167,21 +170,12 @@ class Ingest:
             event = event_field(StreamerEvent(
                 event_id=change.event_id, database=change.database,
                 collection=change.collection, document_id=change.document_id,
-                operation=op.value,  # type: ignore[arg-type]
+                operation=_WIRE[op],  # type: ignore[arg-type]
                 document_data=change.document_data,
                 timestamp=change.timestamp, progress=progress,
             ))
-            per_session: dict[Session, list[bytes]] = {}
-            for sub_id in sub_ids:
-                session = owners.get(sub_id)
-                if session is not None:
-                    framed = session.subscriptions[sub_id]
-                    ids = per_session.get(session)
-                    if ids is None:
-                        per_session[session] = [framed]
-                    else:
-                        ids.append(framed)
-            for session, ids in per_session.items():
-                if deliver(session, delivery_message(ids, event)):
-                    self.deliveries += 1
-                    self.delivered[op.name] += 1
+            delivered = 0
+            for session, message in frame_deliveries(sub_ids, owners, event):
+                delivered += deliver(session, message)
+            self.deliveries += delivered
+            self.delivered[_NAME[op]] += delivered

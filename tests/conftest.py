@@ -1,10 +1,11 @@
-"""Shared test set-up: the compiled extension must be the one under test."""
+"""Shared test set-up: the compiled extensions must be the ones under test."""
 
 import importlib.machinery
 
-from streamer._ext import _core
+from streamer._ext import _celparse, _core, _fanout
 
 # A pure-Python stand-in or a stale build must never pass for the core.
-assert _core.__file__ is not None and _core.__file__.endswith(
-    tuple(importlib.machinery.EXTENSION_SUFFIXES)
-), f"streamer._ext._core is not the compiled extension: {_core.__file__}"
+for _module in (_core, _celparse, _fanout):
+    assert _module.__file__ is not None and _module.__file__.endswith(
+        tuple(importlib.machinery.EXTENSION_SUFFIXES)
+    ), f"{_module.__name__} is not the compiled extension: {_module.__file__}"

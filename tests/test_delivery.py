@@ -13,6 +13,8 @@ from streamer.delivery import (
     GatewayQueue,
     delivery_message,
     event_field,
+    frame_deliveries,
+    frame_deliveries_reference,
     subscription_field,
     varint,
 )
@@ -182,3 +184,31 @@ def test_full_queue_refuses_without_waiting() -> None:
 def test_capacity_must_be_positive() -> None:
     with pytest.raises(ValueError, match="capacity must be at least 1"):
         GatewayQueue(Sink(), capacity=0)
+
+
+owner_maps = st.dictionaries(st.text(max_size=200), st.integers(0, 5), max_size=12)
+
+
+@given(owner_maps, st.lists(st.text(max_size=200), max_size=20), st.binary(max_size=300))
+def test_compiled_fan_out_equals_the_reference(
+    owners: dict[str, int], unowned: list[str], event_bytes: bytes
+) -> None:
+    ids = [*owners, *unowned]
+    event = event_field(StreamerEvent(document_data=event_bytes))
+    assert frame_deliveries(ids, owners, event) == frame_deliveries_reference(ids, owners, event)
+
+
+@given(owner_maps)
+def test_fan_out_groups_every_owned_id_once_per_owner(owners: dict[str, int]) -> None:
+    event = event_field(StreamerEvent(event_id="e"))
+    got = frame_deliveries(list(owners), owners, event)
+    assert [owner for owner, _ in got] == list(dict.fromkeys(owners.values()))
+    for owner, data in got:
+        delivery = StreamerMessage.FromString(data).delivery
+        assert list(delivery.subscription_ids) == [i for i, o in owners.items() if o == owner]
+        assert delivery.event.event_id == "e"
+
+
+def test_fan_out_refuses_ids_that_are_not_strings() -> None:
+    with pytest.raises(TypeError, match="subscription ids must be str, got int"):
+        frame_deliveries([1], {}, b"")  # type: ignore[list-item]

@@ -1,0 +1,93 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""Compiled fan-out: matched subscription ids → one serialized delivery per gateway.
+
+Per event, the ingest has the ids the index matched and the event serialized
+once. Grouping the ids by owning gateway and framing each group is per-match
+work; written in Python it cost about 0.75 µs per match (three dictionary
+probes and a dozen bytecodes), more than the matching itself, so it is here:
+one dictionary probe per match, and each gateway's message written straight
+into one bytes object. ``streamer.delivery.frame_deliveries_reference`` is
+the pure-Python twin the property tests compare against.
+
+The output bytes are ``StreamerMessage{delivery: EventDelivery{
+subscription_ids, event}}`` in the protobuf wire format (see
+``streamer.delivery`` for why they are written by hand).
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.dict cimport PyDict_GetItem
+from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.object cimport PyObject
+from cpython.unicode cimport PyUnicode_Check
+from libc.string cimport memcpy
+
+cdef extern from "Python.h":
+    const char *PyUnicode_AsUTF8AndSize(object s, Py_ssize_t *size) except NULL
+
+# Tags of StreamerMessage.delivery and EventDelivery.subscription_ids (both
+# field 1, length-delimited); EventDelivery.event's tag is part of ``event``.
+DEF FIELD_1 = 0x0A
+
+
+cdef inline Py_ssize_t varint_size(Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t size = 1
+    while n >= 0x80:
+        n >>= 7
+        size += 1
+    return size
+
+
+cdef inline char *put_field_header(char *p, Py_ssize_t n) noexcept nogil:
+    p[0] = FIELD_1
+    p += 1
+    while n >= 0x80:
+        p[0] = <char>((n & 0x7F) | 0x80)
+        n >>= 7
+        p += 1
+    p[0] = <char>n
+    return p + 1
+
+
+cdef bytes frame(list ids, bytes event):
+    cdef Py_ssize_t i, n = PyList_GET_SIZE(ids), size, body = PyBytes_GET_SIZE(event)
+    cdef const char *utf8
+    for i in range(n):
+        PyUnicode_AsUTF8AndSize(<object>PyList_GET_ITEM(ids, i), &size)
+        body += 1 + varint_size(size) + size
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, 1 + varint_size(body) + body)
+    cdef char *p = put_field_header(PyBytes_AS_STRING(out), body)
+    for i in range(n):
+        utf8 = PyUnicode_AsUTF8AndSize(<object>PyList_GET_ITEM(ids, i), &size)
+        p = put_field_header(p, size)
+        memcpy(p, utf8, size)
+        p += size
+    memcpy(p, PyBytes_AS_STRING(event), PyBytes_GET_SIZE(event))
+    return out
+
+
+def frame_deliveries(list subscription_ids not None, dict owners not None, bytes event not None):
+    """``[(owner, delivery message bytes), ...]``, one per owner of a matched id.
+
+    ``owners`` maps a subscription id to its owner (any hashable; the gateway
+    session); ids without an owner (unsubscribed meanwhile) are skipped.
+    ``event`` is ``streamer.delivery.event_field(...)``: the framed
+    ``EventDelivery.event``. Owners come in the order of their first id, ids
+    within a delivery in matched order.
+    """
+    cdef dict groups = {}
+    cdef PyObject *owner
+    cdef PyObject *group
+    cdef Py_ssize_t i
+    for i in range(PyList_GET_SIZE(subscription_ids)):
+        sub_id = <object>PyList_GET_ITEM(subscription_ids, i)
+        if not PyUnicode_Check(sub_id):
+            raise TypeError(f"subscription ids must be str, got {type(sub_id).__name__}")
+        owner = PyDict_GetItem(owners, sub_id)
+        if owner is NULL:
+            continue
+        group = PyDict_GetItem(groups, <object>owner)
+        if group is NULL:
+            groups[<object>owner] = [sub_id]
+        else:
+            (<list>group).append(sub_id)
+    return [(key, frame(<list>ids, event)) for key, ids in groups.items()]
