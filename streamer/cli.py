@@ -37,6 +37,7 @@ from streamer.matcher import Matcher
 from streamer.metrics import MetricsError, MetricsServer, StreamerCollector, metrics_address
 from streamer.progress import ProgressFileError, ProgressStore, SavedProgress
 from streamer.server import SERVICE_NAME, StreamerServicer, add_to_server
+from streamer.transport import SERVER_OPTIONS
 
 log = logging.getLogger("streamer")
 
@@ -162,7 +163,7 @@ async def serve(args: argparse.Namespace) -> int:
     except CredentialsError as exc:
         log.error("%s", exc)
         return 2
-    server = grpc.aio.server(interceptors=interceptors)
+    server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
     add_to_server(servicer, server)
     # The standard health service: SERVING overall and for StreamerService
     # while running; NOT_SERVING as soon as shutdown begins.

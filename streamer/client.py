@@ -53,6 +53,7 @@ from streamer.protocol.streamer_v1_pb2 import (
     UnsubscribeRequest,
     Value,
 )
+from streamer.transport import KEEPALIVE_OPTIONS
 
 if TYPE_CHECKING:
     from streamer import matcher
@@ -81,7 +82,8 @@ class StreamerClient:
     delay jittered by a factor in [0.5, 1.5]. ``tls`` is the channel's
     credentials (None: plaintext), ``token`` is sent as ``authorization:
     Bearer <token>`` on the stream, ``channel_options`` go to the channel
-    (e.g. ``grpc.ssl_target_name_override``).
+    (e.g. ``grpc.ssl_target_name_override``) after the keepalive settings of
+    ``streamer.transport``, which they may override.
     """
 
     def __init__(
@@ -117,7 +119,7 @@ class StreamerClient:
         self.backoff = backoff
         self.on_rejected = on_rejected
         self._tls = tls
-        self._channel_options = list(channel_options)
+        self._channel_options = [*KEEPALIVE_OPTIONS, *channel_options]
         self._metadata = (("authorization", f"Bearer {token}"),) if token is not None else ()
         # Every subscription the client wants, confirmed or not, in subscribe
         # order: what a reconnect re-sends.

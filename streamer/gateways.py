@@ -142,11 +142,26 @@ class GatewayRegistry:
         if session.key in self._sessions:
             self._sessions.move_to_end(session.key)
 
-    def hello(self, session: Session, gateway_id: str) -> None:
+    def hello(self, session: Session, gateway_id: str) -> list[Session]:
+        """Mark the session as a Hello gateway's; returns the older sessions
+        of the same gateway, now disconnected.
+
+        A gateway keeps one stream, so its new Hello means any older stream
+        is dead even if the server has not noticed yet (a half-open
+        connection): its subscriptions must not turn the re-subscription of
+        the same ids into ``already_exists``.
+        """
         self.touch(session, gateway_id)
+        superseded = [
+            s for s in self._sessions.values()
+            if s.hello and s.gateway_id == gateway_id and s is not session
+        ] if gateway_id else []
+        for old in superseded:
+            self.disconnect(old)
         if not session.hello:
             session.hello = True
             self._known_changed()
+        return superseded
 
     def heartbeat(self, session: Session, gateway_id: str) -> None:
         self.touch(session, gateway_id)

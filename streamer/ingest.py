@@ -34,6 +34,7 @@ from streamer.protocol import puller_v1_pb2 as puller_pb
 from streamer.protocol import puller_v1_pb2_grpc as puller_grpc
 from streamer.protocol.streamer_v1_pb2 import StreamerEvent
 from streamer.server import StreamerServicer
+from streamer.transport import KEEPALIVE_OPTIONS
 
 log = logging.getLogger(__name__)
 # Enum attribute access is a descriptor call; these are plain lookups.
@@ -80,8 +81,10 @@ class Ingest:
         while True:
             try:
                 async with (
-                    grpc.aio.insecure_channel(self.target) if self.credentials is None
-                    else grpc.aio.secure_channel(self.target, self.credentials)
+                    grpc.aio.insecure_channel(self.target, options=KEEPALIVE_OPTIONS)
+                    if self.credentials is None
+                    else grpc.aio.secure_channel(
+                        self.target, self.credentials, options=KEEPALIVE_OPTIONS)
                 ) as channel:
                     stub = puller_grpc.PullerServiceStub(channel)  # type: ignore[no-untyped-call]
                     async for events in self._messages(stub):

@@ -66,10 +66,13 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
 
     def close(self, session: Session) -> None:
         """End the stream of an expired session."""
+        ttl = self.registry.session_ttl
+        self._end(session, grpc.StatusCode.DEADLINE_EXCEEDED, f"session silent for {ttl:g} s")
+
+    def _end(self, session: Session, code: grpc.StatusCode, details: str) -> None:
         stream = self.streams.get(session.key)
         if stream is not None and not stream.cut_off.is_set():
-            ttl = self.registry.session_ttl
-            stream.reason = (grpc.StatusCode.DEADLINE_EXCEEDED, f"session silent for {ttl:g} s")
+            stream.reason = (code, details)
             stream.cut_off.set()
 
     def _cut_off(self, stream: _Stream) -> None:
@@ -127,7 +130,10 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
                 ack = HeartbeatAck(timestamp=message.heartbeat.timestamp)
                 self._send(stream, StreamerMessage(heartbeat_ack=ack))
             elif kind == "hello":
-                registry.hello(session, message.hello.gateway_id)
+                for old in registry.hello(session, message.hello.gateway_id):
+                    log.warning("gateway %s: a new stream supersedes an older one", old.gateway_id)
+                    self._end(old, grpc.StatusCode.ABORTED, "superseded by a newer stream "
+                              f"of gateway {old.gateway_id}")
                 if message.hello.batch_delivery:
                     queue.enable_batches(message.hello.max_batch)
             else:

@@ -151,3 +151,24 @@ def test_restart_window_waits_the_whole_grace_for_plain_gateways() -> None:
 
     assert asyncio.run(main()) is False
     assert asyncio.run(RestartWindow(KnownGateways()).wait(0)) is True
+
+
+def test_a_new_hello_supersedes_the_stale_session_of_the_same_gateway() -> None:
+    async def main() -> None:
+        registry = GatewayRegistry(Matcher())
+        stale, other = registry.connect(), registry.connect()
+        registry.hello(stale, "gw-a")
+        registry.hello(other, "gw-b")
+        assert registry.subscribe(stale, request("s1", chat("c1"))).success
+        fresh = registry.connect()
+        assert registry.hello(fresh, "gw-a") == [stale]
+        assert stale.subscriptions == set() and "s1" not in registry.matcher
+        # The same id can be registered again, by the new stream.
+        assert registry.subscribe(fresh, request("s1", chat("c1"))).success
+        assert registry.known == KnownGateways(frozenset({"gw-a", "gw-b"}), 0)
+        # A plain stream with that id is not a Hello gateway: left alone.
+        plain = registry.connect()
+        registry.heartbeat(plain, "gw-a")
+        assert registry.hello(registry.connect(), "gw-b") == [other]
+
+    asyncio.run(main())

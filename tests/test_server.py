@@ -171,3 +171,25 @@ def test_an_expired_session_is_closed() -> None:
         assert len(registry.matcher) == 0
 
     run(scenario)
+
+
+def test_a_gateways_new_stream_supersedes_its_stale_one() -> None:
+    async def scenario(stub: pb_grpc.StreamerServiceStub, servicer: StreamerServicer) -> None:
+        stale = stub.Stream()
+        await stale.write(GatewayMessage(hello=Hello(gateway_id="gw-1", batch_delivery=True)))
+        await stale.write(subscribe("s1"))
+        assert (await read(stale)).subscribe_response.success
+        fresh = stub.Stream()
+        await fresh.write(GatewayMessage(hello=Hello(gateway_id="gw-1", batch_delivery=True)))
+        await fresh.write(subscribe("s1"))
+        assert (await read(fresh)).subscribe_response.success
+        code = None
+        try:
+            while await stale.read() is not grpc.aio.EOF:
+                pass
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+        assert code == grpc.StatusCode.ABORTED
+        fresh.cancel()
+
+    run(scenario)
