@@ -30,7 +30,7 @@ from streamer.auth import (
 )
 from streamer.delivery import DEFAULT_CAPACITY
 from streamer.events import LAYOUTS
-from streamer.gateways import GatewayRegistry, RestartWindow
+from streamer.gateways import GatewayRegistry, Limits, RestartWindow
 from streamer.ingest import Ingest
 from streamer.logs import configure_logging
 from streamer.matcher import Matcher
@@ -44,6 +44,15 @@ log = logging.getLogger("streamer")
 
 def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"STREAMER_{name.upper().replace('-', '_')}", default)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except for options that are off unless given."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,22 +70,22 @@ def build_parser() -> argparse.ArgumentParser:
         "e.g. STREAMER_SESSION_TTL=30; a flag given here wins. "
         "SIGTERM/SIGINT stop ingest, flush the progress marker, drain the "
         "gateway queues for --drain-seconds and exit 0.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     serve.add_argument(
-        "--listen", default=_env("listen", "127.0.0.1:50052"),
+        "--listen", default=_env("listen", "127.0.0.1:50052"), metavar="HOST:PORT",
         help="HOST:PORT the gateway-facing gRPC server binds",
     )
     serve.add_argument(
-        "--puller", default=_env("puller"), required=_env("puller") is None,
+        "--puller", default=_env("puller"), required=_env("puller") is None, metavar="HOST:PORT",
         help="HOST:PORT of the Puller (puller.v1)",
     )
     serve.add_argument(
-        "--state-dir", type=Path, default=_env("state_dir", "streamer-state"),
+        "--state-dir", type=Path, default=_env("state_dir", "streamer-state"), metavar="DIR",
         help="directory of the durable progress marker",
     )
     serve.add_argument(
-        "--session-ttl", type=float, default=_env("session_ttl", "90"),
+        "--session-ttl", type=float, default=_env("session_ttl", "90"), metavar="SECONDS",
         help="seconds of silence after which a gateway session expires",
     )
     serve.add_argument(
@@ -85,26 +94,44 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--gateway-queue", type=int, default=_env("gateway_queue", str(DEFAULT_CAPACITY)),
+        metavar="MESSAGES",
         help="messages queued per gateway before it is cut off as lagging",
     )
     serve.add_argument(
-        "--resume-grace", type=float, default=_env("resume_grace", "3"),
+        "--resume-grace", type=float, default=_env("resume_grace", "3"), metavar="SECONDS",
         help="after a restart with a saved marker, seconds to hold ingest so "
         "gateways can re-register first; ends early once every gateway known "
         "before the restart has said Hello, re-subscribed and sent a Heartbeat",
     )
     serve.add_argument(
-        "--consumer-id", default=_env("consumer_id", "streamer"),
+        "--consumer-id", default=_env("consumer_id", "streamer"), metavar="ID",
         help="consumer id sent to the Puller",
     )
     serve.add_argument(
-        "--drain-seconds", type=float, default=_env("drain_seconds", "5"),
+        "--drain-seconds", type=float, default=_env("drain_seconds", "5"), metavar="SECONDS",
         help="on SIGTERM/SIGINT, how long queued messages may still be sent",
     )
     serve.add_argument(
-        "--auth-token-file", type=Path, default=_env("auth_token_file"),
+        "--auth-token-file", type=Path, default=_env("auth_token_file"), metavar="FILE",
         help="file holding the shared token gateways must send as "
         "'authorization: Bearer <token>'; unset, gateways are not authenticated",
+    )
+    limits = Limits()
+    serve.add_argument(
+        "--max-subscriptions", type=int, metavar="N",
+        default=_env("max_subscriptions", str(limits.max_subscriptions)),
+        help="subscriptions one gateway stream may hold; more are refused "
+        "with code resource_exhausted",
+    )
+    serve.add_argument(
+        "--max-filters", type=int, metavar="N",
+        default=_env("max_filters", str(limits.max_filters)),
+        help="filters in one subscribe request; more are refused (resource_exhausted)",
+    )
+    serve.add_argument(
+        "--max-expression-length", type=int, metavar="CHARS",
+        default=_env("max_expression_length", str(limits.max_expression_length)),
+        help="characters of one CEL expression; longer ones are refused (resource_exhausted)",
     )
     serve.add_argument(
         "--metrics", type=metrics_address, default=_env("metrics"), metavar="HOST:PORT",
@@ -112,21 +139,21 @@ def build_parser() -> argparse.ArgumentParser:
         "unset, there is no metrics endpoint",
     )
     serve.add_argument(
-        "--tls-cert", type=Path, default=_env("tls_cert"),
+        "--tls-cert", type=Path, default=_env("tls_cert"), metavar="FILE",
         help="PEM certificate chain of the gateway-facing server; with --tls-key "
         "gateways must connect with TLS; unset, they connect in plaintext",
     )
     serve.add_argument(
-        "--tls-key", type=Path, default=_env("tls_key"),
+        "--tls-key", type=Path, default=_env("tls_key"), metavar="FILE",
         help="PEM private key (unencrypted) of --tls-cert",
     )
     serve.add_argument(
-        "--tls-client-ca", type=Path, default=_env("tls_client_ca"),
+        "--tls-client-ca", type=Path, default=_env("tls_client_ca"), metavar="FILE",
         help="PEM CA certificate(s); enables mutual TLS: gateways must present a "
         "client certificate signed by one of them (needs --tls-cert and --tls-key)",
     )
     serve.add_argument(
-        "--puller-tls-ca", type=Path, default=_env("puller_tls_ca"),
+        "--puller-tls-ca", type=Path, default=_env("puller_tls_ca"), metavar="FILE",
         help="PEM CA certificate(s) to verify the Puller by; connect to the Puller "
         "with TLS; unset, in plaintext",
     )
@@ -149,7 +176,11 @@ async def serve(args: argparse.Namespace) -> int:
         log.error("%s; move it away to start from the live head", exc)
         return 2
     matcher = Matcher()
-    registry = GatewayRegistry(matcher, session_ttl=args.session_ttl)
+    registry = GatewayRegistry(
+        matcher,
+        session_ttl=args.session_ttl,
+        limits=Limits(args.max_subscriptions, args.max_filters, args.max_expression_length),
+    )
     servicer = StreamerServicer(registry, queue_capacity=args.gateway_queue)
     interceptors = []
     if args.auth_token_file is not None:

@@ -34,8 +34,13 @@ def test_help_documents_every_option() -> None:
         capture_output=True, text=True, check=True, timeout=60,
     ).stdout
     for option in ("--listen", "--puller", "--state-dir", "--session-ttl", "--document-layout",
-                   "--gateway-queue", "--drain-seconds", "STREAMER_"):
+                   "--gateway-queue", "--resume-grace", "--consumer-id", "--drain-seconds",
+                   "--auth-token-file", "--max-subscriptions", "--max-filters",
+                   "--max-expression-length", "--metrics", "--tls-cert", "--tls-key",
+                   "--tls-client-ca", "--puller-tls-ca", "--log-level", "--log-format",
+                   "STREAMER_"):
         assert option in out
+    assert "(default: None)" not in out
 
 
 def test_bad_environment_value_is_a_clear_error() -> None:
@@ -154,3 +159,25 @@ def test_unreadable_progress_file_is_a_clear_error(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "progress.json: not a progress file" in result.stderr
+
+
+def test_gateway_limits_come_from_flags(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with serving(tmp_path, "--max-subscriptions", "1", "--max-filters", "1") as serve:
+            async with grpc.aio.insecure_channel(serve.address) as channel:
+                await asyncio.wait_for(channel.channel_ready(), 30)
+                call = sgrpc.StreamerServiceStub(channel).Stream()
+                chat = Filter(field="chat", op="==", value=Value(string_value="c"))
+                two = SubscribeRequest(subscription_id="s0", collection="m", filters=[chat, chat])
+                await call.write(GatewayMessage(subscribe=two))
+                refused = (await call.read()).subscribe_response
+                assert (refused.code, refused.error) == (
+                    "resource_exhausted", "2 filters; the limit is 1")
+                for sub_id in ("s1", "s2"):
+                    await call.write(GatewayMessage(subscribe=SubscribeRequest(
+                        subscription_id=sub_id, collection="m", filters=[chat])))
+                first, second = [(await call.read()).subscribe_response for _ in range(2)]
+                assert first.success and second.code == "resource_exhausted"
+                call.cancel()
+
+    asyncio.run(main())
