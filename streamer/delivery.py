@@ -28,9 +28,9 @@ and the caller cuts it off, so the others never wait.
 from __future__ import annotations
 
 import asyncio
+from array import array
 from collections import deque
-from collections.abc import Awaitable, Callable, Hashable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable
 
 from streamer._ext._fanout import frame_deliveries
 from streamer.protocol.streamer_v1_pb2 import StreamerEvent
@@ -61,7 +61,6 @@ _BATCH_TAG = b"\x22"
 _SMALL_VARINTS = [bytes((n,)) for n in range(0x80)]
 
 Send = Callable[[bytes], Awaitable[None]]
-Owner = TypeVar("Owner", bound=Hashable)
 
 
 def varint(n: int) -> bytes:
@@ -95,15 +94,19 @@ def delivery_message(subscription_fields: list[bytes], event: bytes) -> bytes:
 
 
 def frame_deliveries_reference(
-    subscription_ids: list[str], owners: dict[str, Owner], event: bytes
-) -> list[tuple[Owner, bytes]]:
+    subscription_ids: list[str], owners: bytes, event: bytes
+) -> list[tuple[int, bytes]]:
     """What the compiled ``frame_deliveries`` computes: one serialized delivery
-    per owner of a matched id, owners in order of their first id."""
-    groups: dict[Owner, list[bytes]] = {}
-    for sub_id in subscription_ids:
-        owner = owners.get(sub_id)
-        if owner is not None:
-            groups.setdefault(owner, []).append(subscription_field(sub_id))
+    per owner (``owners``: native ``uint32`` per id, as ``match_owned``
+    returns them), owners in order of their first id."""
+    owner_of = array("I", owners)
+    if len(owner_of) != len(subscription_ids):
+        raise ValueError(
+            f"{len(owners)} bytes of owners for {len(subscription_ids)} subscription ids"
+        )
+    groups: dict[int, list[bytes]] = {}
+    for sub_id, owner in zip(subscription_ids, owner_of, strict=True):
+        groups.setdefault(owner, []).append(subscription_field(sub_id))
     return [(owner, delivery_message(fields, event)) for owner, fields in groups.items()]
 
 

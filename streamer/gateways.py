@@ -95,6 +95,9 @@ class Session:
     """One gateway stream."""
 
     key: int
+    # The matcher's ``owner`` of this session's subscriptions: a small index,
+    # reused after the session ends, that ``GatewayRegistry.by_owner`` maps back.
+    owner: int = 0
     gateway_id: str = ""
     hello: bool = False  # said Hello: speaks the restart-window protocol
     subscriptions: set[str] = field(default_factory=set)
@@ -116,7 +119,10 @@ class GatewayRegistry:
         self.limits = limits
         self.session_ttl = session_ttl
         self.clock = clock
-        self.owners: dict[str, Session] = {}
+        # Session by matcher owner index (None: free); indexes are reused, so
+        # the list stays as long as the most sessions ever open at once.
+        self.by_owner: list[Session | None] = []
+        self._free_owners: list[int] = []
         self._sessions: OrderedDict[int, Session] = OrderedDict()
         self._keys = itertools.count(1)
         self.known = KnownGateways()
@@ -129,7 +135,13 @@ class GatewayRegistry:
         return len(self._sessions)
 
     def connect(self) -> Session:
-        session = Session(next(self._keys), last_seen=self.clock())
+        if self._free_owners:
+            owner = self._free_owners.pop()
+        else:
+            owner = len(self.by_owner)
+            self.by_owner.append(None)
+        session = Session(next(self._keys), owner, last_seen=self.clock())
+        self.by_owner[owner] = session
         self._sessions[session.key] = session
         self._known_changed()
         return session
@@ -195,6 +207,7 @@ class GatewayRegistry:
                 request.collection,
                 filters=filters,
                 expression=request.expression or None,
+                owner=session.owner,
             )
         except DuplicateSubscription as exc:
             return SubscribeResponse(
@@ -205,7 +218,6 @@ class GatewayRegistry:
                 subscription_id=sub_id, success=False, error=str(exc), code=INVALID_ARGUMENT
             )
         session.subscriptions.add(sub_id)
-        self.owners[sub_id] = session
         return SubscribeResponse(subscription_id=sub_id, success=True)
 
     def unsubscribe(self, session: Session, sub_id: str) -> bool:
@@ -213,20 +225,30 @@ class GatewayRegistry:
         if sub_id not in session.subscriptions:
             return False
         session.subscriptions.discard(sub_id)
-        del self.owners[sub_id]
         self.matcher.remove(sub_id)
         return True
 
     def disconnect(self, session: Session) -> int:
         """End a session and remove exactly its subscriptions."""
-        if self._sessions.pop(session.key, None) is not None:
-            self._known_changed()
         removed = 0
         for sub_id in session.subscriptions:
-            del self.owners[sub_id]
             removed += self.matcher.remove(sub_id)
         session.subscriptions.clear()
+        if self._sessions.pop(session.key, None) is not None:
+            # Only now: no subscription of the index's owner is left.
+            self.by_owner[session.owner] = None
+            self._free_owners.append(session.owner)
+            self._known_changed()
         return removed
+
+    def owner(self, sub_id: str) -> Session | None:
+        """The session holding a subscription (a scan over sessions: for
+        tests and tools, not for the event path)."""
+        return next((s for s in self._sessions.values() if sub_id in s.subscriptions), None)
+
+    def subscription_ids(self) -> set[str]:
+        """Every registered subscription id (a scan, like ``owner``)."""
+        return {sub_id for s in self._sessions.values() for sub_id in s.subscriptions}
 
     def expired(self) -> list[Session]:
         """Sessions silent for longer than the TTL (oldest first), disconnected."""

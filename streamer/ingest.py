@@ -20,6 +20,7 @@ import asyncio
 import logging
 import random
 import time
+from array import array
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 
@@ -151,23 +152,18 @@ class Ingest:
     def _fan_out(self, change: Change, progress: str) -> None:
         matcher = self.registry.matcher
         doc = change.document if change.document is not None else {}
-        after = matcher.match(change.database, change.collection, change.document_id, doc)
-        by_op: dict[Op, list[str]] = {}
+        ids, owners = matcher.match_owned(
+            change.database, change.collection, change.document_id, doc)
         if change.op is Op.UPDATE and change.before is not None:
-            before = set(
-                matcher.match(change.database, change.collection, change.document_id, change.before)
-            )
-            for sub_id in after:
-                by_op.setdefault(Op.UPDATE if sub_id in before else Op.INSERT, []).append(sub_id)
-            left = before.difference(after)
-            if left:
-                by_op[Op.DELETE] = sorted(left)
-        elif after:
-            by_op[change.op] = after
+            by_op = self._enter_and_leave(change, change.before, ids, owners)
+        elif ids:
+            by_op = {change.op: (ids, owners)}
+        else:
+            by_op = {}
         self.events[_NAME[change.op]] += 1
-        owners = self.registry.owners
+        sessions = self.registry.by_owner
         deliver = self.servicer.deliver
-        for op, sub_ids in by_op.items():
+        for op, (sub_ids, sub_owners) in by_op.items():
             self.matches += len(sub_ids)
             # Serialized once; every gateway's delivery reuses these bytes.
             event = event_field(StreamerEvent(
@@ -178,7 +174,28 @@ class Ingest:
                 timestamp=change.timestamp, progress=progress,
             ))
             delivered = 0
-            for session, message in frame_deliveries(sub_ids, owners, event):
-                delivered += deliver(session, message)
+            for owner, message in frame_deliveries(sub_ids, sub_owners, event):
+                session = sessions[owner]
+                if session is not None:
+                    delivered += deliver(session, message)
             self.deliveries += delivered
             self.delivered[_NAME[op]] += delivered
+
+    def _enter_and_leave(
+        self, change: Change, pre_image: object, ids: list[str], owners: bytes
+    ) -> dict[Op, tuple[list[str], bytes]]:
+        """An update with a pre-image: subscriptions that matched before and
+        after get UPDATE, only after INSERT (entered), only before DELETE (left)."""
+        before_ids, before_owners = self.registry.matcher.match_owned(
+            change.database, change.collection, change.document_id, pre_image)
+        before = dict(zip(before_ids, array("I", before_owners), strict=True))
+        split: dict[Op, tuple[list[str], array[int]]] = {}
+        for sub_id, owner in zip(ids, array("I", owners), strict=True):
+            op = Op.UPDATE if before.pop(sub_id, None) is not None else Op.INSERT
+            group = split.setdefault(op, ([], array("I")))
+            group[0].append(sub_id)
+            group[1].append(owner)
+        if before:
+            left = sorted(before)
+            split[Op.DELETE] = (left, array("I", [before[i] for i in left]))
+        return {op: (i, o.tobytes()) for op, (i, o) in split.items()}

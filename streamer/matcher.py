@@ -52,12 +52,16 @@ class Matcher:
         *,
         filters: Iterable[Filter] = (),
         expression: str | None = None,
+        owner: int = 0,
     ) -> None:
         """Register a subscription: all ``filters`` AND the CEL ``expression``.
 
         Raises ``InvalidSubscription`` (a ``ValueError``) naming the bad part,
         or ``DuplicateSubscription`` (a ``KeyError``) if the id is taken; the
         index is then unchanged. A request that is both gets the former.
+        ``owner`` (0 to 2**32 - 1; the service numbers its gateways) comes
+        back with each match from ``match_owned``; small numbers (below
+        65536) cost nothing extra per match.
         """
         if (
             type(subscription_id) is not str
@@ -66,9 +70,13 @@ class Matcher:
             or not subscription_id
         ):
             _check_names(subscription_id, database, collection)
+        if type(owner) is not int or not 0 <= owner <= 0xFFFF_FFFF:
+            raise ValueError(f"owner must be an int from 0 to 2**32 - 1, got {owner!r}")
         core = self._core
         scan_clauses = core.scan_clauses
-        core.add(subscription_id, database, collection, compile_subscription(filters, expression))
+        core.add(
+            subscription_id, database, collection, compile_subscription(filters, expression), owner
+        )
         if core.scan_clauses != scan_clauses:
             self._scan_subscriptions += 1
 
@@ -92,6 +100,14 @@ class Matcher:
         missing fields simply do not match.
         """
         return self._core.match(database, collection, document_id, document)
+
+    def match_owned(
+        self, database: str, collection: str, document_id: str | None, document: object
+    ) -> tuple[list[str], bytes]:
+        """``match``'s ids, and the ``owner`` of each as native ``uint32``
+        values packed in bytes (``array("I", owners)`` reads them): what the
+        fan-out needs to group matches by gateway without a lookup per id."""
+        return self._core.match_owned(database, collection, document_id, document)
 
     def stats(self) -> dict[str, int]:
         """Sizes of the index: subscriptions, clauses, scan clauses, atoms…

@@ -9,6 +9,7 @@ compiled ``Matcher`` gives exactly its answers.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Iterable
 
 from streamer import cel
@@ -62,6 +63,7 @@ class ReferenceMatcher:
 
     def __init__(self) -> None:
         self._subs: dict[str, tuple[str, str, list[Filter], cel.Expr | None]] = {}
+        self._owners: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self._subs)
@@ -74,6 +76,7 @@ class ReferenceMatcher:
         *,
         filters: Iterable[Filter] = (),
         expression: str | None = None,
+        owner: int = 0,
     ) -> None:
         filters = [Filter(*f) for f in filters]
         for index, flt in enumerate(filters, 1):
@@ -82,9 +85,17 @@ class ReferenceMatcher:
         if subscription_id in self._subs:
             raise DuplicateSubscription(f"subscription id {subscription_id!r} already exists")
         self._subs[subscription_id] = (database, collection, filters, ast)
+        self._owners[subscription_id] = owner
 
     def remove(self, subscription_id: str) -> bool:
+        self._owners.pop(subscription_id, None)
         return self._subs.pop(subscription_id, None) is not None
+
+    def match_owned(
+        self, database: str, collection: str, document_id: str | None, document: object
+    ) -> tuple[list[str], bytes]:
+        ids = self.match(database, collection, document_id, document)
+        return ids, array("I", [self._owners[i] for i in ids]).tobytes()
 
     def match(
         self, database: str, collection: str, document_id: str | None, document: object

@@ -4,6 +4,7 @@ writer, and bytes identical to what protobuf would encode."""
 from __future__ import annotations
 
 import asyncio
+from array import array
 
 import pytest
 from hypothesis import given
@@ -186,29 +187,38 @@ def test_capacity_must_be_positive() -> None:
         GatewayQueue(Sink(), capacity=0)
 
 
-owner_maps = st.dictionaries(st.text(max_size=200), st.integers(0, 5), max_size=12)
+matches = st.lists(
+    st.tuples(st.text(max_size=200), st.sampled_from([0, 1, 5, 70_000, 2**32 - 1])), max_size=20
+)
 
 
-@given(owner_maps, st.lists(st.text(max_size=200), max_size=20), st.binary(max_size=300))
+@given(matches, st.binary(max_size=300))
 def test_compiled_fan_out_equals_the_reference(
-    owners: dict[str, int], unowned: list[str], event_bytes: bytes
+    matched: list[tuple[str, int]], event_bytes: bytes
 ) -> None:
-    ids = [*owners, *unowned]
+    ids = [i for i, _ in matched]
+    owners = array("I", [o for _, o in matched]).tobytes()
     event = event_field(StreamerEvent(document_data=event_bytes))
     assert frame_deliveries(ids, owners, event) == frame_deliveries_reference(ids, owners, event)
 
 
-@given(owner_maps)
-def test_fan_out_groups_every_owned_id_once_per_owner(owners: dict[str, int]) -> None:
+@given(matches)
+def test_fan_out_groups_every_id_once_per_owner(matched: list[tuple[str, int]]) -> None:
     event = event_field(StreamerEvent(event_id="e"))
-    got = frame_deliveries(list(owners), owners, event)
-    assert [owner for owner, _ in got] == list(dict.fromkeys(owners.values()))
+    owners = array("I", [o for _, o in matched]).tobytes()
+    got = frame_deliveries([i for i, _ in matched], owners, event)
+    assert [owner for owner, _ in got] == list(dict.fromkeys(o for _, o in matched))
     for owner, data in got:
         delivery = StreamerMessage.FromString(data).delivery
-        assert list(delivery.subscription_ids) == [i for i, o in owners.items() if o == owner]
+        assert list(delivery.subscription_ids) == [i for i, o in matched if o == owner]
         assert delivery.event.event_id == "e"
+
+
+def test_fan_out_checks_its_arguments() -> None:
+    with pytest.raises(ValueError, match="4 bytes of owners for 2 subscription ids"):
+        frame_deliveries(["a", "b"], bytes(4), b"")
 
 
 def test_fan_out_refuses_ids_that_are_not_strings() -> None:
     with pytest.raises(TypeError, match="subscription ids must be str, got int"):
-        frame_deliveries([1], {}, b"")  # type: ignore[list-item]
+        frame_deliveries([1], bytes(4), b"")  # type: ignore[list-item]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from array import array
 
 from streamer.gateways import GatewayRegistry, KnownGateways, Limits, RestartWindow
 from streamer.matcher import Matcher
@@ -74,7 +75,7 @@ def test_rejections_carry_a_code_and_a_precise_error() -> None:
     full = registry.subscribe(one, request("s8"))
     assert full.code == "resource_exhausted"
     # The first s1 still delivers, to its owner.
-    assert registry.owners["s1"] is one
+    assert registry.owner("s1") is one
 
 
 def test_only_the_owner_unsubscribes_and_disconnect_removes_exactly_its_own() -> None:
@@ -86,7 +87,7 @@ def test_only_the_owner_unsubscribes_and_disconnect_removes_exactly_its_own() ->
     assert not registry.unsubscribe(other, "missing")
     assert registry.disconnect(one) == 1
     assert registry.matcher.match("app", "messages", "m", {"chat_id": "c"}) == ["b"]
-    assert set(registry.owners) == {"b"}
+    assert registry.subscription_ids() == {"b"}
 
 
 def test_silent_sessions_expire_and_lose_their_subscriptions() -> None:
@@ -170,5 +171,21 @@ def test_a_new_hello_supersedes_the_stale_session_of_the_same_gateway() -> None:
         plain = registry.connect()
         registry.heartbeat(plain, "gw-a")
         assert registry.hello(registry.connect(), "gw-b") == [other]
+
+    asyncio.run(main())
+
+
+def test_sessions_have_reusable_owner_indexes() -> None:
+    async def main() -> None:
+        registry = GatewayRegistry(Matcher())
+        a, b = registry.connect(), registry.connect()
+        assert (a.owner, b.owner) == (0, 1) and registry.by_owner == [a, b]
+        registry.subscribe(b, request("s1", chat("c1")))
+        ids, owners = registry.matcher.match_owned("app", "messages", "m", {"chat_id": "c1"})
+        assert (ids, list(array("I", owners))) == (["s1"], [1])
+        registry.disconnect(b)
+        assert registry.by_owner == [a, None]
+        c = registry.connect()
+        assert c.owner == 1 and registry.by_owner == [a, c]
 
     asyncio.run(main())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import math
+from array import array
 from typing import Any
 
 import hypothesis.strategies as st
@@ -327,14 +328,17 @@ class FastVersusReference(RuleBasedStateMachine):
         coll=st.sampled_from(["c1", "c2"]),
         filters=st.lists(FILTERS, max_size=3),
         expression=st.none() | CEL,
+        # Small owners travel inside index entries, large ones in the slot.
+        owner=st.sampled_from([0, 1, 7, 0xFFFF, 0x10000, 2**32 - 1]),
     )
-    def add(self, coll: str, filters: list[Filter], expression: str | None) -> None:
+    def add(self, coll: str, filters: list[Filter], expression: str | None, owner: int) -> None:
         sub_id = f"s{self.next_id}"
         self.next_id += 1
         errors = []
         for matcher in (self.fast, self.ref):
             try:
-                matcher.add(sub_id, "db", coll, filters=filters, expression=expression)
+                matcher.add(
+                    sub_id, "db", coll, filters=filters, expression=expression, owner=owner)
                 errors.append(None)
             except InvalidSubscription as exc:
                 errors.append(str(exc))
@@ -351,6 +355,10 @@ class FastVersusReference(RuleBasedStateMachine):
         event(f"matched {min(len(fast), 3)}")
         assert len(fast) == len(set(fast))
         assert sorted(fast) == sorted(self.ref.match("db", coll, doc_id, doc)), doc
+        ids, owners = self.fast.match_owned("db", coll, doc_id, doc)
+        ref_ids, ref_owners = self.ref.match_owned("db", coll, doc_id, doc)
+        assert sorted(zip(ids, array("I", owners), strict=True)) == sorted(
+            zip(ref_ids, array("I", ref_owners), strict=True))
 
     @invariant()
     def same_size(self) -> None:
@@ -404,3 +412,11 @@ def test_no_input_crashes(filters: list[Any], expression: str | None, docs: list
     for doc in docs:
         assert "whole" in m.match("db", "c", "id", doc)
         m.match("db", "c", doc, doc)
+
+
+@pytest.mark.parametrize("owner", [-1, 2**32, 1.0, True])
+def test_owner_must_be_a_uint32(owner: Any) -> None:
+    m = Matcher()
+    with pytest.raises(ValueError, match="owner must be an int from 0 to 2\\*\\*32 - 1"):
+        m.add("s", "db", "c", owner=owner)
+    assert len(m) == 0

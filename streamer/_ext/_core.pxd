@@ -50,6 +50,7 @@ cdef struct Slot:
     uint32_t clause0
     uint32_t *clauses     # when nclauses > 1; see slot_clauses()
     PyObject *id          # owned; NULL for a free slot
+    uint32_t owner        # the caller's tag (a gateway), reported with matches
 
 
 cdef class Ctx:
@@ -136,6 +137,7 @@ cdef class Core:
     cdef list free_atoms
     cdef readonly Py_ssize_t scan_clauses
     cdef PyObject **found
+    cdef uint32_t *found_owners   # parallel to found
     cdef uint32_t nfound
     cdef uint32_t found_cap
 
@@ -148,10 +150,13 @@ cdef class Core:
     cdef Pred build_pred(self, tuple key)
     cdef double access_cost(self, CollIndex ci, uint32_t pid, tuple keys, bint elem)
     cdef tuple plan(self, CollIndex ci, list clause)
-    cdef void add_clause(self, CollIndex ci, uint32_t slot, str sub_id, uint32_t n,
-                         object access, list atoms) except *
+    cdef void add_clause(self, CollIndex ci, uint32_t slot, str sub_id, uint32_t owner,
+                         uint32_t n, object access, list atoms) except *
     cdef int verify(self, uint32_t c) except -1
-    cdef int push(self, PyObject *sub_id) except -1
+    cdef int reserve_found(self, uint32_t more) except -1
+    cdef int push(self, PyObject *sub_id, uint32_t owner) except -1
+    cdef int search(self, CollIndex ci, object document_id, object document) except -1
+    cdef list found_ids(self)
     cdef int emit(self, uint64_t ref) except -1
     cdef int emit_all(self, uint64_t *refs, uint32_t start, uint32_t end) except -1
     cdef int scan_posting(self, uint32_t h) except -1

@@ -24,6 +24,7 @@ CEL's ``&&``/``||`` absorb errors and raising would be far slower.
 
 cimport cython
 from cpython.bool cimport PyBool_Check
+from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.dict cimport PyDict_Check, PyDict_GetItem, PyDict_SetDefault
 from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_Check
 from cpython.list cimport PyList_Check, PyList_GET_ITEM, PyList_GET_SIZE, PyList_New
@@ -107,10 +108,11 @@ DEF ACCESS_RANGE = 3
 # only among a few ``age >= N`` thresholds costs a few atom tests).
 #
 # An entry (a reference) is 64 bits, tagged in its low bits:
-# - ENTRY_ID: the address of the subscription id string; used when one event
-#   cannot reach the subscription twice (one clause, not list membership), so
-#   a match needs no clause or slot lookup (each a cache miss at a million
-#   subscriptions);
+# - ENTRY_ID: the address of the subscription id string, with the slot's
+#   owner in the 16 bits above the 48 of a user-space address; used when one
+#   event cannot reach the subscription twice (one clause, not list
+#   membership), so a match needs no clause or slot lookup (each a cache miss
+#   at a million subscriptions), and the fan-out gets the owner for free;
 # - ENTRY_SLOT: slot << 3; the slot's epoch stamp removes duplicates;
 # - ENTRY_CLAUSE: clause << 3; range arrays only: the clause's own atoms are
 #   verified, then deduplicated by slot.
@@ -118,6 +120,9 @@ DEF ENTRY_ID = 1
 DEF ENTRY_SLOT = 2
 DEF ENTRY_CLAUSE = 4
 DEF ENTRY_TAGS = 7
+DEF OWNER_SHIFT = 48
+DEF ID_MASK = 0x0000FFFFFFFFFFF8
+DEF OWNER_IN_ENTRY_MAX = 0xFFFF
 # How many entries ahead the id strings are prefetched.
 DEF PREFETCH = 16
 
@@ -1082,6 +1087,7 @@ cdef class Core:
         self.atom_epoch = NULL
         self.atom_val = NULL
         self.found = NULL
+        self.found_owners = NULL
 
     def __init__(self):
         self.ctx = Ctx()
@@ -1131,6 +1137,7 @@ cdef class Core:
         free(self.atom_epoch)
         free(self.atom_val)
         free(self.found)
+        free(self.found_owners)
 
     def __len__(self):
         return len(self.sub_slots)
@@ -1378,8 +1385,10 @@ cdef class Core:
 
     # -- subscriptions -------------------------------------------------
 
-    def add(self, str sub_id, str database, str collection, list clauses):
+    def add(self, str sub_id, str database, str collection, list clauses, uint32_t owner=0):
         """Register a subscription given as clauses (lists of atoms).
+
+        ``owner`` is reported with each of its matches by ``match_owned``.
 
         Atoms are ``(key, access, factory)`` tuples (``streamer.compiler``).
         Per clause, the atom with the cheapest exact access becomes its index
@@ -1411,11 +1420,12 @@ cdef class Core:
         # The id is referenced from C (see release_posting for why).
         Py_INCREF(sub_id)
         self.slots[slot].id = <PyObject *>sub_id
+        self.slots[slot].owner = owner
         self.slots[slot].nclauses = 0
         alloc_array(n, &self.slots[slot].clauses)
         self.slot_epoch[slot] = 0
         for access, atoms in planned:
-            self.add_clause(ci, slot, sub_id, n, access, atoms)
+            self.add_clause(ci, slot, sub_id, owner, n, access, atoms)
 
     cdef tuple plan(self, CollIndex ci, list clause):
         cdef Py_ssize_t i, best = -1, n = len(clause)
@@ -1449,9 +1459,14 @@ cdef class Core:
             planned = (access[0], self.path_id(access[1])) + access[2:]
         return planned, [self.intern(atom) for atom in residual.values()]
 
-    cdef void add_clause(self, CollIndex ci, uint32_t slot, str sub_id, uint32_t n,
-                         object access, list atoms) except *:
+    cdef void add_clause(self, CollIndex ci, uint32_t slot, str sub_id, uint32_t owner,
+                         uint32_t n, object access, list atoms) except *:
         cdef uint32_t c, i, h, rid
+        cdef uint64_t address = <uintptr_t><PyObject *>sub_id
+        # An id entry carries its owner; when either does not fit, the slot
+        # entry (one more lookup per match) is used instead.
+        cdef bint by_id = owner <= OWNER_IN_ENTRY_MAX and (address & ~(<uint64_t>ID_MASK)) == 0
+        cdef uint64_t id_entry = address | ENTRY_ID | (<uint64_t>owner << OWNER_SHIFT)
         cdef Clause *cl
         cdef PathIndex pix
         cdef int op
@@ -1469,12 +1484,12 @@ cdef class Core:
             clause_atoms(cl)[i] = atoms[i]
             self.atom_refs[atoms[i]] += 1
         if access is not None and access[0] == "range":
-            if cl.natoms == 0 and n == 1:
-                cl.entry = (<uintptr_t><PyObject *>sub_id) | ENTRY_ID
+            if cl.natoms == 0 and n == 1 and by_id:
+                cl.entry = id_entry
             else:
                 cl.entry = (<uint64_t>c << 3) | ENTRY_CLAUSE
-        elif n == 1 and (access is None or access[0] != "elem"):
-            cl.entry = (<uintptr_t><PyObject *>sub_id) | ENTRY_ID
+        elif n == 1 and (access is None or access[0] != "elem") and by_id:
+            cl.entry = id_entry
         else:
             cl.entry = (<uint64_t>slot << 3) | ENTRY_SLOT
         cl.nhandles = 1
@@ -1550,10 +1565,17 @@ cdef class Core:
     cdef int verify(self, uint32_t c) except -1:
         return self.atoms_true(clause_atoms(&self.clauses[c]), self.clauses[c].natoms)
 
-    cdef int push(self, PyObject *sub_id) except -1:
-        if self.nfound == self.found_cap:
-            self.found = <PyObject **>grow(self.found, &self.found_cap, self.nfound + 1, sizeof(PyObject *))
+    cdef int reserve_found(self, uint32_t more) except -1:
+        cdef uint32_t cap = self.found_cap
+        if self.nfound + more > cap:
+            self.found = <PyObject **>grow(self.found, &self.found_cap, self.nfound + more, sizeof(PyObject *))
+            self.found_owners = <uint32_t *>grow(self.found_owners, &cap, self.found_cap, sizeof(uint32_t))
+        return 0
+
+    cdef int push(self, PyObject *sub_id, uint32_t owner) except -1:
+        self.reserve_found(1)
         self.found[self.nfound] = sub_id
+        self.found_owners[self.nfound] = owner
         self.nfound += 1
         return 0
 
@@ -1561,7 +1583,7 @@ cdef class Core:
         """Report the subscription behind a reference whose atoms hold."""
         cdef uint32_t slot, c
         if ref & ENTRY_ID:
-            return self.push(<PyObject *><uintptr_t>(ref & ~(<uint64_t>ENTRY_TAGS)))
+            return self.push(<PyObject *><uintptr_t>(ref & ID_MASK), <uint32_t>(ref >> OWNER_SHIFT))
         if ref & ENTRY_SLOT:
             slot = <uint32_t>(ref >> 3)
         else:
@@ -1571,7 +1593,7 @@ cdef class Core:
                 return 0
         if self.slot_epoch[slot] != self.ctx.epoch:
             self.slot_epoch[slot] = self.ctx.epoch
-            self.push(self.slots[slot].id)
+            self.push(self.slots[slot].id, self.slots[slot].owner)
         return 0
 
     cdef int emit_all(self, uint64_t *refs, uint32_t start, uint32_t end) except -1:
@@ -1579,15 +1601,14 @@ cdef class Core:
         cdef uint64_t ref
         if start >= end:
             return 0
-        if self.nfound + (end - start) > self.found_cap:
-            self.found = <PyObject **>grow(
-                self.found, &self.found_cap, self.nfound + (end - start), sizeof(PyObject *))
+        self.reserve_found(end - start)
         # Verification runs no code that can change the index, so the array
         # stays valid for the whole loop; the common entry is inlined.
         for i in range(start, end):
             ref = refs[i]
             if ref & ENTRY_ID:
-                self.found[self.nfound] = <PyObject *><uintptr_t>(ref & ~(<uint64_t>ENTRY_TAGS))
+                self.found[self.nfound] = <PyObject *><uintptr_t>(ref & ID_MASK)
+                self.found_owners[self.nfound] = <uint32_t>(ref >> OWNER_SHIFT)
                 self.nfound += 1
             else:
                 self.emit(ref)
@@ -1625,17 +1646,12 @@ cdef class Core:
             memset(ctx.path_epoch, 0, ctx.npaths * sizeof(uint32_t))
             ctx.epoch = 1
 
-    def match(self, database, collection, document_id, document):
-        """Ids of the subscriptions matching one document, each once."""
-        cdef CollIndex ci
+    cdef int search(self, CollIndex ci, object document_id, object document) except -1:
+        """Fill ``found``/``found_owners`` with the matches of one document."""
         cdef PathIndex pix
         cdef PyObject *hp
         cdef Ctx ctx = self.ctx
         cdef double d
-        cdef uint32_t i
-        ci = self.coll(database, collection, False)
-        if ci is None:
-            return []
         self.next_epoch()
         self.nfound = 0
         ctx.doc = document
@@ -1679,8 +1695,12 @@ cdef class Core:
             ctx.doc = None
             ctx.doc_id = None
             ctx.view = None
+        return 0
+
+    cdef list found_ids(self):
         # Touch each id string once, in a tight loop where the processor can
         # overlap the cache misses, prefetching a few ahead.
+        cdef uint32_t i
         out = PyList_New(self.nfound)
         for i in range(self.nfound):
             if i + PREFETCH < self.nfound:
@@ -1688,3 +1708,21 @@ cdef class Core:
             incref(self.found[i])
             list_set_item(<PyObject *>out, i, self.found[i])
         return out
+
+    def match(self, database, collection, document_id, document):
+        """Ids of the subscriptions matching one document, each once."""
+        cdef CollIndex ci = self.coll(database, collection, False)
+        if ci is None:
+            return []
+        self.search(ci, document_id, document)
+        return self.found_ids()
+
+    def match_owned(self, database, collection, document_id, document):
+        """``(ids, owners)``: ``match``'s ids and, as native ``uint32``
+        values in a bytes object, the ``owner`` each was added with."""
+        cdef CollIndex ci = self.coll(database, collection, False)
+        if ci is None:
+            return [], b""
+        self.search(ci, document_id, document)
+        return self.found_ids(), PyBytes_FromStringAndSize(
+            <char *>self.found_owners, self.nfound * sizeof(uint32_t))
