@@ -29,6 +29,8 @@ from puller_double import PullerDouble
 
 from streamer.auth import TokenAuth
 from streamer.cli import _sweep
+from streamer.delivery import DEFAULT_CAPACITY
+from streamer.events import Layout
 from streamer.gateways import GatewayRegistry
 from streamer.ingest import Ingest
 from streamer.matcher import Matcher
@@ -99,8 +101,12 @@ class Service:
         session_ttl: float = 90.0,
         token: bytes | None = None,
         registry_type: type[GatewayRegistry] = GatewayRegistry,
+        layout: Layout = "plain",
+        queue_capacity: int = DEFAULT_CAPACITY,
     ) -> None:
         self.session_ttl = session_ttl
+        self.layout: Layout = layout
+        self.queue_capacity = queue_capacity
         self.token = token
         self.registry_type = registry_type
         self.puller = PullerDouble()
@@ -122,7 +128,7 @@ class Service:
         if not self.puller.port:
             await self.puller.start()
         self.registry = self.registry_type(Matcher(), session_ttl=self.session_ttl)
-        self.servicer = StreamerServicer(self.registry)
+        self.servicer = StreamerServicer(self.registry, queue_capacity=self.queue_capacity)
         interceptors = [TokenAuth(self.token)] if self.token is not None else []
         self._server = grpc.aio.server(interceptors=interceptors)
         add_to_server(self.servicer, self._server)
@@ -131,7 +137,7 @@ class Service:
         subscribed = len(self.puller.subscriptions)
         ingest = Ingest(
             f"127.0.0.1:{self.puller.port}", self.registry, self.servicer, self.progress,
-            backoff=(0.01, 0.05),
+            layout=self.layout, backoff=(0.01, 0.05),
         )
         self._tasks = [
             asyncio.create_task(ingest.run()),
@@ -159,3 +165,77 @@ class Service:
     ) -> None:
         await self.stop()
         await self.puller.stop()
+
+
+class ServeProcess:
+    """``streamer serve`` as a real process that a test can kill (``kill -9``)
+    or stop (SIGTERM) and start again on the same port with the same
+    ``--state-dir``, against one ``PullerDouble`` that outlives every run.
+    Each run's output goes to its own file (``log(run)``); ``async with``
+    starts the first run and, whatever happened, kills what still runs and
+    stops the Puller."""
+
+    def __init__(self, tmp_path: Path, *args: str) -> None:
+        self.puller = PullerDouble()
+        self.state = tmp_path / "state"
+        self.port = free_port()
+        self.args = args
+        self._dir = tmp_path
+        self.runs: list[tuple[subprocess.Popen[bytes], Path]] = []
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        return self.runs[-1][0]
+
+    def log(self, run: int = -1) -> str:
+        return self.runs[run][1].read_text()
+
+    async def start(self) -> None:
+        """Start a run (the Puller too, the first time)."""
+        if not self.puller.port:
+            await self.puller.start()
+        output = self._dir / f"serve-{len(self.runs)}.log"
+        with output.open("wb") as sink:
+            proc = subprocess.Popen(
+                serve_command("--listen", self.address, "--puller",
+                              f"127.0.0.1:{self.puller.port}", "--state-dir", str(self.state),
+                              *self.args),
+                stdout=sink, stderr=subprocess.STDOUT,
+            )
+        self.runs.append((proc, output))
+
+    async def kill(self) -> None:
+        """``kill -9`` the current run and reap it."""
+        self.proc.kill()
+        await asyncio.to_thread(self.proc.wait, 10)
+
+    async def terminate(self, timeout: float = 30) -> int:
+        """SIGTERM the current run; its exit code."""
+        self.proc.terminate()
+        return await asyncio.to_thread(self.proc.wait, timeout)
+
+    async def __aenter__(self) -> ServeProcess:
+        try:
+            await self.start()
+        except BaseException:
+            await self.puller.stop()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            for proc, _ in self.runs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(10)
+        finally:
+            await self.puller.stop()
