@@ -151,9 +151,12 @@ class Ingest:
 
     def _fan_out(self, change: Change, progress: str) -> None:
         matcher = self.registry.matcher
-        doc = change.document if change.document is not None else {}
-        ids, owners = matcher.match_owned(
-            change.database, change.collection, change.document_id, doc)
+        if change.document is None:
+            ids, owners = matcher.match_id_owned(
+                change.database, change.collection, change.document_id)
+        else:
+            ids, owners = matcher.match_owned(
+                change.database, change.collection, change.document_id, change.document)
         if change.op is Op.UPDATE and change.before is not None:
             by_op = self._enter_and_leave(change, change.before, ids, owners)
         elif ids:

@@ -109,6 +109,16 @@ class Matcher:
         fan-out needs to group matches by gateway without a lookup per id."""
         return self._core.match_owned(database, collection, document_id, document)
 
+    def match_id_owned(
+        self, database: str, collection: str, document_id: str | None
+    ) -> tuple[list[str], bytes]:
+        """``match_owned`` for a change that comes without any document (a
+        hard delete without pre-image, SPEC section 5): it reaches the
+        subscriptions that select the document by its id (a clause that is
+        only ``_id == x`` or ``_id in [...]``) and those on the whole
+        collection; nothing else can be decided without the document."""
+        return self._core.match_id_owned(database, collection, document_id)
+
     def stats(self) -> dict[str, int]:
         """Sizes of the index: subscriptions, clauses, scan clauses, atoms…
 

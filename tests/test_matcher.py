@@ -420,3 +420,22 @@ def test_owner_must_be_a_uint32(owner: Any) -> None:
     with pytest.raises(ValueError, match="owner must be an int from 0 to 2\\*\\*32 - 1"):
         m.add("s", "db", "c", owner=owner)
     assert len(m) == 0
+
+
+def test_a_change_without_document_reaches_id_and_whole_collection_subscriptions() -> None:
+    m = Matcher()
+    m.add("whole", "db", "c", owner=3)
+    m.add("id", "db", "c", filters=[Filter("_id", "==", "d1")], owner=1)
+    m.add("ids", "db", "c", filters=[Filter("_id", "in", ["d0", "d1"])], owner=70_000)
+    m.add("cel-id", "db", "c", expression="doc._id == 'd1'")
+    m.add("id-or-x", "db", "c", expression="doc._id == 'd1' || doc.x == 1")
+    # Not decidable without the document:
+    m.add("id-and-x", "db", "c", filters=[Filter("_id", "==", "d1"), Filter("x", "==", 1)])
+    m.add("no-x", "db", "c", expression="!has(doc.x)")
+    m.add("other-id", "db", "c", filters=[Filter("_id", "==", "d2")])
+    m.add("elsewhere", "db", "c2")
+    ids, owners = m.match_id_owned("db", "c", "d1")
+    assert sorted(zip(ids, array("I", owners), strict=True)) == [
+        ("cel-id", 0), ("id", 1), ("id-or-x", 0), ("ids", 70_000), ("whole", 3)]
+    assert m.match_id_owned("db", "nowhere", "d1") == ([], b"")
+    assert m.match_id_owned("db", "c", None)[0] == ["whole"]

@@ -160,6 +160,7 @@ cdef class Core:
     cdef int emit(self, uint64_t ref) except -1
     cdef int emit_all(self, uint64_t *refs, uint32_t start, uint32_t end) except -1
     cdef int scan_posting(self, uint32_t h) except -1
+    cdef int scan_bare(self, uint32_t h) except -1
     cdef int scan_ranges(self, RangeIndex rix, double v) except -1
     cdef CollIndex coll(self, object database, object collection, bint create)
     cdef void next_epoch(self)

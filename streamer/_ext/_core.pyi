@@ -112,3 +112,6 @@ class Core:
     def match_owned(
         self, database: object, collection: object, document_id: object, document: object
     ) -> tuple[list[str], bytes]: ...
+    def match_id_owned(
+        self, database: object, collection: object, document_id: object
+    ) -> tuple[list[str], bytes]: ...

@@ -1624,6 +1624,15 @@ cdef class Core:
                 self.emit_all(g.refs, 0, g.n)
         return 0
 
+    cdef int scan_bare(self, uint32_t h) except -1:
+        """Emit the entries of a posting that have no atoms left to verify."""
+        cdef Posting *p = &self.postings[h]
+        cdef uint32_t i
+        for i in range(p.ngroups):
+            if p.groups[i].natoms == 0:
+                self.emit_all(p.groups[i].refs, 0, p.groups[i].n)
+        return 0
+
     cdef int scan_ranges(self, RangeIndex rix, double v) except -1:
         cdef RangeArr *a
         a = &rix.arrs[OP_GT - OP_LT]          # x > t: thresholds t < v
@@ -1716,6 +1725,28 @@ cdef class Core:
             return []
         self.search(ci, document_id, document)
         return self.found_ids()
+
+    def match_id_owned(self, database, collection, document_id):
+        """``match_owned`` for a change without a document (a hard delete
+        without pre-image): the clauses that hold on the document id alone,
+        i.e. a document-id test or nothing at all (whole collection)."""
+        cdef PyObject *hp
+        cdef CollIndex ci = self.coll(database, collection, False)
+        if ci is None:
+            return [], b""
+        self.next_epoch()
+        self.nfound = 0
+        self.scan_bare(ci.always)
+        pid = self.path_ids.get(("_id",))
+        pix = ci.by_pid.get(pid) if pid is not None else None
+        if pix is not None and (<PathIndex>pix).eq and document_id is not None:
+            key = index_key(document_id)
+            if key is not NK:
+                hp = PyDict_GetItem((<PathIndex>pix).eq, key)
+                if hp != NULL:
+                    self.scan_bare(<uint32_t><object>hp)
+        return self.found_ids(), PyBytes_FromStringAndSize(
+            <char *>self.found_owners, self.nfound * sizeof(uint32_t))
 
     def match_owned(self, database, collection, document_id, document):
         """``(ids, owners)``: ``match``'s ids and, as native ``uint32``
