@@ -17,13 +17,17 @@ $(STAMP): pyproject.toml setup.py streamer/_ext/*.pyx streamer/_ext/*.pxd
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
-## Run the benchmarks (sizes: STREAMER_BENCH_SIZES, default 100000,1000000).
+## Run the benchmarks: matching (STREAMER_BENCH_SIZES, default 100000,1000000),
+## then the ingest of one `streamer serve` process (STREAMER_BENCH_INGEST_*).
 bench: $(STAMP)
 	$(PY) -m pytest -q bench/bench_matching.py bench/bench_ingest.py
 
-## The main job until the service lands: the matching benchmark at a small size.
+## The main job until `streamer demo` lands: both benchmarks at small sizes
+## (the index at N = 20 000; the Puller → Streamer → 8 gateways pipeline at
+## N = 20 000 subscriptions, 5 000 events/s for 5 s).
 demo: $(STAMP)
-	STREAMER_BENCH_SIZES=20000 $(PY) -m pytest -q bench/bench_matching.py
+	STREAMER_BENCH_SIZES=20000 STREAMER_BENCH_INGEST_N=20000 STREAMER_BENCH_INGEST_RATE=5000 \
+	STREAMER_BENCH_INGEST_SECONDS=5 $(PY) -m pytest -q bench/bench_matching.py bench/bench_ingest.py
 
 ## ruff and mypy.
 lint: $(STAMP)

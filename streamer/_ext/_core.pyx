@@ -121,6 +121,8 @@ DEF ENTRY_SLOT = 2
 DEF ENTRY_CLAUSE = 4
 DEF ENTRY_TAGS = 7
 DEF OWNER_SHIFT = 48
+# Above 2**31 a DEF is a Python int: every use must cast it to uint64_t, or
+# the expression silently becomes Python arithmetic.
 DEF ID_MASK = 0x0000FFFFFFFFFFF8
 DEF OWNER_IN_ENTRY_MAX = 0xFFFF
 # How many entries ahead the id strings are prefetched.
@@ -1583,7 +1585,7 @@ cdef class Core:
         """Report the subscription behind a reference whose atoms hold."""
         cdef uint32_t slot, c
         if ref & ENTRY_ID:
-            return self.push(<PyObject *><uintptr_t>(ref & ID_MASK), <uint32_t>(ref >> OWNER_SHIFT))
+            return self.push(<PyObject *><uintptr_t>(ref & <uint64_t>ID_MASK), <uint32_t>(ref >> OWNER_SHIFT))
         if ref & ENTRY_SLOT:
             slot = <uint32_t>(ref >> 3)
         else:
@@ -1607,7 +1609,7 @@ cdef class Core:
         for i in range(start, end):
             ref = refs[i]
             if ref & ENTRY_ID:
-                self.found[self.nfound] = <PyObject *><uintptr_t>(ref & ID_MASK)
+                self.found[self.nfound] = <PyObject *><uintptr_t>(ref & <uint64_t>ID_MASK)
                 self.found_owners[self.nfound] = <uint32_t>(ref >> OWNER_SHIFT)
                 self.nfound += 1
             else:
