@@ -208,6 +208,7 @@ async def _run(state: Path) -> dict[str, Any]:
          "--metrics", f"127.0.0.1:{metrics_port}", "--gateway-queue", "100000"],
     )
     pinned = (os.cpu_count() or 1) >= 2
+    own_cpus = os.sched_getaffinity(0)
     if pinned:
         os.sched_setaffinity(proc.pid, {1})
         os.sched_setaffinity(0, {0})
@@ -294,6 +295,7 @@ async def _run(state: Path) -> dict[str, Any]:
                 proc.kill()
                 proc.wait(10)
         await puller.stop()
+        os.sched_setaffinity(0, own_cpus)
 
 
 def test_ingest_at_rate(figures: dict[str, Any], tmp_path: Path) -> None:
