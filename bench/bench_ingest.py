@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import itertools
 import json
 import os
 import platform
@@ -49,8 +50,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from streamer.client import StreamerClient
+from streamer.gateways import GatewayRegistry
+from streamer.ingest import Ingest
+from streamer.matcher import Matcher
 from streamer.progress import ProgressStore
-from streamer.protocol.puller_v1_pb2 import ChangeEvent
+from streamer.protocol.puller_v1_pb2 import ChangeEvent, PullerEvent
+from streamer.server import StreamerServicer
 from streamer.workload import Workload, change_event
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -306,9 +311,52 @@ def test_ingest_at_rate(figures: dict[str, Any], tmp_path: Path) -> None:
     assert paced["events"] == int(RATE * SECONDS)
 
 
+def test_ingest_process_in_process(
+    figures: dict[str, Any], benchmark: Any, tmp_path: Path
+) -> None:
+    """``Ingest.process`` alone, without gRPC: decode, transform, match,
+    serialize, frame one delivery per gateway (the queues are not attached,
+    so the final append is left out)."""
+
+    async def main() -> dict[str, Any]:
+        registry = GatewayRegistry(Matcher())
+        owner = {f"gw-{g}": registry.connect().owner for g in range(GATEWAYS)}
+        for spec in Workload(N, seed=SEED, gateways=GATEWAYS).subscriptions():
+            registry.matcher.add(
+                spec.id, spec.database, spec.collection, filters=spec.filters,
+                expression=spec.expression, owner=owner[spec.gateway],
+            )
+        ingest = Ingest("unused", registry, StreamerServicer(registry), ProgressStore(tmp_path))
+        events = [
+            PullerEvent(change_event=event, progress=f"p{i}")
+            for i, event in enumerate(_events(22_000, 0))
+        ]
+        for event in events[:2_000]:
+            ingest.process(event)
+        times = []
+        clock = time.perf_counter
+        matches = ingest.matches
+        for event in events[2_000:]:
+            start = clock()
+            ingest.process(event)
+            times.append(clock() - start)
+        matches = ingest.matches - matches
+        times.sort()
+        cycle = itertools.cycle(events)
+        benchmark.group = f"ingest N={N}"
+        benchmark(lambda: ingest.process(next(cycle)))
+        return {
+            "process_p50_us": times[len(times) // 2] * 1e6,
+            "process_p99_us": times[int(len(times) * 0.99)] * 1e6,
+            "process_mean_us": sum(times) / len(times) * 1e6,
+            "matches_per_event": matches / len(times),
+        }
+
+    figures["in_process"] = asyncio.run(main())
+
+
 def _report(figures: dict[str, Any]) -> list[str]:
     """The table lines; also writes ``RESULTS_PATH``."""
-    paced, burst = figures["paced"], figures["max"]
     meta = {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "host": platform.node(),
@@ -323,19 +371,30 @@ def _report(figures: dict[str, Any]) -> list[str]:
         "streamer ingest benchmark — {date}, host {host}, {cpus} CPUs, Python {python}; "
         "N={n_subscriptions:,} subscriptions, {gateways} batching gateways, "
         "{seconds:g} s paced".format(**meta),
-        f"  paced at {paced['offered_per_s']:,}/s: {paced['events_per_s']:,.0f} events/s, "
-        f"ingest→enqueue p50 {paced['ingest_enqueue_p50_us']:.1f} µs, "
-        f"p99 {paced['ingest_enqueue_p99_us']:.1f} µs, p99.9 "
-        f"{paced['ingest_enqueue_p999_us']:.1f} µs, {paced['deliveries_per_s']:,.0f} "
-        f"deliveries/s, {paced['cpu_s_per_1000_events']:.3f} CPU s/1000 events "
-        f"({paced['cpu_utilisation']:.0%} of a core; load generator "
-        f"{paced['load_generator_utilisation']:.0%} of the other)",
-        f"  max: {burst['events_per_s']:,.0f} events/s over {burst['events']:,} events, "
-        f"{burst['cpu_s_per_1000_events']:.3f} CPU s/1000 events",
-        f"  registration {figures['register_per_s']:,.0f} subscriptions/s over gRPC; "
-        f"Streamer RSS {figures['rss_mib']:.0f} MiB; "
-        f"{'pinned: Streamer on CPU 1, load on CPU 0' if figures['pinned'] else 'not pinned'}",
     ]
+    if "paced" in figures:
+        paced, burst = figures["paced"], figures["max"]
+        pinning = "Streamer on CPU 1, load on CPU 0" if figures["pinned"] else "not pinned"
+        lines += [
+            f"  paced at {paced['offered_per_s']:,}/s: {paced['events_per_s']:,.0f} events/s, "
+            f"ingest→enqueue p50 {paced['ingest_enqueue_p50_us']:.1f} µs, "
+            f"p99 {paced['ingest_enqueue_p99_us']:.1f} µs, p99.9 "
+            f"{paced['ingest_enqueue_p999_us']:.1f} µs, {paced['deliveries_per_s']:,.0f} "
+            f"deliveries/s, {paced['cpu_s_per_1000_events']:.3f} CPU s/1000 events "
+            f"({paced['cpu_utilisation']:.0%} of a core; load generator "
+            f"{paced['load_generator_utilisation']:.0%} of the other)",
+            f"  max: {burst['events_per_s']:,.0f} events/s over {burst['events']:,} events, "
+            f"{burst['cpu_s_per_1000_events']:.3f} CPU s/1000 events",
+            f"  registration {figures['register_per_s']:,.0f} subscriptions/s over gRPC; "
+            f"Streamer RSS {figures['rss_mib']:.0f} MiB; {pinning}",
+        ]
+    if "in_process" in figures:
+        alone = figures["in_process"]
+        lines.append(
+            f"  Ingest.process alone (no gRPC): p50 {alone['process_p50_us']:.1f} µs, "
+            f"p99 {alone['process_p99_us']:.1f} µs, mean {alone['process_mean_us']:.1f} µs "
+            f"per event, {alone['matches_per_event']:.0f} matches per event"
+        )
     RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
     RESULTS_PATH.write_text(json.dumps({"meta": meta, **figures}, indent=2) + "\n")
     return [*lines, f"figures written to {RESULTS_PATH}"]
