@@ -1,4 +1,5 @@
-"""The ``streamer`` command line: ``streamer serve`` runs the service.
+"""The ``streamer`` command line: ``streamer serve`` runs the service,
+``streamer puller`` the reference Puller (``streamer.puller``).
 
 Every option can also be set through an environment variable named
 ``STREAMER_<OPTION>`` (``--session-ttl`` → ``STREAMER_SESSION_TTL``); a flag
@@ -36,6 +37,12 @@ from streamer.logs import configure_logging
 from streamer.matcher import Matcher
 from streamer.metrics import MetricsError, MetricsServer, StreamerCollector, metrics_address
 from streamer.progress import ProgressFileError, ProgressStore, SavedProgress
+from streamer.protocol import puller_v1_pb2_grpc
+from streamer.protocol.puller_v1_pb2 import ChangeEvent
+from streamer.puller.log import LogError, ReplayLog
+from streamer.puller.server import SERVICE_NAME as PULLER_SERVICE_NAME
+from streamer.puller.server import PullerServicer
+from streamer.puller.sources import Recorder, ReplaySource, Source, WorkloadSource
 from streamer.server import SERVICE_NAME, StreamerServicer, add_to_server
 from streamer.transport import SERVER_OPTIONS
 
@@ -165,7 +172,163 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-format", default=_env("log_format", "text"), choices=["text", "json"],
         help="log lines on stderr: text, or json (one object per line)",
     )
+    _add_puller(commands)
     return parser
+
+
+def _add_puller(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    puller = commands.add_parser(
+        "puller",
+        help="run the reference Puller",
+        description="Serve syntrix.puller.v1 from a durable replay log filled by one "
+        "source: the chat workload or a replay file.",
+        epilog="Each option also reads STREAMER_<OPTION> from the environment, "
+        "e.g. STREAMER_LOG_DIR=/var/lib/puller; a flag given here wins. "
+        "Markers are v1:<log id>:<position>, opaque to consumers; a marker older "
+        "than the retention, or from another log, is refused with INVALID_ARGUMENT. "
+        "SIGTERM/SIGINT stop the source, finish the append in flight, end the "
+        "streams and exit 0.",
+        formatter_class=_HelpFormatter,
+    )
+    puller.add_argument(
+        "--listen", default=_env("listen", "127.0.0.1:50051"), metavar="HOST:PORT",
+        help="HOST:PORT the puller.v1 gRPC server binds",
+    )
+    puller.add_argument(
+        "--log-dir", type=Path, default=_env("log_dir", "puller-log"), metavar="DIR",
+        help="directory of the replay log (kept across restarts)",
+    )
+    puller.add_argument(
+        "--retention-bytes", type=int, default=_env("retention_bytes", str(1 << 30)),
+        metavar="BYTES", help="the log keeps about this many bytes (whole segments are dropped)",
+    )
+    puller.add_argument(
+        "--retention-seconds", type=float, default=_env("retention_seconds", "3600"),
+        metavar="SECONDS", help="events older than this are dropped (whole segments)",
+    )
+    puller.add_argument(
+        "--heartbeat-seconds", type=float, default=_env("heartbeat_seconds", "5"),
+        metavar="SECONDS",
+        help="a stream that sent nothing for this long gets a heartbeat with its marker",
+    )
+    # Exactly one source (checked after parsing, so that STREAMER_* can name
+    # it too). The MongoDB source adds its flags to this group.
+    sources = puller.add_mutually_exclusive_group()
+    sources.add_argument(
+        "--workload", choices=["chat"], default=_env("workload"),
+        help="source: the seeded reference workload (WORKLOAD.md) at --rate events/s",
+    )
+    sources.add_argument(
+        "--replay", type=Path, default=_env("replay"), metavar="FILE",
+        help="source: the change events of a JSON-lines replay file (format in the README), "
+        "at --rate events/s if given, else as fast as the log takes them",
+    )
+    puller.add_argument(
+        "--rate", type=float, default=_env("rate"), metavar="EVENTS",
+        help="events per second of the source (--workload: default 1000)",
+    )
+    puller.add_argument(
+        "--seed", type=int, default=_env("seed", "1"), metavar="N",
+        help="seed of --workload",
+    )
+    puller.add_argument(
+        "--record", type=Path, default=_env("record"), metavar="FILE",
+        help="also append every event, once durable, to FILE in the replay format",
+    )
+    puller.add_argument(
+        "--log-level", default=_env("log_level", "INFO"),
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log verbosity",
+    )
+    puller.add_argument(
+        "--log-format", default=_env("log_format", "text"), choices=["text", "json"],
+        help="log lines on stderr: text, or json (one object per line)",
+    )
+    puller.set_defaults(parser=puller)
+
+
+def _puller_source(args: argparse.Namespace) -> Source:
+    """The one source the flags name (a usage error otherwise)."""
+    parser: argparse.ArgumentParser = args.parser
+    named = [flag for flag, value in (("--workload", args.workload), ("--replay", args.replay))
+             if value is not None]
+    if len(named) != 1:
+        parser.error(
+            "give exactly one source: --workload chat or --replay FILE"
+            + (f" (got {' and '.join(named)})" if named else "")
+        )
+    if args.rate is not None and args.rate <= 0:
+        parser.error(f"--rate must be positive, not {args.rate:g}")
+    if args.retention_bytes <= 0 or args.retention_seconds <= 0 or args.heartbeat_seconds <= 0:
+        parser.error("--retention-bytes, --retention-seconds and --heartbeat-seconds "
+                     "must be positive")
+    if args.replay is not None:
+        if not args.replay.is_file():
+            parser.error(f"--replay {args.replay}: no such file")
+        return ReplaySource(args.replay, args.rate)
+    return WorkloadSource(1000.0 if args.rate is None else args.rate, args.seed)
+
+
+async def puller(args: argparse.Namespace, source: Source) -> int:
+    try:
+        replay_log = ReplayLog(
+            args.log_dir, max_bytes=args.retention_bytes, max_age=args.retention_seconds
+        )
+    except (LogError, OSError) as exc:
+        log.error("cannot open the replay log: %s", exc)
+        return 2
+    servicer = PullerServicer(replay_log, heartbeat=args.heartbeat_seconds)
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    puller_v1_pb2_grpc.add_PullerServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(args.listen)
+    if port == 0:
+        log.error("cannot listen on %s", args.listen)
+        replay_log.close()
+        return 2
+    recorder = Recorder(args.record) if args.record is not None else None
+
+    async def emit(batch: Sequence[tuple[ChangeEvent, bytes]]) -> None:
+        await servicer.append(batch)
+
+    await server.start()
+    for name in ("", PULLER_SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info(
+        "puller serving on %s (port %d); log %s holds positions %d-%d (log id %s)",
+        args.listen, port, args.log_dir, replay_log.first_position,
+        replay_log.last_position, replay_log.log_id,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    running = asyncio.create_task(
+        source.run(recorder.wrap(emit) if recorder else emit, replay_log.last_source_state()),
+        name="source",
+    )
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait((running, stopping), return_when=asyncio.FIRST_COMPLETED)
+    code = 0
+    if running.done() and not stop.is_set():
+        if running.exception() is not None:
+            log.error("the source failed: %r", running.exception())
+            code = 1
+        else:
+            log.info("the source has ended; serving the log until SIGTERM")
+            await stop.wait()
+    log.info("stopping: the source, then the append in flight, then the streams")
+    await health_servicer.enter_graceful_shutdown()
+    running.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await running
+    stopping.cancel()
+    replay_log.close()  # waits for an append already in its thread
+    if recorder is not None:
+        recorder.close()
+    await server.stop(grace=1)
+    log.info("stopped at position %d", replay_log.last_position)
+    return code
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -325,6 +488,10 @@ async def _sweep(registry: GatewayRegistry, servicer: StreamerServicer) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "puller":
+        source = _puller_source(args)
+        configure_logging(args.log_level, args.log_format)
+        return asyncio.run(puller(args, source))
     configure_logging(args.log_level, args.log_format)
     return asyncio.run(serve(args))
 

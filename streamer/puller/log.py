@@ -399,8 +399,10 @@ class ReplayLog:
 
     def read_cached(self, after: int, limit: int) -> list[Record] | None:
         """Up to ``limit`` records after position ``after`` if the memory
-        cache holds them (or there are none yet); None if the disk is needed."""
+        cache holds them (or there are none yet); None if the disk is needed.
+        Raises :class:`MarkerExpired` if retention dropped them."""
         with self._lock:
+            self._check_retained(after)
             cache = self._cache
             if not cache or after >= cache[-1].position:
                 return [] if after >= self._segments[-1].last else None
@@ -409,25 +411,37 @@ class ReplayLog:
                 return None
             return [cache[i] for i in range(start, min(start + limit, len(cache)))]
 
+    def _check_retained(self, after: int) -> None:
+        first = self._segments[0].first
+        if after < first - 1:
+            raise MarkerExpired(
+                f"position {after} is older than the log's retention "
+                f"(oldest position kept: {first}); events after it are lost"
+            )
+
     def read(self, after: int, limit: int) -> list[Record]:
         """Up to ``limit`` records after position ``after`` (raises
         :class:`MarkerExpired` if retention dropped them)."""
         cached = self.read_cached(after, limit)
         if cached is not None:
             return cached
-        while True:
+        records: list[Record] = []
+        while len(records) < limit:
             with self._lock:
-                if after < self._segments[0].first - 1:
-                    raise MarkerExpired(
-                        f"position {after} is older than the log's retention "
-                        f"(oldest position kept: {self._segments[0].first})"
-                    )
+                self._check_retained(after)
+                if after >= self._segments[-1].last:
+                    break
                 segment = self._segments[bisect.bisect_right(self._firsts, after + 1) - 1]
                 last, size, path = segment.last, segment.size, segment.path
             try:
-                return self._read_segment(segment, path, size, last, after, limit)
+                found = self._read_segment(segment, path, size, last, after, limit - len(records))
             except FileNotFoundError:
                 continue  # sealed or dropped meanwhile: look again
+            if not found:
+                break
+            records.extend(found)
+            after = found[-1].position
+        return records
 
     def _read_segment(
         self, segment: _Segment, path: Path, size: int, last: int, after: int, limit: int
