@@ -286,7 +286,12 @@ async def puller(args: argparse.Namespace, source: Source) -> int:
         log.error("cannot listen on %s", args.listen)
         replay_log.close()
         return 2
-    recorder = Recorder(args.record) if args.record is not None else None
+    try:
+        recorder = Recorder(args.record) if args.record is not None else None
+    except OSError as exc:
+        log.error("cannot write --record %s: %s", args.record, exc)
+        replay_log.close()
+        return 2
 
     async def emit(batch: Sequence[tuple[ChangeEvent, bytes]]) -> None:
         await servicer.append(batch)

@@ -135,6 +135,13 @@ def test_bad_flags_exit_2(tmp_path: Path) -> None:
         proc = subprocess.run(puller_command(*args), capture_output=True, text=True, timeout=30)
         assert proc.returncode == 2, (args, proc.stderr)
         assert message in proc.stderr, (args, proc.stderr)
+    proc = subprocess.run(
+        puller_command("--workload", "chat", "--listen", f"127.0.0.1:{free_port()}",
+                       "--log-dir", str(tmp_path / "log"),
+                       "--record", str(tmp_path / "missing" / "out.jsonl")),
+        capture_output=True, text=True, timeout=30,
+    )
+    assert proc.returncode == 2 and "cannot write --record" in proc.stderr, proc.stderr
     env = {**os.environ, "STREAMER_WORKLOAD": "chat", "STREAMER_RATE": "-1"}
     proc = subprocess.run(puller_command(), capture_output=True, text=True, timeout=30, env=env)
     assert proc.returncode == 2 and "--rate must be positive" in proc.stderr
