@@ -53,6 +53,12 @@ def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"STREAMER_{name.upper().replace('-', '_')}", default)
 
 
+def _puller_env(name: str, default: str | None = None) -> str | None:
+    # Its own prefix: `serve` and `puller` often share one environment (the
+    # demo, a test machine), and must not read each other's --listen.
+    return _env(f"puller_{name}", default)
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows defaults, except for options that are off unless given."""
 
@@ -182,8 +188,8 @@ def _add_puller(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help="run the reference Puller",
         description="Serve syntrix.puller.v1 from a durable replay log filled by one "
         "source: the chat workload or a replay file.",
-        epilog="Each option also reads STREAMER_<OPTION> from the environment, "
-        "e.g. STREAMER_LOG_DIR=/var/lib/puller; a flag given here wins. "
+        epilog="Each option also reads STREAMER_PULLER_<OPTION> from the environment, "
+        "e.g. STREAMER_PULLER_LOG_DIR=/var/lib/puller; a flag given here wins. "
         "Markers are v1:<log id>:<position>, opaque to consumers; a marker older "
         "than the retention, or from another log, is refused with INVALID_ARGUMENT. "
         "SIGTERM/SIGINT stop the source, finish the append in flight, end the "
@@ -191,23 +197,23 @@ def _add_puller(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         formatter_class=_HelpFormatter,
     )
     puller.add_argument(
-        "--listen", default=_env("listen", "127.0.0.1:50051"), metavar="HOST:PORT",
+        "--listen", default=_puller_env("listen", "127.0.0.1:50051"), metavar="HOST:PORT",
         help="HOST:PORT the puller.v1 gRPC server binds",
     )
     puller.add_argument(
-        "--log-dir", type=Path, default=_env("log_dir", "puller-log"), metavar="DIR",
+        "--log-dir", type=Path, default=_puller_env("log_dir", "puller-log"), metavar="DIR",
         help="directory of the replay log (kept across restarts)",
     )
     puller.add_argument(
-        "--retention-bytes", type=int, default=_env("retention_bytes", str(1 << 30)),
+        "--retention-bytes", type=int, default=_puller_env("retention_bytes", str(1 << 30)),
         metavar="BYTES", help="the log keeps about this many bytes (whole segments are dropped)",
     )
     puller.add_argument(
-        "--retention-seconds", type=float, default=_env("retention_seconds", "3600"),
+        "--retention-seconds", type=float, default=_puller_env("retention_seconds", "3600"),
         metavar="SECONDS", help="events older than this are dropped (whole segments)",
     )
     puller.add_argument(
-        "--heartbeat-seconds", type=float, default=_env("heartbeat_seconds", "5"),
+        "--heartbeat-seconds", type=float, default=_puller_env("heartbeat_seconds", "5"),
         metavar="SECONDS",
         help="a stream that sent nothing for this long gets a heartbeat with its marker",
     )
@@ -215,32 +221,32 @@ def _add_puller(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     # it too). The MongoDB source adds its flags to this group.
     sources = puller.add_mutually_exclusive_group()
     sources.add_argument(
-        "--workload", choices=["chat"], default=_env("workload"),
+        "--workload", choices=["chat"], default=_puller_env("workload"),
         help="source: the seeded reference workload (WORKLOAD.md) at --rate events/s",
     )
     sources.add_argument(
-        "--replay", type=Path, default=_env("replay"), metavar="FILE",
+        "--replay", type=Path, default=_puller_env("replay"), metavar="FILE",
         help="source: the change events of a JSON-lines replay file (format in the README), "
         "at --rate events/s if given, else as fast as the log takes them",
     )
     puller.add_argument(
-        "--rate", type=float, default=_env("rate"), metavar="EVENTS",
+        "--rate", type=float, default=_puller_env("rate"), metavar="EVENTS",
         help="events per second of the source (--workload: default 1000)",
     )
     puller.add_argument(
-        "--seed", type=int, default=_env("seed", "1"), metavar="N",
+        "--seed", type=int, default=_puller_env("seed", "1"), metavar="N",
         help="seed of --workload",
     )
     puller.add_argument(
-        "--record", type=Path, default=_env("record"), metavar="FILE",
+        "--record", type=Path, default=_puller_env("record"), metavar="FILE",
         help="also append every event, once durable, to FILE in the replay format",
     )
     puller.add_argument(
-        "--log-level", default=_env("log_level", "INFO"),
+        "--log-level", default=_puller_env("log_level", "INFO"),
         choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log verbosity",
     )
     puller.add_argument(
-        "--log-format", default=_env("log_format", "text"), choices=["text", "json"],
+        "--log-format", default=_puller_env("log_format", "text"), choices=["text", "json"],
         help="log lines on stderr: text, or json (one object per line)",
     )
     puller.set_defaults(parser=puller)

@@ -142,7 +142,7 @@ def test_bad_flags_exit_2(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=30,
     )
     assert proc.returncode == 2 and "cannot write --record" in proc.stderr, proc.stderr
-    env = {**os.environ, "STREAMER_WORKLOAD": "chat", "STREAMER_RATE": "-1"}
+    env = {**os.environ, "STREAMER_PULLER_WORKLOAD": "chat", "STREAMER_PULLER_RATE": "-1"}
     proc = subprocess.run(puller_command(), capture_output=True, text=True, timeout=30, env=env)
     assert proc.returncode == 2 and "--rate must be positive" in proc.stderr
 
@@ -152,5 +152,5 @@ def test_help_documents_every_option() -> None:
     assert proc.returncode == 0
     for option in ("--listen", "--log-dir", "--retention-bytes", "--retention-seconds",
                    "--heartbeat-seconds", "--workload", "--replay", "--rate", "--seed",
-                   "--record", "--log-level", "--log-format", "STREAMER_"):
+                   "--record", "--log-level", "--log-format", "STREAMER_PULLER_"):
         assert option in proc.stdout, option
