@@ -32,7 +32,7 @@ from array import array
 from collections import deque
 from collections.abc import Awaitable, Callable
 
-from streamer._ext._fanout import frame_deliveries
+from streamer._ext._fanout import frame_deliveries, frame_event
 from streamer.protocol.streamer_v1_pb2 import StreamerEvent
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "event_field",
     "frame_deliveries",
     "frame_deliveries_reference",
+    "frame_event",
     "subscription_field",
     "varint",
 ]
@@ -82,7 +83,8 @@ def subscription_field(subscription_id: str) -> bytes:
 
 
 def event_field(event: StreamerEvent) -> bytes:
-    """``EventDelivery.event``, serialized and framed once per event and operation."""
+    """``EventDelivery.event``, serialized and framed once per event and
+    operation (the reference for the compiled ``frame_event``)."""
     data = event.SerializeToString()
     return _EVENT_TAG + varint(len(data)) + data
 
@@ -139,6 +141,15 @@ class GatewayQueue:
         if self._closed or len(self._items) >= self.capacity:
             return False
         self._items.append(message)
+        self._ready.set()
+        return True
+
+    def offer_all(self, messages: list[bytes]) -> bool:
+        """Enqueue several serialized messages in order, all or none; False
+        when they do not all fit (lagging) or the queue is closed."""
+        if self._closed or len(self._items) + len(messages) > self.capacity:
+            return False
+        self._items.extend(messages)
         self._ready.set()
         return True
 

@@ -26,14 +26,13 @@ from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
-from streamer.delivery import event_field, frame_deliveries
+from streamer.delivery import frame_deliveries, frame_event
 from streamer.events import Change, Layout, Op, PoisonEvent, normalize
 from streamer.gateways import GatewayRegistry
 from streamer.metrics import LatencyHistogram
 from streamer.progress import ProgressStore
 from streamer.protocol import puller_v1_pb2 as puller_pb
 from streamer.protocol import puller_v1_pb2_grpc as puller_grpc
-from streamer.protocol.streamer_v1_pb2 import StreamerEvent
 from streamer.server import StreamerServicer
 from streamer.transport import KEEPALIVE_OPTIONS
 
@@ -89,9 +88,7 @@ class Ingest:
                 ) as channel:
                     stub = puller_grpc.PullerServiceStub(channel)  # type: ignore[no-untyped-call]
                     async for events in self._messages(stub):
-                        received = time.perf_counter()
-                        for event in events:
-                            self.process(event, received)
+                        self.process_batch(events, time.perf_counter())
                         delay = self.backoff[0]
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
@@ -127,13 +124,25 @@ class Ingest:
             async for event in stub.Subscribe(request):
                 yield (event,)
 
-    def process(self, event: puller_pb.PullerEvent, received: float | None = None) -> None:
-        """Match and enqueue one event, then advance the marker (never raises
-        for bad input). ``received`` is the ``perf_counter`` time its message
-        arrived: the ingest→enqueue latency includes the wait behind the
-        events before it in the same batch."""
-        if event.HasField("change_event"):
-            start = time.perf_counter() if received is None else received
+    def process(self, event: puller_pb.PullerEvent) -> None:
+        """Match and enqueue one event, then advance the marker."""
+        self.process_batch((event,), time.perf_counter())
+
+    def process_batch(self, events: Sequence[puller_pb.PullerEvent], received: float) -> None:
+        """Match the events of one Puller message, enqueue their deliveries,
+        then advance the marker to the last one (never raises for bad input).
+
+        Each gateway's deliveries of the whole message are appended to its
+        queue at once, in order, so the per-delivery cost is a list append.
+        ``received`` is the ``perf_counter`` time the message arrived: the
+        ingest→enqueue latency of each event runs from there to that append.
+        """
+        pending: dict[int, list[bytes]] = {}
+        changes = 0
+        for event in events:
+            if not event.HasField("change_event"):
+                self.events["heartbeat"] += 1
+                continue
             try:
                 change = normalize(
                     event.change_event, layout=self.layout,
@@ -143,13 +152,20 @@ class Ingest:
                 self.poison[exc.reason] += 1
                 log.warning("skipping event %s: %s", event.change_event.event_id, exc)
             else:
-                self._fan_out(change, event.progress)
-                self.latency.observe(time.perf_counter() - start)
-        else:
-            self.events["heartbeat"] += 1
-        self.progress.advance(event.progress)
+                self._fan_out(change, event.progress, pending)
+                changes += 1
+        sessions, deliver = self.registry.by_owner, self.servicer.deliver
+        for owner, messages in pending.items():
+            session = sessions[owner]
+            if session is not None and deliver(session, messages):
+                self.deliveries += len(messages)
+        if changes:
+            self.latency.observe(time.perf_counter() - received, changes)
+        if events:
+            self.progress.advance(events[-1].progress)
 
-    def _fan_out(self, change: Change, progress: str) -> None:
+    def _fan_out(self, change: Change, progress: str, pending: dict[int, list[bytes]]) -> None:
+        """Add the deliveries of one change to ``pending`` (by gateway owner)."""
         matcher = self.registry.matcher
         if change.document is None:
             ids, owners = matcher.match_id_owned(
@@ -164,25 +180,21 @@ class Ingest:
         else:
             by_op = {}
         self.events[_NAME[change.op]] += 1
-        sessions = self.registry.by_owner
-        deliver = self.servicer.deliver
         for op, (sub_ids, sub_owners) in by_op.items():
             self.matches += len(sub_ids)
             # Serialized once; every gateway's delivery reuses these bytes.
-            event = event_field(StreamerEvent(
-                event_id=change.event_id, database=change.database,
-                collection=change.collection, document_id=change.document_id,
-                operation=_WIRE[op],  # type: ignore[arg-type]
-                document_data=change.document_data,
-                timestamp=change.timestamp, progress=progress,
-            ))
-            delivered = 0
-            for owner, message in frame_deliveries(sub_ids, sub_owners, event):
-                session = sessions[owner]
-                if session is not None:
-                    delivered += deliver(session, message)
-            self.deliveries += delivered
-            self.delivered[_NAME[op]] += delivered
+            event = frame_event(
+                change.event_id, change.database, change.collection, change.document_id,
+                _WIRE[op], change.document_data, change.timestamp, progress,
+            )
+            framed = frame_deliveries(sub_ids, sub_owners, event)
+            self.delivered[_NAME[op]] += len(framed)
+            for owner, message in framed:
+                queued = pending.get(owner)
+                if queued is None:
+                    pending[owner] = [message]
+                else:
+                    queued.append(message)
 
     def _enter_and_leave(
         self, change: Change, pre_image: object, ids: list[str], owners: bytes

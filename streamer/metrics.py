@@ -86,9 +86,10 @@ class LatencyHistogram:
         self.counts = [0] * (len(self.bounds) + 1)  # the last one: above every bound
         self.sum = 0.0
 
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
-        self.sum += seconds
+    def observe(self, seconds: float, count: int = 1) -> None:
+        """Record ``count`` observations of ``seconds`` each."""
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += count
+        self.sum += seconds * count
 
     @property
     def count(self) -> int:
@@ -153,9 +154,10 @@ class StreamerCollector(Collector):
         delivered = dict(ingest.delivered)
         family = CounterMetricFamily(
             "streamer_deliveries",
-            "Deliveries enqueued to gateways (one per event, gateway and delivered "
-            "operation; a delivery names every matching subscription of that gateway), "
-            "by operation. Sum over operation for all deliveries.",
+            "Deliveries produced for connected gateways (one per event, gateway and "
+            "delivered operation; a delivery names every matching subscription of that "
+            "gateway), by operation; those a gateway cut off as lagging could not take "
+            "are included. Sum over operation for all deliveries.",
             labels=["operation"],
         )
         for key in DELIVERY_KEYS:

@@ -53,13 +53,14 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
         self.streams: dict[int, _Stream] = {}
         self.lagging_cut_offs = 0
 
-    def deliver(self, session: Session, message: bytes) -> bool:
-        """Enqueue a serialized delivery (``streamer.delivery.delivery_message``)
-        without waiting; a full queue cuts the gateway off."""
+    def deliver(self, session: Session, messages: list[bytes]) -> bool:
+        """Enqueue serialized deliveries (``streamer.delivery.delivery_message``)
+        in order without waiting; a queue they do not fit in cuts the
+        gateway off."""
         stream = self.streams.get(session.key)
         if stream is None:
             return False
-        if stream.queue.offer(message):
+        if stream.queue.offer_all(messages):
             return True
         self._cut_off(stream)
         return False

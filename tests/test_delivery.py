@@ -16,6 +16,7 @@ from streamer.delivery import (
     event_field,
     frame_deliveries,
     frame_deliveries_reference,
+    frame_event,
     subscription_field,
     varint,
 )
@@ -222,3 +223,19 @@ def test_fan_out_checks_its_arguments() -> None:
 def test_fan_out_refuses_ids_that_are_not_strings() -> None:
     with pytest.raises(TypeError, match="subscription ids must be str, got int"):
         frame_deliveries([1], bytes(4), b"")  # type: ignore[list-item]
+
+
+@given(events, st.sampled_from([0, 1, 2, 4]))
+def test_the_compiled_event_framing_is_the_protobuf_encoding(
+    event: StreamerEvent, operation: int
+) -> None:
+    event.operation = operation  # type: ignore[assignment]
+    assert frame_event(
+        event.event_id, event.database, event.collection, event.document_id,
+        event.operation, event.document_data, event.timestamp, event.progress,
+    ) == event_field(event)
+
+
+def test_event_framing_refuses_an_operation_outside_int32() -> None:
+    with pytest.raises(ValueError, match="operation must be a non-negative int32, got -1"):
+        frame_event("e", "", "", "", -1, b"", 0, "")

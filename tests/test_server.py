@@ -104,7 +104,7 @@ def test_deliveries_plain_and_batched() -> None:
         for i in range(3):
             event = StreamerEvent(event_id=f"e{i}")
             for session, sub in ((plain_session, "p"), (streams["gw-b"], "b")):
-                assert servicer.deliver(session, framed([sub], event))
+                assert servicer.deliver(session, [framed([sub], event)])
         got_plain = [(await read(plain)).delivery.event.event_id for _ in range(3)]
         assert got_plain == ["e0", "e1", "e2"]
         got_batched: list[str] = []
@@ -129,7 +129,7 @@ def test_a_lagging_gateway_is_cut_off_with_resource_exhausted() -> None:
         # The client reads nothing: the transport fills, then the queue.
         accepted = 0
         for _ in range(10_000):
-            if not servicer.deliver(session, framed(["s1"], big)):
+            if not servicer.deliver(session, [framed(["s1"], big)]):
                 break
             accepted += 1
             await asyncio.sleep(0)

@@ -4,3 +4,14 @@
 def frame_deliveries(
     subscription_ids: list[str], owners: bytes, event: bytes
 ) -> list[tuple[int, bytes]]: ...
+
+def frame_event(
+    event_id: str,
+    database: str,
+    collection: str,
+    document_id: str,
+    operation: int,
+    document_data: bytes,
+    timestamp: int,
+    progress: str,
+) -> bytes: ...
