@@ -395,6 +395,18 @@ def test_source_reopens_when_the_drivers_resume_fails_too(mock: MockupDB) -> Non
     assert source.reconnects == 1
 
 
+def test_source_reopens_a_stream_the_server_closed(mock: MockupDB) -> None:
+    def script() -> None:
+        # Cursor id 0 without an invalidate: the driver considers it finished.
+        _cursor(_expect(mock.receives(), "aggregate"), 0, True, [_change(1)])
+        agg = _expect(mock.receives(), "aggregate")
+        assert agg["pipeline"][0]["$changeStream"]["resumeAfter"] == {"_data": "T0001"}
+        _cursor(agg, 43, True, [_change(2)])
+
+    log = _scripted(mock, script, 2, _source(mock))
+    assert [e.mgo_doc_id for e, _ in log.events] == ["1", "2"]
+
+
 def test_history_lost_from_the_server_is_reported(mock: MockupDB) -> None:
     def script() -> None:
         _expect(mock.receives(), "aggregate").reply(

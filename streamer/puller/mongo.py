@@ -290,6 +290,8 @@ class MongoSource:
         self.skipped: Counter[str] = Counter()
         #: Times the stream was reopened after an error.
         self.reconnects = 0
+        #: Events handed to ``emit``.
+        self.emitted = 0
 
     def pipeline(self) -> list[dict[str, Any]]:
         """The stages after ``$changeStream``: the collections filter."""
@@ -320,6 +322,7 @@ class MongoSource:
             failures = 0
             while True:
                 stream: AsyncDatabaseChangeStream[Change] | None = None
+                emitted = self.emitted
                 try:
                     stream = await client[self.database].watch(
                         self.pipeline(),
@@ -333,7 +336,10 @@ class MongoSource:
                     async with stream:
                         start_after = None
                         token, start_after = await self._pump(stream, emit, token)
-                        failures = 0
+                        if start_after is None and stream.resume_token is not None:
+                            token = dict(stream.resume_token)
+                    if start_after is None:  # closed by the server: not in a tight loop
+                        await asyncio.sleep(self.backoff_initial)
                 except PyMongoError as exc:
                     if _history_lost(exc):
                         raise ResumePointLost(
@@ -348,6 +354,8 @@ class MongoSource:
                     # skipped, and resuming there rescans less of the oplog.
                     if stream is not None and stream.resume_token is not None:
                         token = dict(stream.resume_token)
+                    if self.emitted > emitted:  # it worked for a while: start over
+                        failures = 0
                     delay = min(self.backoff_max, self.backoff_initial * 2**failures)
                     delay *= random.uniform(0.5, 1.0)
                     failures += 1
@@ -362,12 +370,20 @@ class MongoSource:
 
     async def _pump(
         self, stream: AsyncDatabaseChangeStream[Change], emit: Emit, token: Change | None
-    ) -> tuple[Change | None, Change]:
-        """Emit the stream's changes until it is invalidated; returns the last
-        emitted token and the invalidate's (to ``startAfter``)."""
+    ) -> tuple[Change | None, Change | None]:
+        """Emit the stream's changes until it ends; returns the last emitted
+        token and, if it was invalidated, the invalidate's (to ``startAfter``)."""
         while True:
             change = await stream.try_next()
             if change is None:
+                if not stream.alive:
+                    # The server closed the cursor without an invalidate:
+                    # try_next() would return None forever.
+                    log.warning(
+                        "MongoDB change stream of %r was closed by the server; reopening",
+                        self.database,
+                    )
+                    return token, None
                 continue
             batch: list[tuple[ChangeEvent, bytes]] = []
             invalidated: Change | None = None
@@ -386,6 +402,7 @@ class MongoSource:
                     break
             if batch:
                 await emit(batch)
+                self.emitted += len(batch)
             if invalidated is not None:
                 self.skipped["invalidate"] += 1
                 log.warning(
