@@ -58,3 +58,9 @@ class AccessDenied(StreamerError, PermissionError):
         super().__init__(f"{code}: {details}")
         self.code = code
         self.details = details
+
+
+class ResumePointLost(StreamerError, LookupError):
+    """A change source can no longer resume from the logged position (e.g. a
+    MongoDB oplog that no longer holds the resume token): the changes since
+    then are lost, and only an operator can decide what to do about it."""

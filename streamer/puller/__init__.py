@@ -6,4 +6,6 @@ durable replay log that one source fills.
 - ``server``: the ``PullerService`` gRPC servicer over the log.
 - ``sources``: the ``Source`` protocol, the workload and replay sources, the
   replay-file format and its recorder.
+- ``mongo``: the MongoDB change-stream source (pymongo, the ``mongodb``
+  extra), with the JSON rendering of BSON documents.
 """
