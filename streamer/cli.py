@@ -30,6 +30,7 @@ from streamer.auth import (
     server_credentials,
 )
 from streamer.delivery import DEFAULT_CAPACITY
+from streamer.errors import ResumePointLost
 from streamer.events import LAYOUTS
 from streamer.gateways import GatewayRegistry, Limits, RestartWindow
 from streamer.ingest import Ingest
@@ -218,8 +219,14 @@ def _add_puller(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help="a stream that sent nothing for this long gets a heartbeat with its marker",
     )
     # Exactly one source (checked after parsing, so that STREAMER_* can name
-    # it too). The MongoDB source adds its flags to this group.
+    # it too).
     sources = puller.add_mutually_exclusive_group()
+    sources.add_argument(
+        "--mongodb", default=_puller_env("mongodb"), metavar="URI",
+        help="source: the change stream of a MongoDB replica set (needs --db; "
+        "the 'mongodb' extra: pip install 'streamer[mongodb]'); the resume token "
+        "is kept in the log, so a restart continues where it stopped",
+    )
     sources.add_argument(
         "--workload", choices=["chat"], default=_puller_env("workload"),
         help="source: the seeded reference workload (WORKLOAD.md) at --rate events/s",
@@ -228,6 +235,14 @@ def _add_puller(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "--replay", type=Path, default=_puller_env("replay"), metavar="FILE",
         help="source: the change events of a JSON-lines replay file (format in the README), "
         "at --rate events/s if given, else as fast as the log takes them",
+    )
+    puller.add_argument(
+        "--db", default=_puller_env("db"), metavar="NAME",
+        help="--mongodb: the database to watch",
+    )
+    puller.add_argument(
+        "--collections", default=_puller_env("collections"), metavar="A,B",
+        help="--mongodb: only these collections (comma-separated); unset, all",
     )
     puller.add_argument(
         "--rate", type=float, default=_puller_env("rate"), metavar="EVENTS",
@@ -255,13 +270,18 @@ def _add_puller(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
 def _puller_source(args: argparse.Namespace) -> Source:
     """The one source the flags name (a usage error otherwise)."""
     parser: argparse.ArgumentParser = args.parser
-    named = [flag for flag, value in (("--workload", args.workload), ("--replay", args.replay))
-             if value is not None]
+    named = [
+        flag for flag, value in (
+            ("--workload", args.workload), ("--replay", args.replay), ("--mongodb", args.mongodb)
+        ) if value is not None
+    ]
     if len(named) != 1:
         parser.error(
-            "give exactly one source: --workload chat or --replay FILE"
+            "give exactly one source: --workload chat, --replay FILE or --mongodb URI"
             + (f" (got {' and '.join(named)})" if named else "")
         )
+    if (args.db is not None or args.collections is not None) and args.mongodb is None:
+        parser.error("--db and --collections go with --mongodb")
     if args.rate is not None and args.rate <= 0:
         parser.error(f"--rate must be positive, not {args.rate:g}")
     if args.retention_bytes <= 0 or args.retention_seconds <= 0 or args.heartbeat_seconds <= 0:
@@ -271,6 +291,15 @@ def _puller_source(args: argparse.Namespace) -> Source:
         if not args.replay.is_file():
             parser.error(f"--replay {args.replay}: no such file")
         return ReplaySource(args.replay, args.rate)
+    if args.mongodb is not None:
+        if not args.db:
+            parser.error("--mongodb needs --db NAME")
+        try:
+            from streamer.puller.mongo import MongoSource
+        except ImportError as exc:
+            parser.error(f"--mongodb needs pymongo: pip install 'streamer[mongodb]' ({exc})")
+        collections = [c for c in (args.collections or "").split(",") if c] or None
+        return MongoSource(args.mongodb, args.db, collections)
     return WorkloadSource(1000.0 if args.rate is None else args.rate, args.seed)
 
 
@@ -322,8 +351,12 @@ async def puller(args: argparse.Namespace, source: Source) -> int:
     await asyncio.wait((running, stopping), return_when=asyncio.FIRST_COMPLETED)
     code = 0
     if running.done() and not stop.is_set():
-        if running.exception() is not None:
-            log.error("the source failed: %r", running.exception())
+        failure = running.exception()
+        if isinstance(failure, ResumePointLost):
+            log.error("%s; move the log directory away to start from the present", failure)
+            code = 1
+        elif failure is not None:
+            log.error("the source failed: %r", failure)
             code = 1
         else:
             log.info("the source has ended; serving the log until SIGTERM")

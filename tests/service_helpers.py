@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import socket
 import subprocess
 import sys
@@ -35,6 +36,8 @@ from streamer.gateways import GatewayRegistry
 from streamer.ingest import Ingest
 from streamer.matcher import Matcher
 from streamer.progress import ProgressStore
+from streamer.protocol import puller_v1_pb2 as pb
+from streamer.protocol import puller_v1_pb2_grpc as pb_grpc
 from streamer.server import StreamerServicer, add_to_server
 
 
@@ -239,3 +242,42 @@ class ServeProcess:
                     proc.wait(10)
         finally:
             await self.puller.stop()
+
+
+# ``streamer puller`` as a real process.
+
+def puller_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "streamer", "puller", *args]
+
+
+def start_puller(tmp_path: Path, port: int, *args: str, run: str = "0") -> subprocess.Popen[bytes]:
+    output = tmp_path / f"puller-{run}.log"
+    with output.open("wb") as sink:
+        return subprocess.Popen(
+            puller_command("--listen", f"127.0.0.1:{port}", "--log-dir", str(tmp_path / "log"),
+                           *args),
+            stdout=sink, stderr=subprocess.STDOUT,
+        )
+
+
+async def puller_events(port: int, after: str, count: int) -> list[pb.PullerEvent]:
+    """``count`` change events (heartbeats skipped) after ``after``."""
+    out: list[pb.PullerEvent] = []
+    async with asyncio.timeout(20):
+        while True:
+            try:
+                async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                    stub = pb_grpc.PullerServiceStub(channel)
+                    async for batch in stub.SubscribeBatch(pb.SubscribeRequest(after=after)):
+                        out.extend(e for e in batch.events if e.HasField("change_event"))
+                        if len(out) >= count:
+                            return out[:count]
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:  # not up yet
+                    raise
+                await asyncio.sleep(0.1)
+
+
+def stop_puller(proc: subprocess.Popen[bytes]) -> int:
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(20)

@@ -4,81 +4,39 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import grpc
-from service_helpers import free_port
+from service_helpers import free_port, puller_command, puller_events, start_puller, stop_puller
 
-from streamer.protocol import puller_v1_pb2 as pb
-from streamer.protocol import puller_v1_pb2_grpc as pb_grpc
 from streamer.puller.sources import from_json_line, to_json_line
 from streamer.workload import Workload, change_event
-
-
-def puller_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "streamer", "puller", *args]
-
-
-def start(tmp_path: Path, port: int, *args: str, run: str = "0") -> subprocess.Popen[bytes]:
-    output = tmp_path / f"puller-{run}.log"
-    with output.open("wb") as sink:
-        return subprocess.Popen(
-            puller_command("--listen", f"127.0.0.1:{port}", "--log-dir", str(tmp_path / "log"),
-                           *args),
-            stdout=sink, stderr=subprocess.STDOUT,
-        )
-
-
-async def events(port: int, after: str, count: int) -> list[pb.PullerEvent]:
-    """``count`` change events (heartbeats skipped) after ``after``."""
-    out: list[pb.PullerEvent] = []
-    async with asyncio.timeout(20):
-        while True:
-            try:
-                async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                    stub = pb_grpc.PullerServiceStub(channel)
-                    async for batch in stub.SubscribeBatch(pb.SubscribeRequest(after=after)):
-                        out.extend(e for e in batch.events if e.HasField("change_event"))
-                        if len(out) >= count:
-                            return out[:count]
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE:  # not up yet
-                    raise
-                await asyncio.sleep(0.1)
 
 
 def position(marker: str) -> int:  # the test knows the marker's shape; clients do not
     return int(marker.rsplit(":", 1)[1])
 
 
-def stop(proc: subprocess.Popen[bytes]) -> int:
-    proc.send_signal(signal.SIGTERM)
-    return proc.wait(20)
-
-
 def test_workload_serves_restarts_and_resumes(tmp_path: Path) -> None:
     port = free_port()
-    proc = start(tmp_path, port, "--workload", "chat", "--rate", "2000")
+    proc = start_puller(tmp_path, port, "--workload", "chat", "--rate", "2000")
     try:
-        first = asyncio.run(events(port, "", 200))
+        first = asyncio.run(puller_events(port, "", 200))
         positions = [position(e.progress) for e in first]
         assert positions == list(range(positions[0], positions[0] + 200))
-        assert stop(proc) == 0
+        assert stop_puller(proc) == 0
         log = (tmp_path / "puller-0.log").read_text()
         assert "stopped at position" in log, log
         # The same log after a restart: positions go on, `after` still works.
-        proc = start(tmp_path, port, "--workload", "chat", "--rate", "2000", run="1")
-        again = asyncio.run(events(port, first[99].progress, 300))
+        proc = start_puller(tmp_path, port, "--workload", "chat", "--rate", "2000", run="1")
+        again = asyncio.run(puller_events(port, first[99].progress, 300))
         assert again[:100] == first[100:]
         assert [position(e.progress) for e in again] == list(
             range(positions[100], positions[100] + 300))
         # The seeded stream continued where the log ended, without repeats.
         assert len({e.change_event.event_id for e in again}) == 300
-        assert stop(proc) == 0
+        assert stop_puller(proc) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -96,11 +54,11 @@ def test_replay_and_record(tmp_path: Path) -> None:
     replay.write_bytes(b"".join(lines[:10]) + b"{not json\n" + b"\n" + b"".join(lines[10:]))
     record = tmp_path / "out.jsonl"
     port = free_port()
-    proc = start(tmp_path, port, "--replay", str(replay), "--record", str(record))
+    proc = start_puller(tmp_path, port, "--replay", str(replay), "--record", str(record))
     try:
-        got = asyncio.run(events(port, before_everything(tmp_path), 50))
+        got = asyncio.run(puller_events(port, before_everything(tmp_path), 50))
         assert [e.change_event for e in got] == original
-        assert stop(proc) == 0
+        assert stop_puller(proc) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -151,6 +109,7 @@ def test_help_documents_every_option() -> None:
     proc = subprocess.run(puller_command("--help"), capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0
     for option in ("--listen", "--log-dir", "--retention-bytes", "--retention-seconds",
-                   "--heartbeat-seconds", "--workload", "--replay", "--rate", "--seed",
+                   "--heartbeat-seconds", "--workload", "--replay", "--mongodb", "--db",
+                   "--collections", "--rate", "--seed",
                    "--record", "--log-level", "--log-format", "STREAMER_PULLER_"):
         assert option in proc.stdout, option

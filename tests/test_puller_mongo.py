@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime
+import subprocess
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import bson
@@ -24,6 +26,7 @@ from bson import Binary, Code, Decimal128, Int64, MaxKey, MinKey, ObjectId, Rege
 from bson.datetime_ms import DatetimeMS
 from mockupdb import MockupDB, Request
 from secantus import SecantusDBServer
+from service_helpers import free_port, puller_command, puller_events, start_puller, stop_puller
 
 from streamer.errors import ResumePointLost, StreamerError
 from streamer.events import normalize
@@ -580,3 +583,59 @@ def test_bson_types_as_json() -> None:
         "nan": None,
         "far": {"$date": {"$numberLong": "253402300800000"}},
     }
+
+
+# ------------------------------------------------------------ streamer puller
+
+
+def test_streamer_puller_serves_a_change_stream_and_resumes_after_a_restart(
+    server: SecantusDBServer, db: Any, tmp_path: Path
+) -> None:
+    """``streamer puller --mongodb`` as a real process: changes reach a
+    puller.v1 consumer, and a restart resumes the change stream from the
+    token kept in the log (writes made while it was down are not lost)."""
+    port = free_port()
+    args = ("--mongodb", server.uri, "--db", db.name, "--collections", "messages")
+
+    def ids(events: list[Any]) -> list[str]:
+        return [e.change_event.mgo_doc_id for e in events]
+
+    proc = start_puller(tmp_path, port, *args)
+    try:
+        # The stream starts at "now" once the process is up: write until the
+        # first change comes through.
+        async def first() -> list[Any]:
+            async with asyncio.timeout(30):
+                n = 0
+                while True:
+                    db.messages.insert_one({"_id": f"m{n}", "text": "hi"})
+                    db.other.insert_one({"_id": f"o{n}"})  # filtered out
+                    n += 1
+                    try:
+                        return await asyncio.wait_for(puller_events(port, "", 1), 1)
+                    except TimeoutError:
+                        continue
+
+        [got] = asyncio.run(first())
+        assert got.change_event.op_type == "insert" and got.change_event.mgo_coll == "messages"
+        assert stop_puller(proc) == 0
+        db.messages.insert_one({"_id": "while-down"})
+        db.messages.update_one({"_id": "while-down"}, {"$set": {"text": "edited"}})
+        proc = start_puller(tmp_path, port, *args, run="1")
+        later = asyncio.run(puller_events(port, got.progress, 2))
+        assert [(e.change_event.op_type, e.change_event.mgo_doc_id) for e in later][-2:] == [
+            ("insert", "while-down"), ("update", "while-down")]
+        assert "o0" not in ids(later)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_streamer_puller_mongodb_usage_errors() -> None:
+    for args, message in [
+        (("--mongodb", "mongodb://127.0.0.1:1"), "--mongodb needs --db NAME"),
+        (("--workload", "chat", "--db", "app"), "--db and --collections go with --mongodb"),
+    ]:
+        proc = subprocess.run(puller_command(*args), capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
