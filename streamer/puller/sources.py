@@ -179,9 +179,17 @@ class WorkloadSource:
     (regenerating the skipped prefix, about 20 µs per event).
     """
 
-    def __init__(self, rate: float, seed: int = 1, n_subscriptions: int = 100_000) -> None:
+    def __init__(
+        self, rate: float, seed: int = 1, n_subscriptions: int = 100_000, *,
+        stamp_event_ids: bool = False,
+    ) -> None:
         self.rate = rate
         self.seed = seed
+        # A benchmarking aid (``--stamp-event-ids``): event ids become
+        # ``ev-<index>-<emit time, ns since the epoch>``, so a gateway can
+        # measure Puller→gateway latency finer than ChangeEvent.timestamp's
+        # milliseconds. Event ids are opaque to the Streamer and gateways.
+        self.stamp_event_ids = stamp_event_ids
         self.workload = Workload(n_subscriptions, seed=seed)
 
     def _start(self, resume: bytes | None) -> int:
@@ -203,8 +211,12 @@ class WorkloadSource:
         specs = itertools.islice(self.workload.events(sys.maxsize), start, None)
 
         def events() -> Iterator[tuple[ChangeEvent, bytes]]:
+            stamp = self.stamp_event_ids
             for index, spec in enumerate(specs, start):
-                event = change_event(spec, index, timestamp=time.time_ns() // 1_000_000)
+                now = time.time_ns()
+                event = change_event(spec, index, timestamp=now // 1_000_000)
+                if stamp:
+                    event.event_id = f"ev-{index}-{now}"
                 yield event, f"chat:{self.seed}:{index + 1}".encode()
 
         await _paced(events(), emit, self.rate)
