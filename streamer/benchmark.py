@@ -64,6 +64,7 @@ SUB_BUCKETS = 16  # per power of two
 IN_FLIGHT = 256  # subscribe requests in flight per gateway while registering
 SUSTAINED_SHARE = 0.97
 PROBE_HEARTBEAT = 0.1
+CYCLE = 20_000  # events the Puller generates once and repeats (--cycle)
 
 
 # ------------------------------------------------------------------ histogram
@@ -412,6 +413,7 @@ class _Setup:
         log_dir = Path(tempfile.mkdtemp(prefix=f"puller-{rate}-", dir=self.work))
         cmd = [sys.executable, "-m", "streamer", "puller", "--workload", "chat",
                "--rate", str(rate), "--seed", str(self.config.seed), "--stamp-event-ids",
+               "--cycle", str(CYCLE),
                "--log-dir", str(log_dir), "--listen", f"127.0.0.1:{self.puller_port}",
                "--heartbeat-seconds", str(PROBE_HEARTBEAT), "--log-level", "WARNING"]
         if self.variant == "plain":

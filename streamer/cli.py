@@ -261,6 +261,12 @@ def _add_puller(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "millisecond ChangeEvent.timestamp (ids are opaque to the Streamer)",
     )
     puller.add_argument(
+        "--cycle", type=int, default=_puller_env("cycle", "0"), metavar="K",
+        help="benchmarking aid for --workload: generate the first K events once and "
+        "repeat them (new ids and timestamps), so the Puller can offer high rates; "
+        "0: generate every event",
+    )
+    puller.add_argument(
         "--no-subscribe-batch", action="store_true",
         default=_puller_env("no_subscribe_batch", "") not in ("", "0", "false"),
         help="answer SubscribeBatch with UNIMPLEMENTED, as a Syntrix Puller does, so "
@@ -302,7 +308,7 @@ def _puller_source(args: argparse.Namespace) -> Source:
         return ReplaySource(args.replay, args.rate)
     return WorkloadSource(
         1000.0 if args.rate is None else args.rate, args.seed,
-        stamp_event_ids=args.stamp_event_ids,
+        stamp_event_ids=args.stamp_event_ids, cycle=args.cycle,
     )
 
 
