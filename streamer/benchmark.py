@@ -121,7 +121,7 @@ async def _gateway(args: argparse.Namespace) -> None:
                 )
                 for s in specs[i:i + IN_FLIGHT]
             ))
-    state: dict[str, Any] = {"deliveries": 0, "hist": {}, "max_index": -1}
+    state: dict[str, Any] = {"deliveries": 0, "hist": {}, "last_index": -1}
     loop = asyncio.get_running_loop()
 
     def command(line: str) -> None:
@@ -131,7 +131,7 @@ async def _gateway(args: argparse.Namespace) -> None:
             print("ok", flush=True)
         elif word == "report":
             print(json.dumps({"deliveries": state["deliveries"], "hist": state["hist"],
-                              "max_index": state["max_index"]}), flush=True)
+                              "last_index": state["last_index"]}), flush=True)
 
     def stdin_reader() -> None:
         for line in sys.stdin:
@@ -143,18 +143,17 @@ async def _gateway(args: argparse.Namespace) -> None:
     threading.Thread(target=stdin_reader, daemon=True).start()
 
     async def consume() -> None:
+        # Deliveries arrive in Puller order, so the last event number seen
+        # is this gateway's progress (it starts again at 0 with every new
+        # Puller log).
         clock = time.time_ns
-        max_index = -1
         async for delivery in client.deliveries():
-            event_id = delivery.event.event_id
-            _, index, stamp = event_id.split("-")
+            _, index, stamp = delivery.event.event_id.split("-")
             hist = state["hist"]
             b = bucket(clock() - int(stamp))
             hist[b] = hist.get(b, 0) + 1
             state["deliveries"] += 1
-            i = int(index)
-            if i > max_index:
-                state["max_index"] = max_index = i
+            state["last_index"] = int(index)
 
     consumer = asyncio.create_task(consume())
     await stop.wait()
@@ -270,6 +269,7 @@ class Config:
     profile: str | None = None  # py-spy raw output prefix; the batched 10k and 50k runs
     profile_rates: list[int] = field(default_factory=lambda: [10_000, 50_000])
     seed: int = 1
+    cycle: int = CYCLE
     out: Path | None = None
     log: Callable[[str], None] = field(default=lambda line: print(line, file=sys.stderr))
 
@@ -413,7 +413,7 @@ class _Setup:
         log_dir = Path(tempfile.mkdtemp(prefix=f"puller-{rate}-", dir=self.work))
         cmd = [sys.executable, "-m", "streamer", "puller", "--workload", "chat",
                "--rate", str(rate), "--seed", str(self.config.seed), "--stamp-event-ids",
-               "--cycle", str(CYCLE),
+               "--cycle", str(self.config.cycle),
                "--log-dir", str(log_dir), "--listen", f"127.0.0.1:{self.puller_port}",
                "--heartbeat-seconds", str(PROBE_HEARTBEAT), "--log-level", "WARNING"]
         if self.variant == "plain":
@@ -436,8 +436,8 @@ class _Setup:
                     gateway.proc.stdin.close()
         for gateway in self.gateways:
             try:
-                gateway.proc.wait(10)
-            except subprocess.TimeoutExpired:
+                gateway.proc.wait(3)
+            except subprocess.TimeoutExpired:  # e.g. still registering
                 _stop(gateway.proc)
         _stop(self.server)
 
@@ -489,8 +489,8 @@ class _Setup:
         finally:
             self.stop_puller()
         elapsed = t1 - t0
-        seen0 = max(r["max_index"] for r in before) + 1
-        seen1 = max(r["max_index"] for r in after) + 1
+        seen0 = max(r["last_index"] for r in before) + 1
+        seen1 = max(r["last_index"] for r in after) + 1
         hist: dict[int, int] = {}
         for report in after:
             for k, v in report["hist"].items():
@@ -754,6 +754,7 @@ def config_from(args: argparse.Namespace) -> Config:
     if args.quick:
         config.n, config.gateways, config.seconds, config.warmup = 2_000, 2, 2.0, 2.0
         config.rates, config.plain_rates, config.search_max = [2_000], [2_000], False
+        config.cycle = 2_000
     return config
 
 
