@@ -52,6 +52,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -397,6 +398,26 @@ class _Gateway:
         return line
 
 
+def _metric_quantile(
+    q: float, before: list[tuple[float, float]], after: list[tuple[float, float]]
+) -> float:
+    """Quantile (s) of the observations between two scrapes, interpolated
+    inside its bucket as PromQL's ``histogram_quantile``; NaN without data."""
+    b0 = dict(before)
+    cumulative = [(le, count - b0.get(le, 0.0)) for le, count in after]
+    if not cumulative or cumulative[-1][1] <= 0:
+        return math.nan
+    rank = q * cumulative[-1][1]
+    lower, below = 0.0, 0.0
+    for le, count in cumulative:
+        if count >= rank:
+            if le == math.inf:
+                return lower
+            return lower + (le - lower) * (rank - below) / max(count - below, 1e-12)
+        lower, below = le, count
+    return lower
+
+
 def _stop(proc: subprocess.Popen[Any] | None) -> None:
     if proc is None or proc.poll() is not None:
         return
@@ -416,6 +437,7 @@ class _Setup:
         self.puller_port = _free_port()
         self.port = _free_port()
         self.server: subprocess.Popen[Any] | None = None
+        self.metrics_port = _free_port()
         self.gateways: list[_Gateway] = []
         self.puller: subprocess.Popen[Any] | None = None
         self.probe: _Probe | None = None
@@ -430,7 +452,7 @@ class _Setup:
         else:
             cmd = [py, "-m", "streamer", "serve", "--listen", f"127.0.0.1:{self.port}",
                    "--puller", target, "--state-dir", str(self.work / f"state-{self.variant}"),
-                   "--log-level", "WARNING", "--metrics", f"127.0.0.1:{_free_port()}",
+                   "--log-level", "WARNING", "--metrics", f"127.0.0.1:{self.metrics_port}",
                    "--gateway-queue", "1000000", "--session-ttl", "600"]
         self.server = subprocess.Popen(cmd, stderr=self.stderr)
         _pin(self.server.pid, {1})
@@ -492,6 +514,25 @@ class _Setup:
             gateway.send(word)
         return [gateway.line() for gateway in self.gateways]
 
+    def scrape(self) -> list[tuple[float, float]]:
+        """Cumulative (le, count) buckets of the Streamer's ingest latency."""
+        if self.variant == "relay":
+            return []
+        from prometheus_client.parser import text_string_to_metric_families
+
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                text = response.read().decode()
+        except OSError:
+            return []
+        out = []
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "streamer_ingest_latency_seconds_bucket":
+                    out.append((float(sample.labels["le"]), sample.value))
+        return sorted(out)
+
     def load_pids(self) -> list[int]:
         pids = [os.getpid(), *(g.proc.pid for g in self.gateways)]
         if self.puller is not None:
@@ -520,6 +561,7 @@ class _Setup:
             puller_pid = self.puller.pid
             self.ask("reset")
             before = [json.loads(x) for x in self.ask("report")]
+            m0 = self.scrape()
             t0, head0 = time.perf_counter(), self.probe.head
             cpu0 = _cpu_seconds(self.server.pid)
             load0 = sum(_cpu_seconds(p) for p in load)
@@ -527,6 +569,7 @@ class _Setup:
             time.sleep(config.seconds)
             after = [json.loads(x) for x in self.ask("report")]
             t1, head1 = time.perf_counter(), self.probe.head
+            m1 = self.scrape()
             cpu1 = _cpu_seconds(self.server.pid)
             load1 = sum(_cpu_seconds(p) for p in load)
             puller1 = _cpu_seconds(puller_pid)
@@ -561,6 +604,10 @@ class _Setup:
             "latency_p99_ms": quantile(hist, 0.99) / 1e6,
             "latency_p999_ms": quantile(hist, 0.999) / 1e6,
             "latency_samples": sum(hist.values()),
+            # The Streamer's own histogram (--metrics): from the arrival of
+            # the Puller message carrying an event to its deliveries queued.
+            "ingest_enqueue_p50_ms": _metric_quantile(0.50, m0, m1) * 1e3,
+            "ingest_enqueue_p99_ms": _metric_quantile(0.99, m0, m1) * 1e3,
             "latency_sampling": f"every {SAMPLE_EVERY}th delivery",
             "cpu_s_per_1000_events": cpu / max(events, 1) * 1000,
             "cpu_utilisation": cpu / elapsed,
@@ -657,16 +704,17 @@ def _cpu_model() -> str:
 
 def _ratios(results: dict[str, Any]) -> None:
     """Streamer CPU per event over the relay's at the same offered rate."""
-    relay = {r["offered_per_s"]: r for r in results["variants"].get("relay", {}).get("runs", [])}
+    # CPU per event falls as the rate rises (per-message costs are shared by
+    # more events), so the relay run compared is the one whose processed
+    # rate is nearest, not the one with the same offered rate.
+    relay = results["variants"].get("relay", {}).get("runs", [])
     for name, variant in results["variants"].items():
-        if name == "relay":
+        if name == "relay" or not relay:
             continue
         for run_ in variant["runs"]:
-            base = relay.get(run_["offered_per_s"])
-            if base is None and relay:  # a max-search rate: the nearest relay run
-                base = min(relay.values(),
-                           key=lambda r: abs(r["offered_per_s"] - run_["offered_per_s"]))
+            base = min(relay, key=lambda r: abs(r["events_per_s"] - run_["events_per_s"]))
             if base is not None:
+                run_["relay_events_per_s"] = base["events_per_s"]
                 run_["relay_cpu_s_per_1000_events"] = base["cpu_s_per_1000_events"]
                 run_["cpu_ratio_to_relay"] = (
                     run_["cpu_s_per_1000_events"] / base["cpu_s_per_1000_events"])
@@ -685,7 +733,8 @@ def _line(r: dict[str, Any]) -> str:
 
 COLUMNS = (
     "variant", "offered/s", "produced/s", "events/s", "sustained", "deliveries/s",
-    "p50 ms", "p99 ms", "p99.9 ms", "CPU s/1k ev", "core", "RSS MiB", "CPU 0 (Puller)",
+    "p50 ms", "p99 ms", "p99.9 ms", "Streamer-only p50/p99 ms", "CPU s/1k ev", "core",
+    "RSS MiB", "CPU 0 (Puller)",
     "relay CPU s/1k", "ratio",
 )
 
@@ -698,7 +747,11 @@ def _cells(r: dict[str, Any]) -> list[str]:
         f"{r['offered_per_s']:,}", f"{r['produced_per_s']:,.0f}", f"{r['events_per_s']:,.0f}",
         "yes" if r["sustained"] else "NO", f"{r['deliveries_per_s']:,.0f}",
         f"{r['latency_p50_ms']:.2f}", f"{r['latency_p99_ms']:.2f}",
-        f"{r['latency_p999_ms']:.2f}", f"{r['cpu_s_per_1000_events']:.3f}",
+        f"{r['latency_p999_ms']:.2f}",
+        "—" if "ingest_enqueue_p99_ms" not in r or r["ingest_enqueue_p99_ms"] != r[
+            "ingest_enqueue_p99_ms"] else
+        f"{r['ingest_enqueue_p50_ms']:.2f}/{r['ingest_enqueue_p99_ms']:.2f}",
+        f"{r['cpu_s_per_1000_events']:.3f}",
         f"{r['cpu_utilisation']:.0%}", f"{r['rss_mib']:.0f}",
         f"{r['load_generator_utilisation']:.0%} ({r['puller_utilisation']:.0%})",
         "—" if relay is None else f"{relay:.3f}", "—" if ratio is None else f"{ratio:.2f}",
