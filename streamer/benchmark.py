@@ -797,12 +797,14 @@ def verdicts(results: dict[str, Any]) -> list[str]:
             f"({r['events_per_s']:,.0f} events/s of {r['produced_per_s']:,.0f} produced, "
             f"{'sustained' if r['sustained'] else 'not sustained'}, p99 "
             f"{r['latency_p99_ms']:.2f} ms)")
-    ratios = [x["cpu_ratio_to_relay"] for x in runs
-              if "cpu_ratio_to_relay" in x and not x.get("max_search")]
+    # Only where the Streamer kept up: an unsustained run's CPU per event
+    # belongs to whatever rate it managed, not to the one offered.
+    ratios = [(x["events_per_s"], x["cpu_ratio_to_relay"]) for x in runs
+              if "cpu_ratio_to_relay" in x and x["sustained"]]
     if ratios:
-        worst = max(ratios)
+        worst = max(r for _, r in ratios)
         out.append(f"Streamer CPU per event <= 2x the relay's: {'PASS' if worst <= 2 else 'MISS'} "
-                   f"(ratios {', '.join(f'{x:.2f}' for x in ratios)})")
+                   f"(sustained runs: {', '.join(f'{r:.2f} at {e:,.0f}/s' for e, r in ratios)})")
     for name, variant in results["variants"].items():
         if name == "relay":
             continue
