@@ -354,6 +354,7 @@ class _Probe:
 
     def __init__(self, target: str) -> None:
         self.head = 0
+        self._closed = False
         self._channel = grpc.insecure_channel(target)
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._call: Any = None
@@ -365,7 +366,7 @@ class _Probe:
 
         stub = pb_grpc.PullerServiceStub(self._channel)  # type: ignore[no-untyped-call]
         request = pb.SubscribeRequest(consumer_id="probe", collections=["-probe-"])
-        while True:
+        while not self._closed:
             try:
                 self._call = stub.Subscribe(request)
                 for event in self._call:
@@ -373,9 +374,12 @@ class _Probe:
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.CANCELLED:
                     return
+            except ValueError:  # the channel was closed
+                return
             time.sleep(0.05)
 
     def close(self) -> None:
+        self._closed = True
         if self._call is not None:
             self._call.cancel()
         self._channel.close()
