@@ -10,12 +10,13 @@ Puller, Streamer and gateways run as separate processes on loopback:
   gateways, so latency is measured without touching the protocol or the
   documents that matching reads.
 - ``streamer serve --metrics`` pinned to CPU 1; everything else on CPU 0.
-- G gateway processes (``python -m streamer.benchmark gateway``), each one
-  ``StreamerClient`` holding its share of N subscriptions of
-  ``Workload(N, seed=1, gateways=G)``. Each records, for every delivery,
-  ``time.time_ns() - stamp`` (one host, one clock) in a log-linear
-  histogram (16 sub-buckets per power of two: within 6 %) and the highest
-  event number seen.
+- G gateways (``StreamerClient``s, each its own stream and gateway id)
+  holding their shares of N subscriptions of ``Workload(N, seed=1,
+  gateways=G)``, hosted ``clients_per_process`` (4) per process
+  (``python -m streamer.benchmark gateway``). Each records deliveries in its
+  stream reader and, for every 4th, ``time.time_ns() - stamp`` (one host,
+  one clock) in a log-linear histogram (16 sub-buckets per power of two:
+  within 6 %), and the number of the last event it received.
 - A probe in this process follows the Puller with a ``Subscribe`` whose
   collection filter matches nothing, so it only gets heartbeats (every
   0.1 s) carrying the Puller's head position: what was really offered.
@@ -537,6 +538,20 @@ class _Setup:
                     out.append((float(sample.labels["le"]), sample.value))
         return sorted(out)
 
+    def _wait_for_flow(self, limit: float = 60.0) -> None:
+        """Until the new Puller produces and its events reach the gateways
+        (the Streamer reconnects to it with backoff)."""
+        assert self.probe is not None
+        deadline = time.monotonic() + limit
+        while self.probe.head == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self.ask("reset")
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            if sum(json.loads(x)["deliveries"] for x in self.ask("report")) > 0:
+                return
+        raise RuntimeError(f"no events reached the gateways within {limit:g} s")
+
     def load_pids(self) -> list[int]:
         pids = [os.getpid(), *(g.proc.pid for g in self.gateways)]
         if self.puller is not None:
@@ -549,8 +564,9 @@ class _Setup:
         config = self.config
         self.start_puller(rate)
         try:
-            time.sleep(config.warmup)
             assert self.probe is not None
+            self._wait_for_flow()
+            time.sleep(config.warmup)
             spy = None
             if (config.profile and self.variant == "batched" and rate in config.profile_rates):
                 spy = subprocess.Popen(
