@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test bench demo lint proto sanitize wheel clean
+.PHONY: test bench bench-e2e demo lint proto sanitize wheel clean
 
 $(STAMP): pyproject.toml setup.py streamer/_ext/*.pyx streamer/_ext/*.pxd
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,12 @@ test: $(STAMP)
 ## then the ingest of one `streamer serve` process (STREAMER_BENCH_INGEST_*).
 bench: $(STAMP)
 	$(PY) -m pytest -q bench/bench_matching.py bench/bench_ingest.py
+
+## The end-to-end benchmark (`streamer bench e2e` under pytest-benchmark):
+## Puller, Streamer (and a pass-through relay) and 8 gateways as processes;
+## about eight minutes. STREAMER_BENCH_E2E_* size it (bench/bench_e2e.py).
+bench-e2e: $(STAMP)
+	$(PY) -m pytest -q bench/bench_e2e.py
 
 ## The main job until `streamer demo` lands: both benchmarks at small sizes
 ## (the index at N = 20 000; the Puller → Streamer → 8 gateways pipeline at

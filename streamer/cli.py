@@ -180,6 +180,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="log lines on stderr: text, or json (one object per line)",
     )
     _add_puller(commands)
+    bench = commands.add_parser(
+        "bench", help="run a benchmark",
+        description="Benchmarks of the service as shipped (see the README).",
+    )
+    benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
+    e2e = benches.add_parser(
+        "e2e", help="Puller, Streamer and gateways as processes on loopback",
+        description="The end-to-end benchmark: per offered rate, events/s sustained, "
+        "deliveries/s, Puller→gateway latency, Streamer CPU and RSS, against a "
+        "pass-through relay; batching and plain gateways. Pins the Streamer to CPU 1 "
+        "and everything else to CPU 0.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    from streamer import benchmark
+
+    benchmark.add_arguments(e2e)
     return parser
 
 
@@ -253,6 +269,25 @@ def _add_puller(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help="seed of --workload",
     )
     puller.add_argument(
+        "--stamp-event-ids", action="store_true",
+        default=_puller_env("stamp_event_ids", "") not in ("", "0", "false"),
+        help="benchmarking aid for --workload: event ids become ev-<n>-<emit time in ns "
+        "since the epoch>, so gateways can measure latency finer than the "
+        "millisecond ChangeEvent.timestamp (ids are opaque to the Streamer)",
+    )
+    puller.add_argument(
+        "--cycle", type=int, default=_puller_env("cycle", "0"), metavar="K",
+        help="benchmarking aid for --workload: generate the first K events once and "
+        "repeat them (new ids and timestamps), so the Puller can offer high rates; "
+        "0: generate every event",
+    )
+    puller.add_argument(
+        "--no-subscribe-batch", action="store_true",
+        default=_puller_env("no_subscribe_batch", "") not in ("", "0", "false"),
+        help="answer SubscribeBatch with UNIMPLEMENTED, as a Syntrix Puller does, so "
+        "consumers fall back to one event per message (benchmarks of unbatched ingest)",
+    )
+    puller.add_argument(
         "--record", type=Path, default=_puller_env("record"), metavar="FILE",
         help="also append every event, once durable, to FILE in the replay format",
     )
@@ -300,7 +335,10 @@ def _puller_source(args: argparse.Namespace) -> Source:
             parser.error(f"--mongodb needs pymongo: pip install 'streamer[mongodb]' ({exc})")
         collections = [c for c in (args.collections or "").split(",") if c] or None
         return MongoSource(args.mongodb, args.db, collections)
-    return WorkloadSource(1000.0 if args.rate is None else args.rate, args.seed)
+    return WorkloadSource(
+        1000.0 if args.rate is None else args.rate, args.seed,
+        stamp_event_ids=args.stamp_event_ids, cycle=args.cycle,
+    )
 
 
 async def puller(args: argparse.Namespace, source: Source) -> int:
@@ -311,7 +349,10 @@ async def puller(args: argparse.Namespace, source: Source) -> int:
     except (LogError, OSError) as exc:
         log.error("cannot open the replay log: %s", exc)
         return 2
-    servicer = PullerServicer(replay_log, heartbeat=args.heartbeat_seconds)
+    servicer = PullerServicer(
+        replay_log, heartbeat=args.heartbeat_seconds,
+        subscribe_batch=not args.no_subscribe_batch,
+    )
     server = grpc.aio.server(options=SERVER_OPTIONS)
     puller_v1_pb2_grpc.add_PullerServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     health_servicer = health.aio.HealthServicer()
@@ -532,6 +573,10 @@ async def _sweep(registry: GatewayRegistry, servicer: StreamerServicer) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "bench":
+        from streamer import benchmark
+
+        return benchmark.bench_main(args)
     if args.command == "puller":
         source = _puller_source(args)
         configure_logging(args.log_level, args.log_format)

@@ -34,9 +34,14 @@ BATCH_SIZE = 256
 
 
 class PullerServicer(pb_grpc.PullerServiceServicer):
-    def __init__(self, log: ReplayLog, *, heartbeat: float = 5.0) -> None:
+    def __init__(
+        self, log: ReplayLog, *, heartbeat: float = 5.0, subscribe_batch: bool = True
+    ) -> None:
         self.log = log
         self.heartbeat = heartbeat
+        # False: SubscribeBatch answers UNIMPLEMENTED, as a Syntrix Puller
+        # does (``--no-subscribe-batch``, for benchmarks of unbatched ingest).
+        self.subscribe_batch = subscribe_batch
         self.consumers = 0  # open streams
         # Replaced at every append; a reader takes the current one before
         # reading, so an append after its read always wakes it.
@@ -112,5 +117,7 @@ class PullerServicer(pb_grpc.PullerServiceServicer):
     async def SubscribeBatch(
         self, request: pb.SubscribeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.PullerEventBatch]:
+        if not self.subscribe_batch:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "SubscribeBatch is disabled")
         async for events in self._stream(request, context):
             yield pb.PullerEventBatch(events=events)
