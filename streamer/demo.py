@@ -451,8 +451,11 @@ async def _demo(run: Run) -> None:
             raise DemoFailed("a gateway exited during registration")
         return all(gw.ready is not None for gw in run.gateways)
 
+    shown = 0.0
     while not registered():
-        if scraped():
+        # Redrawn in a terminal; a line every 2 s otherwise.
+        if (run.interactive or time.monotonic() - shown >= 2.0) and scraped():
+            shown = time.monotonic()
             run.status(f"registering: {int(metrics.get('streamer_subscriptions', 0)):,}/{n:,} "
                        f"subscriptions ({time.monotonic() - started:.0f} s)")
         if time.monotonic() - started > registration_grace:
@@ -498,6 +501,10 @@ async def _demo(run: Run) -> None:
         deliveries = (metrics["streamer_deliveries_total"]
                       - previous.get("streamer_deliveries_total", 0))
         previous = dict(metrics)
+        # What a partial summary (Ctrl-C) shows.
+        run.events = int(metrics["streamer_events_total"])
+        run.deliveries = sum(gw.total for gw in run.gateways)
+        run.cpu_end = _cpu(run.streamer)
         p99 = quantile(run.per_second.get(second - 1, Counter()), 0.99)
         shown = "-" if math.isnan(p99) else f"{p99:.0f}"
         line = (f"{second:>3}s | {events:>9,.0f} | {deliveries:>12,.0f} | {shown:>6} | "

@@ -113,5 +113,6 @@ def test_ctrl_c_stops_everything(tmp_path: Path) -> None:
     assert proc.returncode == 130, "".join(lines) + rest
     assert "summary (partial: interrupted)" in rest
     assert "interrupted while running" in rest
+    assert not re.search(r"^events\s+\| 0$", rest, re.M)  # the partial figures
     _, alive = psutil.wait_procs(children, timeout=5)
     assert not alive, [p.pid for p in alive]
