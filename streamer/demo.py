@@ -506,13 +506,10 @@ async def _demo(run: Run) -> None:
         run.deliveries = sum(gw.total for gw in run.gateways)
         run.cpu_end = _cpu(run.streamer)
         p99 = quantile(run.per_second.get(second - 1, Counter()), 0.99)
-        shown = "-" if math.isnan(p99) else f"{p99:.0f}"
-        line = (f"{second:>3}s | {events:>9,.0f} | {deliveries:>12,.0f} | {shown:>6} | "
+        p99_text = "-" if math.isnan(p99) else f"{p99:.0f}"
+        line = (f"{second:>3}s | {events:>9,.0f} | {deliveries:>12,.0f} | {p99_text:>6} | "
                 f"{int(metrics['streamer_subscriptions']):>13,}")
-        if run.interactive:
-            run.status(line)
-        else:
-            print(line, flush=True)
+        print(line, flush=True)
     run.stage = "draining"
     await _stop(run.puller)
     run.run_end = loop.time()
@@ -810,7 +807,7 @@ async def _main(args: argparse.Namespace, work: Path) -> int:
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-        # Gateways, then the Streamer, then the Puller; each by its pid.
+        # Each by its pid, newest first: the Puller, the gateways, the Streamer.
         for proc in reversed(run.procs):
             await _stop(proc, 5.0)
         for gateway in run.gateways:
