@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from streamer.cli import build_parser
+from streamer.cli import build_parser, main
 
 SMALL = ["--subscriptions", "2000", "--gateways", "2", "--rate", "500", "--duration", "3"]
 
@@ -68,21 +68,36 @@ def test_help_documents_every_option() -> None:
     assert commands == ["serve", "puller", "demo"]
 
 
-@pytest.mark.parametrize("args", [
-    ["--gateways", "0"], ["--rate", "-1"], ["--duration", "0"], ["--subscriptions", "x"],
-    ["--no-such-option"],
-])
-def test_bad_option_is_a_usage_error(args: list[str]) -> None:
-    done = subprocess.run(demo(*args), capture_output=True, text=True, timeout=60, env=_env())
+def test_bad_option_exits_2() -> None:
+    done = subprocess.run(demo("--no-such-option"), capture_output=True, text=True,
+                          timeout=60, env=_env())
     assert done.returncode == 2, done.stdout + done.stderr
     assert "usage:" in done.stderr
 
 
-def test_bad_option_from_the_environment() -> None:
-    done = subprocess.run(demo(), capture_output=True, text=True, timeout=60,
-                          env={**_env(), "STREAMER_DEMO_GATEWAYS": "-3"})
-    assert done.returncode == 2
-    assert "--gateways" in done.stderr
+@pytest.mark.parametrize(("args", "named"), [
+    (["--gateways", "0"], "--gateways"), (["--rate", "-1"], "--rate"),
+    (["--duration", "0"], "--duration"), (["--subscriptions", "x"], "--subscriptions"),
+    (["--subscriptions", "0"], "--subscriptions"),
+])
+def test_bad_values_are_usage_errors(
+    args: list[str], named: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Checked before anything starts, so in-process.
+    with pytest.raises(SystemExit) as exited:
+        main(["demo", *args])
+    assert exited.value.code == 2
+    assert named in capsys.readouterr().err
+
+
+def test_bad_value_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("STREAMER_DEMO_GATEWAYS", "-3")
+    with pytest.raises(SystemExit) as exited:
+        main(["demo"])
+    assert exited.value.code == 2
+    assert "--gateways" in capsys.readouterr().err
 
 
 def test_ctrl_c_stops_everything(tmp_path: Path) -> None:
