@@ -3,6 +3,7 @@ its help, bad options, and Ctrl-C leaving no process behind."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -15,6 +16,8 @@ import psutil
 import pytest
 
 from streamer.cli import build_parser, main
+from streamer.demo import Gateway, verify
+from streamer.puller.log import ReplayLog
 
 SMALL = ["--subscriptions", "2000", "--gateways", "2", "--rate", "500", "--duration", "3"]
 
@@ -46,8 +49,39 @@ def test_small_run_verifies(tmp_path: Path) -> None:
     # The work dir keeps what was verified: the Puller's log and the records.
     assert (tmp_path / "work" / "puller-log" / "LOG_ID").is_file()
     assert (tmp_path / "work" / "gw-1.deliveries").stat().st_size > 0
+    _verification_catches_a_lost_delivery(tmp_path / "work")
     pytest.importorskip("matplotlib")
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _verification_catches_a_lost_delivery(work: Path) -> None:
+    """The check is not vacuous: drop one recorded delivery, swap two others."""
+    log = ReplayLog(work / "puller-log")
+    last = log.last_position
+    log.close()
+    marker = json.loads((work / "streamer-state" / "progress.json").read_text())["marker"]
+    processed = int(marker.rsplit(":", 1)[1])
+    gateways = [Gateway(k, None, work / f"gw-{k}.deliveries") for k in range(2)]  # type: ignore[arg-type]
+    ok, report, _ = verify(work / "puller-log", last, processed, gateways, 2000, 2, 1)
+    assert ok, report
+    records = gateways[1].out.read_text().splitlines(keepends=True)
+    gateways[1].out.write_text("".join(records[1:]))
+    ok, report, _ = verify(work / "puller-log", last, processed, gateways, 2000, 2, 1)
+    assert not ok and "subscription(s) differ" in report
+    # Two deliveries to one subscription, out of order.
+    first = {}
+    for i, line in enumerate(records):
+        sid = line.split()[2].split(",")[0]
+        if sid in first:
+            j = first[sid]
+            records[i], records[j] = records[j], records[i]
+            break
+        first[sid] = i
+    else:
+        raise AssertionError("no subscription received two deliveries")
+    gateways[1].out.write_text("".join(records))
+    ok, report, _ = verify(work / "puller-log", last, processed, gateways, 2000, 2, 1)
+    assert not ok and "subscription(s) differ" in report and "first difference at #" in report
 
 
 def test_help_documents_every_option() -> None:
