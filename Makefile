@@ -25,7 +25,8 @@ bench: $(STAMP)
 ## The main job: the whole pipeline on loopback (Puller, Streamer, 4 gateway
 ## processes, 20 000 subscriptions, 2 000 events/s for 20 s), a live display,
 ## a summary and a check of every delivery. DEMO_ARGS passes options, e.g.
-## make demo DEMO_ARGS="--rate 5000 --plot latency.png".
+## make demo DEMO_ARGS="--rate 5000 --duration 30" (--plot FILE needs the
+## plot extra: .venv/bin/pip install -e '.[plot]').
 demo: $(STAMP)
 	$(VENV)/bin/streamer demo $(DEMO_ARGS)
 
