@@ -310,6 +310,16 @@ class Run:
             self.latencies[int(ms)] += count
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: on Linux, get SIGTERM when the demo dies,
+    even by SIGKILL (which no ``finally`` survives)."""
+    if sys.platform == "linux":
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 async def _spawn(run: Run, name: str, *argv: str, stdout: int | None = None
                  ) -> asyncio.subprocess.Process:
     log = open(run.work / f"{name}.log", "wb")  # the child keeps its own copy
@@ -317,6 +327,7 @@ async def _spawn(run: Run, name: str, *argv: str, stdout: int | None = None
         proc = await asyncio.create_subprocess_exec(
             sys.executable, *argv, stdout=stdout if stdout is not None else log, stderr=log,
             env=_child_env(), start_new_session=True,  # Ctrl-C reaches only the demo
+            preexec_fn=_die_with_parent,
         )
     finally:
         log.close()

@@ -165,3 +165,29 @@ def test_ctrl_c_stops_everything(tmp_path: Path) -> None:
     assert not re.search(r"^events\s+\| 0$", rest, re.M)  # the partial figures
     _, alive = psutil.wait_procs(children, timeout=5)
     assert not alive, [p.pid for p in alive]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux-only")
+def test_killed_demo_leaves_no_process(tmp_path: Path) -> None:
+    """Even SIGKILL, which no cleanup code survives: the children get SIGTERM
+    from the kernel when the demo dies, and stop."""
+    proc = subprocess.Popen(
+        demo(*SMALL[:6], "--duration", "60", "--work-dir", str(tmp_path / "work")),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
+    )
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 60
+        line = ""
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if line.startswith("Puller pid") or not line:
+                break
+        assert line.startswith("Puller pid")
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert len(children) >= 4
+    finally:
+        proc.kill()
+        proc.wait()
+    _, alive = psutil.wait_procs(children, timeout=20)
+    assert not alive, [p.pid for p in alive]
