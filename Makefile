@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml setup.py streamer/_ext/*.pyx streamer/_ext/*.pxd
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,bench,lint,dev]'
+	$(PY) -m pip install --quiet -e '.[test,bench,lint,dev,demo]'
 	touch $(STAMP)
 
 ## Run the test suite (what CI runs).
@@ -28,12 +28,13 @@ bench: $(STAMP)
 bench-e2e: $(STAMP)
 	$(PY) -m pytest -q bench/bench_e2e.py
 
-## The main job until `streamer demo` lands: both benchmarks at small sizes
-## (the index at N = 20 000; the Puller → Streamer → 8 gateways pipeline at
-## N = 20 000 subscriptions, 5 000 events/s for 5 s).
+## The main job: the whole pipeline on loopback (Puller, Streamer, 4 gateway
+## processes, 20 000 subscriptions, 2 000 events/s for 20 s), a live display,
+## a summary and a check of every delivery. DEMO_ARGS passes options, e.g.
+## make demo DEMO_ARGS="--rate 5000 --duration 30" (--plot FILE needs the
+## plot extra: .venv/bin/pip install -e '.[plot]').
 demo: $(STAMP)
-	STREAMER_BENCH_SIZES=20000 STREAMER_BENCH_INGEST_N=20000 STREAMER_BENCH_INGEST_RATE=5000 \
-	STREAMER_BENCH_INGEST_SECONDS=5 $(PY) -m pytest -q bench/bench_matching.py bench/bench_ingest.py
+	$(VENV)/bin/streamer demo $(DEMO_ARGS)
 
 ## ruff and mypy.
 lint: $(STAMP)

@@ -1,0 +1,193 @@
+"""``streamer demo`` as a user runs it: a small end-to-end run that verifies,
+its help, bad options, and Ctrl-C leaving no process behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from streamer.cli import build_parser, main
+from streamer.demo import Gateway, verify
+from streamer.puller.log import ReplayLog
+
+SMALL = ["--subscriptions", "2000", "--gateways", "2", "--rate", "500", "--duration", "3"]
+
+
+def demo(*args: str) -> list[str]:
+    return [sys.executable, "-m", "streamer", "demo", *args]
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("STREAMER_")}
+
+
+def test_small_run_verifies(tmp_path: Path) -> None:
+    plot = tmp_path / "latency.png"
+    done = subprocess.run(
+        demo(*SMALL, "--work-dir", str(tmp_path / "work"), "--plot", str(plot)),
+        capture_output=True, text=True, timeout=120, env=_env(),
+    )
+    out = done.stdout
+    assert done.returncode == 0, out + done.stderr
+    assert "registered 2,000 subscriptions on 2 gateways" in out
+    assert re.search(r"^verification\s+\| OK: [\d,]+ events x 2,000 subscriptions", out, re.M)
+    events = int(re.search(r"^events\s+\| ([\d,]+)", out, re.M)[1].replace(",", ""))  # type: ignore[index]
+    deliveries = int(
+        re.search(r"^deliveries\s+\| ([\d,]+)", out, re.M)[1].replace(",", "")  # type: ignore[index]
+    )
+    assert events > 1000 and deliveries > 0
+    assert re.search(r"latency p50 / p99 / max\s+\| \d+ / \d+ / \d+ ms", out)
+    # The work dir keeps what was verified: the Puller's log and the records.
+    assert (tmp_path / "work" / "puller-log" / "LOG_ID").is_file()
+    assert (tmp_path / "work" / "gw-1.deliveries").stat().st_size > 0
+    _verification_catches_a_lost_delivery(tmp_path / "work")
+    pytest.importorskip("matplotlib")
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _verification_catches_a_lost_delivery(work: Path) -> None:
+    """The check is not vacuous: drop one recorded delivery, swap two others."""
+    log = ReplayLog(work / "puller-log")
+    last = log.last_position
+    log.close()
+    marker = json.loads((work / "streamer-state" / "progress.json").read_text())["marker"]
+    processed = int(marker.rsplit(":", 1)[1])
+    gateways = [Gateway(k, None, work / f"gw-{k}.deliveries") for k in range(2)]  # type: ignore[arg-type]
+    ok, report, _ = verify(work / "puller-log", last, processed, gateways, 2000, 2, 1)
+    assert ok, report
+    records = gateways[1].out.read_text().splitlines(keepends=True)
+    gateways[1].out.write_text("".join(records[1:]))
+    ok, report, _ = verify(work / "puller-log", last, processed, gateways, 2000, 2, 1)
+    assert not ok and "subscription(s) differ" in report
+    # Two deliveries to one subscription, out of order.
+    first = {}
+    for i, line in enumerate(records):
+        sid = line.split()[2].split(",")[0]
+        if sid in first:
+            j = first[sid]
+            records[i], records[j] = records[j], records[i]
+            break
+        first[sid] = i
+    else:
+        raise AssertionError("no subscription received two deliveries")
+    gateways[1].out.write_text("".join(records))
+    ok, report, _ = verify(work / "puller-log", last, processed, gateways, 2000, 2, 1)
+    assert not ok and "subscription(s) differ" in report and "first difference at #" in report
+
+
+def test_help_documents_every_option() -> None:
+    done = subprocess.run(demo("--help"), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0
+    parser = build_parser()
+    actions = parser._subparsers._group_actions[0].choices["demo"]._actions  # type: ignore[union-attr]
+    flags = [f for a in actions for f in a.option_strings if f.startswith("--")]
+    assert {"--subscriptions", "--gateways", "--rate", "--duration", "--plot"} <= set(flags)
+    for flag in flags:
+        assert flag in done.stdout
+    assert "STREAMER_DEMO_" in done.stdout
+    # The gateways' entry point is internal: not a `streamer` subcommand.
+    top = subprocess.run(
+        [sys.executable, "-m", "streamer", "--help"], capture_output=True, text=True, timeout=60
+    )
+    commands = re.findall(r"^    (\w+) ", top.stdout, re.M)
+    assert commands == ["serve", "puller", "demo"]
+
+
+def test_bad_option_exits_2() -> None:
+    done = subprocess.run(demo("--no-such-option"), capture_output=True, text=True,
+                          timeout=60, env=_env())
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "usage:" in done.stderr
+
+
+@pytest.mark.parametrize(("args", "named"), [
+    (["--gateways", "0"], "--gateways"), (["--rate", "-1"], "--rate"),
+    (["--duration", "0"], "--duration"), (["--subscriptions", "x"], "--subscriptions"),
+    (["--subscriptions", "0"], "--subscriptions"),
+])
+def test_bad_values_are_usage_errors(
+    args: list[str], named: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Checked before anything starts, so in-process.
+    with pytest.raises(SystemExit) as exited:
+        main(["demo", *args])
+    assert exited.value.code == 2
+    assert named in capsys.readouterr().err
+
+
+def test_bad_value_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("STREAMER_DEMO_GATEWAYS", "-3")
+    with pytest.raises(SystemExit) as exited:
+        main(["demo"])
+    assert exited.value.code == 2
+    assert "--gateways" in capsys.readouterr().err
+
+
+def test_ctrl_c_stops_everything(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        demo(*SMALL[:6], "--duration", "60", "--work-dir", str(tmp_path / "work")),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
+    )
+    try:
+        assert proc.stdout is not None
+        lines = []
+        deadline = time.monotonic() + 60
+        # Wait until the Puller runs: the Streamer, two gateways and the Puller.
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            lines.append(line)
+            if line.startswith("Puller pid") or not line:
+                break
+        assert lines[-1].startswith("Puller pid"), "".join(lines)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert len(children) >= 4
+        time.sleep(1.5)
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, "".join(lines) + rest
+    assert "summary (partial: interrupted)" in rest
+    assert "interrupted while running" in rest
+    assert not re.search(r"^events\s+\| 0$", rest, re.M)  # the partial figures
+    _, alive = psutil.wait_procs(children, timeout=5)
+    assert not alive, [p.pid for p in alive]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux-only")
+def test_killed_demo_leaves_no_process(tmp_path: Path) -> None:
+    """Even SIGKILL, which no cleanup code survives: the children get SIGTERM
+    from the kernel when the demo dies, and stop."""
+    proc = subprocess.Popen(
+        demo(*SMALL[:6], "--duration", "60", "--work-dir", str(tmp_path / "work")),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
+    )
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 60
+        line = ""
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if line.startswith("Puller pid") or not line:
+                break
+        assert line.startswith("Puller pid")
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert len(children) >= 4
+    finally:
+        proc.kill()
+        proc.wait()
+    _, alive = psutil.wait_procs(children, timeout=20)
+    assert not alive, [p.pid for p in alive]
