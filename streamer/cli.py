@@ -185,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="log lines on stderr: text, or json (one object per line)",
     )
     _add_puller(commands)
+    _add_demo(commands)
     bench = commands.add_parser(
         "bench", help="run a benchmark",
         description="Benchmarks of the service as shipped (see the README).",
@@ -201,7 +202,6 @@ def build_parser() -> argparse.ArgumentParser:
     from streamer import benchmark
 
     benchmark.add_arguments(e2e)
-    _add_demo(commands)
     return parser
 
 

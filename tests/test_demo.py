@@ -99,7 +99,7 @@ def test_help_documents_every_option() -> None:
         [sys.executable, "-m", "streamer", "--help"], capture_output=True, text=True, timeout=60
     )
     commands = re.findall(r"^    (\w+) ", top.stdout, re.M)
-    assert commands == ["serve", "puller", "demo"]
+    assert commands == ["serve", "puller", "demo", "bench"]
 
 
 def test_bad_option_exits_2() -> None:
