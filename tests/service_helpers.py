@@ -260,10 +260,12 @@ def start_puller(tmp_path: Path, port: int, *args: str, run: str = "0") -> subpr
         )
 
 
-async def puller_events(port: int, after: str, count: int) -> list[pb.PullerEvent]:
+async def puller_events(
+    port: int, after: str, count: int, timeout: float = 20
+) -> list[pb.PullerEvent]:
     """``count`` change events (heartbeats skipped) after ``after``."""
     out: list[pb.PullerEvent] = []
-    async with asyncio.timeout(20):
+    async with asyncio.timeout(timeout):
         while True:
             try:
                 async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:

@@ -602,19 +602,17 @@ def test_streamer_puller_serves_a_change_stream_and_resumes_after_a_restart(
 
     proc = start_puller(tmp_path, port, *args)
     try:
-        # The stream starts at "now" once the process is up: write until the
-        # first change comes through.
+        # The change stream starts at "now" once the process is up: a live
+        # consumer waits while documents are written until one comes through.
         async def first() -> list[Any]:
-            async with asyncio.timeout(30):
-                n = 0
-                while True:
-                    db.messages.insert_one({"_id": f"m{n}", "text": "hi"})
-                    db.other.insert_one({"_id": f"o{n}"})  # filtered out
-                    n += 1
-                    try:
-                        return await asyncio.wait_for(puller_events(port, "", 1), 1)
-                    except TimeoutError:
-                        continue
+            consumer = asyncio.create_task(puller_events(port, "", 1, timeout=90))
+            n = 0
+            while not consumer.done():
+                db.messages.insert_one({"_id": f"m{n}", "text": "hi"})
+                db.other.insert_one({"_id": f"o{n}"})  # filtered out
+                n += 1
+                await asyncio.wait([consumer], timeout=0.5)
+            return consumer.result()
 
         [got] = asyncio.run(first())
         assert got.change_event.op_type == "insert" and got.change_event.mgo_coll == "messages"
@@ -622,7 +620,7 @@ def test_streamer_puller_serves_a_change_stream_and_resumes_after_a_restart(
         db.messages.insert_one({"_id": "while-down"})
         db.messages.update_one({"_id": "while-down"}, {"$set": {"text": "edited"}})
         proc = start_puller(tmp_path, port, *args, run="1")
-        later = asyncio.run(puller_events(port, got.progress, 2))
+        later = asyncio.run(puller_events(port, got.progress, 2, timeout=90))
         assert [(e.change_event.op_type, e.change_event.mgo_doc_id) for e in later][-2:] == [
             ("insert", "while-down"), ("update", "while-down")]
         assert "o0" not in ids(later)
