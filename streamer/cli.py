@@ -483,7 +483,10 @@ async def puller(args: argparse.Namespace, source: Source) -> int:
     with contextlib.suppress(asyncio.CancelledError, Exception):
         await running
     stopping.cancel()
-    replay_log.close()  # waits for an append already in its thread
+    # Consumers get every event in the log before their streams end.
+    if not await servicer.drain(timeout=2.0):
+        log.warning("some consumers had not read the whole log when the streams ended")
+    replay_log.close()
     if recorder is not None:
         recorder.close()
     await server.stop(grace=1)

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
 
+import grpc
 from service_helpers import free_port, puller_command, puller_events, start_puller, stop_puller
 
+from streamer.protocol import puller_v1_pb2 as pb
+from streamer.protocol import puller_v1_pb2_grpc as pb_grpc
 from streamer.puller.sources import from_json_line, to_json_line
 from streamer.workload import Workload, change_event
 
@@ -113,3 +117,40 @@ def test_help_documents_every_option() -> None:
                    "--collections", "--rate", "--seed",
                    "--record", "--log-level", "--log-format", "STREAMER_PULLER_"):
         assert option in proc.stdout, option
+
+
+def test_sigterm_sends_every_logged_event_before_the_streams_end(tmp_path: Path) -> None:
+    """A consumer reading live when the Puller is stopped gets everything up
+    to the position the Puller stopped at, then the end of its stream."""
+    port = free_port()
+    proc = start_puller(tmp_path, port, "--workload", "chat", "--rate", "3000")
+
+    async def consume() -> list[pb.PullerEvent]:
+        got: list[pb.PullerEvent] = []
+        async with asyncio.timeout(60):
+            while True:
+                try:
+                    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                        stub = pb_grpc.PullerServiceStub(channel)
+                        async for batch in stub.SubscribeBatch(pb.SubscribeRequest()):
+                            got.extend(e for e in batch.events if e.HasField("change_event"))
+                            if len(got) >= 300 and proc.poll() is None:
+                                proc.send_signal(signal.SIGTERM)
+                        return got
+                except grpc.aio.AioRpcError as exc:
+                    if got:  # the stream ended with the server: what came is all
+                        return got
+                    if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                        raise
+                    await asyncio.sleep(0.1)
+
+    try:
+        got = asyncio.run(consume())
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    stopped = int((tmp_path / "puller-0.log").read_text().rsplit("stopped at position ", 1)[1])
+    positions = [position(e.progress) for e in got]
+    assert positions == list(range(positions[0], stopped + 1))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
@@ -46,14 +47,39 @@ class PullerServicer(pb_grpc.PullerServiceServicer):
         # Replaced at every append; a reader takes the current one before
         # reading, so an append after its read always wakes it.
         self._appended = asyncio.Event()
+        # Position each open stream has sent up to (for a draining shutdown).
+        self._sent: dict[int, int] = {}
+        self._streams = itertools.count()
+        self._writing: asyncio.Future[int] | None = None
 
     async def append(self, batch: Sequence[tuple[pb.ChangeEvent, bytes]]) -> int:
         """Append durably (off the event loop), then wake the consumers; the
-        last position. Cancelling the caller does not cancel the write."""
-        position = await asyncio.shield(asyncio.to_thread(self.log.append, batch))
+        last position. Cancelling the caller does not cancel the write, and
+        the consumers are woken when it completes either way."""
+        write = asyncio.ensure_future(asyncio.to_thread(self.log.append, batch))
+        write.add_done_callback(self._wake)
+        self._writing = write
+        return await asyncio.shield(write)
+
+    def _wake(self, _: object) -> None:
         woken, self._appended = self._appended, asyncio.Event()
         woken.set()
-        return position
+
+    async def drain(self, timeout: float) -> bool:
+        """After the source stopped: finish the append in flight, then wait
+        (up to ``timeout`` s) until every open stream has sent everything
+        in the log. True if they all caught up."""
+        if self._writing is not None:
+            with contextlib.suppress(Exception):
+                await self._writing
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        last = self.log.last_position
+        while any(sent < last for sent in self._sent.values()):
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
 
     async def _read(self, after: int) -> list[Record]:
         cached = self.log.read_cached(after, BATCH_SIZE)
@@ -69,6 +95,7 @@ class PullerServicer(pb_grpc.PullerServiceServicer):
         wanted = frozenset(request.collections)
         marker = self.log.marker
         self.consumers += 1
+        stream = next(self._streams)
         try:
             # The one place log errors become statuses: every MarkerError
             # (malformed, foreign, too old, beyond the end) is the client's.
@@ -80,6 +107,7 @@ class PullerServicer(pb_grpc.PullerServiceServicer):
             except MarkerError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             sent_at = loop.time()
+            self._sent[stream] = position
             while True:
                 appended = self._appended
                 try:
@@ -96,6 +124,8 @@ class PullerServicer(pb_grpc.PullerServiceServicer):
                     if events:
                         yield events
                         sent_at = loop.time()
+                    self._sent[stream] = position
+                    if events:
                         continue
                 idle = sent_at + self.heartbeat - loop.time()
                 if idle <= 0:
@@ -106,6 +136,7 @@ class PullerServicer(pb_grpc.PullerServiceServicer):
                         await asyncio.wait_for(appended.wait(), idle)
         finally:
             self.consumers -= 1
+            self._sent.pop(stream, None)
 
     async def Subscribe(
         self, request: pb.SubscribeRequest, context: grpc.aio.ServicerContext
