@@ -29,7 +29,7 @@ bench-e2e: $(STAMP)
 	$(PY) -m pytest -q bench/bench_e2e.py
 
 ## The main job: the whole pipeline on loopback (Puller, Streamer, 4 gateway
-## processes, 20 000 subscriptions, 2 000 events/s for 20 s), a live display,
+## processes, 20 000 subscriptions, 2 000 events/s for 12 s), a live display,
 ## a summary and a check of every delivery. DEMO_ARGS passes options, e.g.
 ## make demo DEMO_ARGS="--rate 5000 --duration 30" (--plot FILE needs the
 ## plot extra: .venv/bin/pip install -e '.[plot]').

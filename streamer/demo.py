@@ -53,7 +53,7 @@ from typing import Any
 DEFAULT_SUBSCRIPTIONS = 20_000
 DEFAULT_GATEWAYS = 4
 DEFAULT_RATE = 2000.0
-DEFAULT_DURATION = 20.0
+DEFAULT_DURATION = 12.0
 DEFAULT_SEED = 1
 # Events matched by the linear reference matcher as well (evenly spaced).
 REFERENCE_SAMPLE = 500
