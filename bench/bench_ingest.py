@@ -35,11 +35,9 @@ import itertools
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,15 +45,16 @@ from typing import Any
 
 import psutil
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from streamer.client import StreamerClient
 from streamer.gateways import GatewayRegistry
 from streamer.ingest import Ingest
 from streamer.matcher import Matcher
+from streamer.metrics import histogram_quantile, latency_buckets, scrape
 from streamer.progress import ProgressStore
 from streamer.protocol.puller_v1_pb2 import ChangeEvent, PullerEvent
 from streamer.server import StreamerServicer
+from streamer.transport import free_port
 from streamer.workload import Workload, change_event
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,52 +69,8 @@ MAX_EVENTS = 5 * RATE
 WARMUP_EVENTS = RATE
 SEED = 1
 RESULTS_PATH = ROOT / "bench" / "results" / "ingest.json"
-LATENCY = "streamer_ingest_latency_seconds"
 # Registration is pipelined: this many subscribe requests in flight per gateway.
 IN_FLIGHT = 256
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _scrape(port: int) -> dict[str, Any]:
-    """Samples of the Streamer's /metrics: name → {labels tuple: value}."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    out: dict[str, Any] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            key = tuple(sorted(sample.labels.items()))
-            out.setdefault(sample.name, {})[key] = sample.value
-    return out
-
-
-def _buckets(samples: dict[str, Any]) -> list[tuple[float, float]]:
-    """Cumulative (upper bound, count) pairs of the latency histogram."""
-    pairs = [(float(dict(k)["le"]), v) for k, v in samples[f"{LATENCY}_bucket"].items()]
-    return sorted(pairs)
-
-
-def histogram_quantile(q: float, before: dict[str, Any], after: dict[str, Any]) -> float:
-    """The ``q`` quantile of the observations between two scrapes, linearly
-    interpolated inside its bucket (as PromQL's ``histogram_quantile``)."""
-    b0 = dict(_buckets(before))
-    cumulative = [(le, count - b0.get(le, 0.0)) for le, count in _buckets(after)]
-    total = cumulative[-1][1]
-    if total <= 0:
-        return float("nan")
-    rank = q * total
-    lower, below = 0.0, 0.0
-    for le, count in cumulative:
-        if count >= rank:
-            if le == float("inf"):
-                return lower
-            return lower + (le - lower) * (rank - below) / max(count - below, 1e-12)
-        lower, below = le, count
-    return lower
 
 
 @dataclass
@@ -206,7 +161,7 @@ def figures(bench_report: list[str]) -> Iterator[dict[str, Any]]:
 async def _run(state: Path) -> dict[str, Any]:
     puller = PullerDouble()
     target = await puller.start()
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port = free_port(), free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamer", "serve", "--listen", f"127.0.0.1:{port}",
          "--puller", target, "--state-dir", str(state), "--log-level", "WARNING",
@@ -243,12 +198,14 @@ async def _run(state: Path) -> dict[str, Any]:
             ["py-spy", "record", "--pid", str(proc.pid), "--format", "raw",
              "--output", profile, "--duration", str(int(SECONDS)), "--nonblocking"],
         )
-        m0, cpu0, got0 = _scrape(metrics_port), streamer.cpu_times(), gateways.total
+        metrics = f"127.0.0.1:{metrics_port}"
+        m0, cpu0, got0 = latency_buckets(scrape(metrics)), streamer.cpu_times(), gateways.total
         load0 = harness.cpu_times()
         start = time.perf_counter()
         await _feed(puller, timed, RATE)
         done = await _processed(state, len(paced) - 1, 120)
-        m1, cpu1, load1 = _scrape(metrics_port), streamer.cpu_times(), harness.cpu_times()
+        m1 = latency_buckets(scrape(metrics))
+        cpu1, load1 = streamer.cpu_times(), harness.cpu_times()
         if spy is not None:
             await asyncio.to_thread(spy.wait, 60)
         elapsed = done - start
@@ -258,9 +215,9 @@ async def _run(state: Path) -> dict[str, Any]:
                 "offered_per_s": RATE,
                 "events": len(timed),
                 "events_per_s": len(timed) / elapsed,
-                "ingest_enqueue_p50_us": histogram_quantile(0.50, m0, m1) * 1e6,
-                "ingest_enqueue_p99_us": histogram_quantile(0.99, m0, m1) * 1e6,
-                "ingest_enqueue_p999_us": histogram_quantile(0.999, m0, m1) * 1e6,
+                "ingest_enqueue_p50_us": histogram_quantile(0.50, m1, m0) * 1e6,
+                "ingest_enqueue_p99_us": histogram_quantile(0.99, m1, m0) * 1e6,
+                "ingest_enqueue_p999_us": histogram_quantile(0.999, m1, m0) * 1e6,
                 "deliveries_per_s": (gateways.total - got0) / elapsed,
                 "cpu_s_per_1000_events": cpu / len(timed) * 1000,
                 "cpu_utilisation": cpu / elapsed,

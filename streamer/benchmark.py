@@ -47,19 +47,20 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 import grpc
+
+from streamer.metrics import histogram_quantile, latency_buckets, scrape
+from streamer.transport import free_port
 
 __all__ = ["Config", "main", "render", "run"]
 
@@ -319,12 +320,6 @@ class Config:
     log: Callable[[str], None] = field(default=lambda line: print(line, file=sys.stderr))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -402,26 +397,6 @@ class _Gateway:
         return line
 
 
-def _metric_quantile(
-    q: float, before: list[tuple[float, float]], after: list[tuple[float, float]]
-) -> float:
-    """Quantile (s) of the observations between two scrapes, interpolated
-    inside its bucket as PromQL's ``histogram_quantile``; NaN without data."""
-    b0 = dict(before)
-    cumulative = [(le, count - b0.get(le, 0.0)) for le, count in after]
-    if not cumulative or cumulative[-1][1] <= 0:
-        return math.nan
-    rank = q * cumulative[-1][1]
-    lower, below = 0.0, 0.0
-    for le, count in cumulative:
-        if count >= rank:
-            if le == math.inf:
-                return lower
-            return lower + (le - lower) * (rank - below) / max(count - below, 1e-12)
-        lower, below = le, count
-    return lower
-
-
 def _stop(proc: subprocess.Popen[Any] | None) -> None:
     if proc is None or proc.poll() is not None:
         return
@@ -438,10 +413,10 @@ class _Setup:
 
     def __init__(self, config: Config, variant: str, work: Path, stderr: IO[str]) -> None:
         self.config, self.variant, self.work, self.stderr = config, variant, work, stderr
-        self.puller_port = _free_port()
-        self.port = _free_port()
+        self.puller_port = free_port()
+        self.port = free_port()
         self.server: subprocess.Popen[Any] | None = None
-        self.metrics_port = _free_port()
+        self.metrics_port = free_port()
         self.gateways: list[_Gateway] = []
         self.puller: subprocess.Popen[Any] | None = None
         self.probe: _Probe | None = None
@@ -522,20 +497,10 @@ class _Setup:
         """Cumulative (le, count) buckets of the Streamer's ingest latency."""
         if self.variant == "relay":
             return []
-        from prometheus_client.parser import text_string_to_metric_families
-
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         try:
-            with urllib.request.urlopen(url, timeout=10) as response:
-                text = response.read().decode()
+            return latency_buckets(scrape(f"127.0.0.1:{self.metrics_port}"))
         except OSError:
             return []
-        out = []
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == "streamer_ingest_latency_seconds_bucket":
-                    out.append((float(sample.labels["le"]), sample.value))
-        return sorted(out)
 
     def _wait_for_flow(self, limit: float = 60.0) -> None:
         """Until the new Puller produces and its events reach the gateways
@@ -625,8 +590,8 @@ class _Setup:
             "latency_samples": sum(hist.values()),
             # The Streamer's own histogram (--metrics): from the arrival of
             # the Puller message carrying an event to its deliveries queued.
-            "ingest_enqueue_p50_ms": _metric_quantile(0.50, m0, m1) * 1e3,
-            "ingest_enqueue_p99_ms": _metric_quantile(0.99, m0, m1) * 1e3,
+            "ingest_enqueue_p50_ms": histogram_quantile(0.50, m1, m0) * 1e3,
+            "ingest_enqueue_p99_ms": histogram_quantile(0.99, m1, m0) * 1e3,
             "latency_sampling": f"every {SAMPLE_EVERY}th delivery",
             "cpu_s_per_1000_events": cpu / max(events, 1) * 1000,
             "cpu_utilisation": cpu / elapsed,

@@ -43,12 +43,14 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from streamer.metrics import histogram_quantile, latency_buckets, scrape
+from streamer.transport import free_port
 
 DEFAULT_SUBSCRIPTIONS = 20_000
 DEFAULT_GATEWAYS = 4
@@ -183,48 +185,26 @@ def gateway_main(argv: Sequence[str]) -> int:
 # ------------------------------------------------------------------ the demo
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _scrape(port: int) -> dict[str, float]:
-    """Sums of the Streamer's metrics the display needs."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("#") or not line:
-            continue
-        name_labels, _, value = line.rpartition(" ")
-        name = name_labels.split("{", 1)[0]
-        if name == "streamer_events_total" and 'op="heartbeat"' in name_labels:
-            continue
-        if name in ("streamer_events_total", "streamer_deliveries_total",
-                    "streamer_subscriptions"):
-            out[name] = out.get(name, 0.0) + float(value)
-        elif name == "streamer_ingest_latency_seconds_bucket":
-            le = name_labels.split('le="', 1)[1].split('"', 1)[0]
-            out[f"le {le}"] = float(value)
+    """The Streamer's metrics the display needs, summed over their labels
+    (Puller heartbeats left out of the events), and its latency buckets."""
+    samples = scrape(f"127.0.0.1:{port}", timeout=5)
+    out = {
+        name: sum(value for labels, value in samples.get(name, {}).items()
+                  if ("op", "heartbeat") not in labels)
+        for name in ("streamer_events_total", "streamer_deliveries_total",
+                     "streamer_subscriptions")
+    }
+    out.update((f"le {le}", count) for le, count in latency_buckets(samples))
     return out
 
 
 def ingest_quantile(metrics: dict[str, float], q: float) -> float:
     """The ``q`` quantile of the Streamer's ingest→enqueue histogram (since
     it started), interpolated inside its bucket, in seconds."""
-    buckets = sorted((float(k[3:]), v) for k, v in metrics.items() if k.startswith("le "))
-    if not buckets or buckets[-1][1] <= 0:
-        return math.nan
-    rank = q * buckets[-1][1]
-    lower, below = 0.0, 0.0
-    for le, count in buckets:
-        if count >= rank:
-            if math.isinf(le):
-                return lower
-            return lower + (le - lower) * (rank - below) / max(count - below, 1e-12)
-        lower, below = le, count
-    return lower
+    return histogram_quantile(
+        q, sorted((float(k[3:]), v) for k, v in metrics.items() if k.startswith("le "))
+    )
 
 
 def quantile(counts: Counter[int], q: float) -> float:
@@ -421,8 +401,8 @@ async def _demo(run: Run) -> None:
     (state_dir / "progress.json").write_text(json.dumps(
         {"marker": start_marker, "gateways": [f"gw-{k}" for k in range(g)] + [START_GATE],
          "others": 0}))
-    puller_port, streamer_port = _free_port(), _free_port()
-    run.metrics_port = _free_port()
+    puller_port, streamer_port = free_port(), free_port()
+    run.metrics_port = free_port()
     target = f"127.0.0.1:{streamer_port}"
     registration_grace = max(120.0, n / 300)
     run.streamer = await _spawn(

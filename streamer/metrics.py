@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+import urllib.request
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIServer
 
@@ -42,6 +44,7 @@ from prometheus_client.metrics_core import (
     HistogramMetricFamily,
     Metric,
 )
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from streamer.errors import StreamerError
@@ -298,3 +301,48 @@ class MetricsServer:
 
 def _join(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# --------------------------------------------- reading a /metrics page back
+# For the tools that drive a Streamer from outside (``streamer demo``,
+# ``streamer bench e2e``, ``bench/bench_ingest.py``).
+
+Samples = dict[str, dict[tuple[tuple[str, str], ...], float]]
+
+
+def scrape(address: str, timeout: float = 10.0) -> Samples:
+    """The samples of ``http://ADDRESS/metrics``: name → {label pairs: value}."""
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=timeout) as response:
+        text = response.read().decode()
+    out: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return out
+
+
+def latency_buckets(samples: Samples) -> list[tuple[float, float]]:
+    """Cumulative (upper bound, count) pairs of ``streamer_ingest_latency_seconds``."""
+    bucket = samples.get("streamer_ingest_latency_seconds_bucket", {})
+    return sorted((float(dict(labels)["le"]), count) for labels, count in bucket.items())
+
+
+def histogram_quantile(
+    q: float, after: Sequence[tuple[float, float]], before: Sequence[tuple[float, float]] = ()
+) -> float:
+    """The ``q`` quantile of the observations between two readings of
+    cumulative buckets, interpolated inside its bucket as PromQL's
+    ``histogram_quantile``; NaN without observations."""
+    base = dict(before)
+    cumulative = [(le, count - base.get(le, 0.0)) for le, count in after]
+    if not cumulative or cumulative[-1][1] <= 0:
+        return math.nan
+    rank = q * cumulative[-1][1]
+    lower, below = 0.0, 0.0
+    for le, count in cumulative:
+        if count >= rank:
+            if math.isinf(le):
+                return lower
+            return lower + (le - lower) * (rank - below) / max(count - below, 1e-12)
+        lower, below = le, count
+    return lower

@@ -1,4 +1,5 @@
-"""gRPC transport settings shared by the server and both of its clients.
+"""gRPC transport settings shared by the server and both of its clients,
+and the loopback port helper of the tools that start local services.
 
 Keepalive (SPEC section 3.1): HTTP/2 pings every 30 s find a peer that
 vanished without closing its connection (a crashed host, a dropped NAT
@@ -8,6 +9,8 @@ accepts client pings down to every 10 s; gRPC's default enforcement (one per
 """
 
 from __future__ import annotations
+
+import socket
 
 KEEPALIVE_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.keepalive_time_ms", 30_000),
@@ -19,3 +22,10 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     *KEEPALIVE_OPTIONS,
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
 )
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now (for tools that start local services)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
