@@ -35,25 +35,6 @@ cdef extern from "Python.h":
 DEF FIELD_1 = 0x0A
 
 
-cdef inline Py_ssize_t varint_size(Py_ssize_t n) noexcept nogil:
-    cdef Py_ssize_t size = 1
-    while n >= 0x80:
-        n >>= 7
-        size += 1
-    return size
-
-
-cdef inline char *put_field_header(char *p, Py_ssize_t n) noexcept nogil:
-    p[0] = FIELD_1
-    p += 1
-    while n >= 0x80:
-        p[0] = <char>((n & 0x7F) | 0x80)
-        n >>= 7
-        p += 1
-    p[0] = <char>n
-    return p + 1
-
-
 cdef inline Py_ssize_t uvarint_size(uint64_t n) noexcept nogil:
     cdef Py_ssize_t size = 1
     while n >= 0x80:
@@ -69,6 +50,11 @@ cdef inline char *put_uvarint(char *p, uint64_t n) noexcept nogil:
         p += 1
     p[0] = <char>n
     return p + 1
+
+
+cdef inline char *put_field_header(char *p, Py_ssize_t n) noexcept nogil:
+    p[0] = FIELD_1
+    return put_uvarint(p + 1, <uint64_t>n)
 
 
 cdef inline Py_ssize_t field_size(Py_ssize_t n) noexcept nogil:
@@ -132,8 +118,8 @@ cdef bytes frame(list ids, bytes event):
     cdef const char *utf8
     for i in range(n):
         PyUnicode_AsUTF8AndSize(<object>PyList_GET_ITEM(ids, i), &size)
-        body += 1 + varint_size(size) + size
-    cdef bytes out = PyBytes_FromStringAndSize(NULL, 1 + varint_size(body) + body)
+        body += 1 + uvarint_size(<uint64_t>size) + size
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, 1 + uvarint_size(<uint64_t>body) + body)
     cdef char *p = put_field_header(PyBytes_AS_STRING(out), body)
     for i in range(n):
         utf8 = PyUnicode_AsUTF8AndSize(<object>PyList_GET_ITEM(ids, i), &size)
