@@ -59,6 +59,16 @@ def run(scenario: Scenario, **servicer_kw: int) -> None:
     asyncio.run(main())
 
 
+async def end_status(call: grpc.aio.StreamStreamCall) -> grpc.StatusCode | None:
+    """Read until the stream ends: the status it ended with (None: OK)."""
+    try:
+        while await call.read() is not grpc.aio.EOF:
+            pass
+    except grpc.aio.AioRpcError as exc:
+        return exc.code()
+    return None
+
+
 async def read(call: grpc.aio.StreamStreamCall) -> StreamerMessage:
     message = await call.read()
     assert message is not grpc.aio.EOF
@@ -134,13 +144,7 @@ def test_a_lagging_gateway_is_cut_off_with_resource_exhausted() -> None:
             accepted += 1
             await asyncio.sleep(0)
         assert servicer.lagging_cut_offs == 1
-        code = None
-        try:
-            while await call.read() is not grpc.aio.EOF:
-                pass
-        except grpc.aio.AioRpcError as exc:
-            code = exc.code()
-        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert await end_status(call) == grpc.StatusCode.RESOURCE_EXHAUSTED
         for _ in range(500):
             if len(servicer.registry.matcher) == 0:
                 break
@@ -161,13 +165,7 @@ def test_an_expired_session_is_closed() -> None:
         registry.session_ttl = 0  # everything is silent for longer than that
         [session] = registry.expired()
         servicer.close(session)
-        code = None
-        try:
-            while await call.read() is not grpc.aio.EOF:
-                pass
-        except grpc.aio.AioRpcError as exc:
-            code = exc.code()
-        assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert await end_status(call) == grpc.StatusCode.DEADLINE_EXCEEDED
         assert len(registry.matcher) == 0
 
     run(scenario)
@@ -183,13 +181,7 @@ def test_a_gateways_new_stream_supersedes_its_stale_one() -> None:
         await fresh.write(GatewayMessage(hello=Hello(gateway_id="gw-1", batch_delivery=True)))
         await fresh.write(subscribe("s1"))
         assert (await read(fresh)).subscribe_response.success
-        code = None
-        try:
-            while await stale.read() is not grpc.aio.EOF:
-                pass
-        except grpc.aio.AioRpcError as exc:
-            code = exc.code()
-        assert code == grpc.StatusCode.ABORTED
+        assert await end_status(stale) == grpc.StatusCode.ABORTED
         fresh.cancel()
 
     run(scenario)
