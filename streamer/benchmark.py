@@ -59,6 +59,7 @@ from typing import IO, Any
 
 import grpc
 
+from streamer import metrics
 from streamer.metrics import histogram_quantile, latency_buckets, scrape
 from streamer.transport import free_port
 
@@ -92,16 +93,7 @@ def bucket_value(index: int) -> float:
 
 def quantile(hist: dict[int, int], q: float) -> float:
     """The ``q`` quantile (ns) of a histogram, or NaN when it is empty."""
-    total = sum(hist.values())
-    if total == 0:
-        return math.nan
-    rank = q * total
-    seen = 0
-    for index in sorted(hist):
-        seen += hist[index]
-        if seen >= rank:
-            return bucket_value(index)
-    return bucket_value(max(hist))
+    return metrics.quantile({bucket_value(i): n for i, n in hist.items()}, q)
 
 
 # ------------------------------------------------------------------- gateway

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from streamer.metrics import histogram_quantile, latency_buckets, scrape
+from streamer.metrics import histogram_quantile, latency_buckets, quantile, scrape
 from streamer.transport import free_port
 
 DEFAULT_SUBSCRIPTIONS = 20_000
@@ -205,20 +205,6 @@ def ingest_quantile(metrics: dict[str, float], q: float) -> float:
     return histogram_quantile(
         q, sorted((float(k[3:]), v) for k, v in metrics.items() if k.startswith("le "))
     )
-
-
-def quantile(counts: Counter[int], q: float) -> float:
-    """The ``q`` quantile of integer observations given as value → count."""
-    total = sum(counts.values())
-    if total == 0:
-        return math.nan
-    rank = q * total
-    seen = 0
-    for value in sorted(counts):
-        seen += counts[value]
-        if seen >= rank:
-            return float(value)
-    return float(max(counts))
 
 
 def _child_env() -> dict[str, str]:

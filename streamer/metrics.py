@@ -33,8 +33,8 @@ import math
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, TypeVar
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import start_http_server
@@ -346,3 +346,21 @@ def histogram_quantile(
             return lower + (le - lower) * (rank - below) / max(count - below, 1e-12)
         lower, below = le, count
     return lower
+
+
+_Value = TypeVar("_Value", int, float)
+
+
+def quantile(counts: Mapping[_Value, int], q: float) -> float:
+    """The ``q`` quantile of observations given as value → count (NaN when
+    there are none)."""
+    total = sum(counts.values())
+    if total == 0:
+        return math.nan
+    rank = q * total
+    seen = 0
+    for value in sorted(counts):
+        seen += counts[value]
+        if seen >= rank:
+            return float(value)
+    return float(max(counts))
