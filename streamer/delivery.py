@@ -12,9 +12,11 @@ deliveries behind one header, about 0.2 µs for 16 where building the message
 objects costs about 7 µs.
 
 Grouping the matched ids by gateway and framing each gateway's message is
-per-match work, done by the compiled ``frame_deliveries``
-(``streamer/_ext/_fanout.pyx``); ``frame_deliveries_reference`` is its
-pure-Python twin, which the property tests hold it to.
+per-match work, done in C (``streamer/_ext/_fanout.pyx``): ``fan_out``
+matches a change and writes its deliveries straight from the index's match
+buffer, ``frame_deliveries`` does the same for ids already in hand (the
+enter/leave split). ``fan_out_reference`` and ``frame_deliveries_reference``
+are their pure-Python twins, which the property tests hold them to.
 
 The ingest loop ``offer``s messages without ever waiting; one writer task per
 stream drains the queue in order and is the only code that writes to the
@@ -32,7 +34,8 @@ from array import array
 from collections import deque
 from collections.abc import Awaitable, Callable
 
-from streamer._ext._fanout import frame_deliveries, frame_event
+from streamer._ext._fanout import fan_out, frame_deliveries, frame_event
+from streamer.matcher import Matcher
 from streamer.protocol.streamer_v1_pb2 import StreamerEvent
 
 __all__ = [
@@ -41,6 +44,8 @@ __all__ = [
     "GatewayQueue",
     "delivery_message",
     "event_field",
+    "fan_out",
+    "fan_out_reference",
     "frame_deliveries",
     "frame_deliveries_reference",
     "frame_event",
@@ -96,11 +101,12 @@ def delivery_message(subscription_fields: list[bytes], event: bytes) -> bytes:
 
 
 def frame_deliveries_reference(
-    subscription_ids: list[str], owners: bytes, event: bytes
-) -> list[tuple[int, bytes]]:
-    """What the compiled ``frame_deliveries`` computes: one serialized delivery
-    per owner (``owners``: native ``uint32`` per id, as ``match_owned``
-    returns them), owners in order of their first id."""
+    subscription_ids: list[str], owners: bytes, event: bytes, pending: dict[int, list[bytes]]
+) -> int:
+    """What the compiled ``frame_deliveries`` does: append one serialized
+    delivery per owner (``owners``: native ``uint32`` per id, as
+    ``match_owned`` returns them) to ``pending[owner]``, owners in order of
+    their first id; returns how many."""
     owner_of = array("I", owners)
     if len(owner_of) != len(subscription_ids):
         raise ValueError(
@@ -109,7 +115,22 @@ def frame_deliveries_reference(
     groups: dict[int, list[bytes]] = {}
     for sub_id, owner in zip(subscription_ids, owner_of, strict=True):
         groups.setdefault(owner, []).append(subscription_field(sub_id))
-    return [(owner, delivery_message(fields, event)) for owner, fields in groups.items()]
+    for owner, fields in groups.items():
+        pending.setdefault(owner, []).append(delivery_message(fields, event))
+    return len(groups)
+
+
+def fan_out_reference(
+    matcher: Matcher, database: str, collection: str, document_id: str,
+    document: object, event: bytes, pending: dict[int, list[bytes]],
+) -> tuple[int, int]:
+    """What the compiled ``fan_out`` does, through ``match_owned`` (or
+    ``match_id_owned`` when ``document`` is None): ``(matches, deliveries)``."""
+    if document is None:
+        ids, owners = matcher.match_id_owned(database, collection, document_id)
+    else:
+        ids, owners = matcher.match_owned(database, collection, document_id, document)
+    return len(ids), frame_deliveries_reference(ids, owners, event, pending)
 
 
 class GatewayQueue:

@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
-from streamer.delivery import frame_deliveries, frame_event
+from streamer.delivery import fan_out, frame_deliveries, frame_event
 from streamer.events import Change, Layout, Op, PoisonEvent, normalize
 from streamer.gateways import GatewayRegistry
 from streamer.metrics import LatencyHistogram
@@ -166,42 +166,32 @@ class Ingest:
 
     def _fan_out(self, change: Change, progress: str, pending: dict[int, list[bytes]]) -> None:
         """Add the deliveries of one change to ``pending`` (by gateway owner)."""
-        matcher = self.registry.matcher
-        if change.document is None:
-            ids, owners = matcher.match_id_owned(
-                change.database, change.collection, change.document_id)
-        else:
-            ids, owners = matcher.match_owned(
-                change.database, change.collection, change.document_id, change.document)
-        if change.op is Op.UPDATE and change.before is not None:
-            by_op = self._enter_and_leave(change, change.before, ids, owners)
-        elif ids:
-            by_op = {change.op: (ids, owners)}
-        else:
-            by_op = {}
         self.events[_NAME[change.op]] += 1
-        for op, (sub_ids, sub_owners) in by_op.items():
-            self.matches += len(sub_ids)
-            # Serialized once; every gateway's delivery reuses these bytes.
-            event = frame_event(
-                change.event_id, change.database, change.collection, change.document_id,
-                _WIRE[op], change.document_data, change.timestamp, progress,
-            )
-            framed = frame_deliveries(sub_ids, sub_owners, event)
-            self.delivered[_NAME[op]] += len(framed)
-            for owner, message in framed:
-                queued = pending.get(owner)
-                if queued is None:
-                    pending[owner] = [message]
-                else:
-                    queued.append(message)
+        if change.op is Op.UPDATE and change.before is not None:
+            self._enter_and_leave(change, change.before, progress, pending)
+            return
+        # Serialized once; every gateway's delivery reuses these bytes.
+        event = frame_event(
+            change.event_id, change.database, change.collection, change.document_id,
+            _WIRE[change.op], change.document_data, change.timestamp, progress,
+        )
+        matches, deliveries = fan_out(
+            self.registry.matcher.index, change.database, change.collection,
+            change.document_id, change.document, event, pending,
+        )
+        self.matches += matches
+        self.delivered[_NAME[change.op]] += deliveries
 
     def _enter_and_leave(
-        self, change: Change, pre_image: object, ids: list[str], owners: bytes
-    ) -> dict[Op, tuple[list[str], bytes]]:
+        self, change: Change, pre_image: object, progress: str,
+        pending: dict[int, list[bytes]],
+    ) -> None:
         """An update with a pre-image: subscriptions that matched before and
         after get UPDATE, only after INSERT (entered), only before DELETE (left)."""
-        before_ids, before_owners = self.registry.matcher.match_owned(
+        matcher = self.registry.matcher
+        ids, owners = matcher.match_owned(
+            change.database, change.collection, change.document_id, change.document)
+        before_ids, before_owners = matcher.match_owned(
             change.database, change.collection, change.document_id, pre_image)
         before = dict(zip(before_ids, array("I", before_owners), strict=True))
         split: dict[Op, tuple[list[str], array[int]]] = {}
@@ -213,4 +203,11 @@ class Ingest:
         if before:
             left = sorted(before)
             split[Op.DELETE] = (left, array("I", [before[i] for i in left]))
-        return {op: (i, o.tobytes()) for op, (i, o) in split.items()}
+        for op, (sub_ids, sub_owners) in split.items():
+            self.matches += len(sub_ids)
+            event = frame_event(
+                change.event_id, change.database, change.collection, change.document_id,
+                _WIRE[op], change.document_data, change.timestamp, progress,
+            )
+            self.delivered[_NAME[op]] += frame_deliveries(
+                sub_ids, sub_owners.tobytes(), event, pending)

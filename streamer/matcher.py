@@ -41,6 +41,12 @@ class Matcher:
     def __len__(self) -> int:
         return len(self._core)
 
+    @property
+    def index(self) -> _core.Core:
+        """The compiled index itself, for compiled consumers of its matches
+        (``streamer.delivery.fan_out``)."""
+        return self._core
+
     def __contains__(self, subscription_id: object) -> bool:
         return subscription_id in self._core
 

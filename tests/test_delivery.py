@@ -14,12 +14,15 @@ from streamer.delivery import (
     GatewayQueue,
     delivery_message,
     event_field,
+    fan_out,
+    fan_out_reference,
     frame_deliveries,
     frame_deliveries_reference,
     frame_event,
     subscription_field,
     varint,
 )
+from streamer.matcher import Filter, Matcher
 from streamer.protocol.streamer_v1_pb2 import (
     DeliveryBatch,
     EventDelivery,
@@ -193,36 +196,87 @@ matches = st.lists(
 )
 
 
-@given(matches, st.binary(max_size=300))
-def test_compiled_fan_out_equals_the_reference(
-    matched: list[tuple[str, int]], event_bytes: bytes
+@given(matches, st.binary(max_size=300), st.booleans())
+def test_compiled_framing_equals_the_reference(
+    matched: list[tuple[str, int]], event_bytes: bytes, queued_before: bool
 ) -> None:
     ids = [i for i, _ in matched]
     owners = array("I", [o for _, o in matched]).tobytes()
     event = event_field(StreamerEvent(document_data=event_bytes))
-    assert frame_deliveries(ids, owners, event) == frame_deliveries_reference(ids, owners, event)
+    # Deliveries append to what earlier events already queued for the owner.
+    start = {0: [b"earlier"], 5: [b"earlier"]} if queued_before else {}
+    got = {o: list(q) for o, q in start.items()}
+    expected = {o: list(q) for o, q in start.items()}
+    assert frame_deliveries(ids, owners, event, got) == frame_deliveries_reference(
+        ids, owners, event, expected)
+    assert got == expected
+    assert list(got) == list(expected)
 
 
 @given(matches)
-def test_fan_out_groups_every_id_once_per_owner(matched: list[tuple[str, int]]) -> None:
+def test_framing_groups_every_id_once_per_owner(matched: list[tuple[str, int]]) -> None:
     event = event_field(StreamerEvent(event_id="e"))
     owners = array("I", [o for _, o in matched]).tobytes()
-    got = frame_deliveries([i for i, _ in matched], owners, event)
-    assert [owner for owner, _ in got] == list(dict.fromkeys(o for _, o in matched))
-    for owner, data in got:
+    pending: dict[int, list[bytes]] = {}
+    count = frame_deliveries([i for i, _ in matched], owners, event, pending)
+    assert count == len(pending)
+    assert list(pending) == list(dict.fromkeys(o for _, o in matched))
+    for owner, (data,) in pending.items():
         delivery = StreamerMessage.FromString(data).delivery
         assert list(delivery.subscription_ids) == [i for i, o in matched if o == owner]
         assert delivery.event.event_id == "e"
 
 
-def test_fan_out_checks_its_arguments() -> None:
+def test_framing_checks_its_arguments() -> None:
     with pytest.raises(ValueError, match="4 bytes of owners for 2 subscription ids"):
-        frame_deliveries(["a", "b"], bytes(4), b"")
+        frame_deliveries(["a", "b"], bytes(4), b"", {})
 
 
-def test_fan_out_refuses_ids_that_are_not_strings() -> None:
+def test_framing_refuses_ids_that_are_not_strings() -> None:
     with pytest.raises(TypeError, match="subscription ids must be str, got int"):
-        frame_deliveries([1], bytes(4), b"")  # type: ignore[list-item]
+        frame_deliveries([1], bytes(4), b"", {})  # type: ignore[list-item]
+
+
+def test_framing_refuses_ids_that_are_not_utf8_and_leaves_pending_alone() -> None:
+    pending: dict[int, list[bytes]] = {}
+    with pytest.raises(UnicodeEncodeError):
+        frame_deliveries(["ok", "\ud800"], bytes(8), b"", pending)
+    assert pending == {}
+
+
+# Subscriptions over three chat ids and three owners (one above the 16 bits
+# the index keeps inside an entry), some on the document id, some on the
+# whole collection; documents from the same small space.
+subscriptions = st.lists(
+    st.tuples(
+        st.sampled_from([("chat_id", "c1"), ("chat_id", "c2"), ("_id", "d1"), None]),
+        st.sampled_from([0, 3, 70_000]),
+    ),
+    max_size=30,
+)
+documents = st.one_of(
+    st.none(), st.fixed_dictionaries({"chat_id": st.sampled_from(["c1", "c2", "c3"])}))
+
+
+@given(subscriptions, st.lists(st.tuples(st.sampled_from(["d1", "d2"]), documents), max_size=8))
+def test_index_fan_out_equals_the_reference(
+    subs: list[tuple[tuple[str, str] | None, int]],
+    changes: list[tuple[str, dict[str, str] | None]],
+) -> None:
+    matcher = Matcher()
+    for n, (test, owner) in enumerate(subs):
+        filters = [Filter(test[0], "==", test[1])] if test else []
+        matcher.add(f"s{n}", "db", "messages", filters=filters, owner=owner)
+    got: dict[int, list[bytes]] = {}
+    expected: dict[int, list[bytes]] = {}
+    for n, (document_id, document) in enumerate(changes):
+        event = event_field(StreamerEvent(event_id=f"e{n}"))
+        for collection in ("messages", "elsewhere"):
+            change = ("db", collection, document_id, document, event)
+            assert fan_out(matcher.index, *change, got) == fan_out_reference(
+                matcher, *change, expected)
+    assert got == expected
+    assert list(got) == list(expected)
 
 
 @given(events, st.sampled_from([0, 1, 2, 4]))

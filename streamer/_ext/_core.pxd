@@ -156,6 +156,7 @@ cdef class Core:
     cdef int reserve_found(self, uint32_t more) except -1
     cdef int push(self, PyObject *sub_id, uint32_t owner) except -1
     cdef int search(self, CollIndex ci, object document_id, object document) except -1
+    cdef int search_id(self, CollIndex ci, object document_id) except -1
     cdef list found_ids(self)
     cdef int emit(self, uint64_t ref) except -1
     cdef int emit_all(self, uint64_t *refs, uint32_t start, uint32_t end) except -1

@@ -1708,6 +1708,23 @@ cdef class Core:
             ctx.view = None
         return 0
 
+    cdef int search_id(self, CollIndex ci, object document_id) except -1:
+        """``search`` for a change without a document: only the clauses that
+        hold on the document id alone, i.e. a document-id test or nothing."""
+        cdef PyObject *hp
+        self.next_epoch()
+        self.nfound = 0
+        self.scan_bare(ci.always)
+        pid = self.path_ids.get(("_id",))
+        pix = ci.by_pid.get(pid) if pid is not None else None
+        if pix is not None and (<PathIndex>pix).eq and document_id is not None:
+            key = index_key(document_id)
+            if key is not NK:
+                hp = PyDict_GetItem((<PathIndex>pix).eq, key)
+                if hp != NULL:
+                    self.scan_bare(<uint32_t><object>hp)
+        return 0
+
     cdef list found_ids(self):
         # Touch each id string once, in a tight loop where the processor can
         # overlap the cache misses, prefetching a few ahead.
@@ -1732,21 +1749,10 @@ cdef class Core:
         """``match_owned`` for a change without a document (a hard delete
         without pre-image): the clauses that hold on the document id alone,
         i.e. a document-id test or nothing at all (whole collection)."""
-        cdef PyObject *hp
         cdef CollIndex ci = self.coll(database, collection, False)
         if ci is None:
             return [], b""
-        self.next_epoch()
-        self.nfound = 0
-        self.scan_bare(ci.always)
-        pid = self.path_ids.get(("_id",))
-        pix = ci.by_pid.get(pid) if pid is not None else None
-        if pix is not None and (<PathIndex>pix).eq and document_id is not None:
-            key = index_key(document_id)
-            if key is not NK:
-                hp = PyDict_GetItem((<PathIndex>pix).eq, key)
-                if hp != NULL:
-                    self.scan_bare(<uint32_t><object>hp)
+        self.search_id(ci, document_id)
         return self.found_ids(), PyBytes_FromStringAndSize(
             <char *>self.found_owners, self.nfound * sizeof(uint32_t))
 

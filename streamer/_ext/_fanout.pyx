@@ -21,11 +21,22 @@ protobuf produces.
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_GetItem
-from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE, PyList_New, PyList_SET_ITEM
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.object cimport PyObject
+from cpython.ref cimport Py_INCREF
+from cpython.sequence cimport PySequence_Fast_ITEMS
 from cpython.unicode cimport PyUnicode_Check
 from libc.stdint cimport int64_t, uint32_t, uint64_t
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
+
+from streamer._ext._core cimport CollIndex, Core
+
+cdef extern from *:
+    """
+    #define STREAMER_PREFETCH(p) __builtin_prefetch((const void *)(p))
+    """
+    void prefetch "STREAMER_PREFETCH"(const void *p) nogil
 
 cdef extern from "Python.h":
     const char *PyUnicode_AsUTF8AndSize(object s, Py_ssize_t *size) except NULL
@@ -113,48 +124,148 @@ def frame_event(str event_id not None, str database not None, str collection not
     return out
 
 
-cdef bytes frame(list ids, bytes event):
-    cdef Py_ssize_t i, n = PyList_GET_SIZE(ids), size, body = PyBytes_GET_SIZE(event)
-    cdef const char *utf8
+cdef struct Match:
+    const char *utf8
+    Py_ssize_t size
+    uint32_t group
+
+
+cdef struct Out:
+    uint32_t owner
+    Py_ssize_t body
+    char *p
+
+
+# Scratch space of one call, kept between calls (the GIL serializes them):
+# per match, per delivery, and an open-addressing table owner -> delivery.
+cdef Match *matches = NULL
+cdef Out *outs = NULL
+cdef uint32_t *table_owner = NULL
+cdef uint32_t *table_group = NULL
+cdef Py_ssize_t match_cap = 0, table_cap = 0
+DEF EMPTY = 0xFFFFFFFF
+# How many ids ahead the strings are prefetched (as in _core's found_ids).
+DEF PREFETCH = 8
+
+
+cdef int reserve(Py_ssize_t n) except -1:
+    global matches, outs, table_owner, table_group, match_cap, table_cap
+    cdef Py_ssize_t cap = 16
+    if n > match_cap:
+        while cap < n:
+            cap *= 2
+        PyMem_Free(matches)
+        PyMem_Free(outs)
+        PyMem_Free(table_owner)
+        PyMem_Free(table_group)
+        matches = <Match *>PyMem_Malloc(cap * sizeof(Match))
+        outs = <Out *>PyMem_Malloc(cap * sizeof(Out))
+        # At most half full, so probes stay short.
+        table_owner = <uint32_t *>PyMem_Malloc(2 * cap * sizeof(uint32_t))
+        table_group = <uint32_t *>PyMem_Malloc(2 * cap * sizeof(uint32_t))
+        if matches == NULL or outs == NULL or table_owner == NULL or table_group == NULL:
+            match_cap = table_cap = 0
+            raise MemoryError()
+        match_cap, table_cap = cap, 2 * cap
+    return 0
+
+
+cdef Py_ssize_t frame_into(PyObject **ids, const uint32_t *owners, Py_ssize_t n,
+                           bytes event, dict pending) except -1:
+    """Append one ``StreamerMessage{delivery}`` per distinct owner of the
+    ``n`` matches to ``pending[owner]`` (a list, created when missing);
+    returns how many. Owners in order of their first id, ids in order."""
+    if n == 0:
+        return 0
+    reserve(n)
+    cdef Py_ssize_t i, g, ngroups = 0, size, body
+    cdef Py_ssize_t n_event = PyBytes_GET_SIZE(event)
+    cdef size_t mask
+    cdef uint32_t owner
+    cdef Out *out
+    # Any error is raised here, before the table is touched.
     for i in range(n):
-        PyUnicode_AsUTF8AndSize(<object>PyList_GET_ITEM(ids, i), &size)
-        body += 1 + uvarint_size(<uint64_t>size) + size
-    cdef bytes out = PyBytes_FromStringAndSize(NULL, 1 + uvarint_size(<uint64_t>body) + body)
-    cdef char *p = put_field_header(PyBytes_AS_STRING(out), body)
+        if i + PREFETCH < n:
+            prefetch(ids[i + PREFETCH])
+        matches[i].utf8 = PyUnicode_AsUTF8AndSize(<object>ids[i], &matches[i].size)
+    # The smallest power of two at least twice n: a short memset per call.
+    mask = 1
+    while mask < <size_t>(2 * n):
+        mask <<= 1
+    memset(table_group, 0xFF, mask * sizeof(uint32_t))
+    mask -= 1
     for i in range(n):
-        utf8 = PyUnicode_AsUTF8AndSize(<object>PyList_GET_ITEM(ids, i), &size)
-        p = put_field_header(p, size)
-        memcpy(p, utf8, size)
-        p += size
-    memcpy(p, PyBytes_AS_STRING(event), PyBytes_GET_SIZE(event))
-    return out
+        owner = owners[i]
+        g = (<uint32_t>(owner * 2654435761u)) & mask
+        while table_group[g] != EMPTY and table_owner[g] != owner:
+            g = (g + 1) & mask
+        if table_group[g] == EMPTY:
+            table_owner[g] = owner
+            table_group[g] = <uint32_t>ngroups
+            outs[ngroups].owner = owner
+            outs[ngroups].body = 0
+            ngroups += 1
+        matches[i].group = table_group[g]
+        size = matches[i].size
+        outs[table_group[g]].body += 1 + uvarint_size(<uint64_t>size) + size
+    made = PyList_New(ngroups)
+    for g in range(ngroups):
+        body = outs[g].body + n_event
+        message = PyBytes_FromStringAndSize(NULL, 1 + uvarint_size(<uint64_t>body) + body)
+        outs[g].p = put_field_header(PyBytes_AS_STRING(message), body)
+        Py_INCREF(message)
+        PyList_SET_ITEM(made, g, message)
+    for i in range(n):
+        out = &outs[matches[i].group]
+        size = matches[i].size
+        out.p = put_field_header(out.p, size)
+        memcpy(out.p, matches[i].utf8, size)
+        out.p += size
+    for g in range(ngroups):
+        memcpy(outs[g].p, PyBytes_AS_STRING(event), n_event)
+        key = outs[g].owner
+        queued = PyDict_GetItem(pending, key)
+        if queued is NULL:
+            pending[key] = [<object>PyList_GET_ITEM(made, g)]
+        else:
+            (<list>queued).append(<object>PyList_GET_ITEM(made, g))
+    return ngroups
 
 
-def frame_deliveries(list subscription_ids not None, bytes owners not None, bytes event not None):
-    """``[(owner, delivery message bytes), ...]``: one per distinct owner.
+def fan_out(Core index not None, database, collection, document_id, document,
+            bytes event not None, dict pending not None):
+    """Match one change and frame its deliveries: ``(matches, deliveries)``.
 
-    ``subscription_ids`` and ``owners`` are what ``Matcher.match_owned``
-    returns: the matched ids and, packed as native ``uint32``, the owner of
-    each. ``event`` is ``streamer.delivery.event_field(...)``: the framed
-    ``EventDelivery.event``. Owners come in the order of their first id, ids
-    within a delivery in matched order.
+    ``index`` is ``Matcher.index``; ``document`` None matches on the
+    document id alone (a hard delete without pre-image, as
+    ``Matcher.match_id_owned``). Each gateway's delivery (ids in matched
+    order, then ``event``, the framed ``EventDelivery.event``) is appended to
+    ``pending[owner]``. The matched ids never become a Python list: they go
+    from the index's buffer straight into the messages.
     """
+    cdef CollIndex ci = index.coll(database, collection, False)
+    if ci is None:
+        return 0, 0
+    if document is None:
+        index.search_id(ci, document_id)
+    else:
+        index.search(ci, document_id, document)
+    return index.nfound, frame_into(index.found, index.found_owners, index.nfound, event, pending)
+
+
+def frame_deliveries(list subscription_ids not None, bytes owners not None,
+                     bytes event not None, dict pending not None):
+    """``fan_out`` for matches already in hand (the ids and packed ``uint32``
+    owners ``Matcher.match_owned`` returns): appends one delivery per owner
+    to ``pending[owner]`` and returns how many."""
     cdef Py_ssize_t i, n = PyList_GET_SIZE(subscription_ids)
     if PyBytes_GET_SIZE(owners) != n * <Py_ssize_t>sizeof(uint32_t):
         raise ValueError(
             f"{PyBytes_GET_SIZE(owners)} bytes of owners for {n} subscription ids"
         )
-    cdef const uint32_t *owner = <const uint32_t *>PyBytes_AS_STRING(owners)
-    cdef dict groups = {}
-    cdef PyObject *group
     for i in range(n):
         sub_id = <object>PyList_GET_ITEM(subscription_ids, i)
         if not PyUnicode_Check(sub_id):
             raise TypeError(f"subscription ids must be str, got {type(sub_id).__name__}")
-        key = owner[i]
-        group = PyDict_GetItem(groups, key)
-        if group is NULL:
-            groups[key] = [sub_id]
-        else:
-            (<list>group).append(sub_id)
-    return [(key, frame(<list>ids, event)) for key, ids in groups.items()]
+    return frame_into(PySequence_Fast_ITEMS(subscription_ids),
+                      <const uint32_t *>PyBytes_AS_STRING(owners), n, event, pending)
