@@ -70,6 +70,7 @@ IN_FLIGHT = 256  # subscribe requests in flight per gateway while registering
 SUSTAINED_SHARE = 0.97
 PROBE_HEARTBEAT = 0.1
 SAMPLE_EVERY = 4  # gateways time every 4th delivery
+MAX_PROBES = 3  # runs of the search for the maximum sustainable rate
 CYCLE = 20_000  # events the Puller generates once and repeats (--cycle)
 
 
@@ -596,6 +597,28 @@ class _Setup:
         }
 
 
+def _search_max(config: Config, setup: _Setup, runs: list[dict[str, Any]]) -> None:
+    """The maximum sustainable rate: bisect (in steps of 500/s, at most
+    ``MAX_PROBES`` runs) between the highest offered rate that held and the
+    lowest that did not (twice the highest, when every rate held)."""
+    held = [r["offered_per_s"] for r in runs if r["sustained"]]
+    failed = [r["offered_per_s"] for r in runs if not r["sustained"]]
+    low = max(held, default=0)
+    high = min((r for r in failed if r > low), default=2 * max(r["offered_per_s"] for r in runs))
+    for _ in range(MAX_PROBES):
+        rate = (low + high) // 2 // 500 * 500
+        if rate <= low or rate >= high:
+            break
+        run = setup.measure(rate)
+        run["max_search"] = True
+        runs.append(run)
+        config.log(_line(run))
+        if run["sustained"]:
+            low = rate
+        else:
+            high = rate
+
+
 def _variant(config: Config, variant: str, work: Path, stderr: IO[str]) -> dict[str, Any]:
     setup = _Setup(config, variant, work, stderr)
     rates = config.plain_rates if variant == "plain" else config.rates
@@ -607,21 +630,7 @@ def _variant(config: Config, variant: str, work: Path, stderr: IO[str]) -> dict[
             runs.append(setup.measure(rate))
             config.log(_line(runs[-1]))
         if config.search_max and variant != "relay":
-            # The maximum sustainable rate: below the best rate the unsustained
-            # runs reached, stepping down until one holds.
-            best = max((r["events_per_s"] for r in runs if not r["sustained"]), default=0.0)
-            if best == 0.0:
-                best = 1.5 * max(rates)
-            for share in (0.9, 0.7):
-                rate = int(best * share / 500) * 500
-                if rate <= 0:
-                    break
-                run = setup.measure(rate)
-                run["max_search"] = True
-                runs.append(run)
-                config.log(_line(run))
-                if run["sustained"]:
-                    break
+            _search_max(config, setup, runs)
     finally:
         setup.stop()
     return {"register_s": setup.register_s, "runs": runs}

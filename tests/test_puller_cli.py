@@ -14,6 +14,7 @@ from service_helpers import free_port, puller_command, puller_events, start_pull
 
 from streamer.protocol import puller_v1_pb2 as pb
 from streamer.protocol import puller_v1_pb2_grpc as pb_grpc
+from streamer.puller.log import ReplayLog
 from streamer.puller.sources import from_json_line, to_json_line
 from streamer.workload import Workload, change_event
 
@@ -71,6 +72,31 @@ def test_replay_and_record(tmp_path: Path) -> None:
     assert "in.jsonl:11: skipped: not JSON" in log, log
     assert record.read_bytes() == b"".join(lines)
     assert [from_json_line(line) for line in record.read_bytes().splitlines()] == original
+
+
+def test_the_recording_holds_every_logged_event_after_sigterm(tmp_path: Path) -> None:
+    # Fast enough that SIGTERM lands while a batch is being appended.
+    record = tmp_path / "out.jsonl"
+    proc = start_puller(tmp_path, free_port(), "--workload", "chat", "--rate", "50000",
+                        "--record", str(record))
+    try:
+        for _ in range(200):
+            if record.exists() and record.stat().st_size > 100_000:
+                break
+            time.sleep(0.05)
+        assert stop_puller(proc) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    replay_log = ReplayLog(tmp_path / "log")
+    try:
+        logged = [to_json_line(r.event) for r in replay_log.read(0, 10**9)]
+    finally:
+        replay_log.close()
+    recorded = record.read_bytes().splitlines(keepends=True)
+    assert len(recorded) > 100
+    assert recorded == logged
 
 
 def before_everything(tmp_path: Path) -> str:

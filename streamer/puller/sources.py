@@ -135,12 +135,22 @@ class Recorder:
 
     def wrap(self, emit: Emit) -> Emit:
         async def recording(batch: Sequence[tuple[ChangeEvent, bytes]]) -> None:
-            await emit(batch)
-            self._file.write(b"".join(to_json_line(event) for event, _ in batch))
-            self._file.flush()
-            self.recorded += len(batch)
+            try:
+                await emit(batch)
+            except asyncio.CancelledError:
+                # Shutdown cancels the source mid-append, but the append
+                # itself is shielded and completes: the batch is in the log,
+                # so it belongs in the recording too.
+                self._write(batch)
+                raise
+            self._write(batch)
 
         return recording
+
+    def _write(self, batch: Sequence[tuple[ChangeEvent, bytes]]) -> None:
+        self._file.write(b"".join(to_json_line(event) for event, _ in batch))
+        self._file.flush()
+        self.recorded += len(batch)
 
     def close(self) -> None:
         self._file.close()
