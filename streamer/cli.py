@@ -39,11 +39,11 @@ from streamer.logs import configure_logging
 from streamer.matcher import Matcher
 from streamer.metrics import MetricsError, MetricsServer, StreamerCollector, metrics_address
 from streamer.progress import ProgressFileError, ProgressStore, SavedProgress
-from streamer.protocol import puller_v1_pb2_grpc
 from streamer.protocol.puller_v1_pb2 import ChangeEvent
 from streamer.puller.log import LogError, ReplayLog
 from streamer.puller.server import SERVICE_NAME as PULLER_SERVICE_NAME
 from streamer.puller.server import PullerServicer
+from streamer.puller.server import add_to_server as add_puller_to_server
 from streamer.puller.sources import Recorder, ReplaySource, Source, WorkloadSource
 from streamer.server import SERVICE_NAME, StreamerServicer, add_to_server
 from streamer.transport import SERVER_OPTIONS
@@ -429,7 +429,7 @@ async def puller(args: argparse.Namespace, source: Source) -> int:
         subscribe_batch=not args.no_subscribe_batch,
     )
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    puller_v1_pb2_grpc.add_PullerServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    add_puller_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_insecure_port(args.listen)

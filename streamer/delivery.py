@@ -37,6 +37,7 @@ from collections.abc import Awaitable, Callable
 from streamer._ext._fanout import fan_out, frame_deliveries, frame_event
 from streamer.matcher import Matcher
 from streamer.protocol.streamer_v1_pb2 import StreamerEvent
+from streamer.wire import field, varint
 
 __all__ = [
     "DEFAULT_CAPACITY",
@@ -50,7 +51,6 @@ __all__ = [
     "frame_deliveries_reference",
     "frame_event",
     "subscription_field",
-    "varint",
 ]
 
 DEFAULT_CAPACITY = 10_000
@@ -64,40 +64,24 @@ _DELIVERY = 0x0A
 _DELIVERY_TAG = b"\x0a"
 _EVENT_TAG = b"\x12"
 _BATCH_TAG = b"\x22"
-_SMALL_VARINTS = [bytes((n,)) for n in range(0x80)]
 
 Send = Callable[[bytes], Awaitable[None]]
 
 
-def varint(n: int) -> bytes:
-    """A protobuf base-128 varint of a non-negative length."""
-    if n < 0x80:
-        return _SMALL_VARINTS[n]
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
 def subscription_field(subscription_id: str) -> bytes:
     """One ``EventDelivery.subscription_ids`` entry, framed (once per subscription)."""
-    data = subscription_id.encode()
-    return _DELIVERY_TAG + varint(len(data)) + data
+    return field(_DELIVERY_TAG, subscription_id.encode())
 
 
 def event_field(event: StreamerEvent) -> bytes:
     """``EventDelivery.event``, serialized and framed once per event and
     operation (the reference for the compiled ``frame_event``)."""
-    data = event.SerializeToString()
-    return _EVENT_TAG + varint(len(data)) + data
+    return field(_EVENT_TAG, event.SerializeToString())
 
 
 def delivery_message(subscription_fields: list[bytes], event: bytes) -> bytes:
     """A serialized ``StreamerMessage{delivery}`` from pre-framed parts."""
-    body = b"".join(subscription_fields) + event
-    return _DELIVERY_TAG + varint(len(body)) + body
+    return field(_DELIVERY_TAG, b"".join(subscription_fields) + event)
 
 
 def frame_deliveries_reference(

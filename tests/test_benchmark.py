@@ -19,9 +19,8 @@ from streamer.ingest import Ingest
 from streamer.matcher import Matcher
 from streamer.progress import ProgressStore
 from streamer.protocol import puller_v1_pb2 as pb
-from streamer.protocol import puller_v1_pb2_grpc as pb_grpc
 from streamer.puller.log import ReplayLog
-from streamer.puller.server import PullerServicer
+from streamer.puller.server import PullerServicer, add_to_server
 from streamer.puller.sources import WorkloadSource
 from streamer.server import StreamerServicer
 
@@ -79,7 +78,7 @@ def test_no_subscribe_batch_makes_the_streamer_fall_back(tmp_path: Path) -> None
         log = ReplayLog(tmp_path / "log")
         servicer = PullerServicer(log, subscribe_batch=False)
         server = grpc.aio.server()
-        pb_grpc.add_PullerServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+        add_to_server(servicer, server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         registry = GatewayRegistry(Matcher())

@@ -20,14 +20,12 @@ from streamer.delivery import (
     frame_deliveries_reference,
     frame_event,
     subscription_field,
-    varint,
 )
 from streamer.matcher import Filter, Matcher
 from streamer.protocol.streamer_v1_pb2 import (
     DeliveryBatch,
     EventDelivery,
     HeartbeatAck,
-    Hello,
     StreamerEvent,
     StreamerMessage,
     SubscribeResponse,
@@ -86,12 +84,6 @@ events = st.builds(
     progress=st.text(max_size=20),
 )
 id_lists = st.lists(st.text(max_size=300), min_size=1, max_size=5)
-
-
-@given(st.integers(1, 2**32 - 1))
-def test_varint_is_protobufs(n: int) -> None:
-    # Hello.max_batch is uint32 field 3: its tag byte, then the varint.
-    assert b"\x18" + varint(n) == Hello(max_batch=n).SerializeToString()
 
 
 @given(id_lists, events)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from service_helpers import until
 
 from streamer.gateways import GatewayRegistry
@@ -17,8 +19,15 @@ from streamer.matcher import Matcher
 from streamer.progress import ProgressStore
 from streamer.protocol import puller_v1_pb2 as pb
 from streamer.protocol import puller_v1_pb2_grpc as pb_grpc
-from streamer.puller.log import ReplayLog
-from streamer.puller.server import BATCH_SIZE, PullerServicer
+from streamer.puller.log import Record, ReplayLog
+from streamer.puller.server import (
+    BATCH_SIZE,
+    PullerServicer,
+    add_to_server,
+    batch,
+    heartbeat,
+    puller_event,
+)
 from streamer.server import StreamerServicer
 
 
@@ -29,6 +38,27 @@ def event(n: int, coll: str = "messages") -> pb.ChangeEvent:
     )
 
 
+
+change_events = st.builds(
+    pb.ChangeEvent, event_id=st.text(max_size=30), mgo_coll=st.text(max_size=10),
+    full_doc=st.binary(max_size=2000), timestamp=st.integers(0, 2**63 - 1),
+)
+markers = st.text(max_size=40)
+
+
+@given(st.lists(st.tuples(change_events, markers), max_size=5), markers)
+def test_hand_framed_responses_are_the_protobuf_encoding(
+    logged: list[tuple[pb.ChangeEvent, str]], idle_marker: str
+) -> None:
+    framed = [
+        puller_event(Record(n, 0.0, e.SerializeToString(), b""), m)
+        for n, (e, m) in enumerate(logged)
+    ]
+    expected = [pb.PullerEvent(change_event=e, progress=m) for e, m in logged]
+    assert framed == [e.SerializeToString() for e in expected]
+    assert batch(framed) == pb.PullerEventBatch(events=expected).SerializeToString()
+    assert heartbeat(idle_marker) == pb.PullerEvent(progress=idle_marker).SerializeToString()
+
 @contextlib.asynccontextmanager
 async def puller(
     tmp_path: Path, **log_options: object
@@ -37,7 +67,7 @@ async def puller(
     log = ReplayLog(tmp_path / "log", **log_options)  # type: ignore[arg-type]
     servicer = PullerServicer(log, heartbeat=heartbeat)
     server = grpc.aio.server()
-    pb_grpc.add_PullerServiceServicer_to_server(servicer, server)
+    add_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:

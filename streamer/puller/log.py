@@ -79,12 +79,29 @@ class LogError(StreamerError, OSError):
     """The log directory holds something that is not a replay log."""
 
 
-@dataclass(frozen=True, slots=True)
 class Record:
-    position: int
-    appended: float  # wall-clock seconds (the log's clock)
-    event: ChangeEvent
-    source_state: bytes
+    """One logged change event. ``data`` is the serialized ``ChangeEvent``,
+    as stored and as forwarded; ``event`` decodes it on first use."""
+
+    __slots__ = ("_event", "appended", "data", "position", "source_state", "wire")
+
+    def __init__(
+        self, position: int, appended: float, data: bytes, source_state: bytes,
+        event: ChangeEvent | None = None,
+    ) -> None:
+        self.position = position
+        self.appended = appended  # wall-clock seconds (the log's clock)
+        self.data = data
+        self.source_state = source_state
+        # The server's wire form of this record, made once for all consumers.
+        self.wire: bytes | None = None
+        self._event = event
+
+    @property
+    def event(self) -> ChangeEvent:
+        if self._event is None:
+            self._event = ChangeEvent.FromString(self.data)
+        return self._event
 
 
 @dataclass(slots=True)
@@ -99,8 +116,8 @@ class _Segment:
     index: list[tuple[int, int]] | None = field(default=None)
 
 
-def _encode(position: int, appended: float, event: ChangeEvent, state: bytes) -> bytes:
-    payload = STATE_LEN.pack(len(state)) + state + event.SerializeToString()
+def _encode(position: int, appended: float, data: bytes, state: bytes) -> bytes:
+    payload = STATE_LEN.pack(len(state)) + state + data
     tail = struct.pack("<Qd", position, appended) + payload
     return struct.pack("<II", len(payload), zlib.crc32(tail)) + tail
 
@@ -128,10 +145,11 @@ def _decode(data: bytes, offset: int) -> tuple[Record, int]:
     start = offset + HEADER.size
     (state_len,) = STATE_LEN.unpack_from(data, start)
     state_end = start + STATE_LEN.size + state_len
-    event = ChangeEvent.FromString(data[state_end : start + length])
-    return Record(position, appended, event, data[start + STATE_LEN.size : state_end]), (
-        start + length
+    record = Record(
+        position, appended, data[state_end : start + length],
+        data[start + STATE_LEN.size : state_end],
     )
+    return record, start + length
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -336,12 +354,13 @@ class ReplayLog:
             offset = active.size
             for event, state in batch:
                 position += 1
-                chunk = _encode(position, now, event, state)
+                data = event.SerializeToString()
+                chunk = _encode(position, now, data, state)
                 if (position - active.first) % INDEX_EVERY == 0:
                     offsets.append((position, offset))
                 offset += len(chunk)
                 chunks.append(chunk)
-                records.append(Record(position, now, event, bytes(state)))
+                records.append(Record(position, now, data, bytes(state), event))
             if not records:
                 return active.last
             self._out.write(b"".join(chunks))

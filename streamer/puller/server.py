@@ -15,6 +15,11 @@ nothing for ``heartbeat`` seconds it gets a heartbeat (a ``PullerEvent``
 without ``change_event``) with the marker of its position, so a consumer
 whose filter skips everything still advances. A marker the log cannot
 resume after is ``INVALID_ARGUMENT`` with the log's explanation.
+
+Responses are framed by hand (``streamer.wire``) from the bytes the log
+already holds: each record's ``PullerEvent`` is written once, when the first
+consumer sends it, and every other consumer's batch reuses those bytes
+instead of building and serializing message objects per stream.
 """
 
 from __future__ import annotations
@@ -22,16 +27,39 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import grpc
 
 from streamer.protocol import puller_v1_pb2 as pb
 from streamer.protocol import puller_v1_pb2_grpc as pb_grpc
 from streamer.puller.log import MarkerError, Record, ReplayLog
+from streamer.wire import field, varint
 
 SERVICE_NAME = "syntrix.puller.v1.PullerService"
 BATCH_SIZE = 256
+# Field tags (field number << 3 | 2) of PullerEvent.change_event (1),
+# PullerEvent.progress (2) and PullerEventBatch.events (1); pinned by
+# test_protocol.
+_CHANGE_EVENT = b"\x0a"
+_PROGRESS = b"\x12"
+_EVENTS = b"\x0a"
+
+
+def puller_event(record: Record, marker: str) -> bytes:
+    """The serialized ``PullerEvent`` of a logged event at ``marker``."""
+    return field(_CHANGE_EVENT, record.data) + heartbeat(marker)
+
+
+def heartbeat(marker: str) -> bytes:
+    """The serialized ``PullerEvent`` without a change event."""
+    # proto3 leaves an empty string out.
+    return field(_PROGRESS, marker.encode()) if marker else b""
+
+
+def batch(events: list[bytes]) -> bytes:
+    """The serialized ``PullerEventBatch`` of these serialized ``PullerEvent`` messages."""
+    return b"".join([part for event in events for part in (_EVENTS, varint(len(event)), event)])
 
 
 class PullerServicer(pb_grpc.PullerServiceServicer):
@@ -89,8 +117,9 @@ class PullerServicer(pb_grpc.PullerServiceServicer):
 
     async def _stream(
         self, request: pb.SubscribeRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[list[pb.PullerEvent]]:
-        """The consumer's events, in messages' worth (at most BATCH_SIZE)."""
+    ) -> AsyncIterator[list[bytes]]:
+        """The consumer's events as serialized ``PullerEvent`` messages, in
+        messages' worth (at most BATCH_SIZE)."""
         loop = asyncio.get_running_loop()
         wanted = frozenset(request.collections)
         marker = self.log.marker
@@ -117,8 +146,7 @@ class PullerServicer(pb_grpc.PullerServiceServicer):
                 if records:
                     position = records[-1].position
                     events = [
-                        pb.PullerEvent(change_event=r.event, progress=marker(r.position))
-                        for r in records
+                        r.wire or _frame(r, marker) for r in records
                         if not wanted or r.event.mgo_coll in wanted
                     ]
                     if events:
@@ -129,7 +157,7 @@ class PullerServicer(pb_grpc.PullerServiceServicer):
                         continue
                 idle = sent_at + self.heartbeat - loop.time()
                 if idle <= 0:
-                    yield [pb.PullerEvent(progress=marker(position))]
+                    yield [heartbeat(marker(position))]
                     sent_at = loop.time()
                 elif not records:
                     with contextlib.suppress(TimeoutError):
@@ -140,15 +168,34 @@ class PullerServicer(pb_grpc.PullerServiceServicer):
 
     async def Subscribe(
         self, request: pb.SubscribeRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.PullerEvent]:
+    ) -> AsyncIterator[bytes]:
         async for events in self._stream(request, context):
             for event in events:
                 yield event
 
     async def SubscribeBatch(
         self, request: pb.SubscribeRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.PullerEventBatch]:
+    ) -> AsyncIterator[bytes]:
         if not self.subscribe_batch:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "SubscribeBatch is disabled")
         async for events in self._stream(request, context):
-            yield pb.PullerEventBatch(events=events)
+            yield batch(events)
+
+
+def _frame(record: Record, marker: Callable[[int], str]) -> bytes:
+    wire = record.wire = puller_event(record, marker(record.position))
+    return wire
+
+
+def add_to_server(servicer: PullerServicer, server: grpc.aio.Server) -> None:
+    """Register ``PullerService`` on ``server``; responses are pre-serialized."""
+    handlers = {
+        name: grpc.unary_stream_rpc_method_handler(
+            method, request_deserializer=pb.SubscribeRequest.FromString,
+            response_serializer=None,
+        )
+        for name, method in (
+            ("Subscribe", servicer.Subscribe), ("SubscribeBatch", servicer.SubscribeBatch))
+    }
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
