@@ -160,16 +160,26 @@ async def _paced(
     events: Iterator[tuple[ChangeEvent, bytes]], emit: Emit, rate: float | None
 ) -> None:
     """Emit ``events`` at ``rate`` per second (None: as fast as the log
-    takes them), a batch of whatever is due every TICK seconds."""
-    start = time.monotonic()
+    takes them), a batch of whatever is due every TICK seconds.
+
+    The ticks are a fixed cadence: emitting as soon as one event is due
+    would send many tiny batches, and every batch costs a log append and a
+    message to each consumer. A tick missed (the process was busy) is not
+    made up with a burst of ticks: the next batch takes everything due.
+    """
+    start = tick = time.monotonic()
     emitted = 0
     while True:
         if rate is None:
             due = MAX_BATCH
         else:
-            due = min(int((time.monotonic() - start) * rate) - emitted, MAX_BATCH)
+            now = time.monotonic()
+            if now < tick:
+                await asyncio.sleep(tick - now)
+                now = time.monotonic()
+            tick = max(tick, now) + TICK
+            due = min(int((now - start) * rate) - emitted, MAX_BATCH)
             if due <= 0:
-                await asyncio.sleep(TICK)
                 continue
         batch = list(itertools.islice(events, due))
         if batch:
