@@ -12,6 +12,11 @@ pre-image, for enter/leave), grouped into one delivery per (gateway,
 operation), handed to the gateways' queues without waiting, and only then
 is its marker advanced (``streamer.progress``). Poison events are counted by
 reason, logged with their id, and skipped; their marker still advances.
+
+The common case of the plain layout (no pre-image, no update description,
+well-formed) runs through the compiled step ``streamer._ext._ingest``; every
+other event takes the Python path here, which is also the reference the
+compiled step is tested against (``Ingest(compiled=False)``).
 """
 
 from __future__ import annotations
@@ -26,8 +31,9 @@ from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
+from streamer._ext._ingest import Step
 from streamer.delivery import fan_out, frame_deliveries, frame_event
-from streamer.events import Change, Layout, Op, PoisonEvent, normalize
+from streamer.events import DEFAULT_MAX_DOCUMENT_BYTES, Change, Layout, Op, PoisonEvent, normalize
 from streamer.gateways import GatewayRegistry
 from streamer.metrics import LatencyHistogram
 from streamer.progress import ProgressStore
@@ -55,6 +61,7 @@ class Ingest:
         soft_delete_field: str = "deleted",
         backoff: tuple[float, float] = (0.1, 5.0),
         credentials: grpc.ChannelCredentials | None = None,
+        compiled: bool = True,
     ) -> None:
         self.target = target
         self.credentials = credentials
@@ -74,6 +81,13 @@ class Ingest:
         self.reconnects = 0
         self.markers_refused = 0
         self.latency = LatencyHistogram()  # seconds from receipt to enqueued
+        # The compiled common case of the plain layout; None: every event
+        # through the Python path (the Syntrix layout; the tests' reference).
+        self._step = (
+            Step(registry.matcher.index, self._process_one, soft_delete_field,
+                 DEFAULT_MAX_DOCUMENT_BYTES)
+            if compiled and layout == "plain" else None
+        )
 
     async def run(self) -> None:
         """Consume the Puller until cancelled, reconnecting as needed."""
@@ -137,23 +151,7 @@ class Ingest:
         ``received`` is the ``perf_counter`` time the message arrived: the
         ingest→enqueue latency of each event runs from there to that append.
         """
-        pending: dict[int, list[bytes]] = {}
-        changes = 0
-        for event in events:
-            if not event.HasField("change_event"):
-                self.events["heartbeat"] += 1
-                continue
-            try:
-                change = normalize(
-                    event.change_event, layout=self.layout,
-                    soft_delete_field=self.soft_delete_field,
-                )
-            except PoisonEvent as exc:
-                self.poison[exc.reason] += 1
-                log.warning("skipping event %s: %s", event.change_event.event_id, exc)
-            else:
-                self._fan_out(change, event.progress, pending)
-                changes += 1
+        pending, changes = self.match_batch(events)
         sessions, deliver = self.registry.by_owner, self.servicer.deliver
         for owner, messages in pending.items():
             session = sessions[owner]
@@ -163,6 +161,47 @@ class Ingest:
             self.latency.observe(time.perf_counter() - received, changes)
         if events:
             self.progress.advance(events[-1].progress)
+
+    def match_batch(
+        self, events: Sequence[puller_pb.PullerEvent]
+    ) -> tuple[dict[int, list[bytes]], int]:
+        """The deliveries of ``events`` by gateway owner, in order, and how
+        many of them were changes (not heartbeats or poison)."""
+        pending: dict[int, list[bytes]] = {}
+        if self._step is None:
+            changes = 0
+            for event in events:
+                if event.HasField("change_event"):
+                    changes += self._process_one(event, pending)
+                else:
+                    self.events["heartbeat"] += 1
+            return pending, changes
+        changes = self._step.process(events, pending)
+        heartbeats, by_op, delivered, matches = self._step.take()
+        for name, count in zip(("heartbeat", "INSERT", "UPDATE", "DELETE"),
+                               (heartbeats, *by_op), strict=True):
+            if count:
+                self.events[name] += count
+        for name, count in zip(("INSERT", "UPDATE", "DELETE"), delivered, strict=True):
+            if count:
+                self.delivered[name] += count
+        self.matches += matches
+        return pending, changes
+
+    def _process_one(self, event: puller_pb.PullerEvent, pending: dict[int, list[bytes]]) -> bool:
+        """One change event through ``streamer.events`` and the fan-out;
+        False if it is poison (counted, logged and skipped)."""
+        try:
+            change = normalize(
+                event.change_event, layout=self.layout,
+                soft_delete_field=self.soft_delete_field,
+            )
+        except PoisonEvent as exc:
+            self.poison[exc.reason] += 1
+            log.warning("skipping event %s: %s", event.change_event.event_id, exc)
+            return False
+        self._fan_out(change, event.progress, pending)
+        return True
 
     def _fan_out(self, change: Change, progress: str, pending: dict[int, list[bytes]]) -> None:
         """Add the deliveries of one change to ``pending`` (by gateway owner)."""

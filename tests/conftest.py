@@ -2,10 +2,10 @@
 
 import importlib.machinery
 
-from streamer._ext import _celparse, _core, _fanout
+from streamer._ext import _celparse, _core, _fanout, _ingest
 
 # A pure-Python stand-in or a stale build must never pass for the core.
-for _module in (_core, _celparse, _fanout):
+for _module in (_core, _celparse, _fanout, _ingest):
     assert _module.__file__ is not None and _module.__file__.endswith(
         tuple(importlib.machinery.EXTENSION_SUFFIXES)
     ), f"{_module.__name__} is not the compiled extension: {_module.__file__}"

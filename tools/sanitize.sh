@@ -23,7 +23,7 @@ cmake -S . -B "$BUILD" -DPython_EXECUTABLE="$PYTHON"
 cmake --build "$BUILD"
 
 tests=()
-for t in tests/test_matcher.py tests/test_cel.py tests/test_celparse.py tests/test_delivery.py; do [[ -e $t ]] && tests+=("$t"); done
+for t in tests/test_matcher.py tests/test_cel.py tests/test_celparse.py tests/test_delivery.py tests/test_ingest_step.py; do [[ -e $t ]] && tests+=("$t"); done
 
 # The interpreter is not instrumented, so the sanitizer runtimes must be loaded
 # before anything else (GCC keeps UBSan's in a separate library).
@@ -40,8 +40,8 @@ export PYTHONPATH=$BUILD/stage
 
 # -P everywhere: `python -m` would otherwise put the repo (with the normal .so)
 # ahead of PYTHONPATH, and the conftest only checks "is an extension".
-"$PYTHON" -P -c 'import os, streamer._ext._core as c, streamer._ext._celparse as p, streamer._ext._fanout as f
-for m in (c, p, f):
+"$PYTHON" -P -c 'import os, streamer._ext._core as c, streamer._ext._celparse as p, streamer._ext._fanout as f, streamer._ext._ingest as i
+for m in (c, p, f, i):
     assert os.path.abspath(m.__file__).startswith(os.environ["PYTHONPATH"] + "/"), m.__file__'
 
 # --capture=sys: sanitizers write to fd 2, which fd-level capture would swallow
