@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 # Enum attribute access is a descriptor call; these are plain lookups.
 _NAME = {op: op.name for op in Op}
 _WIRE = {op: op.value for op in Op}
+# The order of the compiled step's per-operation tallies (``Step.take``).
+_STEP_OPS = (Op.INSERT.name, Op.UPDATE.name, Op.DELETE.name)
 
 
 class Ingest:
@@ -178,11 +180,10 @@ class Ingest:
             return pending, changes
         changes = self._step.process(events, pending)
         heartbeats, by_op, delivered, matches = self._step.take()
-        for name, count in zip(("heartbeat", "INSERT", "UPDATE", "DELETE"),
-                               (heartbeats, *by_op), strict=True):
+        for name, count in zip(("heartbeat", *_STEP_OPS), (heartbeats, *by_op), strict=True):
             if count:
                 self.events[name] += count
-        for name, count in zip(("INSERT", "UPDATE", "DELETE"), delivered, strict=True):
+        for name, count in zip(_STEP_OPS, delivered, strict=True):
             if count:
                 self.delivered[name] += count
         self.matches += matches
