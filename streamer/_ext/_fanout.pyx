@@ -40,6 +40,8 @@ cdef extern from *:
 
 cdef extern from "Python.h":
     const char *PyUnicode_AsUTF8AndSize(object s, Py_ssize_t *size) except NULL
+    void incref "Py_INCREF"(PyObject *o)
+    void decref "Py_DECREF"(PyObject *o)
 
 # Tags of StreamerMessage.delivery and EventDelivery.subscription_ids (both
 # field 1, length-delimited); EventDelivery.event's tag is part of ``event``.
@@ -136,38 +138,9 @@ cdef struct Out:
     char *p
 
 
-# Scratch space of one call, kept between calls (the GIL serializes them):
-# per match, per delivery, and an open-addressing table owner -> delivery.
-cdef Match *matches = NULL
-cdef Out *outs = NULL
-cdef uint32_t *table_owner = NULL
-cdef uint32_t *table_group = NULL
-cdef Py_ssize_t match_cap = 0, table_cap = 0
 DEF EMPTY = 0xFFFFFFFF
 # How many ids ahead the strings are prefetched (as in _core's found_ids).
 DEF PREFETCH = 8
-
-
-cdef int reserve(Py_ssize_t n) except -1:
-    global matches, outs, table_owner, table_group, match_cap, table_cap
-    cdef Py_ssize_t cap = 16
-    if n > match_cap:
-        while cap < n:
-            cap *= 2
-        PyMem_Free(matches)
-        PyMem_Free(outs)
-        PyMem_Free(table_owner)
-        PyMem_Free(table_group)
-        matches = <Match *>PyMem_Malloc(cap * sizeof(Match))
-        outs = <Out *>PyMem_Malloc(cap * sizeof(Out))
-        # At most half full, so probes stay short.
-        table_owner = <uint32_t *>PyMem_Malloc(2 * cap * sizeof(uint32_t))
-        table_group = <uint32_t *>PyMem_Malloc(2 * cap * sizeof(uint32_t))
-        if matches == NULL or outs == NULL or table_owner == NULL or table_group == NULL:
-            match_cap = table_cap = 0
-            raise MemoryError()
-        match_cap, table_cap = cap, 2 * cap
-    return 0
 
 
 cdef Py_ssize_t frame_into(PyObject **ids, const uint32_t *owners, Py_ssize_t n,
@@ -177,58 +150,76 @@ cdef Py_ssize_t frame_into(PyObject **ids, const uint32_t *owners, Py_ssize_t n,
     returns how many. Owners in order of their first id, ids in order."""
     if n == 0:
         return 0
-    reserve(n)
-    cdef Py_ssize_t i, g, ngroups = 0, size, body
-    cdef Py_ssize_t n_event = PyBytes_GET_SIZE(event)
-    cdef size_t mask
-    cdef uint32_t owner
-    cdef Out *out
-    # Any error is raised here, before the table is touched.
-    for i in range(n):
-        if i + PREFETCH < n:
-            prefetch(ids[i + PREFETCH])
-        matches[i].utf8 = PyUnicode_AsUTF8AndSize(<object>ids[i], &matches[i].size)
-    # The smallest power of two at least twice n: a short memset per call.
-    mask = 1
+    # The smallest power of two at least twice n: an owner -> delivery table
+    # at most half full, so probes stay short.
+    cdef size_t mask = 1
     while mask < <size_t>(2 * n):
         mask <<= 1
-    memset(table_group, 0xFF, mask * sizeof(uint32_t))
-    mask -= 1
-    for i in range(n):
-        owner = owners[i]
-        g = (<uint32_t>(owner * 2654435761u)) & mask
-        while table_group[g] != EMPTY and table_owner[g] != owner:
-            g = (g + 1) & mask
-        if table_group[g] == EMPTY:
-            table_owner[g] = owner
-            table_group[g] = <uint32_t>ngroups
-            outs[ngroups].owner = owner
-            outs[ngroups].body = 0
-            ngroups += 1
-        matches[i].group = table_group[g]
-        size = matches[i].size
-        outs[table_group[g]].body += 1 + uvarint_size(<uint64_t>size) + size
-    made = PyList_New(ngroups)
-    for g in range(ngroups):
-        body = outs[g].body + n_event
-        message = PyBytes_FromStringAndSize(NULL, 1 + uvarint_size(<uint64_t>body) + body)
-        outs[g].p = put_field_header(PyBytes_AS_STRING(message), body)
-        Py_INCREF(message)
-        PyList_SET_ITEM(made, g, message)
-    for i in range(n):
-        out = &outs[matches[i].group]
-        size = matches[i].size
-        out.p = put_field_header(out.p, size)
-        memcpy(out.p, matches[i].utf8, size)
-        out.p += size
-    for g in range(ngroups):
-        memcpy(outs[g].p, PyBytes_AS_STRING(event), n_event)
-        key = outs[g].owner
-        queued = PyDict_GetItem(pending, key)
-        if queued is NULL:
-            pending[key] = [<object>PyList_GET_ITEM(made, g)]
-        else:
-            (<list>queued).append(<object>PyList_GET_ITEM(made, g))
+    # Scratch per call, not shared: the allocations below may run the
+    # garbage collector, and with it any Python code (even a second call).
+    cdef Match *matches = <Match *>PyMem_Malloc(
+        n * sizeof(Match) + n * sizeof(Out) + 2 * mask * sizeof(uint32_t))
+    if matches == NULL:
+        raise MemoryError()
+    cdef Out *outs = <Out *>&matches[n]
+    cdef uint32_t *table_owner = <uint32_t *>&outs[n]
+    cdef uint32_t *table_group = &table_owner[mask]
+    cdef Py_ssize_t i, g, held = 0, ngroups = 0, size, body
+    cdef Py_ssize_t n_event = PyBytes_GET_SIZE(event)
+    cdef uint32_t owner
+    cdef Out *out
+    try:
+        # The ids are borrowed (from the index or the caller's list): hold
+        # them while their UTF-8 is in use. Any error is raised here, before
+        # anything is appended.
+        for i in range(n):
+            if i + PREFETCH < n:
+                prefetch(ids[i + PREFETCH])
+            incref(ids[i])
+            held += 1
+            matches[i].utf8 = PyUnicode_AsUTF8AndSize(<object>ids[i], &matches[i].size)
+        memset(table_group, 0xFF, mask * sizeof(uint32_t))
+        mask -= 1
+        for i in range(n):
+            owner = owners[i]
+            g = (<uint32_t>(owner * 2654435761u)) & mask
+            while table_group[g] != EMPTY and table_owner[g] != owner:
+                g = (g + 1) & mask
+            if table_group[g] == EMPTY:
+                table_owner[g] = owner
+                table_group[g] = <uint32_t>ngroups
+                outs[ngroups].owner = owner
+                outs[ngroups].body = 0
+                ngroups += 1
+            matches[i].group = table_group[g]
+            size = matches[i].size
+            outs[table_group[g]].body += 1 + uvarint_size(<uint64_t>size) + size
+        made = PyList_New(ngroups)
+        for g in range(ngroups):
+            body = outs[g].body + n_event
+            message = PyBytes_FromStringAndSize(NULL, 1 + uvarint_size(<uint64_t>body) + body)
+            outs[g].p = put_field_header(PyBytes_AS_STRING(message), body)
+            Py_INCREF(message)
+            PyList_SET_ITEM(made, g, message)
+        for i in range(n):
+            out = &outs[matches[i].group]
+            size = matches[i].size
+            out.p = put_field_header(out.p, size)
+            memcpy(out.p, matches[i].utf8, size)
+            out.p += size
+        for g in range(ngroups):
+            memcpy(outs[g].p, PyBytes_AS_STRING(event), n_event)
+        for g in range(ngroups):
+            key = outs[g].owner
+            queued = PyDict_GetItem(pending, key)
+            if queued is NULL:
+                pending[key] = [<object>PyList_GET_ITEM(made, g)]
+            else:
+                (<list>queued).append(<object>PyList_GET_ITEM(made, g))
+    finally:
+        for i in range(held):
+            decref(ids[i])
+        PyMem_Free(matches)
     return ngroups
 
 
