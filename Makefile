@@ -24,7 +24,7 @@ bench: $(STAMP)
 
 ## The end-to-end benchmark (`streamer bench e2e` under pytest-benchmark):
 ## Puller, Streamer (and a pass-through relay) and 8 gateways as processes;
-## about eight minutes. STREAMER_BENCH_E2E_* size it (bench/bench_e2e.py).
+## six to eight minutes. STREAMER_BENCH_E2E_* size it (bench/bench_e2e.py).
 bench-e2e: $(STAMP)
 	$(PY) -m pytest -q bench/bench_e2e.py
 
