@@ -1,7 +1,7 @@
 """Tests of the CEL front end (streamer.cel): parser, checker, reference evaluator.
 
 * ``test_conformance`` runs the cel-spec derived cases of
-  ``shared/conformance/cel_spec_subset.json`` through every evaluator in
+  ``tests/data/cel_spec_subset.json`` (see ``tests/data/README.md``) through every evaluator in
   ``EVALUATORS`` (add a compiled evaluator there with one line).
 * Parse / check error messages are pinned exactly.
 * Hypothesis: robustness fuzzing (only CelSyntaxError / CelEvalError ever
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -27,12 +26,7 @@ from streamer.errors import InvalidSubscription
 # --------------------------------------------------------------------------
 # Conformance
 
-CONFORMANCE_PATH = Path(
-    os.environ.get(
-        "CEL_CONFORMANCE",
-        Path(__file__).resolve().parents[2] / "shared" / "conformance" / "cel_spec_subset.json",
-    )
-)
+CONFORMANCE_PATH = Path(__file__).resolve().parent / "data" / "cel_spec_subset.json"
 CASES: list[dict[str, Any]] = json.loads(CONFORMANCE_PATH.read_text(encoding="utf-8"))
 
 # An evaluator takes a parsed expression and the bindings and returns the
