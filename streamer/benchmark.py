@@ -61,6 +61,7 @@ import grpc
 
 from streamer import metrics
 from streamer.metrics import histogram_quantile, latency_buckets, scrape
+from streamer.options import MAX_RATE, integer, one_of, real
 from streamer.transport import free_port
 
 __all__ = ["Config", "main", "render", "run"]
@@ -805,23 +806,31 @@ def verdicts(results: dict[str, Any]) -> list[str]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``streamer bench e2e``."""
 
-    def rates(text: str) -> list[int]:
-        return [int(x) for x in text.split(",") if x]
+    rate = integer(1, int(MAX_RATE))
 
-    parser.add_argument("--n", type=int, default=100_000, metavar="N",
+    def rates(text: str) -> list[int]:
+        return [rate(x) for x in text.split(",") if x]
+
+    def variants(text: str) -> str:
+        for name in text.split(","):
+            one_of("relay", "batched", "plain")(name)
+        return text
+
+    parser.add_argument("--n", type=integer(1), default=100_000, metavar="N",
                         help="subscriptions, spread over --gateways gateways")
-    parser.add_argument("--gateways", type=int, default=8, metavar="G",
+    parser.add_argument("--gateways", type=integer(1, 64), default=8, metavar="G",
                         help="gateways (StreamerClients, each its own stream and gateway id)")
-    parser.add_argument("--clients-per-process", type=int, default=4, metavar="K",
+    parser.add_argument("--clients-per-process", type=integer(1, 64), default=4, metavar="K",
                         help="gateways hosted by one gateway process")
     parser.add_argument("--rates", type=rates, default=[5_000, 10_000, 25_000, 50_000],
                         metavar="R,R,...", help="offered rates of the batched variant "
                         "and the relay (events/s)")
     parser.add_argument("--plain-rates", type=rates, default=[5_000, 10_000],
                         metavar="R,R,...", help="offered rates of the plain variant")
-    parser.add_argument("--seconds", type=float, default=10.0, help="measured window per rate")
-    parser.add_argument("--warmup", type=float, default=4.0, help="warm-up per rate")
-    parser.add_argument("--variants", default="relay,batched,plain",
+    parser.add_argument("--seconds", type=real(0, above=True), default=10.0,
+                        help="measured window per rate")
+    parser.add_argument("--warmup", type=real(0), default=4.0, help="warm-up per rate")
+    parser.add_argument("--variants", type=variants, default="relay,batched,plain",
                         help="which of relay, batched (Hello gateways, SubscribeBatch) and "
                         "plain (plain gateways, Subscribe) to run")
     parser.add_argument("--no-max", action="store_true",

@@ -2,9 +2,11 @@
 ``streamer puller`` the reference Puller (``streamer.puller``), ``streamer
 demo`` the three together on loopback (``streamer.demo``).
 
-Every option can also be set through an environment variable named
-``STREAMER_<OPTION>`` (``--session-ttl`` → ``STREAMER_SESSION_TTL``); a flag
-given on the command line wins.
+Every option can also be set through an environment variable:
+``STREAMER_<OPTION>`` for ``serve`` (``--session-ttl`` →
+``STREAMER_SESSION_TTL``), ``STREAMER_PULLER_<OPTION>`` for ``puller``,
+``STREAMER_DEMO_<OPTION>`` for ``demo``; a flag given on the command line
+wins. Options are declared and checked in one place (``streamer.options``).
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.metadata
+import importlib.util
 import logging
-import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -22,6 +25,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+import streamer
+from streamer import DISTRIBUTION
 from streamer.auth import (
     CredentialsError,
     TokenAuth,
@@ -37,7 +42,21 @@ from streamer.gateways import GatewayRegistry, Limits, RestartWindow
 from streamer.ingest import Ingest
 from streamer.logs import configure_logging
 from streamer.matcher import Matcher
-from streamer.metrics import MetricsError, MetricsServer, StreamerCollector, metrics_address
+from streamer.metrics import MetricsError, MetricsServer, StreamerCollector
+from streamer.options import (
+    MAX_RATE,
+    ArgumentParser,
+    Options,
+    address,
+    commands_epilog,
+    existing_file,
+    integer,
+    join,
+    nonempty,
+    one_of,
+    real,
+    target,
+)
 from streamer.progress import ProgressFileError, ProgressStore, SavedProgress
 from streamer.protocol.puller_v1_pb2 import ChangeEvent
 from streamer.puller.log import LogError, ReplayLog
@@ -46,149 +65,46 @@ from streamer.puller.server import PullerServicer
 from streamer.puller.server import add_to_server as add_puller_to_server
 from streamer.puller.sources import Recorder, ReplaySource, Source, WorkloadSource
 from streamer.server import SERVICE_NAME, StreamerServicer, add_to_server
-from streamer.transport import SERVER_OPTIONS
+from streamer.transport import SERVER_OPTIONS, ListenError, bind
 
 log = logging.getLogger("streamer")
 
-
-def _env(name: str, default: str | None = None) -> str | None:
-    return os.environ.get(f"STREAMER_{name.upper().replace('-', '_')}", default)
-
-
-def _puller_env(name: str, default: str | None = None) -> str | None:
-    # Its own prefix: `serve` and `puller` often share one environment (the
-    # demo, a test machine), and must not read each other's --listen.
-    return _env(f"puller_{name}", default)
-
-
-def _demo_env(name: str, default: str | None = None) -> str | None:
-    return _env(f"demo_{name}", default)
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("text", "json")
+# Each command reads its own variables: `serve` and `puller` often share one
+# environment (the demo, a test machine) and must not read each other's
+# --listen.
+SERVE_ENV, PULLER_ENV, DEMO_ENV = "STREAMER_", "STREAMER_PULLER_", "STREAMER_DEMO_"
+# Bounds that keep a typo from becoming a run that never ends.
+MAX_DEMO_SUBSCRIPTIONS = 10_000_000
+MAX_DEMO_SECONDS = 86_400.0
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except for options that are off unless given."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None:
-            return action.help
-        return super()._get_help_string(action)
+def _version() -> str:
+    try:
+        return importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return streamer.__version__
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
         prog="streamer",
         description="The fan-out and matching engine between a Puller and its gateways.",
-        epilog="Each option also reads STREAMER_<OPTION> from the environment.",
+        epilog=commands_epilog(
+            (("serve", SERVE_ENV), ("puller", PULLER_ENV), ("demo", DEMO_ENV))
+        ),
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {_version()} ({DISTRIBUTION})"
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    serve = commands.add_parser(
-        "serve",
-        help="run the Streamer service",
-        description="Serve syntrix.streamer.v1 to gateways and consume a puller.v1 Puller.",
-        epilog="Each option also reads STREAMER_<OPTION> from the environment, "
-        "e.g. STREAMER_SESSION_TTL=30; a flag given here wins. "
-        "SIGTERM/SIGINT stop ingest, flush the progress marker, drain the "
-        "gateway queues for --drain-seconds and exit 0.",
-        formatter_class=_HelpFormatter,
-    )
-    serve.add_argument(
-        "--listen", default=_env("listen", "127.0.0.1:50052"), metavar="HOST:PORT",
-        help="HOST:PORT the gateway-facing gRPC server binds",
-    )
-    serve.add_argument(
-        "--puller", default=_env("puller"), required=_env("puller") is None, metavar="HOST:PORT",
-        help="HOST:PORT of the Puller (puller.v1)",
-    )
-    serve.add_argument(
-        "--state-dir", type=Path, default=_env("state_dir", "streamer-state"), metavar="DIR",
-        help="directory of the durable progress marker",
-    )
-    serve.add_argument(
-        "--session-ttl", type=float, default=_env("session_ttl", "90"), metavar="SECONDS",
-        help="seconds of silence after which a gateway session expires",
-    )
-    serve.add_argument(
-        "--document-layout", choices=LAYOUTS, default=_env("document_layout", "plain"),
-        help="how Puller documents are laid out (SPEC section 4)",
-    )
-    serve.add_argument(
-        "--gateway-queue", type=int, default=_env("gateway_queue", str(DEFAULT_CAPACITY)),
-        metavar="MESSAGES",
-        help="messages queued per gateway before it is cut off as lagging",
-    )
-    serve.add_argument(
-        "--resume-grace", type=float, default=_env("resume_grace", "3"), metavar="SECONDS",
-        help="after a restart with a saved marker, seconds to hold ingest so "
-        "gateways can re-register first; ends early once every gateway known "
-        "before the restart has said Hello, re-subscribed and sent a Heartbeat",
-    )
-    serve.add_argument(
-        "--consumer-id", default=_env("consumer_id", "streamer"), metavar="ID",
-        help="consumer id sent to the Puller",
-    )
-    serve.add_argument(
-        "--drain-seconds", type=float, default=_env("drain_seconds", "5"), metavar="SECONDS",
-        help="on SIGTERM/SIGINT, how long queued messages may still be sent",
-    )
-    serve.add_argument(
-        "--auth-token-file", type=Path, default=_env("auth_token_file"), metavar="FILE",
-        help="file holding the shared token gateways must send as "
-        "'authorization: Bearer <token>'; unset, gateways are not authenticated",
-    )
-    limits = Limits()
-    serve.add_argument(
-        "--max-subscriptions", type=int, metavar="N",
-        default=_env("max_subscriptions", str(limits.max_subscriptions)),
-        help="subscriptions one gateway stream may hold; more are refused "
-        "with code resource_exhausted",
-    )
-    serve.add_argument(
-        "--max-filters", type=int, metavar="N",
-        default=_env("max_filters", str(limits.max_filters)),
-        help="filters in one subscribe request; more are refused (resource_exhausted)",
-    )
-    serve.add_argument(
-        "--max-expression-length", type=int, metavar="CHARS",
-        default=_env("max_expression_length", str(limits.max_expression_length)),
-        help="characters of one CEL expression; longer ones are refused (resource_exhausted)",
-    )
-    serve.add_argument(
-        "--metrics", type=metrics_address, default=_env("metrics"), metavar="HOST:PORT",
-        help="serve Prometheus metrics over HTTP at http://HOST:PORT/metrics; "
-        "unset, there is no metrics endpoint",
-    )
-    serve.add_argument(
-        "--tls-cert", type=Path, default=_env("tls_cert"), metavar="FILE",
-        help="PEM certificate chain of the gateway-facing server; with --tls-key "
-        "gateways must connect with TLS; unset, they connect in plaintext",
-    )
-    serve.add_argument(
-        "--tls-key", type=Path, default=_env("tls_key"), metavar="FILE",
-        help="PEM private key (unencrypted) of --tls-cert",
-    )
-    serve.add_argument(
-        "--tls-client-ca", type=Path, default=_env("tls_client_ca"), metavar="FILE",
-        help="PEM CA certificate(s); enables mutual TLS: gateways must present a "
-        "client certificate signed by one of them (needs --tls-cert and --tls-key)",
-    )
-    serve.add_argument(
-        "--puller-tls-ca", type=Path, default=_env("puller_tls_ca"), metavar="FILE",
-        help="PEM CA certificate(s) to verify the Puller by; connect to the Puller "
-        "with TLS; unset, in plaintext",
-    )
-    serve.add_argument(
-        "--log-level", default=_env("log_level", "INFO"),
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log verbosity",
-    )
-    serve.add_argument(
-        "--log-format", default=_env("log_format", "text"), choices=["text", "json"],
-        help="log lines on stderr: text, or json (one object per line)",
-    )
+    _add_serve(commands)
     _add_puller(commands)
     _add_demo(commands)
     bench = commands.add_parser(
         "bench", help="run a benchmark",
-        description="Benchmarks of the service as shipped (see the README).",
+        description="Benchmarks of the service as shipped (see docs/benchmarks.md).",
     )
     benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
     e2e = benches.add_parser(
@@ -205,7 +121,82 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_demo(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_serve(commands: argparse._SubParsersAction[ArgumentParser]) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="run the Streamer service",
+        description="Serve syntrix.streamer.v1 to gateways and consume a puller.v1 Puller.",
+        epilog="Each option also reads STREAMER_<OPTION> from the environment, "
+        "e.g. STREAMER_SESSION_TTL=30; a flag given here wins. A bad value in either, "
+        "an address that cannot be served, or a state directory that is in use or "
+        "cannot be written is an error at start (exit code 2). SIGTERM/SIGINT stop "
+        "ingest, flush the progress marker, drain the gateway queues for "
+        "--drain-seconds and exit 0.",
+    )
+    opts = Options(serve, SERVE_ENV)
+    opts.add("--listen", address, default=("127.0.0.1", 50052), metavar="HOST:PORT",
+             help="where the gateway-facing gRPC server listens; port 0 picks a free one")
+    opts.add("--puller", target, required=True, metavar="HOST:PORT",
+             help="the Puller (puller.v1)")
+    opts.add("--state-dir", Path, default=Path("streamer-state"), metavar="DIR",
+             help="directory of the durable progress marker, created if missing; one "
+             "process per directory")
+    opts.add("--session-ttl", real(0, above=True), default=90.0, metavar="SECONDS",
+             help="seconds of silence after which a gateway session expires")
+    opts.add("--document-layout", one_of(*LAYOUTS), default="plain",
+             help="how Puller documents are laid out: plain (the change stream's document "
+             "as is) or syntrix (Syntrix stored documents, matched on their data); see "
+             "docs/semantics.md")
+    opts.add("--gateway-queue", integer(1), default=DEFAULT_CAPACITY, metavar="MESSAGES",
+             help="messages queued per gateway before it is cut off as lagging")
+    opts.add("--resume-grace", real(0), default=3.0, metavar="SECONDS",
+             help="after a restart with a saved marker, seconds to hold ingest so "
+             "gateways can re-register first (0: do not wait); ends early once every "
+             "gateway known before the restart has said Hello, re-subscribed and sent a "
+             "Heartbeat")
+    opts.add("--consumer-id", nonempty, default="streamer", metavar="ID",
+             help="consumer id sent to the Puller")
+    opts.add("--drain-seconds", real(0), default=5.0, metavar="SECONDS",
+             help="on SIGTERM/SIGINT, how long queued messages may still be sent")
+    opts.add("--auth-token-file", existing_file, metavar="FILE",
+             help="file holding the shared token gateways must send as "
+             "'authorization: Bearer <token>'; unset, gateways are not authenticated")
+    limits = Limits()
+    opts.add("--max-subscriptions", integer(1), default=limits.max_subscriptions, metavar="N",
+             help="subscriptions one gateway stream may hold; more are refused with code "
+             "resource_exhausted")
+    opts.add("--max-filters", integer(1), default=limits.max_filters, metavar="N",
+             help="filters in one subscribe request; more are refused (resource_exhausted)")
+    opts.add("--max-expression-length", integer(1), default=limits.max_expression_length,
+             metavar="CHARS",
+             help="characters of one CEL expression; longer ones are refused "
+             "(resource_exhausted)")
+    opts.add("--metrics", address, metavar="HOST:PORT",
+             help="serve Prometheus metrics over HTTP at http://HOST:PORT/metrics; unset, "
+             "there is no metrics endpoint")
+    opts.add("--tls-cert", existing_file, metavar="FILE",
+             help="PEM certificate chain of the gateway-facing server; with --tls-key "
+             "gateways must connect with TLS; unset, they connect in plaintext")
+    opts.add("--tls-key", existing_file, metavar="FILE",
+             help="PEM private key (unencrypted) of --tls-cert")
+    opts.add("--tls-client-ca", existing_file, metavar="FILE",
+             help="PEM CA certificate(s); enables mutual TLS: gateways must present a "
+             "client certificate signed by one of them (needs --tls-cert and --tls-key)")
+    opts.add("--puller-tls-ca", existing_file, metavar="FILE",
+             help="PEM CA certificate(s) to verify the Puller by; connect to the Puller with "
+             "TLS; unset, in plaintext")
+    _add_logging(opts)
+    serve.set_defaults(options=opts)
+
+
+def _add_logging(opts: Options) -> None:
+    opts.add("--log-level", one_of(*LOG_LEVELS, fold=str.upper), default="INFO",
+             help="log verbosity")
+    opts.add("--log-format", one_of(*LOG_FORMATS, fold=str.lower), default="text",
+             help="log lines on stderr: text, or json (one object per line)")
+
+
+def _add_demo(commands: argparse._SubParsersAction[ArgumentParser]) -> None:
     from streamer import demo
 
     parser = commands.add_parser(
@@ -222,164 +213,112 @@ def _add_demo(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         "STREAMER_DEMO_RATE=500; a flag given here wins. Exit code 0 when the verification "
         "passed, 1 when it failed or a process did not start, 2 for bad options, 130 after "
         "Ctrl-C (everything it started is stopped first).",
-        formatter_class=_HelpFormatter,
     )
-    parser.add_argument(
-        "--subscriptions", type=int, metavar="N",
-        default=_demo_env("subscriptions", str(demo.DEFAULT_SUBSCRIPTIONS)),
-        help="subscriptions of the chat workload, spread over the gateways",
-    )
-    parser.add_argument(
-        "--gateways", type=int, metavar="G",
-        default=_demo_env("gateways", str(demo.DEFAULT_GATEWAYS)),
-        help="simulated gateway processes",
-    )
-    parser.add_argument(
-        "--rate", type=float, metavar="EVENTS",
-        default=_demo_env("rate", str(demo.DEFAULT_RATE)),
-        help="events per second the Puller emits",
-    )
-    parser.add_argument(
-        "--duration", type=float, metavar="SECONDS",
-        default=_demo_env("duration", str(demo.DEFAULT_DURATION)),
-        help="seconds the Puller runs, after every subscription is registered",
-    )
-    parser.add_argument(
-        "--seed", type=int, metavar="N", default=_demo_env("seed", str(demo.DEFAULT_SEED)),
-        help="seed of the workload (subscriptions and events)",
-    )
-    parser.add_argument(
-        "--plot", type=Path, metavar="FILE", default=_demo_env("plot"),
-        help="write a PNG of the latency (p50/p99 per second) to FILE; needs matplotlib "
-        "(pip install 'streamer[plot]')",
-    )
-    parser.add_argument(
-        "--work-dir", type=Path, metavar="DIR", default=_demo_env("work_dir"),
-        help="keep the Puller's log, the Streamer's state, every process's log and the "
-        "gateways' delivery records in DIR (must be empty or new); unset, a temporary "
-        "directory removed at the end",
-    )
-    parser.set_defaults(parser=parser)
+    opts = Options(parser, DEMO_ENV)
+    opts.add("--subscriptions", integer(1, MAX_DEMO_SUBSCRIPTIONS),
+             default=demo.DEFAULT_SUBSCRIPTIONS, metavar="N",
+             help="subscriptions of the chat workload, spread over the gateways")
+    opts.add("--gateways", integer(1, 64), default=demo.DEFAULT_GATEWAYS, metavar="G",
+             help="simulated gateway processes")
+    opts.add("--rate", real(0, MAX_RATE, above=True), default=demo.DEFAULT_RATE,
+             metavar="EVENTS", help="events per second the Puller emits")
+    opts.add("--duration", real(0, MAX_DEMO_SECONDS, above=True),
+             default=demo.DEFAULT_DURATION, metavar="SECONDS",
+             help="seconds the Puller runs, after every subscription is registered")
+    opts.add("--seed", integer(), default=demo.DEFAULT_SEED, metavar="N",
+             help="seed of the workload (subscriptions and events)")
+    opts.add("--plot", Path, metavar="FILE",
+             help="write a PNG of the latency (p50/p99 per second) to FILE; needs matplotlib "
+             f"(pip install '{DISTRIBUTION}[plot]')")
+    opts.add("--work-dir", Path, metavar="DIR",
+             help="keep the Puller's log, the Streamer's state, every process's log and the "
+             "gateways' delivery records in DIR (must be empty or new); unset, a temporary "
+             "directory removed at the end")
+    parser.set_defaults(options=opts)
 
 
 def _check_demo(args: argparse.Namespace) -> None:
-    parser: argparse.ArgumentParser = args.parser
-    if args.subscriptions < 1:
-        parser.error(f"--subscriptions must be at least 1, not {args.subscriptions}")
-    if not 1 <= args.gateways <= 64:
-        parser.error(f"--gateways must be between 1 and 64, not {args.gateways}")
-    if not args.rate > 0:
-        parser.error(f"--rate must be positive, not {args.rate:g}")
-    if not args.duration > 0:
-        parser.error(f"--duration must be positive, not {args.duration:g}")
+    """What the demo needs beyond each option's own range, checked before
+    anything starts (a run must not fail at its end for a bad option)."""
+    parser: ArgumentParser = args.options.parser
+    if args.plot is not None:
+        if importlib.util.find_spec("matplotlib") is None:
+            parser.error(f"--plot needs matplotlib: pip install '{DISTRIBUTION}[plot]'")
+        if not args.plot.parent.is_dir():
+            parser.error(f"--plot {args.plot}: no directory {args.plot.parent}")
+    if args.work_dir is not None and args.work_dir.exists():
+        if not args.work_dir.is_dir():
+            parser.error(f"--work-dir {args.work_dir}: not a directory")
+        if any(args.work_dir.iterdir()):
+            parser.error(f"--work-dir {args.work_dir}: not empty")
 
 
-def _add_puller(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_puller(commands: argparse._SubParsersAction[ArgumentParser]) -> None:
     puller = commands.add_parser(
         "puller",
         help="run the reference Puller",
         description="Serve syntrix.puller.v1 from a durable replay log filled by one "
-        "source: the chat workload or a replay file.",
+        "source: a MongoDB change stream, the chat workload or a replay file.",
         epilog="Each option also reads STREAMER_PULLER_<OPTION> from the environment, "
         "e.g. STREAMER_PULLER_LOG_DIR=/var/lib/puller; a flag given here wins. "
         "Markers are v1:<log id>:<position>, opaque to consumers; a marker older "
         "than the retention, or from another log, is refused with INVALID_ARGUMENT. "
+        "A bad value, an address that cannot be served or a log directory in use by "
+        "another process is an error at start (exit code 2). "
         "SIGTERM/SIGINT stop the source, finish the append in flight, end the "
         "streams and exit 0.",
-        formatter_class=_HelpFormatter,
     )
-    puller.add_argument(
-        "--listen", default=_puller_env("listen", "127.0.0.1:50051"), metavar="HOST:PORT",
-        help="HOST:PORT the puller.v1 gRPC server binds",
-    )
-    puller.add_argument(
-        "--log-dir", type=Path, default=_puller_env("log_dir", "puller-log"), metavar="DIR",
-        help="directory of the replay log (kept across restarts)",
-    )
-    puller.add_argument(
-        "--retention-bytes", type=int, default=_puller_env("retention_bytes", str(1 << 30)),
-        metavar="BYTES", help="the log keeps about this many bytes (whole segments are dropped)",
-    )
-    puller.add_argument(
-        "--retention-seconds", type=float, default=_puller_env("retention_seconds", "3600"),
-        metavar="SECONDS", help="events older than this are dropped (whole segments)",
-    )
-    puller.add_argument(
-        "--heartbeat-seconds", type=float, default=_puller_env("heartbeat_seconds", "5"),
-        metavar="SECONDS",
-        help="a stream that sent nothing for this long gets a heartbeat with its marker",
-    )
-    # Exactly one source (checked after parsing, so that STREAMER_* can name
-    # it too).
+    opts = Options(puller, PULLER_ENV)
+    opts.add("--listen", address, default=("127.0.0.1", 50051), metavar="HOST:PORT",
+             help="where the puller.v1 gRPC server listens; port 0 picks a free one")
+    opts.add("--log-dir", Path, default=Path("puller-log"), metavar="DIR",
+             help="directory of the replay log (kept across restarts; one process per "
+             "directory)")
+    opts.add("--retention-bytes", integer(1), default=1 << 30, metavar="BYTES",
+             help="the log keeps about this many bytes (whole segments are dropped)")
+    opts.add("--retention-seconds", real(0, above=True), default=3600.0, metavar="SECONDS",
+             help="events older than this are dropped (whole segments)")
+    opts.add("--heartbeat-seconds", real(0, above=True), default=5.0, metavar="SECONDS",
+             help="a stream that sent nothing for this long gets a heartbeat with its marker")
+    # Exactly one source (checked after resolving, so that a variable can
+    # name it too).
     sources = puller.add_mutually_exclusive_group()
-    sources.add_argument(
-        "--mongodb", default=_puller_env("mongodb"), metavar="URI",
-        help="source: the change stream of a MongoDB replica set (needs --db; "
-        "the 'mongodb' extra: pip install 'streamer[mongodb]'); the resume token "
-        "is kept in the log, so a restart continues where it stopped",
-    )
-    sources.add_argument(
-        "--workload", choices=["chat"], default=_puller_env("workload"),
-        help="source: the seeded reference workload (WORKLOAD.md) at --rate events/s",
-    )
-    sources.add_argument(
-        "--replay", type=Path, default=_puller_env("replay"), metavar="FILE",
-        help="source: the change events of a JSON-lines replay file (format in the README), "
-        "at --rate events/s if given, else as fast as the log takes them",
-    )
-    puller.add_argument(
-        "--db", default=_puller_env("db"), metavar="NAME",
-        help="--mongodb: the database to watch",
-    )
-    puller.add_argument(
-        "--collections", default=_puller_env("collections"), metavar="A,B",
-        help="--mongodb: only these collections (comma-separated); unset, all",
-    )
-    puller.add_argument(
-        "--rate", type=float, default=_puller_env("rate"), metavar="EVENTS",
-        help="events per second of the source (--workload: default 1000)",
-    )
-    puller.add_argument(
-        "--seed", type=int, default=_puller_env("seed", "1"), metavar="N",
-        help="seed of --workload",
-    )
-    puller.add_argument(
-        "--stamp-event-ids", action="store_true",
-        default=_puller_env("stamp_event_ids", "") not in ("", "0", "false"),
-        help="benchmarking aid for --workload: event ids become ev-<n>-<emit time in ns "
-        "since the epoch>, so gateways can measure latency finer than the "
-        "millisecond ChangeEvent.timestamp (ids are opaque to the Streamer)",
-    )
-    puller.add_argument(
-        "--cycle", type=int, default=_puller_env("cycle", "0"), metavar="K",
-        help="benchmarking aid for --workload: generate the first K events once and "
-        "repeat them (new ids and timestamps), so the Puller can offer high rates; "
-        "0: generate every event",
-    )
-    puller.add_argument(
-        "--no-subscribe-batch", action="store_true",
-        default=_puller_env("no_subscribe_batch", "") not in ("", "0", "false"),
-        help="answer SubscribeBatch with UNIMPLEMENTED, as a Syntrix Puller does, so "
-        "consumers fall back to one event per message (benchmarks of unbatched ingest)",
-    )
-    puller.add_argument(
-        "--record", type=Path, default=_puller_env("record"), metavar="FILE",
-        help="also append every event, once durable, to FILE in the replay format",
-    )
-    puller.add_argument(
-        "--log-level", default=_puller_env("log_level", "INFO"),
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log verbosity",
-    )
-    puller.add_argument(
-        "--log-format", default=_puller_env("log_format", "text"), choices=["text", "json"],
-        help="log lines on stderr: text, or json (one object per line)",
-    )
-    puller.set_defaults(parser=puller)
+    opts.add("--mongodb", nonempty, metavar="URI", group=sources,
+             help="source: the change stream of a MongoDB replica set (needs --db; the "
+             f"'mongodb' extra: pip install '{DISTRIBUTION}[mongodb]'); the resume token is "
+             "kept in the log, so a restart continues where it stopped")
+    opts.add("--workload", one_of("chat"), group=sources,
+             help="source: the seeded reference workload (docs/workload.md) at --rate "
+             "events/s")
+    opts.add("--replay", existing_file, metavar="FILE", group=sources,
+             help="source: the change events of a JSON-lines replay file (format in the "
+             "README), at --rate events/s if given, else as fast as the log takes them")
+    opts.add("--db", nonempty, metavar="NAME", help="--mongodb: the database to watch")
+    opts.add("--collections", nonempty, metavar="A,B",
+             help="--mongodb: only these collections (comma-separated); unset, all")
+    opts.add("--rate", real(0, MAX_RATE, above=True), metavar="EVENTS",
+             help="events per second of the source (--workload: default 1000)")
+    opts.add("--seed", integer(), default=1, metavar="N", help="seed of --workload")
+    opts.add("--stamp-event-ids", switch=True,
+             help="benchmarking aid for --workload: event ids become ev-<n>-<emit time in "
+             "ns since the epoch>, so gateways can measure latency finer than the "
+             "millisecond ChangeEvent.timestamp (ids are opaque to the Streamer)")
+    opts.add("--cycle", integer(0), default=0, metavar="K",
+             help="benchmarking aid for --workload: generate the first K events once and "
+             "repeat them (new ids and timestamps), so the Puller can offer high rates; "
+             "0: generate every event")
+    opts.add("--no-subscribe-batch", switch=True,
+             help="answer SubscribeBatch with UNIMPLEMENTED, as a Syntrix Puller does, so "
+             "consumers fall back to one event per message (benchmarks of unbatched ingest)")
+    opts.add("--record", Path, metavar="FILE",
+             help="also append every event, once durable, to FILE in the replay format")
+    _add_logging(opts)
+    puller.set_defaults(options=opts)
 
 
 def _puller_source(args: argparse.Namespace) -> Source:
-    """The one source the flags name (a usage error otherwise)."""
-    parser: argparse.ArgumentParser = args.parser
+    """The one source the options name (a usage error otherwise)."""
+    parser: ArgumentParser = args.options.parser
     named = [
         flag for flag, value in (
             ("--workload", args.workload), ("--replay", args.replay), ("--mongodb", args.mongodb)
@@ -392,14 +331,7 @@ def _puller_source(args: argparse.Namespace) -> Source:
         )
     if (args.db is not None or args.collections is not None) and args.mongodb is None:
         parser.error("--db and --collections go with --mongodb")
-    if args.rate is not None and args.rate <= 0:
-        parser.error(f"--rate must be positive, not {args.rate:g}")
-    if args.retention_bytes <= 0 or args.retention_seconds <= 0 or args.heartbeat_seconds <= 0:
-        parser.error("--retention-bytes, --retention-seconds and --heartbeat-seconds "
-                     "must be positive")
     if args.replay is not None:
-        if not args.replay.is_file():
-            parser.error(f"--replay {args.replay}: no such file")
         return ReplaySource(args.replay, args.rate)
     if args.mongodb is not None:
         if not args.db:
@@ -407,8 +339,9 @@ def _puller_source(args: argparse.Namespace) -> Source:
         try:
             from streamer.puller.mongo import MongoSource
         except ImportError as exc:
-            parser.error(f"--mongodb needs pymongo: pip install 'streamer[mongodb]' ({exc})")
-        collections = [c for c in (args.collections or "").split(",") if c] or None
+            parser.error(f"--mongodb needs pymongo: pip install '{DISTRIBUTION}[mongodb]' "
+                         f"({exc})")
+        collections = [c for c in args.collections.split(",") if c] if args.collections else None
         return MongoSource(args.mongodb, args.db, collections)
     return WorkloadSource(
         1000.0 if args.rate is None else args.rate, args.seed,
@@ -432,9 +365,10 @@ async def puller(args: argparse.Namespace, source: Source) -> int:
     add_puller_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(args.listen)
-    if port == 0:
-        log.error("cannot listen on %s", args.listen)
+    try:
+        port = bind(server, *args.listen)
+    except ListenError as exc:
+        log.error("%s", exc)
         replay_log.close()
         return 2
     try:
@@ -452,7 +386,7 @@ async def puller(args: argparse.Namespace, source: Source) -> int:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info(
         "puller serving on %s (port %d); log %s holds positions %d-%d (log id %s)",
-        args.listen, port, args.log_dir, replay_log.first_position,
+        join(*args.listen), port, args.log_dir, replay_log.first_position,
         replay_log.last_position, replay_log.log_id,
     )
     stop = asyncio.Event()
@@ -495,11 +429,22 @@ async def puller(args: argparse.Namespace, source: Source) -> int:
 
 
 async def serve(args: argparse.Namespace) -> int:
+    interceptors = []
+    try:
+        if args.auth_token_file is not None:
+            interceptors.append(TokenAuth(read_token(args.auth_token_file)))
+        credentials, puller_credentials = _credentials(args)
+    except (TokenFileError, CredentialsError) as exc:
+        log.error("%s", exc)
+        return 2
     progress = ProgressStore(args.state_dir)
     try:
-        saved = progress.load()
+        saved = progress.open()
     except ProgressFileError as exc:
         log.error("%s; move it away to start from the live head", exc)
+        return 2
+    except OSError as exc:  # in use by another process, not writable, not a directory
+        log.error("%s", exc)
         return 2
     matcher = Matcher()
     registry = GatewayRegistry(
@@ -508,30 +453,17 @@ async def serve(args: argparse.Namespace) -> int:
         limits=Limits(args.max_subscriptions, args.max_filters, args.max_expression_length),
     )
     servicer = StreamerServicer(registry, queue_capacity=args.gateway_queue)
-    interceptors = []
-    if args.auth_token_file is not None:
-        try:
-            interceptors.append(TokenAuth(read_token(args.auth_token_file)))
-        except TokenFileError as exc:
-            log.error("%s", exc)
-            return 2
-    try:
-        credentials, puller_credentials = _credentials(args)
-    except CredentialsError as exc:
-        log.error("%s", exc)
-        return 2
     server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
     add_to_server(servicer, server)
     # The standard health service: SERVING overall and for StreamerService
     # while running; NOT_SERVING as soon as shutdown begins.
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = (
-        server.add_insecure_port(args.listen) if credentials is None
-        else server.add_secure_port(args.listen, credentials)
-    )
-    if port == 0:
-        log.error("cannot listen on %s", args.listen)
+    try:
+        port = bind(server, args.listen[0], args.listen[1], credentials)
+    except ListenError as exc:
+        log.error("%s", exc)
+        progress.close()
         return 2
     ingest = Ingest(
         args.puller, registry, servicer, progress,
@@ -545,14 +477,16 @@ async def serve(args: argparse.Namespace) -> int:
         except MetricsError as exc:
             log.error("%s", exc)
             await server.stop(None)
+            progress.close()
             return 2
         log.info("metrics on http://%s/metrics", metrics.address)
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    _log_transport(args)
     log.info(
         "serving on %s (port %d); puller %s; resuming after %r",
-        args.listen, port, args.puller, saved.marker,
+        join(*args.listen), port, args.puller, saved.marker,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -619,25 +553,30 @@ def _credentials(
         if args.tls_client_ca is not None:
             raise CredentialsError("--tls-client-ca needs --tls-cert and --tls-key")
         server = None
-        log.info("gateways connect in plaintext (no --tls-cert)")
     elif args.tls_key is None:
         raise CredentialsError("--tls-cert needs --tls-key (or STREAMER_TLS_KEY)")
     elif args.tls_cert is None:
         raise CredentialsError("--tls-key needs --tls-cert (or STREAMER_TLS_CERT)")
     else:
         server = server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca)
-        if args.tls_client_ca is None:
-            log.info("gateways connect with TLS (certificate %s)", args.tls_cert)
-        else:
-            log.info(
-                "gateways connect with mutual TLS (certificate %s; client certificates "
-                "signed by %s required)", args.tls_cert, args.tls_client_ca,
-            )
-    if args.puller_tls_ca is None:
-        return server, None
-    puller = channel_credentials(args.puller_tls_ca)
-    log.info("the Puller is reached with TLS (CA %s)", args.puller_tls_ca)
+    puller = None if args.puller_tls_ca is None else channel_credentials(args.puller_tls_ca)
     return server, puller
+
+
+def _log_transport(args: argparse.Namespace) -> None:
+    """Say how gateways and the Puller are reached (once serving: a start
+    that fails says only why)."""
+    if args.tls_cert is None:
+        log.info("gateways connect in plaintext (no --tls-cert)")
+    elif args.tls_client_ca is None:
+        log.info("gateways connect with TLS (certificate %s)", args.tls_cert)
+    else:
+        log.info(
+            "gateways connect with mutual TLS (certificate %s; client certificates "
+            "signed by %s required)", args.tls_cert, args.tls_client_ca,
+        )
+    if args.puller_tls_ca is not None:
+        log.info("the Puller is reached with TLS (CA %s)", args.puller_tls_ca)
 
 
 async def _sweep(registry: GatewayRegistry, servicer: StreamerServicer) -> None:
@@ -655,6 +594,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from streamer import benchmark
 
         return benchmark.bench_main(args)
+    args.options.resolve(args)
     if args.command == "demo":
         from streamer import demo
 

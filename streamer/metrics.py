@@ -27,7 +27,6 @@ off as lagging.
 
 from __future__ import annotations
 
-import argparse
 import bisect
 import math
 import threading
@@ -48,6 +47,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from streamer.errors import StreamerError
+from streamer.options import join
 
 if TYPE_CHECKING:
     from streamer.ingest import Ingest
@@ -256,16 +256,6 @@ class StreamerCollector(Collector):
         )
 
 
-def metrics_address(value: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) as ``(host, port)``; an argparse type."""
-    host, sep, port = value.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise argparse.ArgumentTypeError(f"not HOST:PORT: {value!r}")
-    return host, int(port)
-
-
 class MetricsServer:
     """``/metrics`` over HTTP (prometheus-client's server, in a daemon thread).
 
@@ -281,7 +271,7 @@ class MetricsServer:
             server, thread = start_http_server(port, addr=host, registry=self.registry)
         except OSError as exc:
             raise MetricsError(
-                f"cannot serve metrics on {_join(host, port)}: {exc.strerror or exc}"
+                f"cannot serve metrics on {join(host, port)}: {exc.strerror or exc}"
             ) from None
         self._server: WSGIServer = server
         self._thread: threading.Thread = thread
@@ -290,17 +280,13 @@ class MetricsServer:
 
     @property
     def address(self) -> str:
-        return _join(self.host, self.port)
+        return join(self.host, self.port)
 
     def close(self) -> None:
         """Stop serving and release the port (blocks for up to half a second)."""
         self._server.shutdown()
         self._server.server_close()
         self._thread.join()
-
-
-def _join(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 # --------------------------------------------- reading a /metrics page back

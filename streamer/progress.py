@@ -7,6 +7,9 @@ per ``interval`` (100 ms) unless ``batch`` (1000) advances pile up first, and
 a pending marker is written no later than ``interval`` after it advanced,
 even if nothing else arrives. ``flush`` writes at once (shutdown).
 
+``open`` takes the state directory for this process (``streamer.locking``)
+and proves it writable before the service starts; ``close`` gives it back.
+
 The file also keeps the gateways connected when it was written
 (``KnownGateways``), so that the next start can wait for them to
 re-register before the replay (``streamer.gateways.RestartWindow``); a
@@ -27,6 +30,7 @@ import orjson
 
 from streamer.errors import StreamerError
 from streamer.gateways import KnownGateways
+from streamer.locking import DirectoryInUse, DirectoryLock
 
 FILE_NAME = "progress.json"
 log = logging.getLogger(__name__)
@@ -34,6 +38,10 @@ log = logging.getLogger(__name__)
 
 class ProgressFileError(StreamerError, ValueError):
     """The progress file exists but cannot be read back."""
+
+
+class StateDirError(StreamerError, OSError):
+    """The state directory cannot be used (not a directory, not writable)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +65,45 @@ class ProgressStore:
         self._since = 0.0  # loop time of the first unwritten advance
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
+        self._dir_lock = DirectoryLock(self.path.parent)
+
+    def open(self) -> SavedProgress:
+        """Take the state directory (created if missing; one process at a
+        time: ``DirectoryInUse`` otherwise), check that a marker can be
+        written there (``StateDirError``), and read the saved progress."""
+        directory = self.path.parent
+        if directory.exists() and not directory.is_dir():
+            raise StateDirError(f"state directory {directory}: not a directory")
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            self._dir_lock.acquire()
+        except DirectoryInUse:
+            raise
+        except OSError as exc:
+            raise StateDirError(f"state directory {directory}: {exc.strerror or exc}") from None
+        try:
+            saved = self.load()
+            self._probe()
+        except BaseException:
+            self._dir_lock.release()
+            raise
+        return saved
+
+    def close(self) -> None:
+        """Give the state directory back (after the last ``flush``)."""
+        self._dir_lock.release()
+
+    def _probe(self) -> None:
+        # The write path of every marker, minus the rename: a full disk or a
+        # read-only mount is found now, not at the first event.
+        tmp = self.path.with_suffix(".tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(b"{}")
+                os.fsync(f.fileno())
+            tmp.unlink()
+        except OSError as exc:
+            raise StateDirError(f"cannot write {tmp}: {exc.strerror or exc}") from None
 
     def load(self) -> SavedProgress:
         """Read the saved progress (empty if there is none yet)."""
@@ -64,6 +111,10 @@ class ProgressStore:
             raw = self.path.read_bytes()
         except FileNotFoundError:
             return SavedProgress()
+        except OSError as exc:
+            raise ProgressFileError(
+                f"{self.path}: cannot read the progress file ({exc.strerror or exc})"
+            ) from None
         try:
             data = orjson.loads(raw)
             known = KnownGateways(frozenset(map(str, data["gateways"])), int(data["others"]))

@@ -5,16 +5,19 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import grpc
 import orjson
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from puller_double import PullerDouble
 from service_helpers import free_port, serving
 
+import streamer
 from streamer.progress import ProgressStore
 from streamer.protocol import puller_v1_pb2 as pb
 from streamer.protocol import streamer_v1_pb2_grpc as sgrpc
@@ -43,14 +46,194 @@ def test_help_documents_every_option() -> None:
     assert "(default: None)" not in out
 
 
-def test_bad_environment_value_is_a_clear_error() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "streamer", "serve", "--puller", "127.0.0.1:1"],
-        capture_output=True, text=True, timeout=60,
-        env={**os.environ, "STREAMER_SESSION_TTL": "soon"},
+def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "streamer", *args], capture_output=True, text=True, timeout=60,
+        env={**os.environ, **(env or {})},
     )
-    assert result.returncode == 2
-    assert "invalid float value: 'soon'" in result.stderr
+
+
+def _one_line(result: subprocess.CompletedProcess[str]) -> str:
+    """The one line a refused start prints (and nothing on stdout)."""
+    assert result.returncode == 2, result
+    assert result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    return result.stderr
+
+
+PULLER = ("--puller", "127.0.0.1:1")
+
+
+@pytest.mark.parametrize(("args", "env", "message"), [
+    (("serve", *PULLER, "--listen", "nonsense"), {},
+     "streamer serve: error: argument --listen: not HOST:PORT: 'nonsense'"),
+    (("serve", *PULLER, "--listen", "127.0.0.1:99999"), {},
+     "argument --listen: port 99999 is out of range (0-65535)"),
+    (("serve", *PULLER, "--gateway-queue", "0"), {},
+     "argument --gateway-queue: must be at least 1, not 0"),
+    (("serve", *PULLER, "--session-ttl", "-1"), {},
+     "argument --session-ttl: must be greater than 0, not -1"),
+    (("serve", *PULLER, "--session-ttl", "nan"), {},
+     "argument --session-ttl: must be a finite number, not 'nan'"),
+    (("serve", *PULLER, "--drain-seconds", "-1"), {},
+     "argument --drain-seconds: must be at least 0, not -1"),
+    (("serve", *PULLER, "--max-subscriptions", "-5"), {},
+     "argument --max-subscriptions: must be at least 1, not -5"),
+    (("serve", *PULLER, "--resume-grace", "nan"), {},
+     "argument --resume-grace: must be a finite number, not 'nan'"),
+    (("serve", *PULLER, "--tls-cert", "/nonexistent.pem"), {},
+     "argument --tls-cert: /nonexistent.pem: no such file"),
+    (("serve",), {}, "--puller is required (or STREAMER_PULLER)"),
+    (("serve", "--puller", "puller:0"), {}, "port 0 cannot be connected to"),
+    (("serve", *PULLER), {"STREAMER_SESSION_TTL": "soon"},
+     "STREAMER_SESSION_TTL: not a number: 'soon'"),
+    (("serve", *PULLER), {"STREAMER_LOG_LEVEL": "verbose"},
+     "STREAMER_LOG_LEVEL: must be one of DEBUG, INFO, WARNING, ERROR, not 'verbose'"),
+    (("serve", *PULLER), {"STREAMER_DOCUMENT_LAYOUT": "xml"},
+     "STREAMER_DOCUMENT_LAYOUT: must be one of plain, syntrix, not 'xml'"),
+    (("serve", *PULLER), {"STREAMER_LOG_FORMAT": "xml"},
+     "STREAMER_LOG_FORMAT: must be one of text, json, not 'xml'"),
+    (("serve", *PULLER), {"STREAMER_GATEWAY_QUEUE": "0"},
+     "STREAMER_GATEWAY_QUEUE: must be at least 1, not 0"),
+    (("puller",), {"STREAMER_PULLER_WORKLOAD": "tpcc"},
+     "streamer puller: error: STREAMER_PULLER_WORKLOAD: must be one of chat, not 'tpcc'"),
+    (("puller", "--workload", "chat"), {"STREAMER_PULLER_STAMP_EVENT_IDS": "nope"},
+     "STREAMER_PULLER_STAMP_EVENT_IDS: must be one of 1, 0, true, false, yes, no, on, off"),
+    (("puller", "--workload", "chat", "--listen", "127.0.0.1:65536"), {},
+     "argument --listen: port 65536 is out of range"),
+    (("puller", "--workload", "chat", "--rate", "inf"), {},
+     "argument --rate: must be a finite number, not 'inf'"),
+    (("puller", "--workload", "chat", "--retention-bytes", "0"), {},
+     "argument --retention-bytes: must be at least 1, not 0"),
+    (("puller",), {}, "give exactly one source"),
+    (("demo", "--duration", "inf"), {}, "argument --duration: must be a finite number"),
+    (("demo", "--rate", "inf"), {}, "argument --rate: must be a finite number"),
+    (("demo", "--gateways", "65"), {}, "argument --gateways: must be at most 64, not 65"),
+    (("demo",), {"STREAMER_DEMO_SUBSCRIPTIONS": "-1"},
+     "STREAMER_DEMO_SUBSCRIPTIONS: must be at least 1, not -1"),
+    (("demo", "--plot", "/nonexistent-dir/latency.png"), {},
+     "--plot /nonexistent-dir/latency.png: no directory /nonexistent-dir"),
+    (("bench", "e2e", "--rates", "0"), {}, "argument --rates: must be at least 1, not 0"),
+])
+def test_bad_input_is_one_line_and_exit_2(
+    args: tuple[str, ...], env: dict[str, str], message: str
+) -> None:
+    assert message in _one_line(_run(*args, env=env))
+
+
+def test_demo_work_dir_must_be_a_new_or_empty_directory(tmp_path: Path) -> None:
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    assert f"--work-dir {a_file}: not a directory" in _one_line(
+        _run("demo", "--work-dir", str(a_file)))
+    assert f"--work-dir {tmp_path}: not empty" in _one_line(
+        _run("demo", "--work-dir", str(tmp_path)))
+
+
+def test_demo_plot_without_matplotlib_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    # A real process in which matplotlib cannot be imported (a None entry in
+    # sys.modules is how Python marks a module as not importable).
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.modules['matplotlib'] = None; "
+         "from streamer.cli import main; sys.exit(main(sys.argv[1:]))",
+         "demo", "--plot", str(tmp_path / "p.png")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert "--plot needs matplotlib: pip install 'streamer-fanout[plot]'" in _one_line(result)
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_version() -> None:
+    result = _run("--version")
+    assert result.returncode == 0
+    assert result.stdout.startswith(f"streamer {streamer.__version__} (streamer-fanout)")
+
+
+def test_top_level_help_names_each_commands_variables() -> None:
+    text = " ".join(_run("--help").stdout.split())
+    for prefix in ("serve reads STREAMER_<OPTION>", "puller reads STREAMER_PULLER_<OPTION>",
+                   "demo reads STREAMER_DEMO_<OPTION>"):
+        assert prefix in text
+
+
+def _refused_start(*args: str) -> str:
+    """The one line of a `streamer serve` that cannot start (a log line)."""
+    result = _run("serve", *PULLER, *args)
+    assert result.returncode == 2, result
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and " ERROR streamer: " in lines[0], result.stderr
+    return lines[0]
+
+
+def test_a_port_held_by_another_program_is_refused(tmp_path: Path) -> None:
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        line = _refused_start("--listen", f"127.0.0.1:{port}", "--state-dir", str(tmp_path))
+    assert f"cannot listen on 127.0.0.1:{port}: the port is in use by another process" in line
+
+
+@pytest.mark.parametrize(("listen", "reason"), [
+    ("192.0.2.1:{port}", "not an address of this host"),  # TEST-NET-1: never local
+    ("no-such-host.invalid:{port}", "unknown host"),
+])
+def test_an_address_that_cannot_be_served_is_refused(
+    tmp_path: Path, listen: str, reason: str
+) -> None:
+    address = listen.format(port=free_port())
+    line = _refused_start("--listen", address, "--state-dir", str(tmp_path))
+    assert f"cannot listen on {address}: {reason}" in line
+
+
+def test_a_second_serve_on_the_same_port_or_state_dir_is_refused(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with serving(tmp_path) as first:
+            async with grpc.aio.insecure_channel(first.address) as channel:
+                await asyncio.wait_for(channel.channel_ready(), 30)
+            line = _refused_start("--listen", first.address, "--state-dir", str(tmp_path / "b"))
+            assert f"cannot listen on {first.address}: the port is in use by another " \
+                "process" in line
+            line = _refused_start("--listen", f"127.0.0.1:{free_port()}",
+                                  "--state-dir", str(tmp_path / "state"))
+            assert f"{tmp_path / 'state'} is in use by another process " \
+                f"(pid {first.proc.pid})" in line
+            assert first.proc.poll() is None
+            # The first one still serves (nothing was shared or taken over).
+            async with grpc.aio.insecure_channel(first.address) as channel:
+                checks = health_pb2_grpc.HealthStub(channel)
+                status = await checks.Check(health_pb2.HealthCheckRequest(service=""))
+                assert status.status == health_pb2.HealthCheckResponse.SERVING
+
+    asyncio.run(main())
+
+
+def test_an_unusable_state_dir_is_refused_at_start(tmp_path: Path) -> None:
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    line = _refused_start("--listen", f"127.0.0.1:{free_port()}", "--state-dir", str(a_file))
+    assert f"state directory {a_file}: not a directory" in line
+    (tmp_path / "holed" / "progress.json").mkdir(parents=True)
+    line = _refused_start("--listen", f"127.0.0.1:{free_port()}",
+                          "--state-dir", str(tmp_path / "holed"))
+    assert "progress.json: cannot read the progress file (Is a directory)" in line
+    line = _refused_start("--listen", f"127.0.0.1:{free_port()}",
+                          "--state-dir", str(_unwritable_dir(tmp_path)))
+    assert "Permission denied" in line
+
+
+def _unwritable_dir(tmp_path: Path) -> Path:
+    """A directory this process cannot create files in. Root ignores mode
+    bits, so as root it is a sysfs directory, which nobody can write."""
+    if os.geteuid() != 0:
+        path = tmp_path / "read-only"
+        path.mkdir()
+        path.chmod(0o500)
+        return path
+    path = Path("/sys/kernel")
+    assert path.is_dir() and not os.access(path / "LOCK", os.F_OK)
+    return path
 
 
 def test_serve_delivers_and_exits_cleanly_on_sigterm(tmp_path: Path) -> None:

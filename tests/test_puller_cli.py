@@ -113,16 +113,17 @@ def before_everything(tmp_path: Path) -> str:
 def test_bad_flags_exit_2(tmp_path: Path) -> None:
     cases = [
         ([], "exactly one source"),
-        (["--workload", "chat", "--replay", "x"], "not allowed with argument"),
-        (["--workload", "other"], "invalid choice"),
+        (["--workload", "chat", "--replay", __file__], "not allowed with argument"),
+        (["--workload", "other"], "must be one of chat, not 'other'"),
         (["--replay", str(tmp_path / "missing.jsonl")], "no such file"),
-        (["--workload", "chat", "--rate", "0"], "--rate must be positive"),
-        (["--workload", "chat", "--retention-bytes", "lots"], "invalid int value"),
+        (["--workload", "chat", "--rate", "0"], "argument --rate: must be greater than 0"),
+        (["--workload", "chat", "--retention-bytes", "lots"], "not an integer: 'lots'"),
     ]
     for args, message in cases:
         proc = subprocess.run(puller_command(*args), capture_output=True, text=True, timeout=30)
         assert proc.returncode == 2, (args, proc.stderr)
         assert message in proc.stderr, (args, proc.stderr)
+        assert len(proc.stderr.splitlines()) == 1, proc.stderr
     proc = subprocess.run(
         puller_command("--workload", "chat", "--listen", f"127.0.0.1:{free_port()}",
                        "--log-dir", str(tmp_path / "log"),
@@ -132,7 +133,68 @@ def test_bad_flags_exit_2(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "cannot write --record" in proc.stderr, proc.stderr
     env = {**os.environ, "STREAMER_PULLER_WORKLOAD": "chat", "STREAMER_PULLER_RATE": "-1"}
     proc = subprocess.run(puller_command(), capture_output=True, text=True, timeout=30, env=env)
-    assert proc.returncode == 2 and "--rate must be positive" in proc.stderr
+    assert proc.returncode == 2
+    assert "STREAMER_PULLER_RATE: must be greater than 0, not -1" in proc.stderr
+
+
+def test_a_second_puller_on_the_same_log_dir_or_port_is_refused(tmp_path: Path) -> None:
+    """Nothing is shared: the second process exits 2 naming the holder, and
+    the first one's log is whole afterwards (no acknowledged event cut)."""
+    port = free_port()
+    first = start_puller(tmp_path, port, "--workload", "chat", "--rate", "2000")
+    try:
+        asyncio.run(puller_events(port, "", 100))
+        same_dir = subprocess.run(
+            puller_command("--workload", "chat", "--listen", f"127.0.0.1:{free_port()}",
+                           "--log-dir", str(tmp_path / "log")),
+            capture_output=True, text=True, timeout=30,
+        )
+        assert same_dir.returncode == 2
+        assert len(same_dir.stderr.splitlines()) == 1, same_dir.stderr
+        assert (f"cannot open the replay log: {tmp_path / 'log'} is in use by another "
+                f"process (pid {first.pid})") in same_dir.stderr
+        same_port = subprocess.run(
+            puller_command("--workload", "chat", "--listen", f"127.0.0.1:{port}",
+                           "--log-dir", str(tmp_path / "other")),
+            capture_output=True, text=True, timeout=30,
+        )
+        assert same_port.returncode == 2
+        assert len(same_port.stderr.splitlines()) == 1, same_port.stderr
+        assert f"cannot listen on 127.0.0.1:{port}: the port is in use by another process" \
+            in same_port.stderr
+        assert first.poll() is None
+        assert stop_puller(first) == 0
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait(10)
+    stopped = int((tmp_path / "puller-0.log").read_text().rsplit("stopped at position ", 1)[1])
+    replay_log = ReplayLog(tmp_path / "log")
+    try:
+        assert replay_log.last_position == stopped
+        assert [r.position for r in replay_log.read(0, 10**9)] == list(range(1, stopped + 1))
+    finally:
+        replay_log.close()
+
+
+def test_a_false_boolean_variable_is_false(tmp_path: Path) -> None:
+    port = free_port()
+    env = {**os.environ, "STREAMER_PULLER_STAMP_EVENT_IDS": "no"}
+    with (tmp_path / "puller.log").open("wb") as sink:
+        proc = subprocess.Popen(
+            puller_command("--workload", "chat", "--listen", f"127.0.0.1:{port}",
+                           "--log-dir", str(tmp_path / "log")),
+            stdout=sink, stderr=subprocess.STDOUT, env=env,
+        )
+    try:
+        events = asyncio.run(puller_events(port, "", 5))
+        # Stamped ids are ev-<n>-<ns>; plain ones ev-<n>.
+        assert all(e.change_event.event_id.count("-") == 1 for e in events), events
+        assert stop_puller(proc) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
 
 
 def test_help_documents_every_option() -> None:

@@ -231,7 +231,7 @@ GARBAGE = b"-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERT
         (["--tls-cert", "{garbage}", "--tls-key", "{server_key}"], {},
          "TLS certificate file {garbage} holds no valid certificate"),
         (["--tls-cert", "{server_cert}", "--tls-key", "{missing}"], {},
-         "cannot read TLS key file {missing}"),
+         "argument --tls-key: {missing}: no such file"),
         (["--tls-cert", "{server_cert}", "--tls-key", "{client_key}"], {},
          "TLS key file {client_key} does not match certificate file {server_cert}"),
         (["--tls-cert", "{server_cert}", "--tls-key", "{server_key}",

@@ -17,9 +17,11 @@ applying retention need no scan of sealed segments. A record is::
 
 little-endian, the CRC covering everything after it. ``append`` writes a
 whole batch with one ``write`` and one ``fsync`` (group commit): an event is
-acknowledged once ``append`` returns. On open, the active segment is scanned
-and a torn or corrupt tail (a crash mid-write, garbage) is cut off at the
-first bad record; everything before it is kept.
+acknowledged once ``append`` returns. The directory belongs to one process
+at a time (``streamer.locking``: a second one is refused with
+``DirectoryInUse``). On open, the active segment is scanned and a torn or
+corrupt tail (a crash mid-write, garbage) is cut off at the first bad
+record; everything before it is kept.
 
 Retention drops whole sealed segments, oldest first, while the log holds more
 than ``max_bytes`` or while a segment's newest record is older than
@@ -51,6 +53,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from streamer.errors import StreamerError
+from streamer.locking import DirectoryLock
 from streamer.protocol.puller_v1_pb2 import ChangeEvent
 
 log = logging.getLogger(__name__)
@@ -187,10 +190,18 @@ class ReplayLog:
         self._segments: list[_Segment] = []
         self._firsts: list[int] = []  # _segments' first positions, for bisect
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.log_id = self._load_id()
-        self._open_segments()
-        self._out: BinaryIO = open(self._segments[-1].path, "ab")
-        self._enforce_retention()
+        # Before anything is read: recovery cuts what it takes for a torn
+        # tail, which another process's append in flight would look like.
+        self._dir_lock = DirectoryLock(self.directory)
+        self._dir_lock.acquire()
+        try:
+            self.log_id = self._load_id()
+            self._open_segments()
+            self._out: BinaryIO = open(self._segments[-1].path, "ab")
+            self._enforce_retention()
+        except BaseException:
+            self._dir_lock.release()
+            raise
 
     # -- opening ---------------------------------------------------------
 
@@ -413,6 +424,7 @@ class ReplayLog:
         """Wait for an append in flight, then close the file."""
         with self._append_lock:
             self._out.close()
+            self._dir_lock.release()
 
     # -- reading ---------------------------------------------------------
 
