@@ -3,9 +3,13 @@
 The ingest keeps one stream to the Puller. It asks for ``SubscribeBatch``
 first and falls back to ``Subscribe`` when the Puller answers
 ``UNIMPLEMENTED`` (a Syntrix Puller); it reconnects with jittered
-exponential backoff, resuming after the last marker it processed, and when
-the Puller refuses that marker (``INVALID_ARGUMENT``: too old) it says so
-loudly, counts it, and resumes from the live head.
+exponential backoff, resuming after the last marker it processed. When the
+Puller refuses that marker (``INVALID_ARGUMENT``: too old, or from another
+log), events after it can no longer be delivered: by default the ingest
+stops with ``ResumePointLost`` (an operator decides); with
+``on_marker_refused="resume-from-head"`` it says so loudly, counts it, and
+continues from the live head. Either way the saved marker stays until an
+event after it is processed: a marker never moves back to "the live head".
 
 Each event is transformed (``streamer.events``), matched once (twice with a
 pre-image, for enter/leave), grouped into one delivery per (gateway,
@@ -28,11 +32,13 @@ import time
 from array import array
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
+from typing import Literal
 
 import grpc
 
 from streamer._ext._ingest import Step
 from streamer.delivery import fan_out, frame_deliveries, frame_event
+from streamer.errors import ResumePointLost
 from streamer.events import DEFAULT_MAX_DOCUMENT_BYTES, Change, Layout, Op, PoisonEvent, normalize
 from streamer.gateways import GatewayRegistry
 from streamer.metrics import LatencyHistogram
@@ -43,6 +49,8 @@ from streamer.server import StreamerServicer
 from streamer.transport import KEEPALIVE_OPTIONS
 
 log = logging.getLogger(__name__)
+MarkerPolicy = Literal["fail", "resume-from-head"]
+MARKER_POLICIES: tuple[MarkerPolicy, ...] = ("fail", "resume-from-head")
 # Enum attribute access is a descriptor call; these are plain lookups.
 _NAME = {op: op.name for op in Op}
 _WIRE = {op: op.value for op in Op}
@@ -64,6 +72,7 @@ class Ingest:
         backoff: tuple[float, float] = (0.1, 5.0),
         credentials: grpc.ChannelCredentials | None = None,
         compiled: bool = True,
+        on_marker_refused: MarkerPolicy = "fail",
     ) -> None:
         self.target = target
         self.credentials = credentials
@@ -82,6 +91,10 @@ class Ingest:
         self.delivered = Counter[str]()  # deliveries by operation
         self.reconnects = 0
         self.markers_refused = 0
+        self.on_marker_refused = on_marker_refused
+        # The marker the Puller refused, while it is still the saved one:
+        # ask for the live head instead (resume-from-head).
+        self._refused = ""
         self.latency = LatencyHistogram()  # seconds from receipt to enqueued
         # The compiled common case of the plain layout; None: every event
         # through the Python path (the Syntrix layout; the tests' reference).
@@ -112,14 +125,22 @@ class Ingest:
                     log.info("puller has no SubscribeBatch; using Subscribe")
                     self.batched = False
                     continue
-                if code == grpc.StatusCode.INVALID_ARGUMENT and self.progress.marker:
+                marker = self._after()
+                if code == grpc.StatusCode.INVALID_ARGUMENT and marker:
                     self.markers_refused += 1
+                    if self.on_marker_refused == "fail":
+                        raise ResumePointLost(
+                            f"the Puller refused marker {marker!r} ({exc.details()}); the "
+                            "events after it cannot be replayed. Restart with "
+                            "--on-marker-refused resume-from-head to continue from the live "
+                            "head, accepting the loss"
+                        ) from None
                     log.error(
                         "puller refused marker %r (%s): resuming from the live head; "
                         "events in between are LOST",
-                        self.progress.marker, exc.details(),
+                        marker, exc.details(),
                     )
-                    self.progress.advance("")
+                    self._refused = marker
                     continue
                 log.warning("puller stream failed (%s: %s)", code, exc.details())
             self.reconnects += 1
@@ -130,15 +151,19 @@ class Ingest:
         self, stub: puller_grpc.PullerServiceStub
     ) -> AsyncIterator[Sequence[puller_pb.PullerEvent]]:
         """The events of each message from the Puller (several when batched)."""
-        request = puller_pb.SubscribeRequest(
-            consumer_id=self.consumer_id, after=self.progress.marker
-        )
+        request = puller_pb.SubscribeRequest(consumer_id=self.consumer_id, after=self._after())
         if self.batched:
             async for batch in stub.SubscribeBatch(request):
                 yield batch.events
         else:
             async for event in stub.Subscribe(request):
                 yield (event,)
+
+    def _after(self) -> str:
+        """The marker to resume after ("" once it was refused and no event
+        has been processed since)."""
+        marker = self.progress.marker
+        return "" if marker == self._refused else marker
 
     def process(self, event: puller_pb.PullerEvent) -> None:
         """Match and enqueue one event, then advance the marker."""

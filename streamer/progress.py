@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,12 +61,17 @@ class ProgressStore:
         self.marker = ""
         self.gateways = KnownGateways()
         self.writes = 0
+        self.write_errors = 0
+        self.empty_markers = 0
         self.advanced_at = time.monotonic()  # when the marker last changed
         self._dirty = 0  # advances since the last write
         self._since = 0.0  # loop time of the first unwritten advance
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._dir_lock = DirectoryLock(self.path.parent)
+        # Held by the thread that writes: a write abandoned by a cancelled
+        # flush still runs, and the next one must not share its temporary file.
+        self._write_lock = threading.Lock()
 
     def open(self) -> SavedProgress:
         """Take the state directory (created if missing; one process at a
@@ -125,8 +131,16 @@ class ProgressStore:
         return saved
 
     def advance(self, marker: str) -> None:
-        """Record the marker of an event fully matched and enqueued."""
+        """Record the marker of an event fully matched and enqueued. An
+        empty marker is refused (counted, logged once): saved, it would mean
+        "from the live head" at the next start, skipping everything between."""
         if marker == self.marker:
+            return
+        if not marker:
+            self.empty_markers += 1
+            if self.empty_markers == 1:
+                log.warning("the Puller sent an empty progress marker; keeping %r "
+                            "(counted in streamer_progress_empty_markers_total)", self.marker)
             return
         self.marker = marker
         self.advanced_at = time.monotonic()
@@ -148,6 +162,7 @@ class ProgressStore:
     async def run(self) -> None:
         """Persist pending markers until cancelled."""
         loop = asyncio.get_running_loop()
+        quiet_until = 0.0
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -163,10 +178,18 @@ class ProgressStore:
                     await self.flush()
                 except OSError as exc:
                     # Keep the marker pending and try again: progress only
-                    # moves forward once it is on disk.
-                    log.error("cannot write %s: %s; retrying", self.path, exc)
-                    await asyncio.sleep(self.interval)
+                    # moves forward once it is on disk. A failing disk is
+                    # logged when it starts failing and then every minute.
+                    self.write_errors += 1
+                    now = loop.time()
+                    if now >= quiet_until:
+                        log.error("cannot write %s: %s; retrying (%d failed writes so far)",
+                                  self.path, exc, self.write_errors)
+                        quiet_until = now + 60
+                    await asyncio.sleep(min(self.interval * 10, 1.0))
                     self._wake.set()
+                else:
+                    quiet_until = 0.0
 
     async def flush(self) -> None:
         """Write the current marker now (off the event loop)."""
@@ -180,7 +203,9 @@ class ProgressStore:
             )
             try:
                 await asyncio.to_thread(self._write, payload)
-            except OSError:
+            except BaseException:
+                # Failed, or cancelled (the thread may still finish): either
+                # way the marker counts as unwritten until a flush succeeds.
                 self._dirty += dirty
                 raise
             self.writes += 1
@@ -188,15 +213,16 @@ class ProgressStore:
     def _write(self, payload: bytes) -> None:
         # Write a sibling, fsync it, rename over the old file, fsync the
         # directory: a crash leaves either the old marker or the new one.
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        with self._write_lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            with open(tmp, "wb") as f:
+                f.write(payload)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+            fd = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)

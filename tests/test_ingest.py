@@ -13,6 +13,7 @@ import pytest
 from puller_double import PullerDouble
 from service_helpers import until
 
+from streamer.errors import ResumePointLost
 from streamer.gateways import GatewayRegistry
 from streamer.ingest import Ingest
 from streamer.matcher import Matcher
@@ -149,3 +150,73 @@ def test_puller_restart_resumes_after_the_last_marker(tmp_path: Path) -> None:
         await restarted.stop()
 
     run(tmp_path, scenario)
+
+
+async def _refusing_ingest(
+    tmp_path: Path, **options: Any
+) -> tuple[PullerDouble, Ingest, ProgressStore]:
+    """An ingest whose saved marker (``p99``) the Puller does not know."""
+    puller = PullerDouble()
+    target = await puller.start()
+    registry = GatewayRegistry(Matcher())
+    progress = ProgressStore(tmp_path, interval=0.01)
+    progress.advance("p99")
+    await progress.flush()
+    ingest = Ingest(target, registry, StreamerServicer(registry), progress,
+                    backoff=(0.01, 0.05), **options)
+    return puller, ingest, progress
+
+
+def test_a_refused_marker_stops_ingest_by_default(tmp_path: Path) -> None:
+    async def main() -> None:
+        puller, ingest, progress = await _refusing_ingest(tmp_path)
+        try:
+            with pytest.raises(ResumePointLost, match=r"refused marker 'p99' \(unknown marker"):
+                await asyncio.wait_for(ingest.run(), 30)
+            assert ingest.markers_refused == 1
+            assert progress.marker == "p99"
+        finally:
+            await puller.stop()
+
+    asyncio.run(main())
+    assert ProgressStore(tmp_path).load().marker == "p99"
+
+
+def test_resume_from_head_keeps_the_saved_marker_until_an_event_arrives(tmp_path: Path) -> None:
+    async def main() -> None:
+        puller, ingest, progress = await _refusing_ingest(
+            tmp_path, on_marker_refused="resume-from-head")
+        saver = asyncio.create_task(progress.run())
+        task = asyncio.create_task(ingest.run())
+        try:
+            await until(lambda: any(not s.after for s in puller.subscriptions))
+            assert [s.after for s in puller.subscriptions] == ["p99", ""]
+            assert ingest.markers_refused == 1
+            # Until an event arrives, a restart must still see the loss.
+            await asyncio.sleep(0.1)
+            assert ProgressStore(tmp_path).load().marker == "p99"
+            await puller.append(change(0, full={"chat": "c"}))
+            await until(lambda: ProgressStore(tmp_path).load().marker == "p0")
+        finally:
+            for t in (task, saver):
+                t.cancel()
+            await asyncio.gather(task, saver, return_exceptions=True)
+            await puller.stop()
+
+    asyncio.run(main())
+
+
+def test_an_empty_marker_never_replaces_the_saved_one(tmp_path: Path) -> None:
+    async def main() -> None:
+        registry = GatewayRegistry(Matcher())
+        progress = ProgressStore(tmp_path)
+        ingest = Ingest("unused:1", registry, StreamerServicer(registry), progress)
+        ingest.process(pb.PullerEvent(change_event=change(0, full={"chat": "c"}), progress="p0"))
+        ingest.process(pb.PullerEvent(change_event=change(1, full={"chat": "c"}), progress=""))
+        ingest.process(pb.PullerEvent(progress=""))  # a heartbeat without a marker
+        assert (progress.marker, progress.empty_markers) == ("p0", 2)
+        assert ingest.events["INSERT"] == 2  # the event itself was still processed
+        await progress.flush()
+
+    asyncio.run(main())
+    assert ProgressStore(tmp_path).load().marker == "p0"

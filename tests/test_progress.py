@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from pathlib import Path
 
 import pytest
 from service_helpers import until
 
 from streamer.gateways import KnownGateways
+from streamer.locking import DirectoryInUse
 from streamer.progress import ProgressFileError, ProgressStore, SavedProgress
 
 
@@ -106,3 +108,58 @@ def test_failed_write_keeps_the_marker_pending(tmp_path: Path) -> None:
 
     assert asyncio.run(main()).writes == 1
     assert ProgressStore(tmp_path).load().marker == "m-1"
+
+
+def test_an_empty_marker_is_refused_and_counted(tmp_path: Path) -> None:
+    async def main() -> None:
+        store = ProgressStore(tmp_path)
+        store.advance("m-1")
+        store.advance("")
+        assert (store.marker, store.empty_markers) == ("m-1", 1)
+        await store.flush()
+
+    asyncio.run(main())
+    assert ProgressStore(tmp_path).load().marker == "m-1"
+
+
+def test_a_final_flush_after_cancelling_a_write_in_flight_writes_the_latest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shutdown cancels the writer task while its write runs in a thread;
+    the final flush must neither collide with that write (one temporary
+    file) nor skip its marker."""
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:  # a busy disk
+        time.sleep(0.2)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+
+    async def main() -> None:
+        store = ProgressStore(tmp_path, interval=0.01)
+        task = asyncio.create_task(store.run())
+        store.advance("m-1")
+        await asyncio.sleep(0.1)  # the write of m-1 is in its fsync now
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        store.set_gateways(KnownGateways(frozenset({"gw-0"}), 0))
+        await store.flush()
+
+    asyncio.run(main())
+    assert sorted(os.listdir(tmp_path)) == ["progress.json"]
+    saved = ProgressStore(tmp_path).load()
+    assert (saved.marker, saved.gateways.ids) == ("m-1", {"gw-0"})
+
+
+def test_open_takes_the_directory_for_one_store(tmp_path: Path) -> None:
+    first = ProgressStore(tmp_path)
+    assert first.open() == SavedProgress()
+    try:
+        with pytest.raises(DirectoryInUse, match=f"{tmp_path} is in use by another process"):
+            ProgressStore(tmp_path).open()
+    finally:
+        first.close()
+    second = ProgressStore(tmp_path)
+    second.open()
+    second.close()
