@@ -21,11 +21,12 @@ import orjson
 
 from streamer.errors import StreamerError
 from streamer.protocol import puller_v1_pb2
+from streamer.wire import MAX_DOCUMENT_BYTES
 
 Layout = Literal["plain", "syntrix"]
 LAYOUTS: tuple[Layout, ...] = ("plain", "syntrix")
 
-DEFAULT_MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
+DEFAULT_MAX_DOCUMENT_BYTES = MAX_DOCUMENT_BYTES
 # The stored-document fields of the syntrix layout that join ``data`` in the
 # matched document.
 _SYNTRIX_META = ("updatedAt", "createdAt", "version")

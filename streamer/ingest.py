@@ -47,8 +47,12 @@ from streamer.protocol import puller_v1_pb2 as puller_pb
 from streamer.protocol import puller_v1_pb2_grpc as puller_grpc
 from streamer.server import StreamerServicer
 from streamer.transport import KEEPALIVE_OPTIONS
+from streamer.wire import MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
+# gRPC's default receive limit (4 MiB) is below the largest event a Puller
+# may send; one such message would fail the stream at the same marker forever.
+CHANNEL_OPTIONS = (*KEEPALIVE_OPTIONS, ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES))
 MarkerPolicy = Literal["fail", "resume-from-head"]
 MARKER_POLICIES: tuple[MarkerPolicy, ...] = ("fail", "resume-from-head")
 # Enum attribute access is a descriptor call; these are plain lookups.
@@ -110,10 +114,10 @@ class Ingest:
         while True:
             try:
                 async with (
-                    grpc.aio.insecure_channel(self.target, options=KEEPALIVE_OPTIONS)
+                    grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
                     if self.credentials is None
                     else grpc.aio.secure_channel(
-                        self.target, self.credentials, options=KEEPALIVE_OPTIONS)
+                        self.target, self.credentials, options=CHANNEL_OPTIONS)
                 ) as channel:
                     stub = puller_grpc.PullerServiceStub(channel)  # type: ignore[no-untyped-call]
                     async for events in self._messages(stub):

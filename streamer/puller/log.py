@@ -55,12 +55,15 @@ from typing import BinaryIO
 from streamer.errors import StreamerError
 from streamer.locking import DirectoryLock
 from streamer.protocol.puller_v1_pb2 import ChangeEvent
+from streamer.wire import MAX_EVENT_BYTES
 
 log = logging.getLogger(__name__)
 
 HEADER = struct.Struct("<IIQd")
 STATE_LEN = struct.Struct("<I")
-MAX_RECORD = 64 << 20  # a length beyond this is garbage, not a record
+# A length beyond this is garbage, not a record: no event above
+# MAX_EVENT_BYTES is ever appended.
+MAX_RECORD = 64 << 20
 INDEX_EVERY = 128  # one (position, offset) pair per this many records
 CACHE_RECORDS = 8192
 READ_CHUNK = 1 << 20  # bytes read at a time when catching up from disk
@@ -189,6 +192,7 @@ class ReplayLog:
         self._cache: deque[Record] = deque(maxlen=CACHE_RECORDS)
         self._segments: list[_Segment] = []
         self._firsts: list[int] = []  # _segments' first positions, for bisect
+        self.oversized = 0  # events refused by append for their size
         self.directory.mkdir(parents=True, exist_ok=True)
         # Before anything is read: recovery cuts what it takes for a torn
         # tail, which another process's append in flight would look like.
@@ -364,8 +368,18 @@ class ReplayLog:
             offsets: list[tuple[int, int]] = []
             offset = active.size
             for event, state in batch:
-                position += 1
                 data = event.SerializeToString()
+                if len(data) > MAX_EVENT_BYTES:
+                    # No consumer could receive it, and a record this large
+                    # would read back as garbage: refused here, loudly.
+                    self.oversized += 1
+                    log.error(
+                        "event %s of %s.%s is %d bytes serialized; the limit is %d: not logged",
+                        event.event_id, event.database, event.mgo_coll, len(data),
+                        MAX_EVENT_BYTES,
+                    )
+                    continue
+                position += 1
                 chunk = _encode(position, now, data, state)
                 if (position - active.first) % INDEX_EVERY == 0:
                     offsets.append((position, offset))
@@ -428,9 +442,12 @@ class ReplayLog:
 
     # -- reading ---------------------------------------------------------
 
-    def read_cached(self, after: int, limit: int) -> list[Record] | None:
-        """Up to ``limit`` records after position ``after`` if the memory
-        cache holds them (or there are none yet); None if the disk is needed.
+    def read_cached(
+        self, after: int, limit: int, max_bytes: int = MAX_RECORD
+    ) -> list[Record] | None:
+        """Up to ``limit`` records after position ``after`` (and no more
+        than ``max_bytes`` of events, but at least one) if the memory cache
+        holds them (or there are none yet); None if the disk is needed.
         Raises :class:`MarkerExpired` if retention dropped them."""
         with self._lock:
             self._check_retained(after)
@@ -440,7 +457,14 @@ class ReplayLog:
             start = after + 1 - cache[0].position
             if start < 0:
                 return None
-            return [cache[i] for i in range(start, min(start + limit, len(cache)))]
+            out: list[Record] = []
+            size = 0
+            for i in range(start, min(start + limit, len(cache))):
+                size += len(cache[i].data)
+                if out and size > max_bytes:
+                    break
+                out.append(cache[i])
+            return out
 
     def _check_retained(self, after: int) -> None:
         first = self._segments[0].first
@@ -450,14 +474,16 @@ class ReplayLog:
                 f"(oldest position kept: {first}); events after it are lost"
             )
 
-    def read(self, after: int, limit: int) -> list[Record]:
-        """Up to ``limit`` records after position ``after`` (raises
+    def read(self, after: int, limit: int, max_bytes: int = MAX_RECORD) -> list[Record]:
+        """Up to ``limit`` records after position ``after``, no more than
+        ``max_bytes`` of events but at least one (raises
         :class:`MarkerExpired` if retention dropped them)."""
-        cached = self.read_cached(after, limit)
+        cached = self.read_cached(after, limit, max_bytes)
         if cached is not None:
             return cached
         records: list[Record] = []
-        while len(records) < limit:
+        size = 0
+        while len(records) < limit and size < max_bytes:
             with self._lock:
                 self._check_retained(after)
                 if after >= self._segments[-1].last:
@@ -465,24 +491,30 @@ class ReplayLog:
                 segment = self._segments[bisect.bisect_right(self._firsts, after + 1) - 1]
                 last, size, path = segment.last, segment.size, segment.path
             try:
-                found = self._read_segment(segment, path, size, last, after, limit - len(records))
+                found = self._read_segment(
+                    segment, path, size, last, after, limit - len(records),
+                    max_bytes - size if records else max_bytes,
+                )
             except FileNotFoundError:
                 continue  # sealed or dropped meanwhile: look again
             if not found:
                 break
             records.extend(found)
+            size += sum(len(r.data) for r in found)
             after = found[-1].position
         return records
 
     def _read_segment(
-        self, segment: _Segment, path: Path, size: int, last: int, after: int, limit: int
+        self, segment: _Segment, path: Path, size: int, last: int, after: int, limit: int,
+        max_bytes: int,
     ) -> list[Record]:
         with open(path, "rb") as f:
             index = self._index(segment, f, size)
             k = bisect.bisect_right(index, (after + 1, size)) - 1
             offset = index[k][1] if k >= 0 else 0
             records: list[Record] = []
-            while offset < size and len(records) < limit:
+            taken = 0
+            while offset < size and len(records) < limit and taken < max_bytes:
                 f.seek(offset)
                 # A chunk of whole records (at least the next one).
                 data = f.read(min(size - offset, READ_CHUNK))
@@ -494,11 +526,15 @@ class ReplayLog:
                     (length,) = STATE_LEN.unpack_from(data, at)
                     if at + HEADER.size + length > len(data):
                         break
-                    record, at = _decode(data, at)
+                    record, next_at = _decode(data, at)
                     if record.position > last:
                         return records  # written by an append not yet acknowledged
                     if record.position > after:
+                        if records and taken + len(record.data) > max_bytes:
+                            return records
                         records.append(record)
+                        taken += len(record.data)
+                    at = next_at
                 offset += at
             return records
 

@@ -8,13 +8,15 @@ no gap and no duplicate at the switch by construction. A consumer that reads
 slowly only holds its own loop: it falls out of the log's memory cache and
 reads from disk, and the others never wait for it.
 
-``SubscribeBatch`` sends whatever has been read (up to 256 events) as one
-message, never waiting on a timer; ``Subscribe`` sends the same events one
-per message. ``collections`` filters on the server. While a stream has sent
-nothing for ``heartbeat`` seconds it gets a heartbeat (a ``PullerEvent``
-without ``change_event``) with the marker of its position, so a consumer
-whose filter skips everything still advances. A marker the log cannot
-resume after is ``INVALID_ARGUMENT`` with the log's explanation.
+``SubscribeBatch`` sends whatever has been read (up to 256 events, and
+about ``streamer.wire.BATCH_BYTES`` at most unless one event alone is
+larger: reads stop there) as one message, never waiting on a timer;
+``Subscribe`` sends the same events one per message. ``collections``
+filters on the server. While a stream has sent nothing for ``heartbeat``
+seconds it gets a heartbeat (a ``PullerEvent`` without ``change_event``)
+with the marker of its position, so a consumer whose filter skips
+everything still advances. A marker the log cannot resume after is
+``INVALID_ARGUMENT`` with the log's explanation.
 
 Responses are framed by hand (``streamer.wire``) from the bytes the log
 already holds: each record's ``PullerEvent`` is written once, when the first
@@ -34,10 +36,10 @@ import grpc
 from streamer.protocol import puller_v1_pb2 as pb
 from streamer.protocol import puller_v1_pb2_grpc as pb_grpc
 from streamer.puller.log import MarkerError, Record, ReplayLog
-from streamer.wire import field, varint
+from streamer.wire import BATCH_BYTES, field, varint
 
 SERVICE_NAME = "syntrix.puller.v1.PullerService"
-BATCH_SIZE = 256
+BATCH_SIZE = 256  # events read at a time (reads also stop at BATCH_BYTES)
 # Field tags (field number << 3 | 2) of PullerEvent.change_event (1),
 # PullerEvent.progress (2) and PullerEventBatch.events (1); pinned by
 # test_protocol.
@@ -110,10 +112,10 @@ class PullerServicer(pb_grpc.PullerServiceServicer):
         return True
 
     async def _read(self, after: int) -> list[Record]:
-        cached = self.log.read_cached(after, BATCH_SIZE)
+        cached = self.log.read_cached(after, BATCH_SIZE, BATCH_BYTES)
         if cached is not None:
             return cached
-        return await asyncio.to_thread(self.log.read, after, BATCH_SIZE)
+        return await asyncio.to_thread(self.log.read, after, BATCH_SIZE, BATCH_BYTES)
 
     async def _stream(
         self, request: pb.SubscribeRequest, context: grpc.aio.ServicerContext
