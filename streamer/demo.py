@@ -746,7 +746,7 @@ def plot(run: Run, path: Path) -> None:
     try:
         import matplotlib
     except ImportError:
-        raise DemoFailed("--plot needs matplotlib: pip install 'streamer[plot]'") from None
+        raise DemoFailed("--plot needs matplotlib: pip install 'streamer-fanout[plot]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
