@@ -29,7 +29,7 @@ Nesting.  ``max_depth`` bounds the nesting of the expression: AST depth, where
 parentheses also count as a level while parsing.  Left-associative chains such
 as ``a || b || c`` nest one level per operator.
 
-A few deliberate choices where Python or the brief leaves room:
+A few deliberate choices where Python or the CEL specification leaves room:
 
 * ``!!x`` and ``--x`` are dropped in pairs by the parser, exactly as the CEL
   reference parsers (cel-go, cel-cpp) do; ``!-x`` and ``-!x`` are syntax errors

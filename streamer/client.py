@@ -1,4 +1,4 @@
-"""The gateway-side library: ``StreamerClient`` (SPEC sections 3.1 and 7).
+"""The gateway-side library: ``StreamerClient`` (protocol: docs/protocol.md).
 
 It owns one bidirectional ``StreamerService.Stream`` per client and
 everything a gateway needs around it: subscribe/unsubscribe with awaited
@@ -133,7 +133,7 @@ class StreamerClient:
         # heartbeat acks are never stuck behind deliveries (a bounded queue
         # would make a slow consumer look like a dead stream). A consumer
         # slower than the delivery rate grows this queue instead; the
-        # server's own bound (SPEC section 6) does not see it.
+        # server's own bound (docs/delivery.md, Backpressure) does not see it.
         self._deliveries: asyncio.Queue[EventDelivery | None] = asyncio.Queue()
         self._connected = asyncio.Event()
         self._last_ack = 0.0

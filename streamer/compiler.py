@@ -53,7 +53,7 @@ Value = Scalar | list[Scalar]
 
 
 class Filter(NamedTuple):
-    """One structured condition: ``field op value`` (SPEC section 4)."""
+    """One structured condition: ``field op value`` (docs/semantics.md, Filters)."""
 
     field: str
     op: str
@@ -70,7 +70,7 @@ class Filter(NamedTuple):
 # ``("eq", path, keys)``, ``("elem", path, keys)``, ``("range", path, op,
 # threshold)`` or ``None``. Only exact accesses are offered, so a clause found
 # through an atom need not test it again. Plain tuples, because a million
-# subscriptions are lowered at subscribe time and NamedTuples cost 10x more.
+# subscriptions are lowered at subscribe time and NamedTuples cost far more.
 Atom = tuple[tuple[Any, ...], tuple[Any, ...] | None, Callable[[_core.Core], _core.Pred] | None]
 Clause = list[Atom]
 

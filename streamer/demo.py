@@ -17,10 +17,11 @@ they travel in its handshake, ahead of that Heartbeat). The Puller is
 started only then, and the Streamer reads its log from the first event: so
 every event in the log is matched against all N subscriptions. At the end
 the Puller is stopped, its log read back (every event it emitted), each
-event normalized (SPEC section 5) and matched by a ``Matcher`` holding the
-same subscriptions (and, for a sample of events, by the linear
-``ReferenceMatcher``, which must agree); the per-subscription sequence of
-(event id, operation) must equal what the gateway received, in order.
+event transformed (docs/semantics.md, Event transformation) and matched by a
+``Matcher`` holding the same subscriptions (and, for a sample of events, by
+the linear ``ReferenceMatcher``, which must agree); the per-subscription
+sequence of (event id, operation) must equal what the gateway received, in
+order.
 
 Latency is ingest→gateway: receive time at the gateway minus the event's
 ``timestamp`` (milliseconds since the epoch, set by the Puller when its
@@ -115,7 +116,8 @@ async def _gateway(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     # The first heartbeat is acknowledged only after every subscription of
-    # the handshake: allow for a slow registration (about 3000/s in all).
+    # the handshake: allow for a slow registration (one gRPC message each way
+    # per subscription, every gateway through the one Streamer).
     client = StreamerClient(
         args.target, gateway_id=name, batch=True,
         ack_timeout=max(30.0, args.subscriptions / 500),
@@ -639,8 +641,9 @@ def verify(
         for op, ids in _expected_ops(matcher, change):
             for sid in ids:
                 expected.setdefault(sid, []).append((change.event_id, op))
-    # The linear reference is slow (milliseconds per event at N = 20 000):
-    # it checks evenly spaced events, in random order, for a bounded time.
+    # The linear reference is slow (it evaluates every subscription of the
+    # collection in Python): it checks evenly spaced events, in random order,
+    # for a bounded time.
     step = max(1, len(changes) // REFERENCE_SAMPLE)
     candidates = changes[::step]
     random.Random(seed).shuffle(candidates)
@@ -743,7 +746,7 @@ def plot(run: Run, path: Path) -> None:
     try:
         import matplotlib
     except ImportError:
-        raise DemoFailed("--plot needs matplotlib: pip install 'streamer[plot]'") from None
+        raise DemoFailed("--plot needs matplotlib: pip install 'streamer-fanout[plot]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

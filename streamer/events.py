@@ -1,10 +1,11 @@
 """Change events: from the Puller's ``ChangeEvent`` to what is matched and sent.
 
-This module owns SPEC section 5 (event transformation) and the document
-layouts of SPEC section 4: it decodes each event's JSON once, picks the
-document to match (and the pre-image, for enter/leave), decides the delivered
-operation (soft delete becomes DELETE, recreation becomes INSERT, replace
-rules per layout), and produces the ``document_data`` bytes to forward.
+This module owns the event transformation and the document layouts
+(docs/semantics.md, Event transformation and Document layouts): it decodes
+each event's JSON once, picks the document to match (and the pre-image, for
+enter/leave), decides the delivered operation (soft delete becomes DELETE,
+recreation becomes INSERT, replace rules per layout), and produces the
+``document_data`` bytes to forward.
 
 Bad input never raises anything but ``PoisonEvent``, whose ``reason`` is a
 short metric label (the ingest counts, logs and skips such events, and still
@@ -91,7 +92,8 @@ def _decode(raw: bytes, field: str, event_id: str, max_bytes: int) -> dict[str, 
 
 
 def _flatten_syntrix(stored: dict[str, Any], event_id: str, field: str) -> dict[str, Any]:
-    """The matched document of a Syntrix stored document (SPEC section 4)."""
+    """The matched document of a Syntrix stored document (docs/semantics.md,
+    The syntrix layout)."""
     data = stored.get("data")
     if not isinstance(data, dict):
         raise PoisonEvent(
@@ -121,7 +123,8 @@ def normalize(
     soft_delete_field: str = "deleted",
     max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES,
 ) -> Change:
-    """Apply SPEC section 5 to one ``ChangeEvent``; raises only ``PoisonEvent``."""
+    """Apply the event transformation to one ``ChangeEvent``; raises only
+    ``PoisonEvent``."""
     eid = event.event_id
     op_type = event.op_type
     if op_type not in ("insert", "update", "replace", "delete"):

@@ -1,7 +1,7 @@
 """Gateway sessions: who owns which subscription, limits, and expiry.
 
 Every gateway stream is a session. This module turns its ``SubscribeRequest``
-and ``UnsubscribeRequest`` messages into matcher calls (SPEC section 3.1:
+and ``UnsubscribeRequest`` messages into matcher calls (docs/protocol.md:
 exactly one ``SubscribeResponse`` per request, precise errors with a code,
 generated ids for empty ones, ids global across gateways, a gateway can only
 remove its own subscriptions), enforces per-gateway limits, and expires

@@ -119,7 +119,7 @@ class Matcher:
         self, database: str, collection: str, document_id: str | None
     ) -> tuple[list[str], bytes]:
         """``match_owned`` for a change that comes without any document (a
-        hard delete without pre-image, SPEC section 5): it reaches the
+        hard delete without pre-image, docs/semantics.md): it reaches the
         subscriptions that select the document by its id (a clause that is
         only ``_id == x`` or ``_id in [...]``) and those on the whole
         collection; nothing else can be decided without the document."""

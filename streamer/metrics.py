@@ -21,8 +21,7 @@ Gateway queue depths are exported as the total and the maximum over all
 streams, not one series per gateway: gateway ids are chosen by the gateways
 and streams come and go (every reconnect is a new stream), so a per-gateway
 label would be unbounded cardinality for Prometheus and its series would stay
-around long after the stream is gone. The logs name the gateway that was cut
-off as lagging.
+around long after the stream is gone.
 """
 
 from __future__ import annotations
@@ -128,7 +127,7 @@ class StreamerCollector(Collector):
         family = CounterMetricFamily(
             "streamer_events",
             "Events received from the Puller and processed, by operation after the "
-            "event transformation (SPEC section 5), and Puller heartbeats. Poison "
+            "event transformation (docs/semantics.md), and Puller heartbeats. Poison "
             "events are counted in streamer_poison_events_total instead.",
             labels=["op"],
         )
@@ -170,9 +169,9 @@ class StreamerCollector(Collector):
         buckets, total = ingest.latency.cumulative()
         yield HistogramMetricFamily(
             "streamer_ingest_latency_seconds",
-            "Seconds from the arrival of the Puller message carrying a (non-poison) "
-            "change event to all of its deliveries being enqueued: the wait behind "
-            "earlier events of the batch, transformation, matching and fan-out.",
+            "Seconds from the arrival of a Puller message to the deliveries of all its "
+            "events being enqueued (transformation, matching and fan-out); each "
+            "non-poison change event of the message is observed once with that time.",
             buckets=buckets, sum_value=total, unit="seconds",
         )
 

@@ -2,9 +2,9 @@
 
 It keeps every subscription as written and, for each event, evaluates every
 subscription of the collection: filters as the CEL comparisons they are
-defined to be (SPEC section 4), expressions with the reference CEL
-interpreter (``streamer.cel.evaluate``). Property tests demand that the
-compiled ``Matcher`` gives exactly its answers.
+defined to be (docs/semantics.md, Comparison), expressions with the
+reference CEL interpreter (``streamer.cel.evaluate``). Property tests demand
+that the compiled ``Matcher`` gives exactly its answers.
 """
 
 from __future__ import annotations

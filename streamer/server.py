@@ -3,7 +3,8 @@
 ``Stream`` is a short adapter: protocol messages in, ``GatewayRegistry``
 calls, protocol messages out through the stream's ``GatewayQueue`` (its only
 writer). ``deliver`` is how the ingest hands a delivery to a gateway; a full
-queue cuts that gateway off with ``RESOURCE_EXHAUSTED`` (SPEC section 6).
+queue cuts that gateway off with ``RESOURCE_EXHAUSTED`` (docs/delivery.md,
+Backpressure).
 
 Outbound messages are already serialized (``streamer.delivery``), so the
 service is registered with ``add_to_server``, whose response serializer

@@ -2,9 +2,9 @@
 binding a server to its address, and the loopback port helper of the tools
 that start local services.
 
-Keepalive (SPEC section 3.1): HTTP/2 pings every 30 s find a peer that
-vanished without closing its connection (a crashed host, a dropped NAT
-mapping) within 40 s, even on a stream that is otherwise silent. The server
+Keepalive (docs/protocol.md, Keepalive): HTTP/2 pings every 30 s find a
+peer that vanished without closing its connection (a crashed host, a dropped
+NAT mapping) within 40 s, even on a stream that is otherwise silent. The server
 accepts client pings down to every 10 s; gRPC's default enforcement (one per
 5 minutes) would answer our clients' pings with GOAWAY ``too_many_pings``.
 

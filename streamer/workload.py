@@ -1,4 +1,4 @@
-"""The seeded reference workload: a chat application (``../shared/WORKLOAD.md``).
+"""The seeded reference workload: a chat application (docs/workload.md).
 
 This module owns the synthetic data that the benchmarks, the demo and the load
 tests share: the subscriptions a fleet of gateways registers and the stream of
@@ -19,8 +19,8 @@ over the gateways ``gw-0``…):
 - 10 %    ``users`` or ``chats`` (half each): ``_id == x``
 - 10 %    ``messages``: ``chat_id in [3-5 chats]``
 - 10 %    ``messages``: ``chat_id == c`` and ``type == "text"``
-- 14.95 % CEL (minus the whole-collection ones below), a mix of the four
-  shapes of WORKLOAD.md with varied constants (weights in ``CEL_SHAPES``)
+- 14.95 % CEL (minus the whole-collection ones below), a mix of four shapes
+  with varied constants (weights in ``CEL_SHAPES``)
 - 0.05 %  ``users``: ``status == "online"`` and ``profile.country == X``
 - min(100, N/10 000) whole-collection subscriptions on ``chats``
 
@@ -28,15 +28,15 @@ A chat named by a subscription is drawn by membership: 90 % uniformly among
 the ordinary chats, 10 % among the channels. Events pick chats by activity,
 Zipf(s = 1.1) over chat rank, so channels carry most of the traffic.
 
-Fan-out is kept as WORKLOAD.md describes it (a handful to a few hundred
-matches per event, never a large share of N). The broad CEL shapes set the
-weights in ``CEL_SHAPES``: every subscriber of ``'urgent' in doc.tags`` matches
-every message carrying that tag, so the disjunctive shape names one of five
-rare "alert" tags (5 % of tag draws) and is 1 % of the CEL share (at N = 1M:
-~300 subscribers per alert tag); the ``users`` profile shape is 10 % (a user
-update matches ~300 of them at 1M). Measured at N = 1M, seed 1: messages
-match ~100 at p50 (~430 at p99), users ~330, chats ~105 (mostly the
-whole-collection ones).
+Fan-out is kept realistic (a handful to a few hundred matches per event,
+never a large share of N). The broad CEL shapes set the weights in
+``CEL_SHAPES``: every subscriber of ``'urgent' in doc.tags`` matches every
+message carrying that tag, so the disjunctive shape names one of five rare
+"alert" tags (5 % of tag draws) and is 1 % of the CEL share (at N = 1M: ~300
+subscribers per alert tag); the ``users`` profile shape is 10 % (a user
+update matches ~300 of them at 1M). At N = 1M, seed 1: messages match ~100
+at p50 (~430 at p99), users ~330, chats ~105 (mostly the whole-collection
+ones).
 
 Events: 80 % ``insert`` into ``messages``, 10 % ``update`` of a recent
 message (score, text and/or tags changed; the document is the full
@@ -193,7 +193,7 @@ def _new_subscription_spec(
 
     Same object as ``SubscriptionSpec(...)`` (the slots are set through their
     descriptors, as the frozen ``__init__`` does via ``object.__setattr__``),
-    about 40 % cheaper, which matters when generating millions of them.
+    cheaper, which matters when generating millions of them.
     """
     obj = _new(SubscriptionSpec)
     _set_id(obj, id)
@@ -500,7 +500,7 @@ def change_event(spec: EventSpec, index: int, *, timestamp: int = 0) -> ChangeEv
     """The ``puller.v1`` form of a workload event, as a Puller would send it.
 
     A soft delete is an ``update`` whose post-image says ``deleted: true``
-    (SPEC section 5 turns it into a DELETE); ``index`` names the event.
+    (the event transformation turns it into a DELETE); ``index`` names the event.
     """
     return ChangeEvent(
         event_id=f"ev-{index}",

@@ -1,4 +1,5 @@
-"""SPEC section 5: from ChangeEvent to the matched and delivered change."""
+"""The event transformation (docs/semantics.md): from ChangeEvent to the matched and
+delivered change."""
 
 from __future__ import annotations
 

@@ -131,7 +131,10 @@ def test_bad_flags_exit_2(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=30,
     )
     assert proc.returncode == 2 and "cannot write --record" in proc.stderr, proc.stderr
-    env = {**os.environ, "STREAMER_PULLER_WORKLOAD": "chat", "STREAMER_PULLER_RATE": "-1"}
+    # The source and a bad rate, both from the environment.
+    replay = tmp_path / "events.jsonl"
+    replay.touch()
+    env = {**os.environ, "STREAMER_PULLER_REPLAY": str(replay), "STREAMER_PULLER_RATE": "-1"}
     proc = subprocess.run(puller_command(), capture_output=True, text=True, timeout=30, env=env)
     assert proc.returncode == 2
     assert "STREAMER_PULLER_RATE: must be greater than 0, not -1" in proc.stderr

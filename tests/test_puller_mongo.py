@@ -173,7 +173,7 @@ def test_document_changes_end_to_end(server: SecantusDBServer, db: Any) -> None:
         assert bson.decode(state) == {"_data": event.event_id}
     assert len({e.event_id for e in events}) == 5
 
-    # What the Streamer makes of them (SPEC section 5).
+    # What the Streamer makes of them (docs/semantics.md, Event transformation).
     assert [normalize(e).op.name for e in events] == [
         "INSERT", "UPDATE", "UPDATE", "INSERT", "DELETE",
     ]

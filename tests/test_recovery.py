@@ -1,4 +1,4 @@
-"""Crashes and restarts with real processes (SPEC sections 2, 3.2 and 6).
+"""Crashes and restarts with real processes (docs/delivery.md).
 
 ``streamer serve`` runs as a real subprocess (``service_helpers.ServeProcess``:
 killable with ``kill -9``, restartable on the same port with the same

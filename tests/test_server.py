@@ -1,4 +1,4 @@
-"""StreamerService over real gRPC on loopback (SPEC section 3.1 behaviour)."""
+"""StreamerService over real gRPC on loopback (docs/protocol.md, Behaviour)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The behaviour list of SPEC sections 3-6, end to end.
+"""The behaviour of docs/protocol.md, docs/semantics.md and docs/delivery.md, end to end.
 
 The whole Streamer runs in-process (``service_helpers.Service``: real gRPC
 on loopback, the real registry, matcher, ingest and sweeper), events come

@@ -3,10 +3,9 @@
 
 Why it exists: registering a subscription parses and checks its CEL
 expression, and the pure-Python front end (a regex tokenizer and a Pratt
-parser) costs ~20 us for a typical expression, far too slow for tens of
-thousands of registrations a second.  This module owns only that speed: a
-tokenizer over the code points of the source (no regexes) and a
-transliteration of the Python parser, in C.
+parser) is far too slow for tens of thousands of registrations a second.
+This module owns only that speed: a tokenizer over the code points of the
+source (no regexes) and a transliteration of the Python parser, in C.
 
 ``streamer.cel`` stays the reference and the contract.  :func:`parse` here
 returns the same AST (instances of the ``streamer.cel`` node classes, with the

@@ -2,7 +2,8 @@
 """Compiled matching core: the subscription index and the predicate evaluator.
 
 Layout of the per-subscription state (all in C arrays, so a million
-subscriptions are a handful of Python objects, not millions; see README):
+subscriptions are a handful of Python objects, not millions; see
+docs/semantics.md, The index):
 
 - a *slot* per subscription: its clause ids;
 - a *clause* per disjunct of the subscription's predicate (DNF): the slot it

@@ -5,16 +5,16 @@ Per event, the ingest has the ids the index matched, the gateway each
 belongs to (the index stores it with the subscription and reports it with
 the match, so no per-id lookup is needed), and the event serialized once.
 Grouping the ids by gateway and framing each group is per-match work:
-written in Python it cost about 0.75 µs per match, more than the matching
-itself, so it is here, with each gateway's message written straight into
-one bytes object. ``streamer.delivery.frame_deliveries_reference`` is the
-pure-Python twin the property tests compare against.
+written in Python it cost more than the matching itself, so it is here, with
+each gateway's message written straight into one bytes object.
+``streamer.delivery.frame_deliveries_reference`` is the pure-Python twin the
+property tests compare against.
 
 The output bytes are ``StreamerMessage{delivery: EventDelivery{
 subscription_ids, event}}`` in the protobuf wire format (see
 ``streamer.delivery`` for why they are written by hand). ``frame_event``
 writes the shared ``EventDelivery.event`` part straight from the event's
-fields, which is a third of the cost of building and serializing a
+fields, which is much cheaper than building and serializing a
 ``StreamerEvent`` message; the property tests require the exact bytes
 protobuf produces.
 """

@@ -1,11 +1,12 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
 """Compiled ingest step: the events of one Puller message → framed deliveries.
 
-Per event the ingest reads the ``ChangeEvent``, applies SPEC section 5,
-frames the ``StreamerEvent`` and fans it out through the index. Written in
-Python around the compiled parts, the glue (the ``Change`` object, the calls,
-the per-event counters) cost about as much as decoding the document; here
-it is a loop over locals.
+Per event the ingest reads the ``ChangeEvent``, applies the event
+transformation (docs/semantics.md, Event transformation), frames the
+``StreamerEvent`` and fans it out through the index. Written in Python around
+the compiled parts, the glue (the ``Change`` object, the calls, the per-event
+counters) was a large share of the per-event cost; here it is a loop over
+locals.
 
 Only the common case is handled here: plain layout, no pre-image, no update
 description, a well-formed insert, update, replace or delete. Any other

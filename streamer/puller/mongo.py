@@ -2,8 +2,8 @@
 
 This module owns reading one database's change stream (all its collections,
 or only the listed ones) with ``pymongo``'s asyncio client, normalizing each
-document change into a ``puller.v1`` ``ChangeEvent`` (SPEC sections 3.2 and
-5), handing them to the Puller's log in batches, and resuming where the log
+document change into a ``puller.v1`` ``ChangeEvent`` (docs/protocol.md),
+handing them to the Puller's log in batches, and resuming where the log
 stopped. It implements the ``Source`` protocol of ``streamer.puller.sources``:
 ``run(emit, resume)``.
 

@@ -196,7 +196,7 @@ class WorkloadSource:
 
     ``source_state`` is ``chat:<seed>:<count>``, the number of events of the
     seeded stream emitted so far; on resume the stream continues after them
-    (regenerating the skipped prefix, about 20 µs per event).
+    (regenerating the skipped prefix).
     """
 
     def __init__(
@@ -214,7 +214,7 @@ class WorkloadSource:
         # events of the seeded stream once and repeat them (new ids and
         # timestamps, same documents), so that a Puller offering tens of
         # thousands of events per second does not spend its core generating
-        # them (about 60 µs per event).
+        # them.
         self.cycle = cycle
         self.workload = Workload(n_subscriptions, seed=seed)
 
