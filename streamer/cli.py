@@ -35,6 +35,7 @@ from streamer.auth import (
     read_token,
     server_credentials,
 )
+from streamer.cel import MAX_EXPRESSION_LENGTH
 from streamer.delivery import DEFAULT_CAPACITY
 from streamer.errors import ResumePointLost
 from streamer.events import LAYOUTS
@@ -167,10 +168,10 @@ def _add_serve(commands: argparse._SubParsersAction[ArgumentParser]) -> None:
              "resource_exhausted")
     opts.add("--max-filters", integer(1), default=limits.max_filters, metavar="N",
              help="filters in one subscribe request; more are refused (resource_exhausted)")
-    opts.add("--max-expression-length", integer(1), default=limits.max_expression_length,
-             metavar="CHARS",
+    opts.add("--max-expression-length", integer(1, MAX_EXPRESSION_LENGTH),
+             default=limits.max_expression_length, metavar="CHARS",
              help="characters of one CEL expression; longer ones are refused "
-             "(resource_exhausted)")
+             f"(resource_exhausted); at most {MAX_EXPRESSION_LENGTH}, the CEL parser's own bound")
     opts.add("--metrics", address, metavar="HOST:PORT",
              help="serve Prometheus metrics over HTTP at http://HOST:PORT/metrics; unset, "
              "there is no metrics endpoint")
