@@ -22,6 +22,7 @@ from test_cel import CASES, CEL_TOKENS, CHECK_ERRORS, PARSE_ERRORS, _expr
 
 from streamer import cel
 from streamer._ext import _celparse
+from streamer.cel.nodes import children
 from streamer.errors import InvalidSubscription
 
 assert _celparse.__file__ is not None and _celparse.__file__.endswith(
@@ -70,7 +71,7 @@ def assert_same_tree(ours: cel.Expr, ref: cel.Expr) -> None:
             for entry in (*a.entries, *b.entries):
                 assert type(entry) is tuple and len(entry) == 2, (where, entry)
         assert all(type(seq) is tuple for seq in _sequences(a)), (where, a)
-        pairs = zip(cel._children(a), cel._children(b), strict=True)
+        pairs = zip(children(a), children(b), strict=True)
         stack.extend((x, y, f"{where}/{type(a).__name__}") for x, y in pairs)
 
 

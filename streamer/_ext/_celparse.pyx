@@ -21,7 +21,7 @@ How it stays exact but cheap:
   the first erroneous token, it only reports it when it reaches it.
 * Depth and node count are tracked while the tree is built (every parse
   function leaves the height of the node it returns in ``_Parser.h``).  Only
-  when a limit is exceeded does ``cel._check_size`` walk the tree, to name
+  when a limit is exceeded does ``streamer.cel.parser.check_size`` walk the tree, to name
   the same node as the reference does.
 * ``check=True`` validates each identifier and call as it is built.  Only if
   one fails does ``cel.check`` walk the tree, to report the first problem in
@@ -60,6 +60,8 @@ cdef extern from "Python.h":
     double PyOS_string_to_double(const char *s, char **endptr, PyObject *overflow_exception) except? -1.0
 
 from streamer import cel
+from streamer.cel import checker as cel_checker
+from streamer.cel import parser as cel_parser
 from streamer.cel import CelSyntaxError
 
 # --------------------------------------------------------------------------
@@ -107,10 +109,10 @@ cdef enum:
     _HARD_DEPTH = 250
 
 # The reference's tables are the definition: use them, not copies.
-cdef frozenset _RESERVED = frozenset(cel._RESERVED)
-cdef frozenset _UNSUPPORTED_MACROS = frozenset(cel._UNSUPPORTED_MACROS)
-cdef object _compile_regex = cel._compile_regex
-cdef object _check_size = cel._check_size
+cdef frozenset _RESERVED = frozenset(cel_parser.RESERVED)
+cdef frozenset _UNSUPPORTED_MACROS = frozenset(cel_parser.UNSUPPORTED_MACROS)
+cdef object _compile_regex = cel_checker.compile_regex
+cdef object _check_size = cel_parser.check_size
 cdef object _check = cel.check
 
 cdef object _Literal = cel.Literal
@@ -241,7 +243,7 @@ cdef class _Parser:
     cdef int tokenize(self) except -1:
         """Fill ``toks``; stop after the first lexical error (an T_ERR token).
 
-        Mirrors ``cel._TOKEN_RE``: the alternatives are tried in its order.
+        Mirrors ``streamer.cel.parser._TOKEN_RE``: the alternatives are tried in its order.
         """
         cdef Py_ssize_t n = self.n, p = 0, q, e, k
         cdef int c, c2
@@ -596,7 +598,7 @@ cdef class _Parser:
 
     cdef object unescape(self, Py_ssize_t start, Py_ssize_t a, Py_ssize_t b):
         """The value of the body [a, b) (with escapes) of the string token at
-        ``start``, or None after pushing the error token (``cel._unescape``)."""
+        ``start``, or None after pushing the error token (``streamer.cel.parser._unescape``)."""
         cdef Py_UCS4 *buf = <Py_UCS4 *>PyMem_Malloc((b - a) * sizeof(Py_UCS4))
         cdef Py_ssize_t k = a, m = 0, j, width
         cdef int c, d
@@ -849,7 +851,7 @@ cdef class _Parser:
         return _Call(function, target, args, pos)
 
     cdef int check_call(self, str fn, bint has_target, tuple args) except -1:
-        """Flag what ``cel._call_shape_ok`` or the ``matches`` pattern check rejects."""
+        """Flag what ``streamer.cel.checker.call_shape_ok`` or the ``matches`` pattern check rejects."""
         cdef Py_ssize_t nargs = len(args)
         cdef bint ok
         if fn == "size":

@@ -181,7 +181,7 @@ cdef object map_lookup(dict d, object key):
     return ERR
 
 
-# Mirrors streamer.cel.MAX_VALUE_DEPTH: deeper values compare as an error
+# Mirrors streamer.cel.nodes.MAX_VALUE_DEPTH: deeper values compare as an error
 # (C recursion on a hostile document would otherwise overflow the stack).
 DEF MAX_VALUE_DEPTH = 100
 
