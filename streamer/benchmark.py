@@ -117,9 +117,12 @@ async def _gateway(args: argparse.Namespace) -> None:
 
         slot = 0
 
-        async def _read(self, call: grpc.aio.StreamStreamCall[Any, Any]) -> None:
+        async def _read(
+            self, call: grpc.aio.StreamStreamCall[Any, Any], opened: asyncio.Event
+        ) -> None:
             clock = time.time_ns
             async for message in call:
+                opened.set()
                 kind = message.WhichOneof("payload")
                 if kind == "batch":
                     deliveries = message.batch.deliveries

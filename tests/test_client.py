@@ -13,10 +13,16 @@ from typing import Any
 import grpc
 import orjson
 import pytest
-from service_helpers import Service, until
+from service_helpers import Service, free_port, until
 
-from streamer.client import StreamerClient
-from streamer.errors import AccessDenied, StreamClosed, StreamerError, SubscriptionRejected
+from streamer.client import DEFAULT_CONNECT_TIMEOUT, StreamerClient
+from streamer.errors import (
+    AccessDenied,
+    CannotConnect,
+    StreamClosed,
+    StreamerError,
+    SubscriptionRejected,
+)
 from streamer.gateways import GatewayRegistry, Session
 from streamer.matcher import Filter
 from streamer.protocol import puller_v1_pb2 as pb
@@ -292,6 +298,63 @@ def test_wrong_token_fails_loudly_instead_of_retrying(tmp_path: Path) -> None:
     run(scenario)
 
 
+def test_a_wrong_address_fails_with_cannot_connect(caplog: pytest.LogCaptureFixture) -> None:
+    target = f"127.0.0.1:{free_port()}"  # nothing listens there
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        async with StreamerClient(
+            target, gateway_id="gw", connect_timeout=0.5, backoff=(0.01, 0.05)
+        ) as client:
+            started = loop.time()
+            with pytest.raises(CannotConnect) as failed:
+                await client.subscribe("messages", subscription_id="s")  # no timeout of its own
+            assert loop.time() - started < 10  # it gave up: it did not wait forever
+            error = failed.value
+            assert isinstance(error, ConnectionError) and isinstance(error, StreamerError)
+            assert (error.target, error.timeout) == (target, 0.5)
+            assert str(error).startswith(f"cannot connect to {target} within 0.5 s: UNAVAILABLE")
+            assert "Connection refused" in error.reason  # why, in gRPC's words
+            with pytest.raises(CannotConnect):
+                await take(client, 1)
+            with pytest.raises(CannotConnect):
+                await client.subscribe("messages")
+            assert not client.connected and client.live_subscriptions == []
+
+    with caplog.at_level(logging.WARNING, logger="streamer.client"):
+        run(scenario)
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any("lost" in m for m in messages), messages
+    assert any(m.startswith(f"cannot connect to streamer {target}: UNAVAILABLE") for m in messages)
+    assert messages[-1].startswith(f"giving up: cannot connect to {target} within 0.5 s")
+    assert StreamerClient(target, gateway_id="gw").connect_timeout == DEFAULT_CONNECT_TIMEOUT == 10
+    with pytest.raises(ValueError, match="connect_timeout must be positive or None"):
+        StreamerClient(target, gateway_id="gw", connect_timeout=0)
+
+
+def test_once_a_stream_opened_reconnects_outlast_the_connect_timeout(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario() -> None:
+        async with Service(tmp_path) as svc, StreamerClient(
+            svc.target, gateway_id="gw", connect_timeout=0.2, **FAST
+        ) as client:
+            await client.subscribe("messages", subscription_id="s")
+            await svc.stop()
+            await until(lambda: not client.connected)
+            await asyncio.sleep(1.0)  # the server stays away for five connect timeouts
+            await svc.start()
+            await until(lambda: client.connected)
+            assert client.reconnects == 1 and client.live_subscriptions == ["s"]
+
+    with caplog.at_level(logging.WARNING, logger="streamer.client"):
+        run(scenario)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len([m for m in messages if m.startswith("stream to streamer")]) == 1, messages
+    assert any(m.startswith("cannot connect to streamer") for m in messages)
+    assert not any(m.startswith("giving up") for m in messages)
+
+
 def test_close_ends_deliveries_and_pending_calls(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with Service(tmp_path) as svc:
@@ -403,3 +466,4 @@ def test_missing_acks_mean_a_dead_stream(caplog: pytest.LogCaptureFixture) -> No
     messages = [r.getMessage() for r in caplog.records]
     assert "ignoring a response for unknown subscription 'ghost'" in messages
     assert any(m.startswith("stream to streamer") and "no heartbeat ack" in m for m in messages)
+
