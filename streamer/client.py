@@ -32,7 +32,6 @@ Only grpcio, protobuf and the standard library are needed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -205,15 +204,25 @@ class StreamerClient:
 
     async def close(self) -> None:
         """Stop; pending ``subscribe()`` calls raise ``StreamClosed`` and
-        ``deliveries()`` ends after what was already received."""
+        ``deliveries()`` ends after what was already received.
+
+        Made for ``async with`` on a cancelled task (Ctrl-C): the client is
+        closed all the same, a cancellation of the caller is never swallowed
+        and nothing gets chained to one already under way.
+        """
         if self._closed:
             return
         self._closed = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        self._end(StreamClosed("the client is closed"))
+        try:
+            if self._task is not None:
+                self._task.cancel()
+                # Unlike awaiting the task, wait() never raises the task's
+                # own CancelledError, so only the caller's can end it early.
+                await asyncio.wait([self._task])
+                if not self._task.cancelled():
+                    self._task.result()  # a failure of the client itself
+        finally:
+            self._end(StreamClosed("the client is closed"))
 
     async def subscribe(
         self,
