@@ -3,6 +3,7 @@ its help, bad options, and Ctrl-C leaving no process behind."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -16,7 +17,13 @@ import psutil
 import pytest
 
 from streamer.cli import build_parser, main
-from streamer.demo import Gateway, verify
+from streamer.demo import (
+    Gateway,
+    Run,
+    latency_series,
+    summary,
+    verify,
+)
 from streamer.puller.log import ReplayLog
 
 SMALL = ["--subscriptions", "2000", "--gateways", "2", "--rate", "500", "--duration", "3"]
@@ -163,6 +170,13 @@ def test_ctrl_c_stops_everything(tmp_path: Path) -> None:
     assert "summary (partial: interrupted)" in rest
     assert "interrupted while running" in rest
     assert not re.search(r"^events\s+\| 0$", rest, re.M)  # the partial figures
+    # Its rate is over the seconds the live rows cover, not the stopping after.
+    rows = [int(m.replace(",", "")) for m in re.findall(r"^ *\d+s \| +([\d,]+) \|", rest, re.M)]
+    found = re.search(r"^events/s\s+\| ([\d,]+) over ([\d.]+) s$", rest, re.M)
+    assert rows and found, rest
+    rate, seconds = int(found[1].replace(",", "")), float(found[2])
+    assert seconds < len(rows) + 1, rest
+    assert abs(rate * seconds - sum(rows)) <= 0.1 * sum(rows), rest
     _, alive = psutil.wait_procs(children, timeout=5)
     assert not alive, [p.pid for p in alive]
 
@@ -191,3 +205,32 @@ def test_killed_demo_leaves_no_process(tmp_path: Path) -> None:
         proc.wait()
     _, alive = psutil.wait_procs(children, timeout=20)
     assert not alive, [p.pid for p in alive]
+
+
+def partial_run(**fields: object) -> Run:
+    run = Run(argparse.Namespace(rate=2000.0), Path("unused"), interactive=False)
+    for name, value in fields.items():
+        setattr(run, name, value)
+    return run
+
+
+def test_partial_summary_rates_are_over_the_time_events_flowed() -> None:
+    # Counted at the 10th second of a run interrupted 15 s after it began:
+    # stopping the processes took the rest, and no event flowed meanwhile.
+    run = partial_run(run_start=time.monotonic() - 15, flow_seconds=10.0, events=20_000,
+                      deliveries=70_000)
+    text = summary(run, interrupted=True)
+    assert re.search(r"^events/s\s+\| 2,000 over 10\.0 s$", text, re.M), text
+    assert re.search(r"^deliveries/s\s+\| 7,000$", text, re.M), text
+    before = summary(partial_run(run_start=time.monotonic()), interrupted=True)
+    assert re.search(r"^events/s\s+\| n/a$", before, re.M), before  # no count yet
+
+
+def test_the_latency_plot_lines_up_with_the_live_table() -> None:
+    run = partial_run(run_start=100.0)
+    # Gateway reports arriving in the run's first second are the row the
+    # live table prints at t = 1 s, and so on.
+    run.latency_in({"5": 10}, now=100.5)
+    run.latency_in({"7": 98, "40": 2}, now=101.2)
+    assert latency_series(run) == [(1, 5.0, 5.0), (2, 7.0, 40.0)]
+    assert [run.row_latencies(t) for t in (1, 2)] == [{5: 10}, {7: 98, 40: 2}]
