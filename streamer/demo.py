@@ -25,6 +25,11 @@ same subscriptions (and, for a sample of events, by the linear
 Latency is ingest→gateway: receive time at the gateway minus the event's
 ``timestamp`` (milliseconds since the epoch, set by the Puller when its
 source emits it), so its resolution is 1 ms.
+
+The temporary work directory (``streamer-demo-*``, on ``/dev/shm`` when
+there is one) holds a file naming the demo's pid. A demo killed by SIGKILL
+cannot remove its directory, so each demo first removes those of its user
+whose demo process is gone.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import random
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -67,6 +73,10 @@ STARTUP_TIMEOUT = 30.0
 # Streamer reaches the Puller at once instead of after reconnect backoff.
 START_GATE = "demo-start"
 DRAIN_TIMEOUT = 30.0
+# The temporary work directory: its name, and the file in it naming the
+# demo process that owns it (so a later demo can tell an abandoned one).
+WORK_DIR_PREFIX = "streamer-demo-"
+OWNER_FILE = "demo.pid"
 
 
 # --------------------------------------------------------------- the gateway
@@ -833,6 +843,51 @@ async def _main(args: argparse.Namespace, work: Path) -> int:
     return code
 
 
+def remove_stale_work_dirs(parent: Path) -> list[Path]:
+    """Remove the temporary work directories in ``parent`` that demos killed
+    by SIGKILL (which no cleanup survives) left behind; returns them.
+
+    Only directories named ``streamer-demo-*``, owned by this user, whose
+    owner file (also this user's) names a process that no longer exists:
+    anything else, including a directory without an owner file (an older
+    demo's, or one being created right now), is left alone.
+    """
+    try:
+        candidates = [p for p in parent.iterdir() if p.name.startswith(WORK_DIR_PREFIX)]
+    except OSError:
+        return []
+    removed = []
+    for path in candidates:
+        if _abandoned(path):
+            shutil.rmtree(path, ignore_errors=True)
+            if not os.path.lexists(path):
+                removed.append(path)
+    return removed
+
+
+def _abandoned(path: Path) -> bool:
+    uid = os.getuid()
+    owner_file = path / OWNER_FILE
+    try:
+        # lstat: a symlink is neither the directory nor the file we wrote.
+        directory, owner = os.lstat(path), os.lstat(owner_file)
+        if not (stat.S_ISDIR(directory.st_mode) and stat.S_ISREG(owner.st_mode)
+                and directory.st_uid == uid and owner.st_uid == uid):
+            return False
+        pid = int(owner_file.read_text().strip())
+    except (OSError, ValueError):
+        return False
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # a process of another user's: alive
+        return False
+    return False
+
+
 def main(args: argparse.Namespace) -> int:
     """``streamer demo`` (argument checks are done by the caller)."""
     if args.work_dir is not None:
@@ -845,9 +900,13 @@ def main(args: argparse.Namespace) -> int:
     # In memory when possible: the Puller fsyncs every batch, and a busy
     # disk's fsync latency would drown what the demo is about.
     shm = Path("/dev/shm")
-    where = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
-    work = Path(tempfile.mkdtemp(prefix="streamer-demo-", dir=where))
+    parent = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+    for stale in remove_stale_work_dirs(parent):
+        print(f"streamer demo: removed {stale}, left behind by a demo that was killed",
+              flush=True)
+    work = Path(tempfile.mkdtemp(prefix=WORK_DIR_PREFIX, dir=parent))
     try:
+        (work / OWNER_FILE).write_text(f"{os.getpid()}\n")
         return asyncio.run(_main(args, work))
     finally:
         shutil.rmtree(work, ignore_errors=True)
