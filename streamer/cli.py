@@ -579,6 +579,8 @@ async def serve(args: argparse.Namespace) -> int:
     # being written to hold the drain, up to --drain-seconds.
     servicer.shutdown()
     await server.stop(grace=args.drain_seconds)
+    # A handler still running when the event loop closes gets cancelled,
+    # which gRPC logs as an error with a traceback.
     await servicer.wait_closed(timeout=1.0)
     if metrics is not None:
         await asyncio.to_thread(metrics.close)

@@ -230,6 +230,10 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
                               f"of gateway {old.gateway_id}")
                 if message.hello.batch_delivery:
                     queue.enable_batches(message.hello.max_batch)
+                mode = "plain" if queue.max_batch is None else f"batches of {queue.max_batch}"
+                log.info("gateway stream %d is gateway %s (%s)", session.key,
+                         session.gateway_id, mode,
+                         extra={"stream": session.key, "gateway": session.gateway_id})
             else:
                 registry.touch(session)
                 log.warning("gateway %s sent an empty message", session.gateway_id or session.key)

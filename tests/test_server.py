@@ -223,6 +223,8 @@ def test_each_stream_is_logged_when_it_opens_and_ends(caplog: pytest.LogCaptureF
         run(scenario)
     opened = [r.getMessage() for r in caplog.records if " opened " in r.getMessage()]
     assert len(opened) == 2
+    [hello] = [r.getMessage() for r in caplog.records if " is gateway " in r.getMessage()]
+    assert re.fullmatch(r"gateway stream \d+ is gateway gw-b \(batches of 256\)", hello), hello
     assert all(re.fullmatch(r"gateway stream \d+ opened by ipv4:127\.0\.0\.1:\d+", m)
                for m in opened), opened
     first, second = ends(caplog)
