@@ -3,9 +3,10 @@
 It owns one bidirectional ``StreamerService.Stream`` per client and
 everything a gateway needs around it: subscribe/unsubscribe with awaited
 responses, heartbeats, dead-stream detection (read errors and missing
-heartbeat acks), reconnection with jittered exponential backoff forever
-until closed, re-subscription of every live subscription under the same id
-after each reconnect, and async iteration over the deliveries::
+heartbeat acks), reconnection with jittered exponential backoff (forever
+until closed, once a stream has opened), re-subscription of every live
+subscription under the same id after each reconnect, and async iteration
+over the deliveries::
 
     async with StreamerClient("127.0.0.1:50052", gateway_id="gw-1") as client:
         sid = await client.subscribe("messages", filters=[("chat_id", "==", "c1")])
