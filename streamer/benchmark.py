@@ -152,7 +152,10 @@ async def _gateway(args: argparse.Namespace) -> None:
 
     clients = []
     for slot, i in enumerate(indexes):
-        client = Gateway(args.target, gateway_id=f"gw-{i}", batch=args.batch)
+        # The Streamer is started alongside the gateways, so give it time to
+        # come up even on a loaded machine.
+        client = Gateway(args.target, gateway_id=f"gw-{i}", batch=args.batch,
+                         connect_timeout=60.0)
         client.slot = slot
         clients.append(client)
     for client in clients:
