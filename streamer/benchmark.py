@@ -118,9 +118,12 @@ async def _gateway(args: argparse.Namespace) -> None:
 
         slot = 0
 
-        async def _read(self, call: grpc.aio.StreamStreamCall[Any, Any]) -> None:
+        async def _read(
+            self, call: grpc.aio.StreamStreamCall[Any, Any], opened: asyncio.Event
+        ) -> None:
             clock = time.time_ns
             async for message in call:
+                opened.set()
                 kind = message.WhichOneof("payload")
                 if kind == "batch":
                     deliveries = message.batch.deliveries
@@ -150,7 +153,10 @@ async def _gateway(args: argparse.Namespace) -> None:
 
     clients = []
     for slot, i in enumerate(indexes):
-        client = Gateway(args.target, gateway_id=f"gw-{i}", batch=args.batch)
+        # The Streamer is started alongside the gateways, so give it time to
+        # come up even on a loaded machine.
+        client = Gateway(args.target, gateway_id=f"gw-{i}", batch=args.batch,
+                         connect_timeout=60.0)
         client.slot = slot
         clients.append(client)
     for client in clients:

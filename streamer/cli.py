@@ -510,7 +510,13 @@ async def serve(args: argparse.Namespace) -> int:
         with contextlib.suppress(asyncio.CancelledError):
             await task
     await progress.flush()
+    # Streams end as soon as their queues are written: only gateways still
+    # being written to hold the drain, up to --drain-seconds.
+    servicer.shutdown()
     await server.stop(grace=args.drain_seconds)
+    # A handler still running when the event loop closes gets cancelled,
+    # which gRPC logs as an error with a traceback.
+    await servicer.wait_closed(timeout=1.0)
     if metrics is not None:
         await asyncio.to_thread(metrics.close)
     log.info("stopped at marker %r", progress.marker)

@@ -3,9 +3,10 @@
 It owns one bidirectional ``StreamerService.Stream`` per client and
 everything a gateway needs around it: subscribe/unsubscribe with awaited
 responses, heartbeats, dead-stream detection (read errors and missing
-heartbeat acks), reconnection with jittered exponential backoff forever
-until closed, re-subscription of every live subscription under the same id
-after each reconnect, and async iteration over the deliveries::
+heartbeat acks), reconnection with jittered exponential backoff (forever
+until closed, once a stream has opened), re-subscription of every live
+subscription under the same id after each reconnect, and async iteration
+over the deliveries::
 
     async with StreamerClient("127.0.0.1:50052", gateway_id="gw-1") as client:
         sid = await client.subscribe("messages", filters=[("chat_id", "==", "c1")])
@@ -16,7 +17,11 @@ Delivery is at-least-once: events around a reconnect can arrive twice and
 the client does not deduplicate. Wrong credentials (``UNAUTHENTICATED``,
 ``PERMISSION_DENIED``) are not retried: the client fails with
 ``AccessDenied``, raised by ``subscribe()`` and at the end of
-``deliveries()``.
+``deliveries()``. Neither is an address that never answers: when no stream
+has opened within ``connect_timeout`` of ``start()``, the client fails the
+same way with ``CannotConnect`` (the address and the last attempt's
+failure). Once a stream has opened, the client never gives up on the
+server again: a lost stream is retried forever.
 
 A re-subscription the server refuses after a reconnect is logged, dropped
 from ``live_subscriptions`` and handed to ``on_rejected`` (if given) as a
@@ -28,7 +33,6 @@ Only grpcio, protobuf and the standard library are needed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -39,7 +43,13 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from streamer.errors import AccessDenied, StreamClosed, SubscriptionRejected
+from streamer.errors import (
+    AccessDenied,
+    CannotConnect,
+    StreamClosed,
+    StreamerError,
+    SubscriptionRejected,
+)
 from streamer.protocol import streamer_v1_pb2_grpc
 from streamer.protocol.streamer_v1_pb2 import (
     EventDelivery,
@@ -58,13 +68,18 @@ from streamer.transport import KEEPALIVE_OPTIONS
 if TYPE_CHECKING:
     from streamer import matcher
 
-__all__ = ["AccessDenied", "StreamClosed", "StreamerClient", "SubscriptionRejected"]
+__all__ = [
+    "AccessDenied", "CannotConnect", "StreamClosed", "StreamerClient", "SubscriptionRejected",
+]
 
 log = logging.getLogger(__name__)
 
 # Well below the server's 90 s session TTL, so one lost heartbeat never
 # expires the session.
 DEFAULT_HEARTBEAT_INTERVAL = 10.0
+# Long enough for a server that is still starting, short enough that a
+# wrong address is reported while someone is still watching.
+DEFAULT_CONNECT_TIMEOUT = 10.0
 _FATAL = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
 _INT64 = (-(2**63), 2**63 - 1)
 
@@ -79,7 +94,10 @@ class StreamerClient:
     stream may go without a heartbeat ack (or, right after connecting,
     without the answers to the re-subscriptions) before it is declared dead.
     ``backoff`` is the (initial, maximum) reconnect delay in seconds, each
-    delay jittered by a factor in [0.5, 1.5]. ``tls`` is the channel's
+    delay jittered by a factor in [0.5, 1.5]. ``connect_timeout`` is how long
+    the first stream may take to open (the server's first answer on it)
+    before the client fails with ``CannotConnect``; None retries forever.
+    ``tls`` is the channel's
     credentials (None: plaintext), ``token`` is sent as ``authorization:
     Bearer <token>`` on the stream, ``channel_options`` go to the channel
     (e.g. ``grpc.ssl_target_name_override``) after the keepalive settings of
@@ -98,6 +116,7 @@ class StreamerClient:
         heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
         ack_timeout: float | None = None,
         backoff: tuple[float, float] = (0.1, 5.0),
+        connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
         on_rejected: Callable[[SubscriptionRejected], object] | None = None,
         channel_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
@@ -110,6 +129,8 @@ class StreamerClient:
         if not 0 < backoff[0] <= backoff[1]:
             raise ValueError(f"backoff must be (initial, maximum) with 0 < initial <= maximum, "
                              f"got {backoff}")
+        if connect_timeout is not None and not connect_timeout > 0:
+            raise ValueError(f"connect_timeout must be positive or None, got {connect_timeout}")
         self.target = target
         self.gateway_id = gateway_id
         self.batch = batch
@@ -117,6 +138,7 @@ class StreamerClient:
         self.heartbeat_interval = heartbeat_interval
         self.ack_timeout = 3 * heartbeat_interval if ack_timeout is None else ack_timeout
         self.backoff = backoff
+        self.connect_timeout = connect_timeout
         self.on_rejected = on_rejected
         self._tls = tls
         self._channel_options = [*KEEPALIVE_OPTIONS, *channel_options]
@@ -139,7 +161,10 @@ class StreamerClient:
         self._last_ack = 0.0
         self._acked = asyncio.Event()
         self._connections = 0
-        self._failure: AccessDenied | None = None
+        # Some stream has opened (the server answered on it): from then on
+        # the client retries forever.
+        self._opened = False
+        self._failure: AccessDenied | CannotConnect | None = None
         self._closed = False
         self._task: asyncio.Task[None] | None = None
 
@@ -180,15 +205,25 @@ class StreamerClient:
 
     async def close(self) -> None:
         """Stop; pending ``subscribe()`` calls raise ``StreamClosed`` and
-        ``deliveries()`` ends after what was already received."""
+        ``deliveries()`` ends after what was already received.
+
+        Made for ``async with`` on a cancelled task (Ctrl-C): the client is
+        closed all the same, a cancellation of the caller is never swallowed
+        and nothing gets chained to one already under way.
+        """
         if self._closed:
             return
         self._closed = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        self._end(StreamClosed("the client is closed"))
+        try:
+            if self._task is not None:
+                self._task.cancel()
+                # Unlike awaiting the task, wait() never raises the task's
+                # own CancelledError, so only the caller's can end it early.
+                await asyncio.wait([self._task])
+                if not self._task.cancelled():
+                    self._task.result()  # a failure of the client itself
+        finally:
+            self._end(StreamClosed("the client is closed"))
 
     async def subscribe(
         self,
@@ -206,6 +241,7 @@ class StreamerClient:
         know the id to re-subscribe it after a reconnect). While disconnected
         this waits for the connection; ``timeout`` bounds the whole call
         (``TimeoutError``). Raises ``SubscriptionRejected`` when refused,
+        ``AccessDenied`` or ``CannotConnect`` when the client has failed,
         ``TypeError`` for a filter value with no protocol ``Value``.
         ``database`` is sent as given: the server has no default database,
         so ``""`` matches only events whose database is ``""``.
@@ -261,8 +297,9 @@ class StreamerClient:
     async def deliveries(self) -> AsyncIterator[EventDelivery]:
         """Every delivery, batches flattened, in the order received.
 
-        Ends when the client is closed; raises ``AccessDenied`` after the
-        last delivery if the server refused the credentials. Meant for one
+        Ends when the client is closed; raises ``AccessDenied`` (the server
+        refused the credentials) or ``CannotConnect`` (no stream opened
+        within ``connect_timeout``) after the last delivery. Meant for one
         consumer at a time.
         """
         queue = self._deliveries
@@ -281,7 +318,7 @@ class StreamerClient:
         if self._closed:
             raise StreamClosed("the client is closed")
 
-    def _end(self, error: AccessDenied | StreamClosed) -> None:
+    def _end(self, error: StreamerError) -> None:
         for waiter in self._waiters.values():
             if not waiter.done():
                 waiter.set_exception(error)
@@ -293,39 +330,72 @@ class StreamerClient:
             self._outbox.put_nowait(message)
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        timeout = self.connect_timeout
+        started = loop.time()
         delay = self.backoff[0]
+        last_failure = ""
         while True:
+            deadline = None if self._opened or timeout is None else started + timeout
             try:
-                established = await self._connect()
+                established, failure = await self._connect(deadline)
             except AccessDenied as exc:
                 log.error("streamer %s refused gateway %s: %s", self.target, self.gateway_id, exc)
-                self._failure = exc
-                self._end(exc)
+                self._fail(exc)
                 return
             if established:
                 delay = self.backoff[0]
-            await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+            pause = delay * random.uniform(0.5, 1.5)
             delay = min(delay * 2, self.backoff[1])
+            if not self._opened and timeout is not None:
+                # An attempt cut short by the deadline knows less than the
+                # one that failed before it.
+                last_failure = failure or last_failure
+                remaining = started + timeout - loop.time()
+                if remaining <= 0:
+                    error = CannotConnect(
+                        self.target, timeout, last_failure or "no answer from the server")
+                    log.error("giving up: %s", error)
+                    self._fail(error)
+                    return
+                pause = min(pause, remaining)
+            await asyncio.sleep(pause)
 
-    async def _connect(self) -> bool:
-        """One stream, until it fails; True if it got through the handshake."""
+    def _fail(self, error: AccessDenied | CannotConnect) -> None:
+        self._failure = error
+        self._end(error)
+
+    async def _connect(self, deadline: float | None) -> tuple[bool, str | None]:
+        """One stream, until it fails, or until ``deadline`` (loop time) if
+        it has not opened by then: whether it got through the handshake,
+        and why it ended (None: the deadline)."""
         if self._tls is None:
             channel = grpc.aio.insecure_channel(self.target, options=self._channel_options)
         else:
             channel = grpc.aio.secure_channel(self.target, self._tls, options=self._channel_options)
         outbox: asyncio.Queue[GatewayMessage] = asyncio.Queue()
         self._outbox, self._sent = outbox, set()
+        opened = asyncio.Event()
         try:
             stub = streamer_v1_pb2_grpc.StreamerServiceStub(channel)  # type: ignore[no-untyped-call]
             call = stub.Stream(metadata=self._metadata)
             tasks = [
-                asyncio.create_task(self._read(call)),
+                asyncio.create_task(self._read(call, opened)),
                 asyncio.create_task(self._write(call, outbox)),
                 asyncio.create_task(self._pulse()),
             ]
             try:
                 # Each task runs until the stream is unusable.
-                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                done: set[asyncio.Task[None]] = set()
+                if deadline is not None:
+                    done, _ = await asyncio.wait(
+                        tasks, timeout=max(0.0, deadline - asyncio.get_running_loop().time()),
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                    if not done and not opened.is_set():
+                        return False, None
+                if not done:
+                    done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                 established = self._connected.is_set()
                 # A write racing the server's refusal turns the call's status
                 # into INTERNAL (grpc.aio marks the call failed itself): that
@@ -339,9 +409,13 @@ class StreamerClient:
                     reason = f"{error.code().name}: {error.details()}"
                 else:
                     reason = str(error)
-                log.warning("stream to streamer %s lost: %s", self.target, reason)
-                return established
+                if opened.is_set():
+                    log.warning("stream to streamer %s lost: %s", self.target, reason)
+                else:
+                    log.warning("cannot connect to streamer %s: %s", self.target, reason)
+                return established, reason
             finally:
+                self._opened = self._opened or opened.is_set()
                 self._connected.clear()
                 self._outbox = None
                 call.cancel()
@@ -351,8 +425,9 @@ class StreamerClient:
         finally:
             await channel.close()
 
-    async def _read(self, call: grpc.aio.StreamStreamCall) -> None:
+    async def _read(self, call: grpc.aio.StreamStreamCall, opened: asyncio.Event) -> None:
         async for message in call:
+            opened.set()  # an answer proves a Streamer is at the address
             kind = message.WhichOneof("payload")
             if kind == "delivery":
                 self._deliveries.put_nowait(message.delivery)

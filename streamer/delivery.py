@@ -157,6 +157,11 @@ class GatewayQueue:
         self._ready.set()
         return True
 
+    @property
+    def closed(self) -> bool:
+        """No longer accepting: a refused offer is not a lagging gateway."""
+        return self._closed
+
     def close(self) -> None:
         """Stop accepting; the writer ends once the queue is drained."""
         self._closed = True

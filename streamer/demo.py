@@ -26,6 +26,11 @@ order.
 Latency is ingest→gateway: receive time at the gateway minus the event's
 ``timestamp`` (milliseconds since the epoch, set by the Puller when its
 source emits it), so its resolution is 1 ms.
+
+The temporary work directory (``streamer-demo-*``, on ``/dev/shm`` when
+there is one) holds a file naming the demo's pid. A demo killed by SIGKILL
+cannot remove its directory, so each demo first removes those of its user
+whose demo process is gone.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import random
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -68,6 +74,10 @@ STARTUP_TIMEOUT = 30.0
 # Streamer reaches the Puller at once instead of after reconnect backoff.
 START_GATE = "demo-start"
 DRAIN_TIMEOUT = 30.0
+# The temporary work directory: its name, and the file in it naming the
+# demo process that owns it (so a later demo can tell an abandoned one).
+WORK_DIR_PREFIX = "streamer-demo-"
+OWNER_FILE = "demo.pid"
 
 
 # --------------------------------------------------------------- the gateway
@@ -241,6 +251,9 @@ class Run:
     latencies: Counter[int] = field(default_factory=Counter)
     run_start: float | None = None  # monotonic time the Puller was started
     run_end: float | None = None  # ... and stopped
+    # Seconds from run_start to when ``events`` was counted: what its rate is
+    # over when the run is cut short (the stopping afterwards is no flow).
+    flow_seconds: float | None = None
     registration_s: float | None = None
     ingest_p50: float = math.nan  # seconds, the Streamer's own histogram
     ingest_p99: float = math.nan
@@ -267,6 +280,12 @@ class Run:
             sys.stdout.flush()
         else:
             print(text, flush=True)
+
+    def row_latencies(self, t: int) -> Counter[int]:
+        """The latencies behind row ``t`` of the live table (printed ``t``
+        seconds after the run started): the gateways' reports of the second
+        before it."""
+        return self.per_second.get(t - 1, Counter())
 
     def latency_in(self, latencies: dict[str, int], now: float) -> None:
         if self.run_start is None or not latencies:
@@ -478,15 +497,17 @@ async def _demo(run: Run) -> None:
             raise DemoFailed(f"the Puller exited with code {run.puller.returncode}")
         if not scraped():
             continue
+        sampled = loop.time()
         events = metrics["streamer_events_total"] - previous.get("streamer_events_total", 0)
         deliveries = (metrics["streamer_deliveries_total"]
                       - previous.get("streamer_deliveries_total", 0))
         previous = dict(metrics)
         # What a partial summary (Ctrl-C) shows.
         run.events = int(metrics["streamer_events_total"])
+        run.flow_seconds = sampled - run.run_start
         run.deliveries = sum(gw.total for gw in run.gateways)
         run.cpu_end = _cpu(run.streamer)
-        p99 = quantile(run.per_second.get(second - 1, Counter()), 0.99)
+        p99 = quantile(run.row_latencies(second), 0.99)
         p99_text = "-" if math.isnan(p99) else f"{p99:.0f}"
         line = (f"{second:>3}s | {events:>9,.0f} | {deliveries:>12,.0f} | {p99_text:>6} | "
                 f"{int(metrics['streamer_subscriptions']):>13,}")
@@ -531,6 +552,7 @@ async def _demo(run: Run) -> None:
     run.rss_mib = _rss_mib(run.streamer)
     scraped()
     run.events = int(metrics.get("streamer_events_total", 0))
+    run.flow_seconds = run.run_end - run.run_start
     run.ingest_p50 = ingest_quantile(metrics, 0.5)
     run.ingest_p99 = ingest_quantile(metrics, 0.99)
     # Every gateway writes out its records as it stops.
@@ -706,10 +728,9 @@ def _fmt(value: float | None, spec: str, unit: str = "") -> str:
 
 
 def summary(run: Run, interrupted: bool) -> str:
-    elapsed = run.emit_seconds
-    if elapsed is None and run.run_start is not None:
-        end = run.run_end if run.run_end is not None else time.monotonic()
-        elapsed = end - run.run_start
+    # Rates are over the time the counted events took to arrive: from the
+    # Puller's log when the run got that far, else up to the last count.
+    elapsed = run.emit_seconds if run.emit_seconds is not None else run.flow_seconds
     per_s = (lambda x: x / elapsed) if elapsed else (lambda x: math.nan)
     cpu = None
     if run.cpu_start is not None and run.cpu_end is not None and run.events:
@@ -742,6 +763,13 @@ def summary(run: Run, interrupted: bool) -> str:
     return "\n".join(lines)
 
 
+def latency_series(run: Run) -> list[tuple[int, float, float]]:
+    """(t, p50, p99) of each row of the live table, as the plot draws them."""
+    rows = sorted(s + 1 for s in run.per_second)
+    return [(t, quantile(run.row_latencies(t), 0.5), quantile(run.row_latencies(t), 0.99))
+            for t in rows]
+
+
 def plot(run: Run, path: Path) -> None:
     try:
         import matplotlib
@@ -750,11 +778,11 @@ def plot(run: Run, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    seconds = sorted(run.per_second)
+    series = latency_series(run)
     fig, ax = plt.subplots(figsize=(8, 4))
-    for q, label in ((0.5, "p50"), (0.99, "p99")):
-        ax.plot(seconds, [quantile(run.per_second[s], q) for s in seconds], label=label)
-    ax.set_xlabel("seconds since the Puller started")
+    for column, label in ((1, "p50"), (2, "p99")):
+        ax.plot([row[0] for row in series], [row[column] for row in series], label=label)
+    ax.set_xlabel("seconds since the Puller started (t of the live table)")
     ax.set_ylabel("latency, ms (Puller emit → gateway)")
     ax.set_title(f"streamer demo: {run.subscriptions:,} subscriptions, "
                  f"{len(run.gateways)} gateways, {run.args.rate:g} events/s")
@@ -818,6 +846,51 @@ async def _main(args: argparse.Namespace, work: Path) -> int:
     return code
 
 
+def remove_stale_work_dirs(parent: Path) -> list[Path]:
+    """Remove the temporary work directories in ``parent`` that demos killed
+    by SIGKILL (which no cleanup survives) left behind; returns them.
+
+    Only directories named ``streamer-demo-*``, owned by this user, whose
+    owner file (also this user's) names a process that no longer exists:
+    anything else, including a directory without an owner file (an older
+    demo's, or one being created right now), is left alone.
+    """
+    try:
+        candidates = [p for p in parent.iterdir() if p.name.startswith(WORK_DIR_PREFIX)]
+    except OSError:
+        return []
+    removed = []
+    for path in candidates:
+        if _abandoned(path):
+            shutil.rmtree(path, ignore_errors=True)
+            if not os.path.lexists(path):
+                removed.append(path)
+    return removed
+
+
+def _abandoned(path: Path) -> bool:
+    uid = os.getuid()
+    owner_file = path / OWNER_FILE
+    try:
+        # lstat: a symlink is neither the directory nor the file we wrote.
+        directory, owner = os.lstat(path), os.lstat(owner_file)
+        if not (stat.S_ISDIR(directory.st_mode) and stat.S_ISREG(owner.st_mode)
+                and directory.st_uid == uid and owner.st_uid == uid):
+            return False
+        pid = int(owner_file.read_text().strip())
+    except (OSError, ValueError):
+        return False
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # a process of another user's: alive
+        return False
+    return False
+
+
 def main(args: argparse.Namespace) -> int:
     """``streamer demo`` (argument checks are done by the caller)."""
     if args.work_dir is not None:
@@ -830,9 +903,13 @@ def main(args: argparse.Namespace) -> int:
     # In memory when possible: the Puller fsyncs every batch, and a busy
     # disk's fsync latency would drown what the demo is about.
     shm = Path("/dev/shm")
-    where = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
-    work = Path(tempfile.mkdtemp(prefix="streamer-demo-", dir=where))
+    parent = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+    for stale in remove_stale_work_dirs(parent):
+        print(f"streamer demo: removed {stale}, left behind by a demo that was killed",
+              flush=True)
+    work = Path(tempfile.mkdtemp(prefix=WORK_DIR_PREFIX, dir=parent))
     try:
+        (work / OWNER_FILE).write_text(f"{os.getpid()}\n")
         return asyncio.run(_main(args, work))
     finally:
         shutil.rmtree(work, ignore_errors=True)

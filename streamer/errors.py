@@ -47,6 +47,22 @@ class StreamClosed(StreamerError, ConnectionError):
     """The client was closed; it sends and receives nothing more."""
 
 
+class CannotConnect(StreamerError, ConnectionError):
+    """A ``StreamerClient`` could not open its first stream within its
+    ``connect_timeout`` (nothing listening at the address, a TLS failure, a
+    server that is not a Streamer, no answer at all).
+
+    ``target`` is the address, ``timeout`` the connect timeout in seconds and
+    ``reason`` the last attempt's failure (a gRPC status and its details).
+    """
+
+    def __init__(self, target: str, timeout: float, reason: str) -> None:
+        super().__init__(f"cannot connect to {target} within {timeout:g} s: {reason}")
+        self.target = target
+        self.timeout = timeout
+        self.reason = reason
+
+
 class AccessDenied(StreamerError, PermissionError):
     """The Streamer refused the gateway's credentials (``UNAUTHENTICATED`` or
     ``PERMISSION_DENIED``); retrying with the same ones cannot help.

@@ -136,15 +136,15 @@ def normalize(
 
     doc = full
     if layout == "syntrix":
-        stored = full if full is not None else before
-        if stored is not None:
-            database = _str(stored.get("database"), database)
-            collection = _str(stored.get("collection"), collection)
+        # Each name comes from the post-image when it has it, else from the
+        # pre-image: a soft delete empties ``data`` (so the post-image has no
+        # ``data.id``), and a hard delete has no post-image at all. Without
+        # either, the Puller's own names stand (the stored id for the document).
+        database = _first_str("database", (full, before), database)
+        collection = _first_str("collection", (full, before), collection)
         doc = _flatten_syntrix(full, eid, "full_doc") if full is not None else None
         before = _flatten_syntrix(before, eid, "before_doc") if before is not None else None
-        source = doc if doc is not None else before
-        if source is not None:
-            document_id = _str(source.get("id"), document_id)
+        document_id = _first_str("id", (doc, before), document_id)
 
     if op_type == "insert":
         if doc is None:
@@ -188,8 +188,14 @@ def normalize(
     )
 
 
-def _str(value: object, default: str) -> str:
-    return value if isinstance(value, str) and value else default
+def _first_str(key: str, docs: tuple[dict[str, Any] | None, ...], default: str) -> str:
+    """The first non-empty string under ``key`` in ``docs``, else ``default``."""
+    for doc in docs:
+        if doc is not None:
+            value = doc.get(key)
+            if isinstance(value, str) and value:
+                return value
+    return default
 
 
 def _sets_false(raw: bytes, field: str, event_id: str, max_bytes: int) -> bool:

@@ -102,6 +102,9 @@ class Session:
     hello: bool = False  # said Hello: speaks the restart-window protocol
     subscriptions: set[str] = field(default_factory=set)
     last_seen: float = 0.0
+    # Subscriptions removed when the session was disconnected (for the log
+    # line of its stream's end, which may come later: superseded, expired).
+    dropped: int = 0
 
 
 class GatewayRegistry:
@@ -234,6 +237,7 @@ class GatewayRegistry:
         for sub_id in session.subscriptions:
             removed += self.matcher.remove(sub_id)
         session.subscriptions.clear()
+        session.dropped += removed
         if self._sessions.pop(session.key, None) is not None:
             # Only now: no subscription of the index's owner is left.
             self.by_owner[session.owner] = None

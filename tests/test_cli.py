@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -15,9 +17,10 @@ import orjson
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from puller_double import PullerDouble
-from service_helpers import free_port, serving
+from service_helpers import Serving, free_port, serving, until
 
 import streamer
+from streamer.metrics import scrape
 from streamer.progress import ProgressStore
 from streamer.protocol import puller_v1_pb2 as pb
 from streamer.protocol import streamer_v1_pb2_grpc as sgrpc
@@ -362,5 +365,120 @@ def test_gateway_limits_come_from_flags(tmp_path: Path) -> None:
                 first, second = [(await call.read()).subscribe_response for _ in range(2)]
                 assert first.success and second.code == "resource_exhausted"
                 call.cancel()
+
+    asyncio.run(main())
+
+
+async def open_gateway(svc: Serving, channel: grpc.aio.Channel) -> grpc.aio.StreamStreamCall:
+    """A batching gateway ``gw-1`` holding subscription ``s`` (all of app.messages),
+    once the Streamer follows the Puller."""
+    await asyncio.wait_for(channel.channel_ready(), 30)
+    call = sgrpc.StreamerServiceStub(channel).Stream()
+    await call.write(GatewayMessage(hello=Hello(gateway_id="gw-1", batch_delivery=True)))
+    await call.write(GatewayMessage(subscribe=SubscribeRequest(
+        subscription_id="s", database="app", collection="messages")))
+    assert (await call.read()).subscribe_response.success
+    await until(lambda: bool(svc.puller.subscriptions), 30)
+    return call
+
+
+def insert(i: int, size: int = 10) -> pb.ChangeEvent:
+    return pb.ChangeEvent(
+        event_id=f"e{i}", database="app", mgo_coll="messages", mgo_doc_id=f"m{i}",
+        op_type="insert", full_doc=orjson.dumps({"pad": "x" * size}))
+
+
+def test_sigterm_ends_an_idle_gateways_stream_at_once(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with serving(tmp_path, "--drain-seconds", "30") as svc, \
+                grpc.aio.insecure_channel(svc.address) as channel:
+            call = await open_gateway(svc, channel)
+            await svc.puller.append(insert(0))
+            batch = (await asyncio.wait_for(call.read(), 30)).batch
+            assert [d.event.event_id for d in batch.deliveries] == ["e0"]
+            started = time.monotonic()
+            svc.proc.send_signal(signal.SIGTERM)
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                await asyncio.wait_for(call.read(), 60)
+            assert ended.value.code() == grpc.StatusCode.UNAVAILABLE  # "server going away"
+            assert ended.value.details() == "the Streamer is shutting down"
+            assert await asyncio.to_thread(svc.proc.wait, 60) == 0
+            # --drain-seconds is 30: nothing was left to drain, so no waiting.
+            assert time.monotonic() - started < 10
+        log = svc.log()
+        assert re.search(r"INFO streamer\.server: gateway stream 1 opened by "
+                         r"ipv4:127\.0\.0\.1:\d+\n", log), log
+        assert re.search(r"INFO streamer\.server: gateway stream 1 ended \(gw-1 at "
+                         r"ipv4:127\.0\.0\.1:\d+, batching\): UNAVAILABLE: the Streamer is "
+                         r"shutting down; 1 subscription\(s\) dropped\n", log), log
+        assert "Traceback" not in log
+
+    asyncio.run(main())
+
+
+def test_a_gateway_leaving_during_shutdown_ends_quietly(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with serving(tmp_path, "--drain-seconds", "30") as svc, \
+                grpc.aio.insecure_channel(svc.address) as channel:
+            call = await open_gateway(svc, channel)
+            svc.proc.send_signal(signal.SIGTERM)
+            await until(lambda: "stopping:" in svc.log(), 30)
+            await asyncio.sleep(1.0)  # into the drain
+            call.cancel()
+            assert await asyncio.to_thread(svc.proc.wait, 60) == 0
+        log = svc.log()
+        assert "Traceback" not in log and "CancelledError" not in log, log
+        assert "gateway stream 1 ended (gw-1 at ipv4:127.0.0.1:" in log
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("gateway_leaves", [True, False], ids=["gateway-leaves", "drain-ends"])
+def test_a_gateway_still_being_written_holds_the_drain_and_ends_quietly(
+    tmp_path: Path, gateway_leaves: bool
+) -> None:
+    """A gateway that reads nothing keeps its writer busy: it holds the
+    drain until it goes away (then at once) or --drain-seconds runs out."""
+    metrics = f"127.0.0.1:{free_port()}"
+    drain = "30" if gateway_leaves else "1"
+
+    def queued() -> float:
+        try:
+            samples = scrape(metrics, timeout=5)
+        except OSError:
+            return 0
+        return sum(samples.get("streamer_gateway_queued_messages", {}).values())
+
+    async def main() -> None:
+        async with serving(tmp_path, "--drain-seconds", drain, "--metrics", metrics) as svc, \
+                grpc.aio.insecure_channel(svc.address) as channel:
+            call = await open_gateway(svc, channel)
+            # 40 MB for a gateway that reads nothing: the transport fills up
+            # and the rest waits in its queue.
+            await svc.puller.append(*(insert(i, 10_000) for i in range(4000)))
+            for _ in range(300):
+                if await asyncio.to_thread(queued) > 0:
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("nothing stayed queued for the gateway")
+            started = time.monotonic()
+            svc.proc.send_signal(signal.SIGTERM)
+            if gateway_leaves:
+                await until(lambda: "stopping:" in svc.log(), 30)
+                await asyncio.sleep(1.0)  # into the drain
+                call.cancel()
+            assert await asyncio.to_thread(svc.proc.wait, 60) == 0
+            assert time.monotonic() - started < 15  # not the 30 s of --drain-seconds
+            call.cancel()
+        log = svc.log()
+        assert "Traceback" not in log and "CancelledError" not in log, log
+        [end] = re.findall(r".* gateway stream 1 ended .*", log)
+        assert re.fullmatch(
+            r".* WARNING streamer\.server: gateway stream 1 ended \(gw-1 at "
+            r"ipv4:127\.0\.0\.1:\d+, batching\): cancelled during the shutdown drain \(the "
+            r"gateway went away or --drain-seconds ran out\); 1 subscription\(s\) dropped, "
+            r"[1-9]\d* queued message\(s\) unsent", end), end
+        assert log.index(end) < log.index("stopped at marker")
 
     asyncio.run(main())

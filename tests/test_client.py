@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -13,10 +17,16 @@ from typing import Any
 import grpc
 import orjson
 import pytest
-from service_helpers import Service, until
+from service_helpers import Service, free_port, serving, until
 
-from streamer.client import StreamerClient
-from streamer.errors import AccessDenied, StreamClosed, StreamerError, SubscriptionRejected
+from streamer.client import DEFAULT_CONNECT_TIMEOUT, StreamerClient
+from streamer.errors import (
+    AccessDenied,
+    CannotConnect,
+    StreamClosed,
+    StreamerError,
+    SubscriptionRejected,
+)
 from streamer.gateways import GatewayRegistry, Session
 from streamer.matcher import Filter
 from streamer.protocol import puller_v1_pb2 as pb
@@ -292,6 +302,115 @@ def test_wrong_token_fails_loudly_instead_of_retrying(tmp_path: Path) -> None:
     run(scenario)
 
 
+def test_a_wrong_address_fails_with_cannot_connect(caplog: pytest.LogCaptureFixture) -> None:
+    target = f"127.0.0.1:{free_port()}"  # nothing listens there
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        async with StreamerClient(
+            target, gateway_id="gw", connect_timeout=0.5, backoff=(0.01, 0.05)
+        ) as client:
+            started = loop.time()
+            with pytest.raises(CannotConnect) as failed:
+                await client.subscribe("messages", subscription_id="s")  # no timeout of its own
+            assert loop.time() - started < 10  # it gave up: it did not wait forever
+            error = failed.value
+            assert isinstance(error, ConnectionError) and isinstance(error, StreamerError)
+            assert (error.target, error.timeout) == (target, 0.5)
+            assert str(error).startswith(f"cannot connect to {target} within 0.5 s: UNAVAILABLE")
+            assert "Connection refused" in error.reason  # why, in gRPC's words
+            with pytest.raises(CannotConnect):
+                await take(client, 1)
+            with pytest.raises(CannotConnect):
+                await client.subscribe("messages")
+            assert not client.connected and client.live_subscriptions == []
+
+    with caplog.at_level(logging.WARNING, logger="streamer.client"):
+        run(scenario)
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any("lost" in m for m in messages), messages
+    assert any(m.startswith(f"cannot connect to streamer {target}: UNAVAILABLE") for m in messages)
+    assert messages[-1].startswith(f"giving up: cannot connect to {target} within 0.5 s")
+    assert StreamerClient(target, gateway_id="gw").connect_timeout == DEFAULT_CONNECT_TIMEOUT == 10
+    with pytest.raises(ValueError, match="connect_timeout must be positive or None"):
+        StreamerClient(target, gateway_id="gw", connect_timeout=0)
+
+
+def test_once_a_stream_opened_reconnects_outlast_the_connect_timeout(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario() -> None:
+        async with Service(tmp_path) as svc, StreamerClient(
+            svc.target, gateway_id="gw", connect_timeout=0.2, **FAST
+        ) as client:
+            await client.subscribe("messages", subscription_id="s")
+            await svc.stop()
+            await until(lambda: not client.connected)
+            await asyncio.sleep(1.0)  # the server stays away for five connect timeouts
+            await svc.start()
+            await until(lambda: client.connected)
+            assert client.reconnects == 1 and client.live_subscriptions == ["s"]
+
+    with caplog.at_level(logging.WARNING, logger="streamer.client"):
+        run(scenario)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len([m for m in messages if m.startswith("stream to streamer")]) == 1, messages
+    assert any(m.startswith("cannot connect to streamer") for m in messages)
+    assert not any(m.startswith("giving up") for m in messages)
+
+
+def test_cancelling_the_consumer_closes_the_client_and_chains_nothing(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with Service(tmp_path) as svc:
+            client = StreamerClient(svc.target, gateway_id="gw", **FAST)
+            subscribed = asyncio.Event()
+            seen: list[BaseException] = []
+
+            async def consume() -> None:
+                try:
+                    async with client:
+                        await client.subscribe("messages", subscription_id="s")
+                        subscribed.set()
+                        async for _ in client.deliveries():
+                            pass
+                except BaseException as exc:
+                    seen.append(exc)
+                    raise
+
+            consumer = asyncio.create_task(consume())
+            await asyncio.wait_for(subscribed.wait(), 5)
+            consumer.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await consumer
+            [error] = seen
+            assert type(error) is asyncio.CancelledError
+            assert error.__context__ is None and error.__cause__ is None
+            with pytest.raises(StreamClosed):
+                await client.subscribe("messages")
+            await until(lambda: svc.registry.subscription_ids() == set())
+
+    run(scenario)
+
+
+def test_close_lets_a_cancellation_of_its_caller_through(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with Service(tmp_path) as svc:
+            client = StreamerClient(svc.target, gateway_id="gw", **FAST)
+            client.start()
+            await client.subscribe("messages", subscription_id="s")
+            closing = asyncio.create_task(client.close())
+            await asyncio.sleep(0)  # it now waits for the client's task to end
+            closing.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await closing
+            # Closed all the same.
+            with pytest.raises(StreamClosed):
+                await client.subscribe("messages")
+            assert [d async for d in client.deliveries()] == []
+
+    run(scenario)
+
+
 def test_close_ends_deliveries_and_pending_calls(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with Service(tmp_path) as svc:
@@ -403,3 +522,74 @@ def test_missing_acks_mean_a_dead_stream(caplog: pytest.LogCaptureFixture) -> No
     messages = [r.getMessage() for r in caplog.records]
     assert "ignoring a response for unknown subscription 'ghost'" in messages
     assert any(m.startswith("stream to streamer") and "no heartbeat ack" in m for m in messages)
+
+
+# The README's client example, verbatim but for the address.
+README_EXAMPLE = """\
+import asyncio
+import contextlib
+
+from streamer.client import StreamerClient, SubscriptionRejected
+from streamer.matcher import Filter
+
+
+async def main() -> None:
+    async with StreamerClient("127.0.0.1:50052", gateway_id="gw-1") as client:
+        chat = await client.subscribe(
+            "messages", database="app", filters=[Filter("chat_id", "==", "c1")])
+        urgent = await client.subscribe(
+            "messages", database="app", expression="'urgent' in doc.tags")
+        try:
+            await client.subscribe("messages", database="app", filters=[("score", "~", 1)])
+        except SubscriptionRejected as exc:
+            print(exc.code, exc.error)  # invalid_argument, and what is wrong where
+        async for delivery in client.deliveries():
+            # delivery.subscription_ids names every matching subscription
+            # of this gateway; delivery.event is the StreamerEvent.
+            print(list(delivery.subscription_ids), delivery.event.document_id)
+
+
+# Ctrl-C cancels main(), which closes the client on its way out.
+with contextlib.suppress(KeyboardInterrupt):
+    asyncio.run(main())
+"""
+# Runs a script as a terminal would: SIGINT raises KeyboardInterrupt even
+# when the test runner itself was started with SIGINT ignored.
+AS_FROM_A_TERMINAL = (
+    "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "runpy.run_path(sys.argv[1], run_name='__main__')"
+)
+
+
+def test_the_readme_example_ends_cleanly_on_ctrl_c(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with serving(tmp_path) as svc:
+            await until(lambda: bool(svc.puller.subscriptions), 30)
+            example = tmp_path / "example.py"
+            example.write_text(README_EXAMPLE.replace("127.0.0.1:50052", svc.address))
+            proc = subprocess.Popen(
+                [sys.executable, "-c", AS_FROM_A_TERMINAL, str(example)],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+            try:
+                assert proc.stdout is not None
+
+                async def line() -> str:
+                    return await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 30)
+
+                assert (await line()).startswith("invalid_argument filter 1")
+                await svc.puller.append(change(0, chat_id="c1", tags=["urgent"]))
+                ids, doc_id = (await line()).rsplit(" ", 1)
+                assert (len(orjson.loads(ids.replace("'", '"'))), doc_id) == (2, "m0\n")
+                proc.send_signal(signal.SIGINT)
+                out, err = await asyncio.to_thread(proc.communicate, timeout=30)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(10)
+            assert proc.returncode == 0, err
+            assert err == "", err  # no traceback, nothing at all
+            assert out == ""
+
+    run(scenario)

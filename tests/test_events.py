@@ -113,6 +113,30 @@ def test_syntrix_soft_delete_and_recreation() -> None:
     assert back.op is Op.INSERT
 
 
+def test_syntrix_soft_delete_takes_the_document_id_from_the_pre_image() -> None:
+    # Syntrix empties ``data`` on a soft delete: only the pre-image still
+    # names the document.
+    emptied = {**stored({}, deleted=True), "id": "db2:hash"}
+    change = normalize(
+        event("update", emptied, before=stored({"id": "c9", "title": "t"}), mgo_doc_id="db2:hash"),
+        layout="syntrix",
+    )
+    assert (change.op, change.document_id) == (Op.DELETE, "c9")
+    assert change.document is not None and change.document["title"] == "t"
+    assert (change.database, change.collection) == ("db2", "chats")
+
+
+def test_syntrix_post_image_id_wins_and_the_stored_id_is_the_last_resort() -> None:
+    renamed = normalize(
+        event("update", stored({"id": "new"}), before=stored({"id": "old"})), layout="syntrix"
+    )
+    assert renamed.document_id == "new"
+    bare = normalize(
+        event("update", stored({}, deleted=True), mgo_doc_id="db2:hash"), layout="syntrix"
+    )
+    assert (bare.op, bare.document_id) == (Op.DELETE, "db2:hash")
+
+
 @pytest.mark.parametrize(
     ("kwargs", "reason"),
     [

@@ -111,3 +111,23 @@ def test_the_common_case_takes_the_compiled_step() -> None:
     assert changes == 1 and calls == []
     assert sorted(pending) == [0, 1, 2]
     assert fast.events["INSERT"] == 1 and fast.matches == 4
+
+
+def test_the_syntrix_layout_always_takes_the_python_path() -> None:
+    # The step knows only the plain layout (its document id is mgo_doc_id,
+    # its document full_doc as is); a Syntrix stored document that looks
+    # like a plain common case must still be flattened by ``normalize``.
+    syntrix = Ingest("unused", REGISTRY, StreamerServicer(REGISTRY), ProgressStore(STATE),
+                     layout="syntrix", compiled=True)
+    calls: list[pb.PullerEvent] = []
+
+    def slow(event: pb.PullerEvent, pending: dict[int, list[bytes]]) -> bool:
+        calls.append(event)
+        return True
+
+    syntrix._process_one = slow  # type: ignore[method-assign]
+    event = pb.PullerEvent(progress="v1:x:1", change_event=pb.ChangeEvent(
+        event_id="e", database="app", mgo_coll="messages", mgo_doc_id="db:hash",
+        op_type="update", full_doc=json({"id": "db:hash", "data": {}, "deleted": True})))
+    assert syntrix.match_batch([event]) == ({}, 1)
+    assert calls == [event]

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 from collections.abc import Awaitable, Callable
 
 import grpc
+import pytest
 
 from streamer.delivery import delivery_message, event_field, subscription_field
 from streamer.gateways import GatewayRegistry
@@ -129,7 +132,9 @@ def test_deliveries_plain_and_batched() -> None:
     run(scenario)
 
 
-def test_a_lagging_gateway_is_cut_off_with_resource_exhausted() -> None:
+def test_a_lagging_gateway_is_cut_off_with_resource_exhausted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     async def scenario(stub: pb_grpc.StreamerServiceStub, servicer: StreamerServicer) -> None:
         call = stub.Stream()
         await call.write(subscribe("s1"))
@@ -151,7 +156,14 @@ def test_a_lagging_gateway_is_cut_off_with_resource_exhausted() -> None:
             await asyncio.sleep(0.01)
         assert len(servicer.registry.matcher) == 0
 
-    run(scenario, queue_capacity=8)
+    with caplog.at_level(logging.INFO, logger="streamer.server"):
+        run(scenario, queue_capacity=8)
+    [end] = [r for r in caplog.records if " ended " in r.getMessage()]
+    assert end.levelno == logging.WARNING  # it went with messages still queued
+    assert re.fullmatch(
+        r"gateway stream \d+ ended \(ipv4:127\.0\.0\.1:\d+, plain\): RESOURCE_EXHAUSTED: "
+        r"gateway lagging: more than 8 messages queued; 1 subscription\(s\) dropped, "
+        r"\d+ queued message\(s\) unsent", end.getMessage()), end.getMessage()
 
 
 
@@ -185,3 +197,101 @@ def test_a_gateways_new_stream_supersedes_its_stale_one() -> None:
         fresh.cancel()
 
     run(scenario)
+
+
+def ends(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if " ended " in r.getMessage()]
+
+
+def test_each_stream_is_logged_when_it_opens_and_ends(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario(stub: pb_grpc.StreamerServiceStub, servicer: StreamerServicer) -> None:
+        batching, plain = stub.Stream(), stub.Stream()
+        await batching.write(GatewayMessage(hello=Hello(gateway_id="gw-b", batch_delivery=True)))
+        for call, subs in ((batching, ["b1", "b2"]), (plain, ["p"])):
+            for sub in subs:
+                await call.write(subscribe(sub))
+                assert (await read(call)).subscribe_response.success
+        await batching.done_writing()
+        assert await end_status(batching) is None
+        plain.cancel()
+        for _ in range(500):
+            if not servicer.streams:
+                break
+            await asyncio.sleep(0.01)
+
+    with caplog.at_level(logging.INFO, logger="streamer.server"):
+        run(scenario)
+    opened = [r.getMessage() for r in caplog.records if " opened " in r.getMessage()]
+    assert len(opened) == 2
+    [hello] = [r.getMessage() for r in caplog.records if " is gateway " in r.getMessage()]
+    assert re.fullmatch(r"gateway stream \d+ is gateway gw-b \(batches of 256\)", hello), hello
+    assert all(re.fullmatch(r"gateway stream \d+ opened by ipv4:127\.0\.0\.1:\d+", m)
+               for m in opened), opened
+    first, second = ends(caplog)
+    assert re.fullmatch(
+        r"gateway stream \d+ ended \(gw-b at ipv4:127\.0\.0\.1:\d+, batching\): "
+        r"closed by the gateway; 2 subscription\(s\) dropped", first), first
+    assert re.fullmatch(
+        r"gateway stream \d+ ended \(ipv4:127\.0\.0\.1:\d+, plain\): cancelled by the "
+        r"gateway, or its connection was lost; 1 subscription\(s\) dropped", second), second
+    assert all(r.levelno == logging.INFO for r in caplog.records)
+    record = next(r for r in caplog.records if " ended " in r.getMessage())
+    assert (record.gateway, record.delivery, record.dropped, record.unsent) == (  # type: ignore[attr-defined]
+        "gw-b", "batching", 2, 0)
+
+
+def test_a_superseded_stream_logs_the_subscriptions_it_took_along(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def scenario(stub: pb_grpc.StreamerServiceStub, servicer: StreamerServicer) -> None:
+        stale, fresh = stub.Stream(), stub.Stream()
+        await stale.write(GatewayMessage(hello=Hello(gateway_id="gw-1")))
+        await stale.write(subscribe("s1"))
+        assert (await read(stale)).subscribe_response.success
+        await fresh.write(GatewayMessage(hello=Hello(gateway_id="gw-1")))
+        assert await end_status(stale) == grpc.StatusCode.ABORTED
+        fresh.cancel()
+
+    with caplog.at_level(logging.INFO, logger="streamer.server"):
+        run(scenario)
+    assert re.fullmatch(
+        r"gateway stream \d+ ended \(gw-1 at ipv4:127\.0\.0\.1:\d+, plain\): ABORTED: "
+        r"superseded by a newer stream of gateway gw-1; 1 subscription\(s\) dropped",
+        ends(caplog)[0]), ends(caplog)
+
+
+def test_shutdown_ends_each_stream_once_its_queue_is_written(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def scenario(stub: pb_grpc.StreamerServiceStub, servicer: StreamerServicer) -> None:
+        call = stub.Stream()
+        await call.write(subscribe("s1"))
+        assert (await read(call)).subscribe_response.success
+        [stream] = servicer.streams.values()
+        events = [StreamerEvent(event_id=f"e{i}") for i in range(3)]
+        assert servicer.deliver(stream.session, [framed(["s1"], e) for e in events])
+        servicer.shutdown()
+        # Nothing more is taken, and a refusal now is not a lagging gateway.
+        assert not servicer.deliver(stream.session, [framed(["s1"], events[0])])
+        await call.write(heartbeat(7))
+        code, received = grpc.StatusCode.OK, []
+        try:
+            while (message := await call.read()) is not grpc.aio.EOF:
+                received.append(message.delivery.event.event_id)
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            assert exc.details() == "the Streamer is shutting down"
+        assert code == grpc.StatusCode.UNAVAILABLE
+        assert received == ["e0", "e1", "e2"]
+        assert servicer.lagging_cut_offs == 0
+        late = stub.Stream()  # opened during the drain: ended at once
+        assert await end_status(late) == grpc.StatusCode.UNAVAILABLE
+        assert await servicer.wait_closed(5)
+
+    with caplog.at_level(logging.INFO, logger="streamer.server"):
+        run(scenario)
+    first, late = ends(caplog)
+    assert first.endswith("plain): UNAVAILABLE: the Streamer is shutting down; "
+                          "1 subscription(s) dropped"), first
+    assert late.endswith("plain): UNAVAILABLE: the Streamer is shutting down; "
+                         "0 subscription(s) dropped"), late

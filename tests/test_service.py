@@ -672,15 +672,22 @@ def test_syntrix_layout_end_to_end(tmp_path: Path) -> None:
                                  **kw)
             recreated = await emit(svc, {**stored, "version": 4}, op="replace", **kw)
             gone = await emit(svc, op="delete", before={**stored, "version": 4}, **kw)
-            got = await take(gw, 4)
+            revived = await emit(svc, {**stored, "version": 5}, op="replace", **kw)
+            # What Syntrix writes on a soft delete: ``data`` emptied, so only
+            # the pre-image names the document (and matches its filters).
+            emptied = await emit(svc, {**stored, "version": 6, "deleted": True, "data": {}},
+                                 op="update", before={**stored, "version": 5}, **kw)
+            got = await take(gw, 6)
             assert brief(got) == [(inserted, INSERT, everyone), (deleted, DELETE, everyone),
-                                  (recreated, INSERT, everyone), (gone, DELETE, everyone)]
+                                  (recreated, INSERT, everyone), (gone, DELETE, everyone),
+                                  (revived, INSERT, everyone), (emptied, DELETE, everyone)]
             for d in got:
                 assert (d.event.database, d.event.collection, d.event.document_id) == (
                     "db1", "posts", "x1")
             data = [orjson.loads(d.event.document_data) for d in got]
             assert data == [flat, {**flat, "version": 3, "deleted": True},
-                            {**flat, "version": 4}, {**flat, "version": 4}]
+                            {**flat, "version": 4}, {**flat, "version": 4},
+                            {**flat, "version": 5}, {**flat, "version": 5}]
             assert not any({"id", "collection", "database", "data"} & set(doc) for doc in data)
 
     run(scenario)
