@@ -131,8 +131,8 @@ def _add_serve(commands: argparse._SubParsersAction[ArgumentParser]) -> None:
         "e.g. STREAMER_SESSION_TTL=30; a flag given here wins. A bad value in either, "
         "an address that cannot be served, or a state directory that is in use or "
         "cannot be written is an error at start (exit code 2). SIGTERM/SIGINT stop "
-        "ingest, flush the progress marker, drain the gateway queues for "
-        "--drain-seconds and exit 0.",
+        "ingest, flush the progress marker, end each gateway stream once its queue "
+        "is written (waiting at most --drain-seconds) and exit 0.",
     )
     opts = Options(serve, SERVE_ENV)
     opts.add("--listen", address, default=("127.0.0.1", 50052), metavar="HOST:PORT",
@@ -158,7 +158,8 @@ def _add_serve(commands: argparse._SubParsersAction[ArgumentParser]) -> None:
     opts.add("--consumer-id", nonempty, default="streamer", metavar="ID",
              help="consumer id sent to the Puller")
     opts.add("--drain-seconds", real(0), default=5.0, metavar="SECONDS",
-             help="on SIGTERM/SIGINT, how long queued messages may still be sent")
+             help="on SIGTERM/SIGINT, the most time gateways still being sent their "
+             "queued messages get; idle gateways' streams end at once")
     opts.add("--auth-token-file", existing_file, metavar="FILE",
              help="file holding the shared token gateways must send as "
              "'authorization: Bearer <token>'; unset, gateways are not authenticated")
@@ -234,7 +235,8 @@ def _add_demo(commands: argparse._SubParsersAction[ArgumentParser]) -> None:
     opts.add("--work-dir", Path, metavar="DIR",
              help="keep the Puller's log, the Streamer's state, every process's log and the "
              "gateways' delivery records in DIR (must be empty or new); unset, a temporary "
-             "directory removed at the end")
+             "directory removed at the end (it holds demo.pid: a later demo removes such "
+             "directories whose demo was killed)")
     parser.set_defaults(options=opts)
 
 

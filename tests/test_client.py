@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -525,34 +526,14 @@ def test_missing_acks_mean_a_dead_stream(caplog: pytest.LogCaptureFixture) -> No
 
 
 # The README's client example, verbatim but for the address.
-README_EXAMPLE = """\
-import asyncio
-import contextlib
-
-from streamer.client import StreamerClient, SubscriptionRejected
-from streamer.matcher import Filter
-
-
-async def main() -> None:
-    async with StreamerClient("127.0.0.1:50052", gateway_id="gw-1") as client:
-        chat = await client.subscribe(
-            "messages", database="app", filters=[Filter("chat_id", "==", "c1")])
-        urgent = await client.subscribe(
-            "messages", database="app", expression="'urgent' in doc.tags")
-        try:
-            await client.subscribe("messages", database="app", filters=[("score", "~", 1)])
-        except SubscriptionRejected as exc:
-            print(exc.code, exc.error)  # invalid_argument, and what is wrong where
-        async for delivery in client.deliveries():
-            # delivery.subscription_ids names every matching subscription
-            # of this gateway; delivery.event is the StreamerEvent.
-            print(list(delivery.subscription_ids), delivery.event.document_id)
+def _readme_example() -> str:
+    """The gateway example of README.md, as a user would copy it."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.DOTALL)
+    return next(b for b in blocks if "StreamerClient(" in b and "deliveries()" in b)
 
 
-# Ctrl-C cancels main(), which closes the client on its way out.
-with contextlib.suppress(KeyboardInterrupt):
-    asyncio.run(main())
-"""
+README_EXAMPLE = _readme_example()
 # Runs a script as a terminal would: SIGINT raises KeyboardInterrupt even
 # when the test runner itself was started with SIGINT ignored.
 AS_FROM_A_TERMINAL = (
