@@ -47,6 +47,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def refusal(result: subprocess.CompletedProcess[str]) -> str:
+    """The one line a command that refuses to start prints on stderr (and
+    nothing on stdout); asserts that it is one line and exit code 2."""
+    assert result.returncode == 2, result
+    assert result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    return result.stderr
+
+
 def serve_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "streamer", "serve", *args]
 

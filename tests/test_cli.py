@@ -17,7 +17,7 @@ import orjson
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from puller_double import PullerDouble
-from service_helpers import Serving, free_port, serving, until
+from service_helpers import Serving, free_port, refusal, serving, until
 
 import streamer
 from streamer.metrics import scrape
@@ -54,15 +54,6 @@ def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
         [sys.executable, "-m", "streamer", *args], capture_output=True, text=True, timeout=60,
         env={**os.environ, **(env or {})},
     )
-
-
-def _one_line(result: subprocess.CompletedProcess[str]) -> str:
-    """The one line a refused start prints (and nothing on stdout)."""
-    assert result.returncode == 2, result
-    assert result.stdout == ""
-    assert len(result.stderr.splitlines()) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    return result.stderr
 
 
 PULLER = ("--puller", "127.0.0.1:1")
@@ -122,15 +113,15 @@ PULLER = ("--puller", "127.0.0.1:1")
 def test_bad_input_is_one_line_and_exit_2(
     args: tuple[str, ...], env: dict[str, str], message: str
 ) -> None:
-    assert message in _one_line(_run(*args, env=env))
+    assert message in refusal(_run(*args, env=env))
 
 
 def test_demo_work_dir_must_be_a_new_or_empty_directory(tmp_path: Path) -> None:
     a_file = tmp_path / "file"
     a_file.write_text("")
-    assert f"--work-dir {a_file}: not a directory" in _one_line(
+    assert f"--work-dir {a_file}: not a directory" in refusal(
         _run("demo", "--work-dir", str(a_file)))
-    assert f"--work-dir {tmp_path}: not empty" in _one_line(
+    assert f"--work-dir {tmp_path}: not empty" in refusal(
         _run("demo", "--work-dir", str(tmp_path)))
 
 
@@ -143,7 +134,7 @@ def test_demo_plot_without_matplotlib_is_refused_before_anything_runs(tmp_path: 
          "demo", "--plot", str(tmp_path / "p.png")],
         capture_output=True, text=True, timeout=60,
     )
-    assert "--plot needs matplotlib: pip install 'streamer-fanout[plot]'" in _one_line(result)
+    assert "--plot needs matplotlib: pip install 'streamer-fanout[plot]'" in refusal(result)
     assert not (tmp_path / "p.png").exists()
 
 

@@ -10,7 +10,14 @@ import time
 from pathlib import Path
 
 import grpc
-from service_helpers import free_port, puller_command, puller_events, start_puller, stop_puller
+from service_helpers import (
+    free_port,
+    puller_command,
+    puller_events,
+    refusal,
+    start_puller,
+    stop_puller,
+)
 
 from streamer.protocol import puller_v1_pb2 as pb
 from streamer.protocol import puller_v1_pb2_grpc as pb_grpc
@@ -147,24 +154,17 @@ def test_a_second_puller_on_the_same_log_dir_or_port_is_refused(tmp_path: Path) 
     first = start_puller(tmp_path, port, "--workload", "chat", "--rate", "2000")
     try:
         asyncio.run(puller_events(port, "", 100))
-        same_dir = subprocess.run(
-            puller_command("--workload", "chat", "--listen", f"127.0.0.1:{free_port()}",
-                           "--log-dir", str(tmp_path / "log")),
-            capture_output=True, text=True, timeout=30,
-        )
-        assert same_dir.returncode == 2
-        assert len(same_dir.stderr.splitlines()) == 1, same_dir.stderr
+        def second(listen: int, log_dir: str) -> str:
+            return refusal(subprocess.run(
+                puller_command("--workload", "chat", "--listen", f"127.0.0.1:{listen}",
+                               "--log-dir", str(tmp_path / log_dir)),
+                capture_output=True, text=True, timeout=30,
+            ))
+
         assert (f"cannot open the replay log: {tmp_path / 'log'} is in use by another "
-                f"process (pid {first.pid})") in same_dir.stderr
-        same_port = subprocess.run(
-            puller_command("--workload", "chat", "--listen", f"127.0.0.1:{port}",
-                           "--log-dir", str(tmp_path / "other")),
-            capture_output=True, text=True, timeout=30,
-        )
-        assert same_port.returncode == 2
-        assert len(same_port.stderr.splitlines()) == 1, same_port.stderr
+                f"process (pid {first.pid})") in second(free_port(), "log")
         assert f"cannot listen on 127.0.0.1:{port}: the port is in use by another process" \
-            in same_port.stderr
+            in second(port, "other")
         assert first.poll() is None
         assert stop_puller(first) == 0
     finally:
