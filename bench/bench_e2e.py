@@ -1,6 +1,6 @@
 """End-to-end benchmark: Puller, Streamer and gateways as processes on loopback.
 
-The driver is ``streamer.benchmark`` (also ``streamer bench e2e``); this
+The driver is ``streamer.tools.benchmark`` (also ``streamer bench e2e``); this
 module runs it under pytest-benchmark, which times the whole run once
 (``benchmark.pedantic``, one round: the figures that matter are measured
 inside it, per offered rate), and prints its table in the final summary.
@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from streamer.benchmark import Config, render, run
+from streamer.tools.benchmark import Config, render, run
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_PATH = ROOT / "bench" / "results" / "e2e.json"

@@ -3,7 +3,7 @@
 The Streamer runs as its own process (pinned to one core when there are two
 or more), exactly as ``streamer serve`` ships. This process plays the outside
 world on the other core: the scripted test Puller (``tests/puller_double.py``)
-serving the reference workload's events (``streamer.workload``), and G
+serving the reference workload's events (``streamer.tools.workload``), and G
 batching gateways (``streamer.client.StreamerClient``) that register N
 subscriptions and count what they receive.
 
@@ -47,15 +47,15 @@ import psutil
 import pytest
 
 from streamer.client import StreamerClient
-from streamer.gateways import GatewayRegistry
-from streamer.ingest import Ingest
-from streamer.matcher import Matcher
-from streamer.metrics import histogram_quantile, latency_buckets, scrape
-from streamer.progress import ProgressStore
+from streamer.matching.matcher import Matcher
+from streamer.node.gateways import GatewayRegistry
+from streamer.node.ingest import Ingest
+from streamer.node.metrics import histogram_quantile, latency_buckets, scrape
+from streamer.node.progress import ProgressStore
+from streamer.node.server import StreamerServicer
 from streamer.protocol.puller_v1_pb2 import ChangeEvent, PullerEvent
-from streamer.server import StreamerServicer
+from streamer.tools.workload import Workload, change_event
 from streamer.transport import free_port
-from streamer.workload import Workload, change_event
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))

@@ -16,7 +16,7 @@ Environment (all optional):
   linear baseline (default 200) and its time budget (default 120 s; at least 20 events run)
 
 What is measured, per N, all in the same run, from the seeded workload of
-``streamer.workload``:
+``streamer.tools.workload``:
 
 - ``match`` latency: every call of a stream of workload events (documents
   already decoded) timed with ``perf_counter_ns`` after a warm-up; p50, p99,
@@ -242,8 +242,8 @@ def _fill_meta(results: dict[str, Any]) -> None:
 
 @pytest.fixture(scope="module", params=SIZES, ids=lambda n: f"N={n}")
 def loaded(request: pytest.FixtureRequest, bench_results: dict[str, Any]) -> Iterator[Loaded]:
-    from streamer.matcher import Matcher
-    from streamer.workload import Workload
+    from streamer.matching.matcher import Matcher
+    from streamer.tools.workload import Workload
 
     n = request.param
     _fill_meta(bench_results)
@@ -310,8 +310,8 @@ import gc, itertools, json, sys, time
 
 import psutil
 
-from streamer.matcher import Matcher
-from streamer.workload import Workload
+from streamer.matching.matcher import Matcher
+from streamer.tools.workload import Workload
 
 
 def pauses_ms(repeats):

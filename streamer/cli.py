@@ -1,6 +1,6 @@
 """The ``streamer`` command line: ``streamer serve`` runs the service,
 ``streamer puller`` the reference Puller (``streamer.puller``), ``streamer
-demo`` the three together on loopback (``streamer.demo``).
+demo`` the three together on loopback (``streamer.tools.demo``).
 
 Every option can also be set through an environment variable:
 ``STREAMER_<OPTION>`` for ``serve`` (``--session-ttl`` →
@@ -27,7 +27,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 import streamer
 from streamer import DISTRIBUTION
-from streamer.auth import (
+from streamer.errors import ResumePointLost
+from streamer.logs import configure_logging
+from streamer.matching.cel import MAX_EXPRESSION_LENGTH
+from streamer.matching.matcher import Matcher
+from streamer.node.auth import (
     CredentialsError,
     TokenAuth,
     TokenFileError,
@@ -35,15 +39,13 @@ from streamer.auth import (
     read_token,
     server_credentials,
 )
-from streamer.cel import MAX_EXPRESSION_LENGTH
-from streamer.delivery import DEFAULT_CAPACITY
-from streamer.errors import ResumePointLost
-from streamer.events import LAYOUTS
-from streamer.gateways import GatewayRegistry, Limits, RestartWindow
-from streamer.ingest import Ingest
-from streamer.logs import configure_logging
-from streamer.matcher import Matcher
-from streamer.metrics import MetricsError, MetricsServer, StreamerCollector
+from streamer.node.delivery import DEFAULT_CAPACITY
+from streamer.node.events import LAYOUTS
+from streamer.node.gateways import GatewayRegistry, Limits, RestartWindow
+from streamer.node.ingest import Ingest
+from streamer.node.metrics import MetricsError, MetricsServer, StreamerCollector
+from streamer.node.progress import ProgressFileError, ProgressStore, SavedProgress
+from streamer.node.server import SERVICE_NAME, StreamerServicer, add_to_server
 from streamer.options import (
     MAX_RATE,
     ArgumentParser,
@@ -58,14 +60,12 @@ from streamer.options import (
     real,
     target,
 )
-from streamer.progress import ProgressFileError, ProgressStore, SavedProgress
 from streamer.protocol.puller_v1_pb2 import ChangeEvent
 from streamer.puller.log import LogError, ReplayLog
 from streamer.puller.server import SERVICE_NAME as PULLER_SERVICE_NAME
 from streamer.puller.server import PullerServicer
 from streamer.puller.server import add_to_server as add_puller_to_server
 from streamer.puller.sources import Recorder, ReplaySource, Source, WorkloadSource
-from streamer.server import SERVICE_NAME, StreamerServicer, add_to_server
 from streamer.transport import SERVER_OPTIONS, ListenError, bind
 
 log = logging.getLogger("streamer")
@@ -116,7 +116,7 @@ def build_parser() -> ArgumentParser:
         "and everything else to CPU 0.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    from streamer import benchmark
+    from streamer.tools import benchmark
 
     benchmark.add_arguments(e2e)
     return parser
@@ -199,7 +199,7 @@ def _add_logging(opts: Options) -> None:
 
 
 def _add_demo(commands: argparse._SubParsersAction[ArgumentParser]) -> None:
-    from streamer import demo
+    from streamer.tools import demo
 
     parser = commands.add_parser(
         "demo",
@@ -600,12 +600,12 @@ async def _sweep(registry: GatewayRegistry, servicer: StreamerServicer) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "bench":
-        from streamer import benchmark
+        from streamer.tools import benchmark
 
         return benchmark.bench_main(args)
     args.options.resolve(args)
     if args.command == "demo":
-        from streamer import demo
+        from streamer.tools import demo
 
         _check_demo(args)
         configure_logging("WARNING", "text")

@@ -66,7 +66,7 @@ from streamer.protocol.streamer_v1_pb2 import (
 from streamer.transport import KEEPALIVE_OPTIONS
 
 if TYPE_CHECKING:
-    from streamer import matcher
+    from streamer.matching import matcher
 
 __all__ = [
     "AccessDenied", "CannotConnect", "StreamClosed", "StreamerClient", "SubscriptionRejected",

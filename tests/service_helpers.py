@@ -28,17 +28,17 @@ from types import TracebackType
 import grpc
 from puller_double import PullerDouble
 
-from streamer.auth import TokenAuth
 from streamer.cli import _sweep
-from streamer.delivery import DEFAULT_CAPACITY
-from streamer.events import Layout
-from streamer.gateways import GatewayRegistry
-from streamer.ingest import Ingest
-from streamer.matcher import Matcher
-from streamer.progress import ProgressStore
+from streamer.matching.matcher import Matcher
+from streamer.node.auth import TokenAuth
+from streamer.node.delivery import DEFAULT_CAPACITY
+from streamer.node.events import Layout
+from streamer.node.gateways import GatewayRegistry
+from streamer.node.ingest import Ingest
+from streamer.node.progress import ProgressStore
+from streamer.node.server import StreamerServicer, add_to_server
 from streamer.protocol import puller_v1_pb2 as pb
 from streamer.protocol import puller_v1_pb2_grpc as pb_grpc
-from streamer.server import StreamerServicer, add_to_server
 
 
 def free_port() -> int:

@@ -9,12 +9,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from streamer.auth import TokenAuth, TokenFileError, read_token
-from streamer.gateways import GatewayRegistry
-from streamer.matcher import Matcher
+from streamer.matching.matcher import Matcher
+from streamer.node.auth import TokenAuth, TokenFileError, read_token
+from streamer.node.gateways import GatewayRegistry
+from streamer.node.server import StreamerServicer, add_to_server
 from streamer.protocol import streamer_v1_pb2_grpc as sgrpc
 from streamer.protocol.streamer_v1_pb2 import GatewayMessage, Heartbeat
-from streamer.server import StreamerServicer, add_to_server
 
 
 def test_token_file_errors(tmp_path: Path) -> None:

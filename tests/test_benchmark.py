@@ -13,16 +13,16 @@ import grpc
 import pytest
 from service_helpers import until
 
-from streamer import benchmark
-from streamer.gateways import GatewayRegistry
-from streamer.ingest import Ingest
-from streamer.matcher import Matcher
-from streamer.progress import ProgressStore
+from streamer.matching.matcher import Matcher
+from streamer.node.gateways import GatewayRegistry
+from streamer.node.ingest import Ingest
+from streamer.node.progress import ProgressStore
+from streamer.node.server import StreamerServicer
 from streamer.protocol import puller_v1_pb2 as pb
 from streamer.puller.log import ReplayLog
 from streamer.puller.server import PullerServicer, add_to_server
 from streamer.puller.sources import WorkloadSource
-from streamer.server import StreamerServicer
+from streamer.tools import benchmark
 
 
 def test_help() -> None:

@@ -1,4 +1,4 @@
-"""Tests of the CEL front end (streamer.cel): parser, checker, reference evaluator.
+"""Tests of the CEL front end (streamer.matching.cel): parser, checker, reference evaluator.
 
 * ``test_conformance`` runs the cel-spec derived cases of
   ``tests/data/cel_spec_subset.json`` (see ``tests/data/README.md``) through every evaluator in
@@ -20,8 +20,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from streamer import cel, compiler
 from streamer.errors import InvalidSubscription
+from streamer.matching import cel, compiler
 
 # --------------------------------------------------------------------------
 # Conformance

@@ -1,6 +1,6 @@
 """Differential tests of the compiled CEL parser (streamer/_ext/_celparse.pyx).
 
-``streamer.cel`` is the reference: for every input, ``_celparse.parse`` must
+``streamer.matching.cel`` is the reference: for every input, ``_celparse.parse`` must
 return the same AST (node types, fields *and* ``pos``) or raise the same
 exception class with the same message, and ``_celparse.parse(s, check=True)``
 must behave exactly like ``cel.parse(s)`` followed by ``cel.check``.  Inputs:
@@ -20,10 +20,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from test_cel import CASES, CEL_TOKENS, CHECK_ERRORS, PARSE_ERRORS, _expr
 
-from streamer import cel
 from streamer._ext import _celparse
-from streamer.cel.nodes import children
 from streamer.errors import InvalidSubscription
+from streamer.matching import cel
+from streamer.matching.cel.nodes import children
 
 assert _celparse.__file__ is not None and _celparse.__file__.endswith(
     tuple(importlib.machinery.EXTENSION_SUFFIXES)

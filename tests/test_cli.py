@@ -20,8 +20,8 @@ from puller_double import PullerDouble
 from service_helpers import Serving, free_port, refusal, serving, until
 
 import streamer
-from streamer.metrics import scrape
-from streamer.progress import ProgressStore
+from streamer.node.metrics import scrape
+from streamer.node.progress import ProgressStore
 from streamer.protocol import puller_v1_pb2 as pb
 from streamer.protocol import streamer_v1_pb2_grpc as sgrpc
 from streamer.protocol.streamer_v1_pb2 import (
@@ -397,9 +397,9 @@ def test_sigterm_ends_an_idle_gateways_stream_at_once(tmp_path: Path) -> None:
             # --drain-seconds is 30: nothing was left to drain, so no waiting.
             assert time.monotonic() - started < 10
         log = svc.log()
-        assert re.search(r"INFO streamer\.server: gateway stream 1 opened by "
+        assert re.search(r"INFO streamer\.node\.server: gateway stream 1 opened by "
                          r"ipv4:127\.0\.0\.1:\d+\n", log), log
-        assert re.search(r"INFO streamer\.server: gateway stream 1 ended \(gw-1 at "
+        assert re.search(r"INFO streamer\.node\.server: gateway stream 1 ended \(gw-1 at "
                          r"ipv4:127\.0\.0\.1:\d+, batching\): UNAVAILABLE: the Streamer is "
                          r"shutting down; 1 subscription\(s\) dropped\n", log), log
         assert "Traceback" not in log
@@ -466,7 +466,7 @@ def test_a_gateway_still_being_written_holds_the_drain_and_ends_quietly(
         assert "Traceback" not in log and "CancelledError" not in log, log
         [end] = re.findall(r".* gateway stream 1 ended .*", log)
         assert re.fullmatch(
-            r".* WARNING streamer\.server: gateway stream 1 ended \(gw-1 at "
+            r".* WARNING streamer\.node\.server: gateway stream 1 ended \(gw-1 at "
             r"ipv4:127\.0\.0\.1:\d+, batching\): cancelled during the shutdown drain \(the "
             r"gateway went away or --drain-seconds ran out\); 1 subscription\(s\) dropped, "
             r"[1-9]\d* queued message\(s\) unsent", end), end

@@ -28,8 +28,8 @@ from streamer.errors import (
     StreamerError,
     SubscriptionRejected,
 )
-from streamer.gateways import GatewayRegistry, Session
-from streamer.matcher import Filter
+from streamer.matching.matcher import Filter
+from streamer.node.gateways import GatewayRegistry, Session
 from streamer.protocol import puller_v1_pb2 as pb
 from streamer.protocol import streamer_v1_pb2_grpc as sgrpc
 from streamer.protocol.streamer_v1_pb2 import (

@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streamer.delivery import (
+from streamer.matching.matcher import Filter, Matcher
+from streamer.node.delivery import (
     GatewayQueue,
     delivery_message,
     event_field,
@@ -21,7 +22,6 @@ from streamer.delivery import (
     frame_event,
     subscription_field,
 )
-from streamer.matcher import Filter, Matcher
 from streamer.protocol.streamer_v1_pb2 import (
     DeliveryBatch,
     EventDelivery,

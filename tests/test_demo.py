@@ -18,7 +18,8 @@ import psutil
 import pytest
 
 from streamer.cli import build_parser, main
-from streamer.demo import (
+from streamer.puller.log import ReplayLog
+from streamer.tools.demo import (
     OWNER_FILE,
     Gateway,
     Run,
@@ -27,7 +28,6 @@ from streamer.demo import (
     summary,
     verify,
 )
-from streamer.puller.log import ReplayLog
 
 SMALL = ["--subscriptions", "2000", "--gateways", "2", "--rate", "500", "--duration", "3"]
 

@@ -10,7 +10,7 @@ import orjson
 import pytest
 from hypothesis import given, settings
 
-from streamer.events import Op, PoisonEvent, normalize
+from streamer.node.events import Op, PoisonEvent, normalize
 from streamer.protocol.puller_v1_pb2 import ChangeEvent
 
 

@@ -6,8 +6,8 @@ import asyncio
 import uuid
 from array import array
 
-from streamer.gateways import GatewayRegistry, KnownGateways, Limits, RestartWindow
-from streamer.matcher import Matcher
+from streamer.matching.matcher import Matcher
+from streamer.node.gateways import GatewayRegistry, KnownGateways, Limits, RestartWindow
 from streamer.protocol.streamer_v1_pb2 import Filter, ListValue, SubscribeRequest, Value
 
 

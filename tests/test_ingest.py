@@ -14,10 +14,11 @@ from puller_double import PullerDouble
 from service_helpers import until
 
 from streamer.errors import ResumePointLost
-from streamer.gateways import GatewayRegistry
-from streamer.ingest import Ingest
-from streamer.matcher import Matcher
-from streamer.progress import ProgressStore
+from streamer.matching.matcher import Matcher
+from streamer.node.gateways import GatewayRegistry
+from streamer.node.ingest import Ingest
+from streamer.node.progress import ProgressStore
+from streamer.node.server import StreamerServicer, add_to_server
 from streamer.protocol import puller_v1_pb2 as pb
 from streamer.protocol import streamer_v1_pb2_grpc as sgrpc
 from streamer.protocol.streamer_v1_pb2 import (
@@ -27,7 +28,6 @@ from streamer.protocol.streamer_v1_pb2 import (
     SubscribeRequest,
     Value,
 )
-from streamer.server import StreamerServicer, add_to_server
 
 
 def change(

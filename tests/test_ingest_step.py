@@ -11,12 +11,12 @@ import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streamer.gateways import GatewayRegistry
-from streamer.ingest import Ingest
-from streamer.matcher import Filter, Matcher
-from streamer.progress import ProgressStore
+from streamer.matching.matcher import Filter, Matcher
+from streamer.node.gateways import GatewayRegistry
+from streamer.node.ingest import Ingest
+from streamer.node.progress import ProgressStore
+from streamer.node.server import StreamerServicer
 from streamer.protocol import puller_v1_pb2 as pb
-from streamer.server import StreamerServicer
 
 STATE = tempfile.mkdtemp(prefix="streamer-test-ingest-step-")
 

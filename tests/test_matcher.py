@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from streamer.matcher import DuplicateSubscription, Filter, InvalidSubscription, Matcher
-from streamer.reference import ReferenceMatcher
+from streamer.matching.matcher import DuplicateSubscription, Filter, InvalidSubscription, Matcher
+from streamer.matching.reference import ReferenceMatcher
 
 
 def both() -> tuple[Matcher, ReferenceMatcher]:

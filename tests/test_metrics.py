@@ -23,21 +23,21 @@ from prometheus_client.registry import CollectorRegistry
 from puller_double import PullerDouble
 from test_ingest import change, deliveries, until
 
-from streamer.gateways import GatewayRegistry
-from streamer.ingest import Ingest
-from streamer.matcher import Matcher
-from streamer.metrics import (
+from streamer.matching.matcher import Matcher
+from streamer.node.gateways import GatewayRegistry
+from streamer.node.ingest import Ingest
+from streamer.node.metrics import (
     LATENCY_BUCKETS,
     LatencyHistogram,
     MetricsError,
     MetricsServer,
     StreamerCollector,
 )
-from streamer.progress import ProgressStore
+from streamer.node.progress import ProgressStore
+from streamer.node.server import StreamerServicer, add_to_server
 from streamer.protocol import puller_v1_pb2 as pb
 from streamer.protocol import streamer_v1_pb2_grpc as sgrpc
 from streamer.protocol.streamer_v1_pb2 import Filter, GatewayMessage, SubscribeRequest, Value
-from streamer.server import StreamerServicer, add_to_server
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from service_helpers import until
 
-from streamer.gateways import KnownGateways
 from streamer.locking import DirectoryInUse
-from streamer.progress import ProgressFileError, ProgressStore, SavedProgress
+from streamer.node.gateways import KnownGateways
+from streamer.node.progress import ProgressFileError, ProgressStore, SavedProgress
 
 
 def test_fresh_state_dir_has_no_progress(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from streamer.protocol import puller_v1_pb2 as pb
 from streamer.protocol import puller_v1_pb2_grpc as pb_grpc
 from streamer.puller.log import ReplayLog
 from streamer.puller.sources import from_json_line, to_json_line
-from streamer.workload import Workload, change_event
+from streamer.tools.workload import Workload, change_event
 
 
 def position(marker: str) -> int:  # the test knows the marker's shape; clients do not

@@ -29,7 +29,7 @@ from secantus import SecantusDBServer
 from service_helpers import free_port, puller_command, puller_events, start_puller, stop_puller
 
 from streamer.errors import ResumePointLost, StreamerError
-from streamer.events import normalize
+from streamer.node.events import normalize
 from streamer.protocol.puller_v1_pb2 import ChangeEvent
 from streamer.puller.mongo import MongoSource, SkippedChange, document_id, normalize_change
 

@@ -13,10 +13,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from service_helpers import until
 
-from streamer.gateways import GatewayRegistry
-from streamer.ingest import Ingest
-from streamer.matcher import Matcher
-from streamer.progress import ProgressStore
+from streamer.matching.matcher import Matcher
+from streamer.node.gateways import GatewayRegistry
+from streamer.node.ingest import Ingest
+from streamer.node.progress import ProgressStore
+from streamer.node.server import StreamerServicer
 from streamer.protocol import puller_v1_pb2 as pb
 from streamer.protocol import puller_v1_pb2_grpc as pb_grpc
 from streamer.puller.log import Record, ReplayLog
@@ -28,7 +29,6 @@ from streamer.puller.server import (
     heartbeat,
     puller_event,
 )
-from streamer.server import StreamerServicer
 
 
 def event(n: int, coll: str = "messages") -> pb.ChangeEvent:

@@ -27,8 +27,8 @@ from puller_double import PullerDouble
 from service_helpers import ServeProcess, until
 
 from streamer.client import StreamerClient
-from streamer.events import Op
-from streamer.progress import ProgressStore, SavedProgress
+from streamer.node.events import Op
+from streamer.node.progress import ProgressStore, SavedProgress
 from streamer.protocol import puller_v1_pb2 as pb
 
 CHATS = 3

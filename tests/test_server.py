@@ -10,9 +10,10 @@ from collections.abc import Awaitable, Callable
 import grpc
 import pytest
 
-from streamer.delivery import delivery_message, event_field, subscription_field
-from streamer.gateways import GatewayRegistry
-from streamer.matcher import Matcher
+from streamer.matching.matcher import Matcher
+from streamer.node.delivery import delivery_message, event_field, subscription_field
+from streamer.node.gateways import GatewayRegistry
+from streamer.node.server import StreamerServicer, add_to_server
 from streamer.protocol import streamer_v1_pb2_grpc as pb_grpc
 from streamer.protocol.streamer_v1_pb2 import (
     Filter,
@@ -25,7 +26,6 @@ from streamer.protocol.streamer_v1_pb2 import (
     UnsubscribeRequest,
     Value,
 )
-from streamer.server import StreamerServicer, add_to_server
 
 
 def subscribe(sub_id: str, chat: str = "c1") -> GatewayMessage:
@@ -156,7 +156,7 @@ def test_a_lagging_gateway_is_cut_off_with_resource_exhausted(
             await asyncio.sleep(0.01)
         assert len(servicer.registry.matcher) == 0
 
-    with caplog.at_level(logging.INFO, logger="streamer.server"):
+    with caplog.at_level(logging.INFO, logger="streamer.node.server"):
         run(scenario, queue_capacity=8)
     [end] = [r for r in caplog.records if " ended " in r.getMessage()]
     assert end.levelno == logging.WARNING  # it went with messages still queued
@@ -219,7 +219,7 @@ def test_each_stream_is_logged_when_it_opens_and_ends(caplog: pytest.LogCaptureF
                 break
             await asyncio.sleep(0.01)
 
-    with caplog.at_level(logging.INFO, logger="streamer.server"):
+    with caplog.at_level(logging.INFO, logger="streamer.node.server"):
         run(scenario)
     opened = [r.getMessage() for r in caplog.records if " opened " in r.getMessage()]
     assert len(opened) == 2
@@ -252,7 +252,7 @@ def test_a_superseded_stream_logs_the_subscriptions_it_took_along(
         assert await end_status(stale) == grpc.StatusCode.ABORTED
         fresh.cancel()
 
-    with caplog.at_level(logging.INFO, logger="streamer.server"):
+    with caplog.at_level(logging.INFO, logger="streamer.node.server"):
         run(scenario)
     assert re.fullmatch(
         r"gateway stream \d+ ended \(gw-1 at ipv4:127\.0\.0\.1:\d+, plain\): ABORTED: "
@@ -288,7 +288,7 @@ def test_shutdown_ends_each_stream_once_its_queue_is_written(
         assert await end_status(late) == grpc.StatusCode.UNAVAILABLE
         assert await servicer.wait_closed(5)
 
-    with caplog.at_level(logging.INFO, logger="streamer.server"):
+    with caplog.at_level(logging.INFO, logger="streamer.node.server"):
         run(scenario)
     first, late = ends(caplog)
     assert first.endswith("plain): UNAVAILABLE: the Streamer is shutting down; "

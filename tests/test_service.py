@@ -30,7 +30,8 @@ from service_helpers import Service, until
 
 from streamer.client import StreamerClient
 from streamer.errors import SubscriptionRejected
-from streamer.events import Op, normalize
+from streamer.matching.reference import ReferenceMatcher
+from streamer.node.events import Op, normalize
 from streamer.protocol import puller_v1_pb2 as pb
 from streamer.protocol import streamer_v1_pb2_grpc as sgrpc
 from streamer.protocol.streamer_v1_pb2 import (
@@ -43,8 +44,7 @@ from streamer.protocol.streamer_v1_pb2 import (
     UnsubscribeRequest,
     Value,
 )
-from streamer.reference import ReferenceMatcher
-from streamer.workload import SubscriptionSpec, Workload, change_event
+from streamer.tools.workload import SubscriptionSpec, Workload, change_event
 
 FAST: dict[str, Any] = {"heartbeat_interval": 0.1, "ack_timeout": 1.0, "backoff": (0.01, 0.05)}
 T0 = 1_764_000_000_000

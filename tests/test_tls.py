@@ -22,7 +22,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service_helpers import serve_command, serving
 
-from streamer.auth import CredentialsError, channel_credentials, server_credentials
+from streamer.node.auth import CredentialsError, channel_credentials, server_credentials
 from streamer.protocol import puller_v1_pb2 as pb
 from streamer.protocol import streamer_v1_pb2_grpc as sgrpc
 from streamer.protocol.streamer_v1_pb2 import (

@@ -1,4 +1,4 @@
-"""Tests of the seeded reference workload (streamer.workload)."""
+"""Tests of the seeded reference workload (streamer.tools.workload)."""
 
 from __future__ import annotations
 
@@ -8,15 +8,15 @@ from collections import Counter
 
 import pytest
 
-# streamer.workload builds its filters with streamer.matcher.Filter, so every
+# streamer.tools.workload builds its filters with streamer.matching.matcher.Filter, so every
 # test here needs the matcher module; it is always present in a full checkout.
 # (The guard only keeps a half-written tree collectable; once matcher.py exists
 # these tests run, and an import error in it fails them loudly.)
-if importlib.util.find_spec("streamer.matcher") is None:  # pragma: no cover
-    pytest.skip("streamer/matcher.py does not exist yet", allow_module_level=True)
+if importlib.util.find_spec("streamer.matching.matcher") is None:  # pragma: no cover
+    pytest.skip("streamer/matching/matcher.py does not exist yet", allow_module_level=True)
 
-from streamer.matcher import Filter, Matcher
-from streamer.workload import (
+from streamer.matching.matcher import Filter, Matcher
+from streamer.tools.workload import (
     ALERT_TAGS,
     EventSpec,
     SubscriptionSpec,
@@ -258,8 +258,8 @@ def test_matcher_accepts_every_subscription(
 
 
 def test_change_events_normalize_to_the_workload_operations() -> None:
-    from streamer.events import Op, normalize
-    from streamer.workload import change_event
+    from streamer.node.events import Op, normalize
+    from streamer.tools.workload import change_event
 
     ops = {"insert": Op.INSERT, "update": Op.UPDATE, "delete": Op.DELETE}
     for i, spec in enumerate(Workload(1000, seed=3).events(500)):

@@ -1,6 +1,6 @@
 # Hand-written type stub of the compiled CEL parser (streamer/_ext/_celparse.pyx);
 # mypy checks the Python side against it.
-from streamer.cel import Expr
+from streamer.matching.cel import Expr
 
 def parse(
     source: str,

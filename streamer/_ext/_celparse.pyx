@@ -1,5 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""Compiled CEL parser: a fast drop-in for ``streamer.cel.parse`` (+ ``check``).
+"""Compiled CEL parser: a fast drop-in for ``streamer.matching.cel.parse`` (+ ``check``).
 
 Why it exists: registering a subscription parses and checks its CEL
 expression, and the pure-Python front end (a regex tokenizer and a Pratt
@@ -7,8 +7,8 @@ parser) is far too slow for tens of thousands of registrations a second.
 This module owns only that speed: a tokenizer over the code points of the
 source (no regexes) and a transliteration of the Python parser, in C.
 
-``streamer.cel`` stays the reference and the contract.  :func:`parse` here
-returns the same AST (instances of the ``streamer.cel`` node classes, with the
+``streamer.matching.cel`` stays the reference and the contract.  :func:`parse` here
+returns the same AST (instances of the ``streamer.matching.cel`` node classes, with the
 same ``pos`` values) and raises ``CelSyntaxError`` with the same message as
 ``cel.parse`` for every input; with ``check=True`` it also raises what
 ``cel.check`` would, in the same order.  tests/test_celparse.py checks that
@@ -21,7 +21,7 @@ How it stays exact but cheap:
   the first erroneous token, it only reports it when it reaches it.
 * Depth and node count are tracked while the tree is built (every parse
   function leaves the height of the node it returns in ``_Parser.h``).  Only
-  when a limit is exceeded does ``streamer.cel.parser.check_size`` walk the tree, to name
+  when a limit is exceeded does ``streamer.matching.cel.parser.check_size`` walk the tree, to name
   the same node as the reference does.
 * ``check=True`` validates each identifier and call as it is built.  Only if
   one fails does ``cel.check`` walk the tree, to report the first problem in
@@ -59,10 +59,10 @@ from libc.stdint cimport INT64_MIN, int64_t, uint64_t
 cdef extern from "Python.h":
     double PyOS_string_to_double(const char *s, char **endptr, PyObject *overflow_exception) except? -1.0
 
-from streamer import cel
-from streamer.cel import checker as cel_checker
-from streamer.cel import parser as cel_parser
-from streamer.cel import CelSyntaxError
+from streamer.matching import cel
+from streamer.matching.cel import checker as cel_checker
+from streamer.matching.cel import parser as cel_parser
+from streamer.matching.cel import CelSyntaxError
 
 # --------------------------------------------------------------------------
 # Tokens
@@ -243,7 +243,7 @@ cdef class _Parser:
     cdef int tokenize(self) except -1:
         """Fill ``toks``; stop after the first lexical error (an T_ERR token).
 
-        Mirrors ``streamer.cel.parser._TOKEN_RE``: the alternatives are tried in its order.
+        Mirrors ``streamer.matching.cel.parser._TOKEN_RE``: the alternatives are tried in its order.
         """
         cdef Py_ssize_t n = self.n, p = 0, q, e, k
         cdef int c, c2
@@ -598,7 +598,7 @@ cdef class _Parser:
 
     cdef object unescape(self, Py_ssize_t start, Py_ssize_t a, Py_ssize_t b):
         """The value of the body [a, b) (with escapes) of the string token at
-        ``start``, or None after pushing the error token (``streamer.cel.parser._unescape``)."""
+        ``start``, or None after pushing the error token (``streamer.matching.cel.parser._unescape``)."""
         cdef Py_UCS4 *buf = <Py_UCS4 *>PyMem_Malloc((b - a) * sizeof(Py_UCS4))
         cdef Py_ssize_t k = a, m = 0, j, width
         cdef int c, d
@@ -851,7 +851,7 @@ cdef class _Parser:
         return _Call(function, target, args, pos)
 
     cdef int check_call(self, str fn, bint has_target, tuple args) except -1:
-        """Flag what ``streamer.cel.checker.call_shape_ok`` or the ``matches`` pattern check rejects."""
+        """Flag what ``streamer.matching.cel.checker.call_shape_ok`` or the ``matches`` pattern check rejects."""
         cdef Py_ssize_t nargs = len(args)
         cdef bint ok
         if fn == "size":
@@ -1034,9 +1034,9 @@ def parse(
     max_nodes=cel.MAX_NODES,
     bint check=False,
 ):
-    """Parse a CEL expression exactly as ``streamer.cel.parse`` does, only faster.
+    """Parse a CEL expression exactly as ``streamer.matching.cel.parse`` does, only faster.
 
-    With ``check=True`` the result is also validated as by ``streamer.cel.check``
+    With ``check=True`` the result is also validated as by ``streamer.matching.cel.check``
     (same ``InvalidSubscription`` messages, raised only after any parse error).
     """
     cdef Py_ssize_t n, k

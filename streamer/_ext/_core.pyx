@@ -78,7 +78,7 @@ cdef object NK = NOKEY
 cdef object TK = TRUE_KEY
 cdef object FK = FALSE_KEY
 
-# Operator codes shared with streamer.compiler.
+# Operator codes shared with streamer.matching.compiler.
 DEF OP_EQ = 0
 DEF OP_NE = 1
 DEF OP_LT = 2
@@ -181,7 +181,7 @@ cdef object map_lookup(dict d, object key):
     return ERR
 
 
-# Mirrors streamer.cel.nodes.MAX_VALUE_DEPTH: deeper values compare as an error
+# Mirrors streamer.matching.cel.nodes.MAX_VALUE_DEPTH: deeper values compare as an error
 # (C recursion on a hostile document would otherwise overflow the stack).
 DEF MAX_VALUE_DEPTH = 100
 
@@ -395,7 +395,7 @@ cdef object arith(int op, object a, object b):
 
 
 cdef object const_value(tuple ck):
-    """The constant a ``streamer.compiler.const_key`` pair stands for."""
+    """The constant a ``streamer.matching.compiler.const_key`` pair stands for."""
     if ck[0] == "list":
         return [const_value(c) for c in ck[1]]
     return ck[1]
@@ -1077,7 +1077,7 @@ cdef void *grow(void *ptr, uint32_t *cap, uint32_t need, size_t item) except NUL
 
 @cython.final
 cdef class Core:
-    """The subscription index. Driven by ``streamer.matcher.Matcher``, which
+    """The subscription index. Driven by ``streamer.matching.matcher.Matcher``, which
     compiles subscriptions into clauses and atoms; this class stores them and
     matches events."""
 
@@ -1393,7 +1393,7 @@ cdef class Core:
 
         ``owner`` is reported with each of its matches by ``match_owned``.
 
-        Atoms are ``(key, access, factory)`` tuples (``streamer.compiler``).
+        Atoms are ``(key, access, factory)`` tuples (``streamer.matching.compiler``).
         Per clause, the atom with the cheapest exact access becomes its index
         entry (hash keys before ranges; without any, the clause is visited on
         every event of the collection) and the others are interned and

@@ -7,12 +7,12 @@ the match, so no per-id lookup is needed), and the event serialized once.
 Grouping the ids by gateway and framing each group is per-match work:
 written in Python it cost more than the matching itself, so it is here, with
 each gateway's message written straight into one bytes object.
-``streamer.delivery.frame_deliveries_reference`` is the pure-Python twin the
+``streamer.node.delivery.frame_deliveries_reference`` is the pure-Python twin the
 property tests compare against.
 
 The output bytes are ``StreamerMessage{delivery: EventDelivery{
 subscription_ids, event}}`` in the protobuf wire format (see
-``streamer.delivery`` for why they are written by hand). ``frame_event``
+``streamer.node.delivery`` for why they are written by hand). ``frame_event``
 writes the shared ``EventDelivery.event`` part straight from the event's
 fields, which is much cheaper than building and serializing a
 ``StreamerEvent`` message; the property tests require the exact bytes

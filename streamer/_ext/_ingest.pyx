@@ -12,7 +12,7 @@ Only the common case is handled here: plain layout, no pre-image, no update
 description, a well-formed insert, update, replace or delete. Any other
 event (a pre-image and enter/leave, an update description, anything
 malformed or too large) goes to ``slow``: the Python path of
-``streamer.ingest`` (``streamer.events.normalize`` and its fan-out), which
+``streamer.node.ingest`` (``streamer.node.events.normalize`` and its fan-out), which
 is also the reference the property tests hold this step to, deliveries and
 counters alike.
 """
@@ -29,7 +29,7 @@ from streamer._ext._fanout import fan_out, frame_event
 cdef object loads = orjson.loads
 cdef object JSONDecodeError = orjson.JSONDecodeError
 
-# Delivered operations: streamer.events.Op (OperationType wire numbers).
+# Delivered operations: streamer.node.events.Op (OperationType wire numbers).
 DEF INSERT = 1
 DEF UPDATE = 2
 DEF DELETE = 4

@@ -38,7 +38,7 @@ import orjson
 
 from streamer.errors import StreamerError
 from streamer.protocol.puller_v1_pb2 import ChangeEvent, ClusterTime
-from streamer.workload import Workload, change_event
+from streamer.tools.workload import Workload, change_event
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ async def _paced(
 
 
 class WorkloadSource:
-    """The seeded chat workload (``streamer.workload``) at a steady rate.
+    """The seeded chat workload (``streamer.tools.workload``) at a steady rate.
 
     ``source_state`` is ``chat:<seed>:<count>``, the number of events of the
     seeded stream emitted so far; on resume the stream continues after them

@@ -14,7 +14,7 @@ with messages still queued): the stream's number, the gateway id (once it
 named itself) and its peer address, plain or batching, why it ended and
 how many subscriptions went with it.
 
-Outbound messages are already serialized (``streamer.delivery``), so the
+Outbound messages are already serialized (``streamer.node.delivery``), so the
 service is registered with ``add_to_server``, whose response serializer
 passes bytes through, not with the generated ``add_..._to_server``.
 """
@@ -28,8 +28,8 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from streamer.delivery import DEFAULT_CAPACITY, GatewayQueue
-from streamer.gateways import GatewayRegistry, Session
+from streamer.node.delivery import DEFAULT_CAPACITY, GatewayQueue
+from streamer.node.gateways import GatewayRegistry, Session
 from streamer.protocol import streamer_v1_pb2_grpc
 from streamer.protocol.streamer_v1_pb2 import (
     GatewayMessage,
@@ -72,7 +72,7 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
         self._idle.set()
 
     def deliver(self, session: Session, messages: list[bytes]) -> bool:
-        """Enqueue serialized deliveries (``streamer.delivery.delivery_message``)
+        """Enqueue serialized deliveries (``streamer.node.delivery.delivery_message``)
         in order without waiting; a queue they do not fit in cuts the
         gateway off."""
         stream = self.streams.get(session.key)

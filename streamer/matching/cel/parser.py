@@ -7,7 +7,7 @@ import re
 from itertools import accumulate
 from typing import cast
 
-from streamer.cel.nodes import (
+from streamer.matching.cel.nodes import (
     INT64_MAX,
     INT64_MIN,
     MAX_DEPTH,

@@ -2,19 +2,19 @@
 
 This package owns three things, one module each:
 
-* :func:`parse` (``streamer.cel.parser``) turns the source of a
-  subscription's CEL expression into a small AST (``streamer.cel.nodes``).
+* :func:`parse` (``streamer.matching.cel.parser``) turns the source of a
+  subscription's CEL expression into a small AST (``streamer.matching.cel.nodes``).
   It implements the CEL grammar for the supported subset, including the full
   literal syntax (hex ints, doubles, raw / triple-quoted strings and every
   escape), and it bounds the work a hostile expression can cause: length,
   nesting depth and node count are limited and checked while parsing, so no
   input string makes it raise anything but :class:`CelSyntaxError` (never
   ``RecursionError``).
-* :func:`check` (``streamer.cel.checker``) validates a parsed expression for
+* :func:`check` (``streamer.matching.cel.checker``) validates a parsed expression for
   the subscription environment: the only variable is ``doc`` and only a
   small set of functions exists.  ``matches`` patterns given as literals are
   compiled (RE2) here.
-* :func:`evaluate` (``streamer.cel.interpreter``) is the reference
+* :func:`evaluate` (``streamer.matching.cel.interpreter``) is the reference
   interpreter: a plain tree walk that is the simple, obviously-correct
   definition of the semantics (CEL's error-absorbing ``&&``/``||``,
   heterogeneous equality, int64 overflow checks, RE2 ``matches``...).  The
@@ -40,9 +40,9 @@ A few deliberate choices where Python or the CEL specification leaves room:
 
 from __future__ import annotations
 
-from streamer.cel.checker import check
-from streamer.cel.interpreter import evaluate
-from streamer.cel.nodes import (
+from streamer.matching.cel.checker import check
+from streamer.matching.cel.interpreter import evaluate
+from streamer.matching.cel.nodes import (
     MAX_DEPTH,
     MAX_EXPRESSION_LENGTH,
     MAX_NODES,
@@ -57,7 +57,7 @@ from streamer.cel.nodes import (
     MapExpr,
     Select,
 )
-from streamer.cel.parser import parse
+from streamer.matching.cel.parser import parse
 
 __all__ = [
     "MAX_DEPTH",

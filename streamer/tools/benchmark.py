@@ -13,7 +13,7 @@ Puller, Streamer and gateways run as separate processes on loopback:
 - G gateways (``StreamerClient``s, each its own stream and gateway id)
   holding their shares of N subscriptions of ``Workload(N, seed=1,
   gateways=G)``, hosted ``clients_per_process`` (4) per process
-  (``python -m streamer.benchmark gateway``). Each records deliveries in its
+  (``python -m streamer.tools.benchmark gateway``). Each records deliveries in its
   stream reader and, for every 4th, ``time.time_ns() - stamp`` (one host,
   one clock) in a log-linear histogram (16 sub-buckets per power of two:
   within 6 %), and the number of the last event it received.
@@ -25,9 +25,9 @@ Per offered rate: a warm-up, then a measured window. "Sustained" means the
 events reaching the gateways over the window kept up with what the Puller
 produced (>= 97 %) and the backlog at the end of the window is below a
 quarter of a second's worth. The relay baseline (``python -m
-streamer.benchmark relay``) replaces the Streamer with a pass-through that
+streamer.tools.benchmark relay``) replaces the Streamer with a pass-through that
 consumes the Puller the same way and forwards every event, framed by the
-same code (``streamer.delivery``), to one gateway, without decoding or
+same code (``streamer.node.delivery``), to one gateway, without decoding or
 matching.
 
 This lives in the package (not in ``bench/``) so that ``streamer bench e2e``
@@ -59,8 +59,8 @@ from typing import IO, Any
 
 import grpc
 
-from streamer import metrics
-from streamer.metrics import histogram_quantile, latency_buckets, scrape
+from streamer.node import metrics
+from streamer.node.metrics import histogram_quantile, latency_buckets, scrape
 from streamer.options import MAX_RATE, integer, one_of, real
 from streamer.transport import free_port
 
@@ -102,7 +102,7 @@ def quantile(hist: dict[int, int], q: float) -> float:
 async def _gateway(args: argparse.Namespace) -> None:
     """One gateway process hosting the ``StreamerClient`` of each index."""
     from streamer.client import StreamerClient
-    from streamer.workload import Workload
+    from streamer.tools.workload import Workload
 
     indexes = [int(x) for x in args.index.split(",")]
     state: dict[str, Any] = {"deliveries": 0, "hist": {}, "seen": 0}
@@ -213,7 +213,13 @@ async def _gateway(args: argparse.Namespace) -> None:
 async def _relay(args: argparse.Namespace) -> None:
     """A pass-through: the Puller's events, framed as the Streamer frames
     them, to every connected gateway; no decoding, no matching."""
-    from streamer.delivery import GatewayQueue, delivery_message, frame_event, subscription_field
+    from streamer.node.delivery import (
+        GatewayQueue,
+        delivery_message,
+        frame_event,
+        subscription_field,
+    )
+    from streamer.node.server import SERVICE_NAME
     from streamer.protocol import puller_v1_pb2 as puller_pb
     from streamer.protocol import puller_v1_pb2_grpc as puller_grpc
     from streamer.protocol.streamer_v1_pb2 import (
@@ -223,7 +229,6 @@ async def _relay(args: argparse.Namespace) -> None:
         StreamerMessage,
         SubscribeResponse,
     )
-    from streamer.server import SERVICE_NAME
     from streamer.transport import KEEPALIVE_OPTIONS, SERVER_OPTIONS
 
     queues: list[GatewayQueue] = []
@@ -426,7 +431,7 @@ class _Setup:
         py = sys.executable
         target = f"127.0.0.1:{self.puller_port}"
         if self.variant == "relay":
-            cmd = [py, "-m", "streamer.benchmark", "relay", "--puller", target,
+            cmd = [py, "-m", "streamer.tools.benchmark", "relay", "--puller", target,
                    "--listen", f"127.0.0.1:{self.port}"]
         else:
             cmd = [py, "-m", "streamer", "serve", "--listen", f"127.0.0.1:{self.port}",
@@ -440,7 +445,7 @@ class _Setup:
         groups = [list(range(count))[i:i + per] for i in range(0, count, per)]
         start = time.perf_counter()
         for group in groups:
-            cmd = [py, "-m", "streamer.benchmark", "gateway", "--target",
+            cmd = [py, "-m", "streamer.tools.benchmark", "gateway", "--target",
                    f"127.0.0.1:{self.port}", "--index", ",".join(map(str, group)), "--gateways",
                    str(self.config.gateways), "--n", str(self.config.n),
                    "--seed", str(self.config.seed)]
@@ -873,8 +878,8 @@ def bench_main(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m streamer.benchmark gateway|relay``: the benchmark's own processes."""
-    parser = argparse.ArgumentParser(prog="python -m streamer.benchmark")
+    """``python -m streamer.tools.benchmark gateway|relay``: the benchmark's own processes."""
+    parser = argparse.ArgumentParser(prog="python -m streamer.tools.benchmark")
     roles = parser.add_subparsers(dest="role", required=True)
     gateway = roles.add_parser("gateway")
     gateway.add_argument("--target", required=True)

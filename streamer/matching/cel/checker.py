@@ -8,7 +8,8 @@ import functools
 
 import re2
 
-from streamer.cel.nodes import (
+from streamer.errors import InvalidSubscription
+from streamer.matching.cel.nodes import (
     Call,
     Expr,
     Ident,
@@ -21,7 +22,6 @@ from streamer.cel.nodes import (
     col,
     quote,
 )
-from streamer.errors import InvalidSubscription
 
 # --------------------------------------------------------------------------
 # Checker

@@ -12,7 +12,7 @@ and proves it writable before the service starts; ``close`` gives it back.
 
 The file also keeps the gateways connected when it was written
 (``KnownGateways``), so that the next start can wait for them to
-re-register before the replay (``streamer.gateways.RestartWindow``); a
+re-register before the replay (``streamer.node.gateways.RestartWindow``); a
 change to them is written like an advance.
 """
 
@@ -30,8 +30,8 @@ from pathlib import Path
 import orjson
 
 from streamer.errors import StreamerError
-from streamer.gateways import KnownGateways
 from streamer.locking import DirectoryInUse, DirectoryLock
+from streamer.node.gateways import KnownGateways
 
 FILE_NAME = "progress.json"
 log = logging.getLogger(__name__)

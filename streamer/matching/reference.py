@@ -3,7 +3,7 @@
 It keeps every subscription as written and, for each event, evaluates every
 subscription of the collection: filters as the CEL comparisons they are
 defined to be (docs/semantics.md, Comparison), expressions with the
-reference CEL interpreter (``streamer.cel.evaluate``). Property tests demand
+reference CEL interpreter (``streamer.matching.cel.evaluate``). Property tests demand
 that the compiled ``Matcher`` gives exactly its answers.
 """
 
@@ -12,9 +12,9 @@ from __future__ import annotations
 from array import array
 from collections.abc import Iterable
 
-from streamer import cel
-from streamer.compiler import OPERATORS, Filter, lower_filter
 from streamer.errors import DuplicateSubscription, InvalidSubscription
+from streamer.matching import cel
+from streamer.matching.compiler import OPERATORS, Filter, lower_filter
 
 _MISSING = object()
 _BINARY = {op: cel.parse(f"a {op} b") for op in ("==", "!=", "<", "<=", ">", ">=")}
@@ -59,7 +59,7 @@ def _parse(expression: str) -> cel.Expr:
 
 
 class ReferenceMatcher:
-    """Same API and answers as ``streamer.matcher.Matcher``, by brute force."""
+    """Same API and answers as ``streamer.matching.matcher.Matcher``, by brute force."""
 
     def __init__(self) -> None:
         self._subs: dict[str, tuple[str, str, list[Filter], cel.Expr | None]] = {}

@@ -49,7 +49,7 @@ from streamer.errors import StreamerError
 from streamer.options import join
 
 if TYPE_CHECKING:
-    from streamer.ingest import Ingest
+    from streamer.node.ingest import Ingest
 
 # Ten per decade (the R10 series), 1 µs to 100 ms: a p50/p99 interpolated
 # inside a bucket is off by less than one bucket width (at most 27 %).

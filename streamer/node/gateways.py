@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from streamer.errors import DuplicateSubscription, InvalidSubscription
-from streamer.matcher import Filter, Matcher
+from streamer.matching.matcher import Filter, Matcher
 from streamer.protocol.streamer_v1_pb2 import SubscribeRequest, SubscribeResponse, Value
 
 INVALID_ARGUMENT = "invalid_argument"

@@ -57,7 +57,7 @@ from typing import Any
 
 import orjson
 
-from streamer.matcher import Filter
+from streamer.matching.matcher import Filter
 from streamer.protocol.puller_v1_pb2 import ChangeEvent
 
 __all__ = [

@@ -11,10 +11,10 @@ stops with ``ResumePointLost`` (an operator decides); with
 continues from the live head. Either way the saved marker stays until an
 event after it is processed: a marker never moves back to "the live head".
 
-Each event is transformed (``streamer.events``), matched once (twice with a
+Each event is transformed (``streamer.node.events``), matched once (twice with a
 pre-image, for enter/leave), grouped into one delivery per (gateway,
 operation), handed to the gateways' queues without waiting, and only then
-is its marker advanced (``streamer.progress``). Poison events are counted by
+is its marker advanced (``streamer.node.progress``). Poison events are counted by
 reason, logged with their id, and skipped; their marker still advances.
 
 The common case of the plain layout (no pre-image, no update description,
@@ -37,15 +37,22 @@ from typing import Literal
 import grpc
 
 from streamer._ext._ingest import Step
-from streamer.delivery import fan_out, frame_deliveries, frame_event
 from streamer.errors import ResumePointLost
-from streamer.events import DEFAULT_MAX_DOCUMENT_BYTES, Change, Layout, Op, PoisonEvent, normalize
-from streamer.gateways import GatewayRegistry
-from streamer.metrics import LatencyHistogram
-from streamer.progress import ProgressStore
+from streamer.node.delivery import fan_out, frame_deliveries, frame_event
+from streamer.node.events import (
+    DEFAULT_MAX_DOCUMENT_BYTES,
+    Change,
+    Layout,
+    Op,
+    PoisonEvent,
+    normalize,
+)
+from streamer.node.gateways import GatewayRegistry
+from streamer.node.metrics import LatencyHistogram
+from streamer.node.progress import ProgressStore
+from streamer.node.server import StreamerServicer
 from streamer.protocol import puller_v1_pb2 as puller_pb
 from streamer.protocol import puller_v1_pb2_grpc as puller_grpc
-from streamer.server import StreamerServicer
 from streamer.transport import KEEPALIVE_OPTIONS
 from streamer.wire import MAX_MESSAGE_BYTES
 
@@ -219,7 +226,7 @@ class Ingest:
         return pending, changes
 
     def _process_one(self, event: puller_pb.PullerEvent, pending: dict[int, list[bytes]]) -> bool:
-        """One change event through ``streamer.events`` and the fan-out;
+        """One change event through ``streamer.node.events`` and the fan-out;
         False if it is poison (counted, logged and skipped)."""
         try:
             change = normalize(

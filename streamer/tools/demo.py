@@ -2,7 +2,7 @@
 
 This module owns the demo: it starts a reference Puller (``streamer puller
 --workload chat``), the Streamer (``streamer serve``) and G simulated
-gateways (this module's ``gateway`` entry point, ``python -m streamer.demo
+gateways (this module's ``gateway`` entry point, ``python -m streamer.tools.demo
 gateway``, each a ``StreamerClient`` in its own process), shows live
 progress once a second, prints a summary table, and checks that every
 gateway received exactly what its subscriptions should have, in order.
@@ -10,7 +10,7 @@ gateway received exactly what its subscriptions should have, in order.
 How the expected set is made exact. The Puller's replay log directory is
 created here first, and the Streamer starts with a saved progress marker at
 position 0 of that log, listing the G gateways as known: its restart window
-(``streamer.gateways.RestartWindow``) then holds ingest until every gateway
+(``streamer.node.gateways.RestartWindow``) then holds ingest until every gateway
 has said Hello, registered all of its subscriptions and sent a Heartbeat
 (each gateway queues all of its subscribe requests before it connects, so
 they travel in its handshake, ahead of that Heartbeat). The Puller is
@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from streamer.metrics import histogram_quantile, latency_buckets, quantile, scrape
+from streamer.node.metrics import histogram_quantile, latency_buckets, quantile, scrape
 from streamer.transport import free_port
 
 DEFAULT_SUBSCRIPTIONS = 20_000
@@ -85,7 +85,7 @@ OWNER_FILE = "demo.pid"
 
 def _gateway_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m streamer.demo gateway",
+        prog="python -m streamer.tools.demo gateway",
         description="One simulated gateway of `streamer demo` (internal).",
     )
     parser.add_argument("command", choices=["gateway"])
@@ -114,7 +114,7 @@ async def _gateway(args: argparse.Namespace) -> int:
     ``<event_id> <operation> <subscription id>,<subscription id>...``.
     """
     from streamer.client import StreamerClient
-    from streamer.workload import Workload
+    from streamer.tools.workload import Workload
 
     name = f"gw-{args.index}"
     specs = [
@@ -432,7 +432,7 @@ async def _demo(run: Run) -> None:
     for k in range(g):
         out = run.work / f"gw-{k}.deliveries"
         proc = await _spawn(
-            run, f"gw-{k}", "-m", "streamer.demo", "gateway", "--target", target,
+            run, f"gw-{k}", "-m", "streamer.tools.demo", "gateway", "--target", target,
             "--index", str(k), "--gateways", str(g), "--subscriptions", str(n),
             "--seed", str(args.seed), "--out", str(out), stdout=subprocess.PIPE,
         )
@@ -588,7 +588,7 @@ async def _open_gate(target: str) -> None:
 def _expected_ops(matcher: Any, change: Any) -> list[tuple[int, list[str]]]:
     """(delivered operation, subscription ids) pairs of one event, as the
     ingest computes them (enter/leave for an update with a pre-image)."""
-    from streamer.events import Op
+    from streamer.node.events import Op
 
     if change.document is None:
         ids = matcher.match(change.database, change.collection, change.document_id, None)
@@ -609,11 +609,11 @@ def verify(
     n: int, g: int, seed: int,
 ) -> tuple[bool, str, dict[str, float]]:
     """Compare what each subscription received with what it should have."""
-    from streamer.events import PoisonEvent, normalize
-    from streamer.matcher import Matcher
+    from streamer.matching.matcher import Matcher
+    from streamer.matching.reference import ReferenceMatcher
+    from streamer.node.events import PoisonEvent, normalize
     from streamer.puller.log import ReplayLog
-    from streamer.reference import ReferenceMatcher
-    from streamer.workload import Workload
+    from streamer.tools.workload import Workload
 
     problems: list[str] = []
     notes: list[str] = []
@@ -918,4 +918,4 @@ def main(args: argparse.Namespace) -> int:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["gateway"]:
         sys.exit(gateway_main(sys.argv[1:]))
-    sys.exit("usage: python -m streamer.demo gateway ... (internal; run `streamer demo`)")
+    sys.exit("usage: python -m streamer.tools.demo gateway ... (internal; run `streamer demo`)")

@@ -24,9 +24,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-from streamer import cel
 from streamer._ext import _core
 from streamer.errors import InvalidSubscription
+from streamer.matching import cel
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1

@@ -1,6 +1,6 @@
 """The public matching API: register subscriptions, match events.
 
-``Matcher`` turns each subscription into clauses (see ``streamer.compiler``),
+``Matcher`` turns each subscription into clauses (see ``streamer.matching.compiler``),
 chooses for every clause the one atom the index looks it up by (its access
 atom: document id, then the equality or ``in`` key with the smallest posting
 list, then list membership, then a numeric range), interns the remaining
@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from streamer import cel
 from streamer._ext import _celparse, _core
-from streamer.compiler import Clause, Filter, lower_expression, lower_filter
 from streamer.errors import DuplicateSubscription, InvalidSubscription
+from streamer.matching import cel
+from streamer.matching.compiler import Clause, Filter, lower_expression, lower_filter
 
 __all__ = ["DuplicateSubscription", "Filter", "InvalidSubscription", "Matcher"]
 
@@ -44,7 +44,7 @@ class Matcher:
     @property
     def index(self) -> _core.Core:
         """The compiled index itself, for compiled consumers of its matches
-        (``streamer.delivery.fan_out``)."""
+        (``streamer.node.delivery.fan_out``)."""
         return self._core
 
     def __contains__(self, subscription_id: object) -> bool:

@@ -8,8 +8,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 
-from streamer.cel.checker import compile_regex
-from streamer.cel.nodes import (
+from streamer.matching.cel.checker import compile_regex
+from streamer.matching.cel.nodes import (
     INT64_MAX,
     INT64_MIN,
     MAX_VALUE_DEPTH,

@@ -34,7 +34,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 
 from streamer._ext._fanout import fan_out, frame_deliveries, frame_event
-from streamer.matcher import Matcher
+from streamer.matching.matcher import Matcher
 from streamer.protocol.streamer_v1_pb2 import StreamerEvent
 from streamer.wire import field, varint
 
