@@ -1,4 +1,5 @@
-"""Log set-up of ``streamer serve``: text lines, or JSON lines (``--log-format``).
+"""Log set-up of ``streamer serve`` and ``streamer puller``: text lines, or
+JSON lines (``--log-format``).
 
 The JSON form is one object per line on stderr, for log shippers::
 
@@ -22,6 +23,8 @@ from typing import Any
 import orjson
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+FORMATS = ("text", "json")
 
 # Attributes every LogRecord has; anything else on a record came from extra=.
 _STANDARD = frozenset(

@@ -17,10 +17,12 @@ from __future__ import annotations
 import argparse
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
+
+from streamer.logs import FORMATS, LEVELS
 
 Convert = Callable[[str], Any]
 
@@ -231,8 +233,9 @@ def _shown(default: Any, convert: Convert) -> str | None:
     return str(default)
 
 
-def commands_epilog(prefixes: Sequence[tuple[str, str]]) -> str:
-    """The top-level help's note on which variables each command reads."""
-    return "Options can also be set in the environment: " + "; ".join(
-        f"{command} reads {prefix}<OPTION>" for command, prefix in prefixes
-    ) + " (e.g. --session-ttl is STREAMER_SESSION_TTL); a flag given on the command line wins."
+def add_logging_options(opts: Options) -> None:
+    """``--log-level`` and ``--log-format``, as every service command has them."""
+    opts.add("--log-level", one_of(*LEVELS, fold=str.upper), default="INFO",
+             help="log verbosity")
+    opts.add("--log-format", one_of(*FORMATS, fold=str.lower), default="text",
+             help="log lines on stderr: text, or json (one object per line)")

@@ -1,12 +1,10 @@
 """The Streamer in tests, run as a gateway would meet it.
 
-- ``Service``: the real pieces in-process on loopback: the gRPC server with
-  ``StreamerServicer`` (optionally behind ``TokenAuth``), a
-  ``GatewayRegistry`` with the session sweeper of ``streamer serve``, and an
-  ``Ingest`` fed by a ``PullerDouble``, so events appended to the Puller
-  reach gateways end to end. ``stop``/``start`` restart the Streamer on the
-  same port with a fresh registry, as a crash and restart would; the Puller
-  and the progress marker survive it.
+- ``Service``: a ``StreamerNode`` (the composition root ``streamer serve``
+  runs) in-process on loopback, fed by a ``PullerDouble``, so events
+  appended to the Puller reach gateways end to end. ``stop``/``start``
+  restart the node on the same port with a fresh index and sessions; the
+  Puller and the progress marker survive it.
 - ``serving``: ``streamer serve`` as a real process against a fresh
   ``PullerDouble`` on a free loopback port, its output in a file, both
   stopped afterwards whatever happened.
@@ -16,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import signal
 import socket
 import subprocess
@@ -28,15 +27,11 @@ from types import TracebackType
 import grpc
 from puller_double import PullerDouble
 
-from streamer.cli import _sweep
-from streamer.matching.matcher import Matcher
-from streamer.node.auth import TokenAuth
 from streamer.node.delivery import DEFAULT_CAPACITY
 from streamer.node.events import Layout
 from streamer.node.gateways import GatewayRegistry
-from streamer.node.ingest import Ingest
-from streamer.node.progress import ProgressStore
-from streamer.node.server import StreamerServicer, add_to_server
+from streamer.node.node import NodeConfig, StreamerNode
+from streamer.node.server import StreamerServicer
 from streamer.protocol import puller_v1_pb2 as pb
 from streamer.protocol import puller_v1_pb2_grpc as pb_grpc
 
@@ -107,64 +102,59 @@ async def until(predicate: Callable[[], bool], timeout: float = 10) -> None:
 
 
 class Service:
+    """A ``StreamerNode`` in-process against a ``PullerDouble``, restartable:
+    ``stop`` then ``start`` is a restart on the same port with a fresh
+    index and sessions, as after a crash; the Puller and the state
+    directory outlive it."""
+
     def __init__(
         self,
         state_dir: Path,
         *,
         session_ttl: float = 90.0,
         token: bytes | None = None,
-        registry_type: type[GatewayRegistry] = GatewayRegistry,
         layout: Layout = "plain",
         queue_capacity: int = DEFAULT_CAPACITY,
+        resume_grace: float = 0.0,
     ) -> None:
-        self.session_ttl = session_ttl
-        self.layout: Layout = layout
-        self.queue_capacity = queue_capacity
-        self.token = token
-        self.registry_type = registry_type
+        # The Puller's address is filled in at start.
+        self.config = NodeConfig(
+            puller="", state_dir=state_dir, session_ttl=session_ttl, auth_token=token,
+            document_layout=layout, gateway_queue=queue_capacity, resume_grace=resume_grace,
+            drain_seconds=0, puller_backoff=(0.01, 0.05),
+        )
         self.puller = PullerDouble()
-        self.progress = ProgressStore(state_dir)
         self.port = 0
-        # Fresh at every start, as after a restart.
-        self.registry: GatewayRegistry
-        self.servicer: StreamerServicer
-        self._server: grpc.aio.Server | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self.node: StreamerNode
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def registry(self) -> GatewayRegistry:
+        return self.node.registry
+
+    @property
+    def servicer(self) -> StreamerServicer:
+        return self.node.servicer
 
     async def start(self) -> None:
         """Start the Streamer (on the port of the last start, if any) and
         wait until its ingest follows the Puller."""
         if not self.puller.port:
             await self.puller.start()
-        self.registry = self.registry_type(Matcher(), session_ttl=self.session_ttl)
-        self.servicer = StreamerServicer(self.registry, queue_capacity=self.queue_capacity)
-        interceptors = [TokenAuth(self.token)] if self.token is not None else []
-        self._server = grpc.aio.server(interceptors=interceptors)
-        add_to_server(self.servicer, self._server)
-        self.port = self._server.add_insecure_port(self.target)
-        await self._server.start()
+        self.node = StreamerNode(dataclasses.replace(
+            self.config, puller=f"127.0.0.1:{self.puller.port}", listen=("127.0.0.1", self.port),
+        ))
         subscribed = len(self.puller.subscriptions)
-        ingest = Ingest(
-            f"127.0.0.1:{self.puller.port}", self.registry, self.servicer, self.progress,
-            layout=self.layout, backoff=(0.01, 0.05),
-        )
-        self._tasks = [
-            asyncio.create_task(ingest.run()),
-            asyncio.create_task(_sweep(self.registry, self.servicer)),
-        ]
+        await self.node.start()
+        self.port = self.node.port
         await until(lambda: len(self.puller.subscriptions) > subscribed)
 
     async def stop(self) -> None:
         """Stop the Streamer (not the Puller): every gateway stream breaks."""
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._server is not None:
-            await self._server.stop(grace=0)
+        await self.node.stop()
 
     async def __aenter__(self) -> Service:
         await self.start()

@@ -119,14 +119,18 @@ class ProgressStore:
             return SavedProgress()
         except OSError as exc:
             raise ProgressFileError(
-                f"{self.path}: cannot read the progress file ({exc.strerror or exc})"
+                f"{self.path}: cannot read the progress file ({exc.strerror or exc}); move "
+                "it away to start from the Puller's live head"
             ) from None
         try:
             data = orjson.loads(raw)
             known = KnownGateways(frozenset(map(str, data["gateways"])), int(data["others"]))
             saved = SavedProgress(str(data["marker"]), known)
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise ProgressFileError(f"{self.path}: not a progress file ({exc})") from None
+            raise ProgressFileError(
+                f"{self.path}: not a progress file ({exc}); move it away to start from "
+                "the Puller's live head"
+            ) from None
         self.marker, self.gateways = saved.marker, saved.gateways
         return saved
 

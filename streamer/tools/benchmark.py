@@ -61,7 +61,7 @@ import grpc
 
 from streamer.node import metrics
 from streamer.node.metrics import histogram_quantile, latency_buckets, scrape
-from streamer.options import MAX_RATE, integer, one_of, real
+from streamer.options import MAX_RATE, ArgumentParser, integer, one_of, real
 from streamer.transport import free_port
 
 __all__ = ["Config", "main", "render", "run"]
@@ -869,7 +869,23 @@ def config_from(args: argparse.Namespace) -> Config:
     return config
 
 
-def bench_main(args: argparse.Namespace) -> int:
+def cli_main(argv: Sequence[str]) -> int:
+    """``streamer bench ARGV`` (one benchmark so far: ``e2e``)."""
+    parser = ArgumentParser(
+        prog="streamer bench",
+        description="Benchmarks of the service as shipped (see docs/benchmarks.md).",
+    )
+    benches = parser.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
+    e2e = benches.add_parser(
+        "e2e", help="Puller, Streamer and gateways as processes on loopback",
+        description="The end-to-end benchmark: per offered rate, events/s sustained, "
+        "deliveries/s, Puller→gateway latency, Streamer CPU and RSS, against a "
+        "pass-through relay; batching and plain gateways. Pins the Streamer to CPU 1 "
+        "and everything else to CPU 0.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_arguments(e2e)
+    args = parser.parse_args(argv)
     results = run(config_from(args))
     print("\n".join(render(results)))
     if args.out is not None:

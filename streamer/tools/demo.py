@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -56,7 +57,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from streamer import DISTRIBUTION
+from streamer.logs import configure_logging
 from streamer.node.metrics import histogram_quantile, latency_buckets, quantile, scrape
+from streamer.options import MAX_RATE, ArgumentParser, Options, integer, real
 from streamer.transport import free_port
 
 DEFAULT_SUBSCRIPTIONS = 20_000
@@ -64,6 +68,10 @@ DEFAULT_GATEWAYS = 4
 DEFAULT_RATE = 2000.0
 DEFAULT_DURATION = 12.0
 DEFAULT_SEED = 1
+ENV = "STREAMER_DEMO_"
+# Bounds that keep a typo from becoming a run that never ends.
+MAX_SUBSCRIPTIONS = 10_000_000
+MAX_SECONDS = 86_400.0
 # Events matched by the linear reference matcher as well (evenly spaced).
 REFERENCE_SAMPLE = 500
 REFERENCE_SECONDS = 2.0
@@ -891,14 +899,21 @@ def _abandoned(path: Path) -> bool:
     return False
 
 
-def main(args: argparse.Namespace) -> int:
-    """``streamer demo`` (argument checks are done by the caller)."""
+def cli_main(argv: Sequence[str]) -> int:
+    """``streamer demo ARGV``."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.options.resolve(args)
+    _check(args)
+    configure_logging("WARNING", "text")
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The demo with checked options."""
     if args.work_dir is not None:
         work = Path(args.work_dir)
         work.mkdir(parents=True, exist_ok=True)
-        if any(work.iterdir()):
-            print(f"streamer demo: --work-dir {work} is not empty", file=sys.stderr)
-            return 2
         return asyncio.run(_main(args, work))
     # In memory when possible: the Puller fsyncs every batch, and a busy
     # disk's fsync latency would drown what the demo is about.
@@ -913,6 +928,62 @@ def main(args: argparse.Namespace) -> int:
         return asyncio.run(_main(args, work))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="streamer demo",
+        description="Start, on loopback, the reference Puller with the chat workload, the "
+        "Streamer and simulated gateways (separate processes) holding the workload's "
+        "subscriptions; run for --duration seconds with a live display (events/s, "
+        "deliveries/s, p99 latency, subscriptions), then print a summary and check that "
+        "every gateway received exactly the events its subscriptions should have, in "
+        "order (against the Puller's log, matched by the index and, for a sample, by the "
+        "linear reference matcher).",
+        epilog="Each option also reads STREAMER_DEMO_<OPTION> from the environment, e.g. "
+        "STREAMER_DEMO_RATE=500; a flag given here wins. Exit code 0 when the verification "
+        "passed, 1 when it failed or a process did not start, 2 for bad options, 130 after "
+        "Ctrl-C (everything it started is stopped first).",
+    )
+    opts = Options(parser, ENV)
+    opts.add("--subscriptions", integer(1, MAX_SUBSCRIPTIONS),
+             default=DEFAULT_SUBSCRIPTIONS, metavar="N",
+             help="subscriptions of the chat workload, spread over the gateways")
+    opts.add("--gateways", integer(1, 64), default=DEFAULT_GATEWAYS, metavar="G",
+             help="simulated gateway processes")
+    opts.add("--rate", real(0, MAX_RATE, above=True), default=DEFAULT_RATE,
+             metavar="EVENTS", help="events per second the Puller emits")
+    opts.add("--duration", real(0, MAX_SECONDS, above=True),
+             default=DEFAULT_DURATION, metavar="SECONDS",
+             help="seconds the Puller runs, after every subscription is registered")
+    opts.add("--seed", integer(), default=DEFAULT_SEED, metavar="N",
+             help="seed of the workload (subscriptions and events)")
+    opts.add("--plot", Path, metavar="FILE",
+             help="write a PNG of the latency (p50/p99 per second) to FILE; needs matplotlib "
+             f"(pip install '{DISTRIBUTION}[plot]')")
+    opts.add("--work-dir", Path, metavar="DIR",
+             help="keep the Puller's log, the Streamer's state, every process's log and the "
+             "gateways' delivery records in DIR (must be empty or new); unset, a temporary "
+             "directory removed at the end (it holds demo.pid: a later demo removes such "
+             "directories whose demo was killed)")
+    parser.set_defaults(options=opts)
+    return parser
+
+
+def _check(args: argparse.Namespace) -> None:
+    """What the demo needs beyond each option's own range, checked before
+    anything starts (a run must not fail at its end for a bad option)."""
+    parser: ArgumentParser = args.options.parser
+    if args.plot is not None:
+        if importlib.util.find_spec("matplotlib") is None:
+            parser.error(f"--plot needs matplotlib: pip install '{DISTRIBUTION}[plot]'")
+        if not args.plot.parent.is_dir():
+            parser.error(f"--plot {args.plot}: no directory {args.plot.parent}")
+    if args.work_dir is not None and args.work_dir.exists():
+        if not args.work_dir.is_dir():
+            parser.error(f"--work-dir {args.work_dir}: not a directory")
+        if any(args.work_dir.iterdir()):
+            parser.error(f"--work-dir {args.work_dir}: not empty")
 
 
 if __name__ == "__main__":
