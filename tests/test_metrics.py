@@ -173,6 +173,8 @@ def test_collector_reads_the_pipeline_counters(tmp_path: Path) -> None:
                 assert got[("streamer_gateway_queue_capacity", ())] == 4
                 assert got[("streamer_gateway_streams", ())] == 2
                 assert got[("streamer_progress_writes_total", ())] == progress.writes
+                assert got[("streamer_progress_write_errors_total", ())] == 0
+                assert got[("streamer_progress_empty_markers_total", ())] == 0
 
                 events = {
                     op: got[("streamer_events_total", (("op", op),))]

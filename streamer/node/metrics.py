@@ -182,8 +182,10 @@ class StreamerCollector(Collector):
         )
         yield CounterMetricFamily(
             "streamer_puller_markers_refused",
-            "Times the Puller refused the saved progress marker as too old; ingest then "
-            "resumed from the live head and the events in between were lost.",
+            "Times the Puller refused the saved progress marker (too old, or from another "
+            "log): with --on-marker-refused fail the node then stops; with "
+            "resume-from-head ingest continued from the live head and the events in "
+            "between were lost.",
             value=ingest.markers_refused,
         )
 
@@ -252,6 +254,18 @@ class StreamerCollector(Collector):
             "streamer_progress_writes",
             "Progress marker writes to the state directory (each fsynced).",
             value=progress.writes,
+        )
+        yield CounterMetricFamily(
+            "streamer_progress_write_errors",
+            "Progress marker writes that failed (the marker stays pending and is retried; "
+            "a restart replays from the last marker written).",
+            value=progress.write_errors,
+        )
+        yield CounterMetricFamily(
+            "streamer_progress_empty_markers",
+            "Puller events or heartbeats whose progress marker was empty; they never "
+            "replace the saved marker.",
+            value=progress.empty_markers,
         )
 
 
