@@ -473,3 +473,19 @@ def test_a_gateway_still_being_written_holds_the_drain_and_ends_quietly(
         assert log.index(end) < log.index("stopped at marker")
 
     asyncio.run(main())
+
+
+def test_the_service_imports_neither_the_puller_nor_the_tools() -> None:
+    """`streamer serve` runs with only the node, matching and shared modules
+    loaded: the demo, the benchmark and the Puller stay off its path."""
+    probe = (
+        "import sys\n"
+        "from streamer.cli import build_parser, build_serve_parser, serve_config\n"
+        "build_parser(); args = build_serve_parser().parse_args(['--puller', 'h:1'])\n"
+        "args.options.resolve(args, {}); serve_config(args)\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('streamer.tools', "
+        "'streamer.puller'))))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            timeout=60, check=True)
+    assert result.stdout.strip() == "[]"
