@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml setup.py streamer/_ext/*.pyx streamer/_ext/*.pxd
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,bench,lint,dev,demo]'
+	$(PY) -m pip install --quiet -e '.[test,bench,lint,dev]'
 	touch $(STAMP)
 
 ## Run the test suite (what CI runs).

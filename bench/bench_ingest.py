@@ -50,12 +50,11 @@ from streamer.client import StreamerClient
 from streamer.matching.matcher import Matcher
 from streamer.node.gateways import GatewayRegistry
 from streamer.node.ingest import Ingest
-from streamer.node.metrics import histogram_quantile, latency_buckets, scrape
 from streamer.node.progress import ProgressStore
 from streamer.node.server import StreamerServicer
 from streamer.protocol.puller_v1_pb2 import ChangeEvent, PullerEvent
+from streamer.tools.measure import free_port, histogram_quantile, latency_buckets, scrape
 from streamer.tools.workload import Workload, change_event
-from streamer.transport import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))

@@ -1,6 +1,5 @@
 """gRPC transport settings shared by the server and both of its clients,
-binding a server to its address, and the loopback port helper of the tools
-that start local services.
+and binding a server to its address.
 
 Keepalive (docs/protocol.md, Keepalive): HTTP/2 pings every 30 s find a
 peer that vanished without closing its connection (a crashed host, a dropped
@@ -92,10 +91,3 @@ def bind(
     if bound == 0:
         raise ListenError(f"cannot listen on {where}")
     return bound
-
-
-def free_port() -> int:
-    """A TCP port free on loopback now (for tools that start local services)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])

@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import dataclasses
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -34,12 +33,7 @@ from streamer.node.node import NodeConfig, StreamerNode
 from streamer.node.server import StreamerServicer
 from streamer.protocol import puller_v1_pb2 as pb
 from streamer.protocol import puller_v1_pb2_grpc as pb_grpc
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from streamer.tools.measure import free_port
 
 
 def refusal(result: subprocess.CompletedProcess[str]) -> str:

@@ -20,7 +20,6 @@ from puller_double import PullerDouble
 from service_helpers import Serving, free_port, refusal, serving, until
 
 import streamer
-from streamer.node.metrics import scrape
 from streamer.node.progress import ProgressStore
 from streamer.protocol import puller_v1_pb2 as pb
 from streamer.protocol import streamer_v1_pb2_grpc as sgrpc
@@ -32,6 +31,7 @@ from streamer.protocol.streamer_v1_pb2 import (
     SubscribeRequest,
     Value,
 )
+from streamer.tools.measure import scrape
 
 
 def test_help_documents_every_option() -> None:

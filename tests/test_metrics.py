@@ -25,19 +25,15 @@ from test_ingest import change, deliveries, until
 
 from streamer.matching.matcher import Matcher
 from streamer.node.gateways import GatewayRegistry
+from streamer.node.histogram import LATENCY_BUCKETS, LatencyHistogram
 from streamer.node.ingest import Ingest
-from streamer.node.metrics import (
-    LATENCY_BUCKETS,
-    LatencyHistogram,
-    MetricsError,
-    MetricsServer,
-    StreamerCollector,
-)
+from streamer.node.metrics import MetricsError, MetricsServer, StreamerCollector
 from streamer.node.progress import ProgressStore
 from streamer.node.server import StreamerServicer, add_to_server
 from streamer.protocol import puller_v1_pb2 as pb
 from streamer.protocol import streamer_v1_pb2_grpc as sgrpc
 from streamer.protocol.streamer_v1_pb2 import Filter, GatewayMessage, SubscribeRequest, Value
+from streamer.tools.measure import free_port
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -53,12 +49,6 @@ def parse(text: str) -> Samples:
 
 def scrape(registry: CollectorRegistry) -> Samples:
     return parse(generate_latest(registry).decode())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def subscribe(sub_id: str, *, chat: str = "", expression: str = "") -> GatewayMessage:

@@ -48,7 +48,7 @@ from streamer.node.events import (
     normalize,
 )
 from streamer.node.gateways import GatewayRegistry
-from streamer.node.metrics import LatencyHistogram
+from streamer.node.histogram import LatencyHistogram
 from streamer.node.progress import ProgressStore
 from streamer.node.server import StreamerServicer
 from streamer.protocol import puller_v1_pb2 as puller_pb

@@ -26,13 +26,10 @@ around long after the stream is gone.
 
 from __future__ import annotations
 
-import bisect
-import math
 import threading
 import time
-import urllib.request
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, TypeVar
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import start_http_server
@@ -42,7 +39,6 @@ from prometheus_client.metrics_core import (
     HistogramMetricFamily,
     Metric,
 )
-from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from streamer.errors import StreamerError
@@ -50,17 +46,6 @@ from streamer.options import join
 
 if TYPE_CHECKING:
     from streamer.node.ingest import Ingest
-
-# Ten per decade (the R10 series), 1 µs to 100 ms: a p50/p99 interpolated
-# inside a bucket is off by less than one bucket width (at most 27 %).
-LATENCY_BUCKETS: tuple[float, ...] = (
-    *(
-        round(m * 10.0**e, 12)
-        for e in range(-6, -1)
-        for m in (1.0, 1.25, 1.6, 2.0, 2.5, 3.15, 4.0, 5.0, 6.3, 8.0)
-    ),
-    0.1,
-)
 
 # Keys of Ingest.events / Ingest.delivered exported even before they first
 # occur (lower-cased as label values), so that the series always exist.
@@ -70,42 +55,6 @@ DELIVERY_KEYS = ("INSERT", "UPDATE", "DELETE")
 
 class MetricsError(StreamerError, OSError):
     """The metrics endpoint cannot be served at the address given."""
-
-
-class LatencyHistogram:
-    """A fixed-bucket histogram cheap enough for the ingest hot path.
-
-    ``observe`` is one bisection over the bucket bounds, one list increment and
-    one float addition; the cumulative form Prometheus wants is built only at
-    scrape time. A value equal to a bound falls in that bound's bucket
-    (Prometheus ``le``).
-    """
-
-    __slots__ = ("bounds", "counts", "sum")
-
-    def __init__(self, bounds: Iterable[float] = LATENCY_BUCKETS) -> None:
-        self.bounds = tuple(sorted(bounds))
-        self.counts = [0] * (len(self.bounds) + 1)  # the last one: above every bound
-        self.sum = 0.0
-
-    def observe(self, seconds: float, count: int = 1) -> None:
-        """Record ``count`` observations of ``seconds`` each."""
-        self.counts[bisect.bisect_left(self.bounds, seconds)] += count
-        self.sum += seconds * count
-
-    @property
-    def count(self) -> int:
-        return sum(self.counts)
-
-    def cumulative(self) -> tuple[list[tuple[str, float]], float]:
-        """``(le, cumulative count)`` pairs ending with ``+Inf``, and the sum."""
-        counts, total = list(self.counts), self.sum
-        buckets = []
-        running = 0
-        for bound, count in zip((*map(repr, self.bounds), "+Inf"), counts, strict=True):
-            running += count
-            buckets.append((bound, float(running)))
-        return buckets, total
 
 
 class StreamerCollector(Collector):
@@ -305,61 +254,3 @@ class MetricsServer:
 # --------------------------------------------- reading a /metrics page back
 # For the tools that drive a Streamer from outside (``streamer demo``,
 # ``streamer bench e2e``, ``bench/bench_ingest.py``).
-
-Samples = dict[str, dict[tuple[tuple[str, str], ...], float]]
-
-
-def scrape(address: str, timeout: float = 10.0) -> Samples:
-    """The samples of ``http://ADDRESS/metrics``: name → {label pairs: value}."""
-    with urllib.request.urlopen(f"http://{address}/metrics", timeout=timeout) as response:
-        text = response.read().decode()
-    out: Samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
-    return out
-
-
-def latency_buckets(samples: Samples) -> list[tuple[float, float]]:
-    """Cumulative (upper bound, count) pairs of ``streamer_ingest_latency_seconds``."""
-    bucket = samples.get("streamer_ingest_latency_seconds_bucket", {})
-    return sorted((float(dict(labels)["le"]), count) for labels, count in bucket.items())
-
-
-def histogram_quantile(
-    q: float, after: Sequence[tuple[float, float]], before: Sequence[tuple[float, float]] = ()
-) -> float:
-    """The ``q`` quantile of the observations between two readings of
-    cumulative buckets, interpolated inside its bucket as PromQL's
-    ``histogram_quantile``; NaN without observations."""
-    base = dict(before)
-    cumulative = [(le, count - base.get(le, 0.0)) for le, count in after]
-    if not cumulative or cumulative[-1][1] <= 0:
-        return math.nan
-    rank = q * cumulative[-1][1]
-    lower, below = 0.0, 0.0
-    for le, count in cumulative:
-        if count >= rank:
-            if math.isinf(le):
-                return lower
-            return lower + (le - lower) * (rank - below) / max(count - below, 1e-12)
-        lower, below = le, count
-    return lower
-
-
-_Value = TypeVar("_Value", int, float)
-
-
-def quantile(counts: Mapping[_Value, int], q: float) -> float:
-    """The ``q`` quantile of observations given as value → count (NaN when
-    there are none)."""
-    total = sum(counts.values())
-    if total == 0:
-        return math.nan
-    rank = q * total
-    seen = 0
-    for value in sorted(counts):
-        seen += counts[value]
-        if seen >= rank:
-            return float(value)
-    return float(max(counts))

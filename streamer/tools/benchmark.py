@@ -42,7 +42,6 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
-import math
 import os
 import platform
 import shutil
@@ -59,10 +58,16 @@ from typing import IO, Any
 
 import grpc
 
-from streamer.node import metrics
-from streamer.node.metrics import histogram_quantile, latency_buckets, scrape
 from streamer.options import MAX_RATE, ArgumentParser, integer, one_of, real
-from streamer.transport import free_port
+from streamer.tools.measure import (
+    cpu_seconds,
+    free_port,
+    histogram_quantile,
+    latency_buckets,
+    quantile,
+    rss_mib,
+    scrape,
+)
 
 __all__ = ["Config", "main", "render", "run"]
 
@@ -93,9 +98,9 @@ def bucket_value(index: int) -> float:
     return low + (1 << (b - 5)) / 2
 
 
-def quantile(hist: dict[int, int], q: float) -> float:
+def bucket_quantile(hist: dict[int, int], q: float) -> float:
     """The ``q`` quantile (ns) of a histogram, or NaN when it is empty."""
-    return metrics.quantile({bucket_value(i): n for i, n in hist.items()}, q)
+    return quantile({bucket_value(i): n for i, n in hist.items()}, q)
 
 
 # ------------------------------------------------------------------- gateway
@@ -325,22 +330,6 @@ class Config:
     log: Callable[[str], None] = field(default=lambda line: print(line, file=sys.stderr))
 
 
-_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process (all its threads)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK
-
-
-def _rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return math.nan
 
 
 def _pin(pid: int, cpus: set[int]) -> None:
@@ -552,16 +541,16 @@ class _Setup:
             before = [json.loads(x) for x in self.ask("report")]
             m0 = self.scrape()
             t0, head0 = time.perf_counter(), self.probe.head
-            cpu0 = _cpu_seconds(self.server.pid)
-            load0 = sum(_cpu_seconds(p) for p in load)
-            puller0 = _cpu_seconds(puller_pid)
+            cpu0 = cpu_seconds(self.server.pid)
+            load0 = sum(cpu_seconds(p) for p in load)
+            puller0 = cpu_seconds(puller_pid)
             time.sleep(config.seconds)
             after = [json.loads(x) for x in self.ask("report")]
             t1, head1 = time.perf_counter(), self.probe.head
             m1 = self.scrape()
-            cpu1 = _cpu_seconds(self.server.pid)
-            load1 = sum(_cpu_seconds(p) for p in load)
-            puller1 = _cpu_seconds(puller_pid)
+            cpu1 = cpu_seconds(self.server.pid)
+            load1 = sum(cpu_seconds(p) for p in load)
+            puller1 = cpu_seconds(puller_pid)
             if spy is not None:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     spy.wait(30)
@@ -589,9 +578,9 @@ class _Setup:
             "sustained": sustained,
             "backlog_events": backlog,
             "deliveries_per_s": sum(r["deliveries"] for r in after) / elapsed,
-            "latency_p50_ms": quantile(hist, 0.50) / 1e6,
-            "latency_p99_ms": quantile(hist, 0.99) / 1e6,
-            "latency_p999_ms": quantile(hist, 0.999) / 1e6,
+            "latency_p50_ms": bucket_quantile(hist, 0.50) / 1e6,
+            "latency_p99_ms": bucket_quantile(hist, 0.99) / 1e6,
+            "latency_p999_ms": bucket_quantile(hist, 0.999) / 1e6,
             "latency_samples": sum(hist.values()),
             # The Streamer's own histogram (--metrics): from the arrival of
             # the Puller message carrying an event to its deliveries queued.
@@ -600,7 +589,7 @@ class _Setup:
             "latency_sampling": f"every {SAMPLE_EVERY}th delivery",
             "cpu_s_per_1000_events": cpu / max(events, 1) * 1000,
             "cpu_utilisation": cpu / elapsed,
-            "rss_mib": _rss_mib(self.server.pid),
+            "rss_mib": rss_mib(self.server.pid),
             # CPU 0 holds the Puller, the gateways and this driver: near
             # 100 % the load generator, not the Streamer, sets the pace.
             "load_generator_utilisation": (load1 - load0) / elapsed,

@@ -59,9 +59,16 @@ from typing import Any
 
 from streamer import DISTRIBUTION
 from streamer.logs import configure_logging
-from streamer.node.metrics import histogram_quantile, latency_buckets, quantile, scrape
 from streamer.options import MAX_RATE, ArgumentParser, Options, integer, real
-from streamer.transport import free_port
+from streamer.tools.measure import (
+    cpu_seconds,
+    free_port,
+    histogram_quantile,
+    latency_buckets,
+    quantile,
+    rss_mib,
+    scrape,
+)
 
 DEFAULT_SUBSCRIPTIONS = 20_000
 DEFAULT_GATEWAYS = 4
@@ -330,23 +337,6 @@ async def _spawn(run: Run, name: str, *argv: str, stdout: int | None = None
     return proc
 
 
-def _cpu(proc: asyncio.subprocess.Process) -> float | None:
-    try:
-        import psutil
-        times = psutil.Process(proc.pid).cpu_times()
-        return float(times.user + times.system)
-    except Exception:
-        return None
-
-
-def _rss_mib(proc: asyncio.subprocess.Process) -> float | None:
-    try:
-        import psutil
-        return float(psutil.Process(proc.pid).memory_info().rss) / 2**20
-    except Exception:
-        return None
-
-
 async def _read_gateway(run: Run, gateway: Gateway) -> None:
     assert gateway.proc.stdout is not None
     loop = asyncio.get_running_loop()
@@ -491,7 +481,7 @@ async def _demo(run: Run) -> None:
                     [run.streamer, run.puller])
     await _open_gate(target)
     run.run_start = loop.time()
-    run.cpu_start = _cpu(run.streamer)
+    run.cpu_start = cpu_seconds(run.streamer.pid)
     run.say(f"Puller pid {run.puller.pid} on 127.0.0.1:{puller_port}: chat workload at "
             f"{args.rate:g} events/s for {args.duration:g} s")
     run.say(f"{'t':>4} | {'events/s':>9} | {'deliveries/s':>12} | {'p99 ms':>6} | "
@@ -514,7 +504,7 @@ async def _demo(run: Run) -> None:
         run.events = int(metrics["streamer_events_total"])
         run.flow_seconds = sampled - run.run_start
         run.deliveries = sum(gw.total for gw in run.gateways)
-        run.cpu_end = _cpu(run.streamer)
+        run.cpu_end = cpu_seconds(run.streamer.pid)
         p99 = quantile(run.row_latencies(second), 0.99)
         p99_text = "-" if math.isnan(p99) else f"{p99:.0f}"
         line = (f"{second:>3}s | {events:>9,.0f} | {deliveries:>12,.0f} | {p99_text:>6} | "
@@ -556,8 +546,8 @@ async def _demo(run: Run) -> None:
             DRAIN_TIMEOUT, [run.streamer],
         )
         await asyncio.sleep(1.1)  # one more report from every gateway
-    run.cpu_end = _cpu(run.streamer)
-    run.rss_mib = _rss_mib(run.streamer)
+    run.cpu_end = cpu_seconds(run.streamer.pid)
+    run.rss_mib = rss_mib(run.streamer.pid)
     scraped()
     run.events = int(metrics.get("streamer_events_total", 0))
     run.flow_seconds = run.run_end - run.run_start
