@@ -4,15 +4,28 @@ from __future__ import annotations
 
 import gc
 import math
+import re
+import sys
 from array import array
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import hypothesis.strategies as st
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+from reentry import BUSY, Reentry
 
-from streamer.matcher import DuplicateSubscription, Filter, InvalidSubscription, Matcher
+from streamer._ext import _core
+from streamer.errors import IndexBusy
+from streamer.matcher import (
+    DuplicateSubscription,
+    Filter,
+    InvalidSubscription,
+    Matcher,
+    compile_subscription,
+)
 from streamer.reference import ReferenceMatcher
 
 
@@ -251,6 +264,102 @@ def test_no_per_subscription_python_objects() -> None:
         m.add(f"s{i}", "db", "c", filters=[Filter("a", "==", i), Filter("b", ">", i % 7)])
     gc.collect()
     assert len(gc.get_objects()) - before < 2_000
+
+
+# ---------------------------------------------------------------- re-entry
+
+
+def busy_fixture() -> tuple[Matcher, ReferenceMatcher, list[str]]:
+    """A few ids that one document matches, 300 another does, and a regex
+    atom (re2's matching is Python code: it allocates on every event)."""
+    small = [f"small{i}" for i in range(10)]
+    big = [f"big{i}" for i in range(300)]
+    regex = f"regex{len(big)}"
+    fast, ref = both()
+    for matcher in (fast, ref):
+        for i, sub_id in enumerate(small + big):
+            kind = "small" if sub_id in small else "big"
+            matcher.add(sub_id, "db", "c", filters=[Filter("k", "==", kind)], owner=i % 3)
+        matcher.add(regex, "db", "c", expression="doc.t.matches('^a')")
+    return fast, ref, [*small, *big, regex]
+
+
+REENTRIES: dict[str, Callable[[Matcher], object]] = {
+    "match": lambda m: m.match("db", "c", "x", {"k": "big"}),
+    "match_owned": lambda m: m.match_owned("db", "c", "x", {"k": "big"}),
+    "match_id_owned": lambda m: m.match_id_owned("db", "c", "x"),
+    "add": lambda m: m.add("late", "db", "c", filters=[Filter("k", "==", "small")]),
+    "remove": lambda m: m.remove("small0"),
+}
+
+
+@pytest.mark.parametrize("call", sorted(REENTRIES))
+def test_a_finalizer_calling_into_the_index_during_a_match_gets_index_busy(call: str) -> None:
+    # The GC runs finalizers in the middle of a match; one that matched
+    # there overwrote the shared match buffer (the outer match returned
+    # thousands of foreign ids), one that added or removed changed the
+    # index under the search.
+    fast, ref, ids = busy_fixture()
+    reentry = Reentry(lambda: REENTRIES[call](fast))
+    document = {"k": "small", "t": "abc"}
+    expected = sorted(ref.match("db", "c", "x", document))
+    refcounts = [sys.getrefcount(sub_id) for sub_id in ids]
+    for _ in range(20):
+        got = reentry.during(lambda: fast.match("db", "c", "x", document))
+        assert sorted(got) == expected
+        del got
+    assert [sys.getrefcount(sub_id) for sub_id in ids] == refcounts
+    assert reentry.calls > 0
+    assert reentry.errors == reentry.unraisable == [(IndexBusy, BUSY)] * reentry.calls
+    assert "late" not in fast and "small0" in fast and len(fast) == len(ids)
+    assert sorted(fast.match("db", "c", "x", document)) == expected
+
+
+@pytest.mark.parametrize("call", sorted(REENTRIES))
+def test_a_finalizer_calling_into_the_index_during_an_add_gets_index_busy(call: str) -> None:
+    # The core's add runs Python code (the CEL atoms' factories), which
+    # allocates; a nested add there claimed the same free slot as the outer
+    # one. (Matcher.add compiles before it enters the core: a finalizer
+    # there may use the index, so the core's add is called directly.)
+    fast, ref, _ = busy_fixture()
+    reentry = Reentry(lambda: REENTRIES[call](fast))
+    for n in range(20):
+        expression = f"doc.n{n} + 1 == 2 || doc.t.startsWith('{n}')"
+        clauses = compile_subscription((), expression)
+        reentry.during(partial(fast.index.add, f"cel{n}", "db", "c", clauses))
+        ref.add(f"cel{n}", "db", "c", expression=expression)
+    assert reentry.calls > 0
+    assert reentry.errors == reentry.unraisable == [(IndexBusy, BUSY)] * reentry.calls
+    assert "late" not in fast and "small0" in fast and len(fast) == len(ref)
+    for document in ({"k": "small", "n3": 1}, {"k": "big", "t": "7x"}, {"t": "abc"}):
+        assert sorted(fast.match("db", "c", "x", document)) == sorted(
+            ref.match("db", "c", "x", document))
+
+
+def test_the_core_refuses_calls_from_inside_its_own_operations() -> None:
+    # No GC needed: an atom factory runs inside ``add``.
+    core = _core.Core()
+    core.add("s", "db", "c", [[]])
+    refused: list[str] = []
+
+    def factory(inside: _core.Core) -> _core.Pred:
+        for name, call in (
+            ("add", lambda: inside.add("t", "db", "c", [])),
+            ("remove", lambda: inside.remove("s")),
+            ("match", lambda: inside.match("db", "c", "x", {})),
+            ("match_owned", lambda: inside.match_owned("db", "c", "x", {})),
+            ("match_id_owned", lambda: inside.match_id_owned("db", "c", "x")),
+        ):
+            with pytest.raises(IndexBusy, match=re.escape(BUSY)):
+                call()
+            refused.append(name)
+        return _core.Expression(_core.DocPath(inside.path_id(("a",))))
+
+    core.add("e", "db", "c", [[(("expr", "custom"), None, factory)]])
+    assert len(refused) == 5
+    assert len(core) == 2 and "t" not in core
+    assert sorted(core.match("db", "c", "x", {"a": True})) == ["e", "s"]
+    assert isinstance(IndexBusy(BUSY), RuntimeError)
 
 
 # ---------------------------------------------------------------- properties

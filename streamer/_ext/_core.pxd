@@ -108,6 +108,8 @@ cdef class CollIndex:
 
 cdef class Core:
     cdef Ctx ctx
+    cdef bint busy
+    cdef bint building            # add is running an atom factory
     cdef dict colls
     cdef dict path_ids
     cdef list path_comps
@@ -141,6 +143,8 @@ cdef class Core:
     cdef uint32_t nfound
     cdef uint32_t found_cap
 
+    cdef int enter(self) except -1
+    cdef void leave(self) noexcept
     cdef uint32_t new_posting(self, object owner, object key, bint elem) except? 0xffffffff
     cdef void release_posting(self, uint32_t h) except *
     cdef void posting_add(self, uint32_t h, Clause *cl) except *
@@ -150,6 +154,9 @@ cdef class Core:
     cdef Pred build_pred(self, tuple key)
     cdef double access_cost(self, CollIndex ci, uint32_t pid, tuple keys, bint elem)
     cdef tuple plan(self, CollIndex ci, list clause)
+    cdef void add_sub(self, str sub_id, str database, str collection, list clauses,
+                      uint32_t owner) except *
+    cdef bint remove_sub(self, str sub_id) except -1
     cdef void add_clause(self, CollIndex ci, uint32_t slot, str sub_id, uint32_t owner,
                          uint32_t n, object access, list atoms) except *
     cdef int verify(self, uint32_t c) except -1
@@ -158,6 +165,7 @@ cdef class Core:
     cdef int search(self, CollIndex ci, object document_id, object document) except -1
     cdef int search_id(self, CollIndex ci, object document_id) except -1
     cdef list found_ids(self)
+    cdef bytes found_owner_bytes(self)
     cdef int emit(self, uint64_t ref) except -1
     cdef int emit_all(self, uint64_t *refs, uint32_t start, uint32_t end) except -1
     cdef int scan_posting(self, uint32_t h) except -1
@@ -165,6 +173,6 @@ cdef class Core:
     cdef int scan_ranges(self, RangeIndex rix, double v) except -1
     cdef CollIndex coll(self, object database, object collection, bint create)
     cdef void next_epoch(self)
-    cpdef uint32_t path_id(self, tuple comps) except? 0xffffffff
+    cdef uint32_t intern_path(self, tuple comps) except? 0xffffffff
     cdef uint32_t new_clause(self) except? 0xffffffff
     cdef void drop_clause(self, uint32_t c) except *

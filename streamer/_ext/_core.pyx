@@ -51,7 +51,9 @@ cdef extern from "Python.h":
     void incref "Py_INCREF"(PyObject *o)
     void list_set_item "PyList_SET_ITEM"(PyObject *lst, Py_ssize_t i, PyObject *o)
 
-from streamer.errors import DuplicateSubscription
+from streamer.errors import DuplicateSubscription, IndexBusy
+
+cdef str BUSY = "the index is in use (re-entered from a finalizer or another thread?)"
 
 
 @cython.final
@@ -1078,7 +1080,16 @@ cdef void *grow(void *ptr, uint32_t *cap, uint32_t need, size_t item) except NUL
 cdef class Core:
     """The subscription index. Driven by ``streamer.matcher.Matcher``, which
     compiles subscriptions into clauses and atoms; this class stores them and
-    matches events."""
+    matches events.
+
+    Every operation that reads or writes the index runs with ``busy`` set
+    (``enter``/``leave``; the compiled fan-out takes it too): they hold raw
+    pointers into its arrays and the shared match buffer across allocations,
+    and an allocation can run the garbage collector, and with it any
+    finalizer. A finalizer (or another thread) that calls back in gets
+    ``IndexBusy`` instead of moving or overwriting that state. The counts
+    (``len``, ``in``, ``stats``) stay readable: the metrics thread reads them.
+    """
 
     def __cinit__(self):
         self.slots = NULL
@@ -1112,6 +1123,7 @@ cdef class Core:
         self.free_atoms = []
         self.scan_clauses = 0
         self.nfound = self.found_cap = 0
+        self.busy = self.building = False
 
     def __dealloc__(self):
         cdef uint32_t i, j
@@ -1158,10 +1170,25 @@ cdef class Core:
             "paths": len(self.path_comps),
         }
 
+    cdef int enter(self) except -1:
+        if self.busy:
+            raise IndexBusy(BUSY)
+        self.busy = True
+        return 0
+
+    cdef void leave(self) noexcept:
+        self.busy = False
+
     # -- interning -----------------------------------------------------
 
-    cpdef uint32_t path_id(self, tuple comps) except? 0xffffffff:
-        """The id of a field path (tuple of map keys), interned."""
+    def path_id(self, tuple comps):
+        """The id of a field path (tuple of map keys), interned; for the atom
+        factories ``add`` runs (``streamer.compiler``)."""
+        if self.busy and not self.building:
+            raise IndexBusy(BUSY)
+        return self.intern_path(comps)
+
+    cdef uint32_t intern_path(self, tuple comps) except? 0xffffffff:
         pid = self.path_ids.get(comps)
         if pid is None:
             pid = len(self.path_comps)
@@ -1178,7 +1205,15 @@ cdef class Core:
         if found is not None:
             return found
         factory = atom[2]
-        pred = factory(self) if factory is not None else self.build_pred(key)
+        if factory is None:
+            pred = self.build_pred(key)
+        else:
+            # The factory interns its paths through path_id while the core is busy.
+            self.building = True
+            try:
+                pred = factory(self)
+            finally:
+                self.building = False
         if self.free_atoms:
             aid = self.free_atoms.pop()
             self.atom_preds[aid] = pred
@@ -1203,11 +1238,11 @@ cdef class Core:
     cdef Pred build_pred(self, tuple key):
         kind = key[0]
         if kind == "cmp":
-            return PathCompare(self.path_id(key[1]), key[2], const_value(key[3]))
+            return PathCompare(self.intern_path(key[1]), key[2], const_value(key[3]))
         if kind == "in":
-            return PathIn(self.path_id(key[1]), [const_value(c) for c in key[2]])
+            return PathIn(self.intern_path(key[1]), [const_value(c) for c in key[2]])
         if kind == "holds":
-            return PathHolds(self.path_id(key[1]), const_value(key[2]), key[3])
+            return PathHolds(self.intern_path(key[1]), const_value(key[2]), key[3])
         raise ValueError(f"atom {key!r} needs a factory")
 
     cdef double access_cost(self, CollIndex ci, uint32_t pid, tuple keys, bint elem):
@@ -1398,6 +1433,14 @@ cdef class Core:
         every event of the collection) and the others are interned and
         verified on candidates.
         """
+        self.enter()
+        try:
+            self.add_sub(sub_id, database, collection, clauses, owner)
+        finally:
+            self.leave()
+
+    cdef void add_sub(self, str sub_id, str database, str collection, list clauses,
+                      uint32_t owner) except *:
         cdef uint32_t slot, n
         # One lookup both checks the id and claims it (the id dict is the
         # largest table here: each probe is a cache miss at a million ids).
@@ -1439,7 +1482,7 @@ cdef class Core:
             access = atom[1]
             if access is None:
                 return None, [self.intern(atom)]
-            return (access[0], self.path_id(access[1])) + access[2:], []
+            return (access[0], self.intern_path(access[1])) + access[2:], []
         for i in range(n):
             access = (<tuple>clause[i])[1]
             if access is None:
@@ -1447,7 +1490,7 @@ cdef class Core:
             if access[0] == "range":
                 cost = 1e300
             else:
-                cost = self.access_cost(ci, self.path_id(access[1]), access[2], access[0] == "elem")
+                cost = self.access_cost(ci, self.intern_path(access[1]), access[2], access[0] == "elem")
             if best < 0 or cost < best_cost:
                 best, best_cost = i, cost
         planned = None
@@ -1458,7 +1501,7 @@ cdef class Core:
         if best >= 0:
             access = clause[best][1]
             residual.pop(clause[best][0], None)
-            planned = (access[0], self.path_id(access[1])) + access[2:]
+            planned = (access[0], self.intern_path(access[1])) + access[2:]
         return planned, [self.intern(atom) for atom in residual.values()]
 
     cdef void add_clause(self, CollIndex ci, uint32_t slot, str sub_id, uint32_t owner,
@@ -1535,6 +1578,13 @@ cdef class Core:
 
     def remove(self, str sub_id):
         """Deregister a subscription; False if the id is unknown."""
+        self.enter()
+        try:
+            return self.remove_sub(sub_id)
+        finally:
+            self.leave()
+
+    cdef bint remove_sub(self, str sub_id) except -1:
         cdef uint32_t slot, i
         p = self.sub_slots.pop(sub_id, None)
         if p is None:
@@ -1604,8 +1654,9 @@ cdef class Core:
         if start >= end:
             return 0
         self.reserve_found(end - start)
-        # Verification runs no code that can change the index, so the array
-        # stays valid for the whole loop; the common entry is inlined.
+        # Verification can run Python code (a regex, the GC), but nothing
+        # that changes the index while it is busy, so the array stays valid
+        # for the whole loop; the common entry is inlined.
         for i in range(start, end):
             ref = refs[i]
             if ref & ENTRY_ID:
@@ -1728,40 +1779,56 @@ cdef class Core:
     cdef list found_ids(self):
         # Touch each id string once, in a tight loop where the processor can
         # overlap the cache misses, prefetching a few ahead.
-        cdef uint32_t i
-        out = PyList_New(self.nfound)
-        for i in range(self.nfound):
-            if i + PREFETCH < self.nfound:
+        cdef uint32_t i, n = self.nfound
+        out = PyList_New(n)
+        for i in range(n):
+            if i + PREFETCH < n:
                 prefetch(self.found[i + PREFETCH])
             incref(self.found[i])
             list_set_item(<PyObject *>out, i, self.found[i])
         return out
 
+    cdef bytes found_owner_bytes(self):
+        return PyBytes_FromStringAndSize(<char *>self.found_owners, self.nfound * sizeof(uint32_t))
+
     def match(self, database, collection, document_id, document):
         """Ids of the subscriptions matching one document, each once."""
-        cdef CollIndex ci = self.coll(database, collection, False)
-        if ci is None:
-            return []
-        self.search(ci, document_id, document)
-        return self.found_ids()
+        cdef CollIndex ci
+        self.enter()
+        try:
+            ci = self.coll(database, collection, False)
+            if ci is None:
+                return []
+            self.search(ci, document_id, document)
+            return self.found_ids()
+        finally:
+            self.leave()
 
     def match_id_owned(self, database, collection, document_id):
         """``match_owned`` for a change without a document (a hard delete
         without pre-image): the clauses that hold on the document id alone,
         i.e. a document-id test or nothing at all (whole collection)."""
-        cdef CollIndex ci = self.coll(database, collection, False)
-        if ci is None:
-            return [], b""
-        self.search_id(ci, document_id)
-        return self.found_ids(), PyBytes_FromStringAndSize(
-            <char *>self.found_owners, self.nfound * sizeof(uint32_t))
+        cdef CollIndex ci
+        self.enter()
+        try:
+            ci = self.coll(database, collection, False)
+            if ci is None:
+                return [], b""
+            self.search_id(ci, document_id)
+            return self.found_ids(), self.found_owner_bytes()
+        finally:
+            self.leave()
 
     def match_owned(self, database, collection, document_id, document):
         """``(ids, owners)``: ``match``'s ids and, as native ``uint32``
         values in a bytes object, the ``owner`` each was added with."""
-        cdef CollIndex ci = self.coll(database, collection, False)
-        if ci is None:
-            return [], b""
-        self.search(ci, document_id, document)
-        return self.found_ids(), PyBytes_FromStringAndSize(
-            <char *>self.found_owners, self.nfound * sizeof(uint32_t))
+        cdef CollIndex ci
+        self.enter()
+        try:
+            ci = self.coll(database, collection, False)
+            if ci is None:
+                return [], b""
+            self.search(ci, document_id, document)
+            return self.found_ids(), self.found_owner_bytes()
+        finally:
+            self.leave()
