@@ -131,7 +131,10 @@ class Matcher:
         return self._core.match_id_owned(database, collection, document_id)
 
     def stats(self) -> dict[str, int]:
-        """Sizes of the index: subscriptions, clauses, scan clauses, atoms…
+        """Sizes of the index: subscriptions, clauses, scan clauses, atoms,
+        postings, interned field paths (``paths``) and indexed (database,
+        collection) pairs (``collections``); each falls back when the last
+        subscription using it is removed.
 
         ``scan_subscriptions`` counts the subscriptions with at least one scan
         clause (the core's scan clause count moves exactly when one of those is
