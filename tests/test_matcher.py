@@ -219,6 +219,7 @@ def test_a_refused_add_leaves_nothing_behind() -> None:
     core = _core.Core()
     core.add("s", "db", "c", [[]])
     stats = core.stats()
+    in_use = {table: used for table, (used, _) in core.tables().items()}
 
     def factory(inside: _core.Core) -> _core.Pred:
         inside.path_id(("a", "b"))
@@ -229,10 +230,8 @@ def test_a_refused_add_leaves_nothing_behind() -> None:
     with pytest.raises(RuntimeError, match="refused"):
         core.add("t", "db", "other", [[compare, residual], [(("expr", "x"), None, factory)]])
     assert core.stats() == stats and "t" not in core
-    assert {table: used for table, (used, _) in core.tables().items()} == {
-        "slots": 1, "clauses": 1, "postings": 1, "atoms": 0, "paths": 0, "ranges": 0,
-        "collections": 1,
-    }
+    assert {table: used for table, (used, _) in core.tables().items()} == in_use
+    assert in_use["paths"] == in_use["atoms"] == 0 and in_use["collections"] == 1
 
 
 def test_a_reused_path_id_reads_its_own_path() -> None:
@@ -248,6 +247,28 @@ def test_a_reused_path_id_reads_its_own_path() -> None:
     assert m.index.tables()["paths"] == (1, 1)
     assert m.match("db", "c", "d", document) == ["e"]
     assert m.match("db", "c", "d", {"p": {"x": 2}, "q": 1}) == ["b"]
+
+
+def test_posting_and_range_arrays_shrink_with_their_entries() -> None:
+    # They only grew: a posting or a range that once held many entries kept
+    # their memory, and a freed posting kept its groups for its next key.
+    m = Matcher()
+    for i in range(5_000):
+        m.add(f"hot{i}", "db", "c", filters=[Filter("k", "==", "hot")])
+        m.add(f"range{i}", "db", "c", filters=[Filter("n", ">", i)])
+        m.add(f"key{i}", "db", "c", filters=[Filter("k", "==", i), Filter("t", "==", i % 3)])
+    used, allocated = m.index.tables()["array_bytes"]
+    assert allocated < 2 * used
+    for i in range(10, 5_000):
+        m.remove(f"hot{i}")
+        m.remove(f"range{i}")
+        m.remove(f"key{i}")
+    used, allocated = m.index.tables()["array_bytes"]
+    assert allocated <= 4 * used + 4_096
+    for i in range(10):
+        for kind in ("hot", "range", "key"):
+            m.remove(f"{kind}{i}")
+    assert m.index.tables()["array_bytes"] == (0, 0)
 
 
 CHURN_SCRIPT = """

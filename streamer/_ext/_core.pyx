@@ -999,15 +999,31 @@ cdef uint32_t upper_bound(RangeArr *a, double key) nogil:
     return lo
 
 
-cdef void range_remove(RangeArr *a, double key, uint64_t entry):
+cdef void range_remove(RangeArr *a, double key, uint64_t entry) noexcept:
     cdef uint32_t i = lower_bound(a, key)
     while i < a.n and a.keys[i] == key:
         if a.entries[i] == entry:
             memmove(&a.keys[i], &a.keys[i + 1], (a.n - i - 1) * sizeof(double))
             memmove(&a.entries[i], &a.entries[i + 1], (a.n - i - 1) * sizeof(uint64_t))
             a.n -= 1
+            if a.cap > 8 and a.n <= a.cap // 4:
+                shrink_range(a)
             return
         i += 1
+
+
+cdef void shrink_range(RangeArr *a) noexcept:
+    # Halved at a quarter full (doubled when full): an array that once held
+    # many thresholds does not keep their memory, and never thrashes.
+    cdef uint32_t cap = a.cap // 2
+    k = <double *>realloc(a.keys, cap * sizeof(double))
+    if k == NULL:
+        return
+    a.keys = k
+    a.cap = cap
+    e = <uint64_t *>realloc(a.entries, cap * sizeof(uint64_t))
+    if e != NULL:
+        a.entries = e
 
 
 @cython.final
@@ -1185,8 +1201,29 @@ cdef class Core:
 
     def tables(self):
         """For tests and diagnostics: per table, ``(in use, allocated)``
-        entries; the difference is on the table's free list."""
+        entries (the difference is on the table's free list); and for the
+        arrays the postings' groups and the range indexes grow,
+        ``array_bytes``: bytes of entries, and bytes allocated."""
+        cdef uint32_t h, j
+        cdef Posting *p
+        cdef RangeArr *a
+        cdef size_t used = 0, allocated = 0
+        for h in range(self.npostings):
+            p = &self.postings[h]
+            used += p.ngroups * sizeof(Group)
+            allocated += p.gcap * sizeof(Group)
+            for j in range(p.ngroups):
+                used += p.groups[j].n * sizeof(uint64_t) + p.groups[j].natoms * sizeof(uint32_t)
+                allocated += (p.groups[j].cap * sizeof(uint64_t)
+                              + max(p.groups[j].natoms, 1) * sizeof(uint32_t))
+        for pix in self.range_owner:
+            if pix is not None:
+                for j in range(4):
+                    a = &(<PathIndex>pix).ranges.arrs[j]
+                    used += a.n * (sizeof(double) + sizeof(uint64_t))
+                    allocated += a.cap * (sizeof(double) + sizeof(uint64_t))
         return {
+            "array_bytes": (used, allocated),
             "slots": (len(self.sub_slots), self.nslots),
             "clauses": (self.nclauses - self.nfree_clauses, self.nclauses),
             "postings": (self.npostings - self.nfree_postings, self.npostings),
@@ -1405,6 +1442,11 @@ cdef class Core:
         cdef Posting *p = &self.postings[h]
         cdef PyObject *owner = p.owner
         cdef PyObject *key = p.key
+        # Every group went with its last entry; the array goes too, so a
+        # free posting costs nothing but its entry here.
+        free(p.groups)
+        p.groups = NULL
+        p.ngroups = p.gcap = 0
         p.owner = p.key = NULL
         p.total = self.free_posting
         self.free_posting = h
@@ -1468,6 +1510,18 @@ cdef class Core:
                 free(g.refs)
                 p.ngroups -= 1
                 p.groups[i] = p.groups[p.ngroups]
+                # Arrays are halved at a quarter full (doubled when full), so
+                # a posting keeps memory for what it holds, not for its past.
+                if p.gcap > 4 and p.ngroups <= p.gcap // 4:
+                    groups = <Group *>realloc(p.groups, (p.gcap // 2) * sizeof(Group))
+                    if groups != NULL:
+                        p.groups = groups
+                        p.gcap //= 2
+            elif g.cap > 8 and g.n <= g.cap // 4:
+                refs = <uint64_t *>realloc(g.refs, (g.cap // 2) * sizeof(uint64_t))
+                if refs != NULL:
+                    g.refs = refs
+                    g.cap //= 2
             return
 
     # -- clauses -------------------------------------------------------
