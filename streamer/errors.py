@@ -29,6 +29,14 @@ class DuplicateSubscription(StreamerError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class IndexBusy(StreamerError, RuntimeError):
+    """The subscription index was called while one of its own operations was
+    still running: from a finalizer that the garbage collector ran in the
+    middle of it, or from another thread. The index refuses instead of
+    corrupting that operation's state; nothing was changed.
+    """
+
+
 class SubscriptionRejected(StreamerError, ValueError):
     """The Streamer refused a ``SubscribeRequest`` (``streamer.client``).
 

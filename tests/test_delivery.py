@@ -4,13 +4,17 @@ writer, and bytes identical to what protobuf would encode."""
 from __future__ import annotations
 
 import asyncio
+import sys
 from array import array
+from functools import partial
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from reentry import BUSY, Reentry
 
-from streamer.matching.matcher import Filter, Matcher
+from streamer.errors import IndexBusy
+from streamer.matching import Filter, Matcher
 from streamer.node.delivery import (
     GatewayQueue,
     delivery_message,
@@ -285,3 +289,45 @@ def test_the_compiled_event_framing_is_the_protobuf_encoding(
 def test_event_framing_refuses_an_operation_outside_int32() -> None:
     with pytest.raises(ValueError, match="operation must be a non-negative int32, got -1"):
         frame_event("e", "", "", "", -1, b"", 0, "")
+
+
+def test_a_finalizer_matching_during_the_fan_out_gets_index_busy() -> None:
+    # Framing allocates, so the GC can run a finalizer in the middle of it;
+    # one that matched there overwrote the index's match buffer while the
+    # fan-out still held those ids, and the fan-out then released the wrong
+    # ones (other ids' counts dropped until they were freed: a crash).
+    matcher = Matcher()
+    small = [f"small{i}" for i in range(10)]
+    big = [f"big{i}" for i in range(40)]
+    for n, sub_id in enumerate(small + big):
+        chat = "c1" if sub_id in small else "c2"
+        matcher.add(sub_id, "db", "messages", filters=[Filter("chat_id", "==", chat)], owner=n % 3)
+    reentry = Reentry(lambda: matcher.match("db", "messages", "d2", {"chat_id": "c2"}))
+    event = event_field(StreamerEvent(event_id="e"))
+    change = ("db", "messages", "d1", {"chat_id": "c1"}, event)
+    expected: dict[int, list[bytes]] = {}
+    fan_out_reference(matcher, *change, expected)
+    refcounts = [sys.getrefcount(sub_id) for sub_id in small + big]
+    for _ in range(20):
+        got: dict[int, list[bytes]] = {}
+        # partial: nothing allocates between the call and the fan-out.
+        assert reentry.during(partial(fan_out, matcher.index, *change, got)) == (10, 3)
+        assert got == expected
+        assert [sys.getrefcount(sub_id) for sub_id in small + big] == refcounts
+    assert reentry.calls > 0
+    assert reentry.errors == reentry.unraisable == [(IndexBusy, BUSY)] * reentry.calls
+
+
+def test_framing_holds_its_ids_while_a_finalizer_empties_their_list() -> None:
+    # The ids are borrowed from the caller's list; a finalizer run by an
+    # allocation inside the framing may change that list (use after free,
+    # seen by the sanitizer build).
+    ids = [f"s{i}" for i in range(10)]
+    owners = array("I", [i % 3 for i in range(10)]).tobytes()
+    event = event_field(StreamerEvent(event_id="e"))
+    expected: dict[int, list[bytes]] = {}
+    frame_deliveries_reference(list(ids), owners, event, expected)
+    got: dict[int, list[bytes]] = {}
+    reentry = Reentry(ids.clear)
+    assert reentry.during(partial(frame_deliveries, ids, owners, event, got)) == 3
+    assert got == expected and ids == [] and reentry.calls > 0

@@ -4,14 +4,18 @@ same counters, for any sequence of Puller events, well-formed or not."""
 
 from __future__ import annotations
 
+import sys
 import tempfile
+from functools import partial
 from typing import Any
 
 import orjson
 from hypothesis import given
 from hypothesis import strategies as st
+from reentry import BUSY, Reentry
 
-from streamer.matching.matcher import Filter, Matcher
+from streamer.errors import IndexBusy
+from streamer.matching import Filter, Matcher
 from streamer.node.gateways import GatewayRegistry
 from streamer.node.ingest import Ingest
 from streamer.node.progress import ProgressStore
@@ -21,7 +25,7 @@ from streamer.protocol import puller_v1_pb2 as pb
 STATE = tempfile.mkdtemp(prefix="streamer-test-ingest-step-")
 
 
-def registry() -> GatewayRegistry:
+def registry(ids: list[str] | None = None) -> GatewayRegistry:
     matcher = Matcher()
     subs: list[tuple[list[Filter], int]] = [
         ([Filter("chat", "==", "c1")], 0),
@@ -32,15 +36,16 @@ def registry() -> GatewayRegistry:
         ([], 2),
     ]
     for n, (filters, owner) in enumerate(subs):
-        matcher.add(f"s{n}", "app", "messages", filters=filters, owner=owner)
+        matcher.add(f"s{n}" if ids is None else ids[n], "app", "messages", filters=filters,
+                    owner=owner)
     return GatewayRegistry(matcher)
 
 
 REGISTRY = registry()
 
 
-def ingest(compiled: bool) -> Ingest:
-    return Ingest("unused", REGISTRY, StreamerServicer(REGISTRY), ProgressStore(STATE),
+def ingest(compiled: bool, registry: GatewayRegistry = REGISTRY) -> Ingest:
+    return Ingest("unused", registry, StreamerServicer(registry), ProgressStore(STATE),
                   compiled=compiled)
 
 
@@ -131,3 +136,27 @@ def test_the_syntrix_layout_always_takes_the_python_path() -> None:
         op_type="update", full_doc=json({"id": "db:hash", "data": {}, "deleted": True})))
     assert syntrix.match_batch([event]) == ({}, 1)
     assert calls == [event]
+
+
+def test_a_finalizer_matching_during_the_compiled_step_gets_index_busy() -> None:
+    # The step fans each event out through the index; a finalizer the GC
+    # runs inside that fan-out must not use the index (IndexBusy), one that
+    # runs between events may. Either way, the same deliveries and counts.
+    ids = [f"sub-{n}" for n in range(6)]
+    fast = ingest(compiled=True, registry=registry(ids))
+    reference = ingest(compiled=False, registry=registry(ids))
+    matcher = fast.registry.matcher
+    reentry = Reentry(lambda: matcher.match("app", "messages", "d1", {"chat": "c1"}))
+    events = [
+        pb.PullerEvent(progress=f"v1:x:{n}", change_event=pb.ChangeEvent(
+            event_id=f"e{n}", database="app", mgo_coll="messages", mgo_doc_id=f"d{n % 3}",
+            op_type=op, full_doc=json({"chat": f"c{n % 3}", "deleted": n % 4 == 0})))
+        for n, op in enumerate(["insert", "update", "replace", "insert"] * 3)
+    ]
+    refcounts = [sys.getrefcount(sub_id) for sub_id in ids]
+    for _ in range(10):
+        assert reentry.during(partial(fast.match_batch, events)) == reference.match_batch(events)
+        assert [sys.getrefcount(sub_id) for sub_id in ids] == refcounts
+    assert counters(fast) == counters(reference)
+    assert (IndexBusy, BUSY) in reentry.errors
+    assert set(reentry.errors) == set(reentry.unraisable) == {(IndexBusy, BUSY)}

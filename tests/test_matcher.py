@@ -3,16 +3,33 @@
 from __future__ import annotations
 
 import gc
+import json
 import math
+import os
+import re
+import subprocess
+import sys
 from array import array
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import hypothesis.strategies as st
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+from reentry import BUSY, Reentry
 
-from streamer.matching.matcher import DuplicateSubscription, Filter, InvalidSubscription, Matcher
+from streamer._ext import _core
+from streamer.errors import IndexBusy
+from streamer.matching.matcher import (
+    DuplicateSubscription,
+    Filter,
+    InvalidSubscription,
+    Matcher,
+    compile_subscription,
+)
 from streamer.matching.reference import ReferenceMatcher
 
 
@@ -160,9 +177,128 @@ def test_remove_frees_everything_and_ids_can_be_reused() -> None:
     for i in range(50):
         assert m.remove(f"s{i}") and m.remove(f"e{i}")
     stats = m.stats()
-    assert (len(m), stats["clauses"], stats["atoms"], stats["postings"]) == (0, 0, 0, 1)
+    assert (len(m), stats["clauses"], stats["atoms"], stats["postings"]) == (0, 0, 0, 0)
+    assert (stats["paths"], stats["collections"]) == (0, 0)
     m.add("s1", "db", "c", filters=[Filter("a", "==", 1)])
     assert m.match("db", "c", "x", {"a": 1}) == ["s1"]
+
+
+def churn_pair(m: Matcher, i: int) -> None:
+    """Add and remove one subscription on paths and a collection of its own:
+    an equality, a range, an ``in []`` (no posting) and CEL over more paths."""
+    db, coll = f"db{i % 3}", f"c{i}"
+    m.add(f"s{i}", db, coll, filters=[
+        Filter(f"f{i}.x", "==", i), Filter(f"g{i}", ">", i), Filter(f"t{i}", "contains", "u"),
+    ], expression=f"doc.h{i}.y == 1 || doc.k{i}.startsWith('a') || doc.z{i} in []")
+    document = {f"f{i}": {"x": i}, f"g{i}": i + 1, f"t{i}": ["u"], f"k{i}": "ab"}
+    assert m.match(db, coll, "d", document) == [f"s{i}"]
+    assert m.remove(f"s{i}")
+
+
+def test_churn_with_distinct_paths_and_collections_gives_everything_back() -> None:
+    # Interned paths and per-collection indexes used to stay forever: 220k
+    # such pairs left 1.32M paths and 220k postings behind.
+    m = Matcher()
+    churn_pair(m, 0)
+    tables = m.index.tables()
+    assert m.stats() == {
+        "subscriptions": 0, "clauses": 0, "scan_clauses": 0, "atoms": 0, "postings": 0,
+        "paths": 0, "collections": 0, "scan_subscriptions": 0,
+    }
+    assert all(used == 0 for used, _ in tables.values())
+    for i in range(1, 2_000):
+        churn_pair(m, i)
+    # Nothing in use, and no table grew: every freed entry was reused.
+    assert m.index.tables() == tables
+    assert m.stats()["paths"] == m.stats()["collections"] == 0
+
+
+def test_a_refused_add_leaves_nothing_behind() -> None:
+    # What add took before it failed (atoms, paths, a new collection's
+    # index) is given back.
+    core = _core.Core()
+    core.add("s", "db", "c", [[]])
+    stats = core.stats()
+    in_use = {table: used for table, (used, _) in core.tables().items()}
+
+    def factory(inside: _core.Core) -> _core.Pred:
+        inside.path_id(("a", "b"))
+        raise RuntimeError("refused")
+
+    compare = (("cmp", ("p",), "==", ("int", 1)), ("eq", ("p",), (1,)), None)
+    residual = (("cmp", ("q",), "<", ("int", 1)), None, None)
+    with pytest.raises(RuntimeError, match="refused"):
+        core.add("t", "db", "other", [[compare, residual], [(("expr", "x"), None, factory)]])
+    assert core.stats() == stats and "t" not in core
+    assert {table: used for table, (used, _) in core.tables().items()} == in_use
+    assert in_use["paths"] == in_use["atoms"] == 0 and in_use["collections"] == 1
+
+
+def test_a_reused_path_id_reads_its_own_path() -> None:
+    # Path ids are reused once free; the per-event path cache is keyed by
+    # id, so a reused id must never serve the value of the path it named.
+    m = Matcher()
+    m.add("a", "db", "c", filters=[Filter("p.x", "==", 1)])
+    document = {"p": {"x": 1}, "q": 2}
+    assert m.match("db", "c", "d", document) == ["a"]
+    m.remove("a")
+    m.add("b", "db", "c", filters=[Filter("q", "==", 1)])
+    m.add("e", "db", "c", expression="doc.q == 2")
+    assert m.index.tables()["paths"] == (1, 1)
+    assert m.match("db", "c", "d", document) == ["e"]
+    assert m.match("db", "c", "d", {"p": {"x": 2}, "q": 1}) == ["b"]
+
+
+def test_posting_and_range_arrays_shrink_with_their_entries() -> None:
+    # They only grew: a posting or a range that once held many entries kept
+    # their memory, and a freed posting kept its groups for its next key.
+    m = Matcher()
+    for i in range(5_000):
+        m.add(f"hot{i}", "db", "c", filters=[Filter("k", "==", "hot")])
+        m.add(f"range{i}", "db", "c", filters=[Filter("n", ">", i)])
+        m.add(f"key{i}", "db", "c", filters=[Filter("k", "==", i), Filter("t", "==", i % 3)])
+    used, allocated = m.index.tables()["array_bytes"]
+    assert allocated < 2 * used
+    for i in range(10, 5_000):
+        m.remove(f"hot{i}")
+        m.remove(f"range{i}")
+        m.remove(f"key{i}")
+    used, allocated = m.index.tables()["array_bytes"]
+    assert allocated <= 4 * used + 4_096
+    for i in range(10):
+        for kind in ("hot", "range", "key"):
+            m.remove(f"{kind}{i}")
+    assert m.index.tables()["array_bytes"] == (0, 0)
+
+
+CHURN_SCRIPT = """
+import json
+import psutil
+from test_matcher import Matcher, churn_pair
+m = Matcher()
+for i in range(20_000):
+    churn_pair(m, i)
+rss0 = psutil.Process().memory_info().rss
+for i in range(20_000, 220_000):
+    churn_pair(m, i)
+rss1 = psutil.Process().memory_info().rss
+print(json.dumps({"growth_mib": (rss1 - rss0) / 2**20, "stats": m.stats()}))
+"""
+
+
+def test_churn_of_200k_pairs_keeps_rss_flat() -> None:
+    # A fresh interpreter: RSS is the whole process's. The bound is generous
+    # (the compiler's own caches of field names and CEL tokens are bounded
+    # too, at a few MiB); without reclamation it grew by ~390 MiB.
+    tests = str(Path(__file__).resolve().parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (tests, os.environ.get("PYTHONPATH", "")) if p))
+    proc = subprocess.run([sys.executable, "-c", CHURN_SCRIPT], capture_output=True, text=True,
+                          env=env, timeout=240, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert all(count == 0 for count in result["stats"].values()), result
+    assert result["growth_mib"] < 20, result
 
 
 def test_duplicate_ids_are_global_and_leave_the_first_untouched() -> None:
@@ -251,6 +387,104 @@ def test_no_per_subscription_python_objects() -> None:
         m.add(f"s{i}", "db", "c", filters=[Filter("a", "==", i), Filter("b", ">", i % 7)])
     gc.collect()
     assert len(gc.get_objects()) - before < 2_000
+
+
+# ---------------------------------------------------------------- re-entry
+
+
+def busy_fixture() -> tuple[Matcher, ReferenceMatcher, list[str]]:
+    """A few ids that one document matches, 300 another does, and a regex
+    atom (re2's matching is Python code: it allocates on every event)."""
+    small = [f"small{i}" for i in range(10)]
+    big = [f"big{i}" for i in range(300)]
+    regex = f"regex{len(big)}"
+    fast, ref = both()
+    for matcher in (fast, ref):
+        for i, sub_id in enumerate(small + big):
+            kind = "small" if sub_id in small else "big"
+            matcher.add(sub_id, "db", "c", filters=[Filter("k", "==", kind)], owner=i % 3)
+        matcher.add(regex, "db", "c", expression="doc.t.matches('^a')")
+    return fast, ref, [*small, *big, regex]
+
+
+REENTRIES: dict[str, Callable[[Matcher], object]] = {
+    "match": lambda m: m.match("db", "c", "x", {"k": "big"}),
+    "match_owned": lambda m: m.match_owned("db", "c", "x", {"k": "big"}),
+    "match_id_owned": lambda m: m.match_id_owned("db", "c", "x"),
+    "add": lambda m: m.add("late", "db", "c", filters=[Filter("k", "==", "small")]),
+    "remove": lambda m: m.remove("small0"),
+}
+
+
+@pytest.mark.parametrize("call", sorted(REENTRIES))
+def test_a_finalizer_calling_into_the_index_during_a_match_gets_index_busy(call: str) -> None:
+    # The GC runs finalizers in the middle of a match; one that matched
+    # there overwrote the shared match buffer (the outer match returned
+    # thousands of foreign ids), one that added or removed changed the
+    # index under the search.
+    fast, ref, ids = busy_fixture()
+    reentry = Reentry(lambda: REENTRIES[call](fast))
+    document = {"k": "small", "t": "abc"}
+    expected = sorted(ref.match("db", "c", "x", document))
+    refcounts = [sys.getrefcount(sub_id) for sub_id in ids]
+    for _ in range(20):
+        got = reentry.during(lambda: fast.match("db", "c", "x", document))
+        assert sorted(got) == expected
+        del got
+    assert [sys.getrefcount(sub_id) for sub_id in ids] == refcounts
+    assert reentry.calls > 0
+    assert reentry.errors == reentry.unraisable == [(IndexBusy, BUSY)] * reentry.calls
+    assert "late" not in fast and "small0" in fast and len(fast) == len(ids)
+    assert sorted(fast.match("db", "c", "x", document)) == expected
+
+
+@pytest.mark.parametrize("call", sorted(REENTRIES))
+def test_a_finalizer_calling_into_the_index_during_an_add_gets_index_busy(call: str) -> None:
+    # The core's add runs Python code (the CEL atoms' factories), which
+    # allocates; a nested add there claimed the same free slot as the outer
+    # one. (Matcher.add compiles before it enters the core: a finalizer
+    # there may use the index, so the core's add is called directly.)
+    fast, ref, _ = busy_fixture()
+    reentry = Reentry(lambda: REENTRIES[call](fast))
+    for n in range(20):
+        expression = f"doc.n{n} + 1 == 2 || doc.t.startsWith('{n}')"
+        clauses = compile_subscription((), expression)
+        reentry.during(partial(fast.index.add, f"cel{n}", "db", "c", clauses))
+        ref.add(f"cel{n}", "db", "c", expression=expression)
+    assert reentry.calls > 0
+    assert reentry.errors == reentry.unraisable == [(IndexBusy, BUSY)] * reentry.calls
+    assert "late" not in fast and "small0" in fast and len(fast) == len(ref)
+    for document in ({"k": "small", "n3": 1}, {"k": "big", "t": "7x"}, {"t": "abc"}):
+        assert sorted(fast.match("db", "c", "x", document)) == sorted(
+            ref.match("db", "c", "x", document))
+
+
+def test_the_core_refuses_calls_from_inside_its_own_operations() -> None:
+    # No GC needed: an atom factory runs inside ``add``.
+    core = _core.Core()
+    core.add("s", "db", "c", [[]])
+    refused: list[str] = []
+
+    def factory(inside: _core.Core) -> _core.Pred:
+        for name, call in (
+            ("add", lambda: inside.add("t", "db", "c", [])),
+            ("remove", lambda: inside.remove("s")),
+            ("match", lambda: inside.match("db", "c", "x", {})),
+            ("match_owned", lambda: inside.match_owned("db", "c", "x", {})),
+            ("match_id_owned", lambda: inside.match_id_owned("db", "c", "x")),
+        ):
+            with pytest.raises(IndexBusy, match=re.escape(BUSY)):
+                call()
+            refused.append(name)
+        return _core.Expression(_core.DocPath(inside.path_id(("a",))))
+
+    core.add("e", "db", "c", [[(("expr", "custom"), None, factory)]])
+    assert len(refused) == 5
+    with pytest.raises(RuntimeError, match="only handed out to atom factories"):
+        core.path_id(("a",))
+    assert len(core) == 2 and "t" not in core
+    assert sorted(core.match("db", "c", "x", {"a": True})) == ["e", "s"]
+    assert isinstance(IndexBusy(BUSY), RuntimeError)
 
 
 # ---------------------------------------------------------------- properties
@@ -370,6 +604,110 @@ FastVersusReference.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_fast_matches_reference = FastVersusReference.TestCase
+
+
+# Paths that come and go: nested, shared between filters and CEL, over a few
+# collections, so interned path ids, path indexes and collection indexes are
+# freed and their ids and slots reused all the time.
+REUSE_KEYS = ["a", "b", "c", "x", "m0", "m1", "m2"]
+REUSE_FIELDS = ["a", "a.b", "a.b.c", "b", "x.a", "x.c", "m0", "m1.b", "m2", "_id"]
+# Every path the index can intern for them (``has(doc.x.c)`` reads doc.x).
+REUSE_PATHS = {tuple(f.split("."))[:n] for f in REUSE_FIELDS for n in range(1, f.count(".") + 2)}
+REUSE_DOCS = st.dictionaries(
+    st.sampled_from(REUSE_KEYS),
+    st.recursive(
+        SCALARS,
+        lambda inner: st.dictionaries(st.sampled_from(REUSE_KEYS), inner, max_size=3),
+        max_leaves=6,
+    ),
+    max_size=5,
+)
+REUSE_FILTERS = st.builds(
+    Filter,
+    st.sampled_from(REUSE_FIELDS),
+    st.sampled_from(["==", "!=", "<", ">=", "contains"]),
+    SCALARS,
+) | st.builds(Filter, st.sampled_from(REUSE_FIELDS), st.just("in"), st.lists(SCALARS, max_size=2))
+REUSE_CEL_PATHS = st.sampled_from([f"doc.{f}" for f in REUSE_FIELDS] + ["doc['m0']"])
+REUSE_CEL = st.recursive(
+    st.one_of(
+        st.builds(lambda p, op, v: f"{p} {op} {_literal(v)}", REUSE_CEL_PATHS,
+                  st.sampled_from(["==", "!=", ">"]), SCALARS),
+        st.builds(lambda v, p: f"{_literal(v)} in {p}", SCALARS, REUSE_CEL_PATHS),
+        st.builds(lambda p: f"has({p})", st.sampled_from(["doc.a.b", "doc.x.c", "doc.m1.b"])),
+        st.builds(lambda p: f"size({p}) > 1", REUSE_CEL_PATHS),
+        st.builds(lambda p: f"{p}.startsWith('x')", REUSE_CEL_PATHS),
+    ),
+    lambda inner: st.one_of(
+        st.builds(lambda a, b: f"({a}) && ({b})", inner, inner),
+        st.builds(lambda a, b: f"({a}) || ({b})", inner, inner),
+    ),
+    max_leaves=3,
+)
+WHERE = st.tuples(st.sampled_from(["db1", "db2"]), st.sampled_from(["c1", "c2", "c3"]))
+
+
+class PathReuseVersusReference(RuleBasedStateMachine):
+    """Adds, removes and matches while paths and collections are freed and
+    their ids reused; the core's tables empty whenever the index does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fast = Matcher()
+        self.ref = ReferenceMatcher()
+        self.live: list[str] = []
+        self.next_id = 0
+
+    @rule(where=WHERE, filters=st.lists(REUSE_FILTERS, max_size=2),
+          expression=st.none() | REUSE_CEL)
+    def add(self, where: tuple[str, str], filters: list[Filter], expression: str | None) -> None:
+        sub_id = f"s{self.next_id}"
+        self.next_id += 1
+        errors = []
+        for matcher in (self.fast, self.ref):
+            try:
+                matcher.add(sub_id, *where, filters=filters, expression=expression)
+                errors.append(None)
+            except InvalidSubscription as exc:
+                errors.append(str(exc))
+        assert errors[0] == errors[1]
+        if errors[0] is None:
+            self.live.append(sub_id)
+
+    @rule(data=st.data())
+    def remove(self, data: st.DataObject) -> None:
+        if self.live:
+            sub_id = self.live.pop(data.draw(st.integers(0, len(self.live) - 1)))
+            assert self.fast.remove(sub_id) and self.ref.remove(sub_id)
+
+    @rule()
+    def remove_all(self) -> None:
+        for sub_id in reversed(self.live):
+            assert self.fast.remove(sub_id) and self.ref.remove(sub_id)
+        self.live.clear()
+
+    @rule(where=WHERE, doc=REUSE_DOCS, doc_id=st.sampled_from(["d1", None]))
+    def match(self, where: tuple[str, str], doc: dict[str, Any], doc_id: str | None) -> None:
+        fast = self.fast.match(*where, doc_id, doc)
+        assert len(fast) == len(set(fast))
+        assert sorted(fast) == sorted(self.ref.match(*where, doc_id, doc)), doc
+
+    @invariant()
+    def tables_follow_the_subscriptions(self) -> None:
+        assert len(self.fast) == len(self.ref) == len(self.live)
+        tables = self.fast.index.tables()
+        assert all(0 <= used <= allocated for used, allocated in tables.values())
+        assert tables["collections"][0] <= 6 and tables["paths"][0] <= len(REUSE_PATHS)
+        if not self.live:
+            assert all(used == 0 for used, _ in tables.values()), tables
+            assert all(count == 0 for count in self.fast.stats().values())
+
+
+PathReuseVersusReference.TestCase.settings = settings(
+    max_examples=150, stateful_step_count=40, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+test_path_reuse_matches_reference = PathReuseVersusReference.TestCase
 
 
 # ---------------------------------------------------------------- fuzzing

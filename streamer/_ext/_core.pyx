@@ -43,8 +43,12 @@ import re2
 cdef extern from *:
     """
     #define STREAMER_PREFETCH(p) __builtin_prefetch((const void *)(p))
+    #define STREAMER_NO_ID ((uint32_t)0xFFFFFFFFu)
     """
     void prefetch "STREAMER_PREFETCH"(const void *p) nogil
+    # No entry: the end of a free list, an atom without a path. A C constant,
+    # not a DEF: a DEF this large is a Python int (see ID_MASK).
+    const uint32_t NO_ID "STREAMER_NO_ID"
 
 cdef extern from "Python.h":
     # Raw-pointer forms: the id strings are borrowed from the index until the
@@ -52,7 +56,9 @@ cdef extern from "Python.h":
     void incref "Py_INCREF"(PyObject *o)
     void list_set_item "PyList_SET_ITEM"(PyObject *lst, Py_ssize_t i, PyObject *o)
 
-from streamer.errors import DuplicateSubscription
+from streamer.errors import DuplicateSubscription, IndexBusy
+
+cdef str BUSY = "the index is in use (re-entered from a finalizer or another thread?)"
 
 
 @cython.final
@@ -994,15 +1000,31 @@ cdef uint32_t upper_bound(RangeArr *a, double key) nogil:
     return lo
 
 
-cdef void range_remove(RangeArr *a, double key, uint64_t entry):
+cdef void range_remove(RangeArr *a, double key, uint64_t entry) noexcept:
     cdef uint32_t i = lower_bound(a, key)
     while i < a.n and a.keys[i] == key:
         if a.entries[i] == entry:
             memmove(&a.keys[i], &a.keys[i + 1], (a.n - i - 1) * sizeof(double))
             memmove(&a.entries[i], &a.entries[i + 1], (a.n - i - 1) * sizeof(uint64_t))
             a.n -= 1
+            if a.cap > 8 and a.n <= a.cap // 4:
+                shrink_range(a)
             return
         i += 1
+
+
+cdef void shrink_range(RangeArr *a) noexcept:
+    # Halved at a quarter full (doubled when full): an array that once held
+    # many thresholds does not keep their memory, and never thrashes.
+    cdef uint32_t cap = a.cap // 2
+    k = <double *>realloc(a.keys, cap * sizeof(double))
+    if k == NULL:
+        return
+    a.keys = k
+    a.cap = cap
+    e = <uint64_t *>realloc(a.entries, cap * sizeof(uint64_t))
+    if e != NULL:
+        a.entries = e
 
 
 @cython.final
@@ -1024,7 +1046,7 @@ cdef class RangeIndex:
 
 @cython.final
 cdef class PathIndex:
-    """Index structures of one (collection, path)."""
+    """Index structures of one (collection, path); it holds the path."""
 
     def __init__(self, uint32_t pid, CollIndex coll):
         self.pid = pid
@@ -1039,26 +1061,17 @@ cdef class PathIndex:
 
 @cython.final
 cdef class CollIndex:
-    """Everything indexed for one (database, collection)."""
+    """Everything indexed for one (database, collection); it lives while a
+    subscription of it does (``nsubs``)."""
 
-    def __init__(self, uint32_t always):
+    def __init__(self, database, collection, uint32_t number, uint32_t always):
         self.paths = []
         self.by_pid = {}
         self.always = always
-
-    cdef PathIndex path(self, uint32_t pid):
-        pix = self.by_pid.get(pid)
-        if pix is None:
-            pix = PathIndex(pid, self)
-            self.by_pid[pid] = pix
-            self.paths.append(pix)
-        return <PathIndex>pix
-
-    cdef void prune(self, PathIndex pix) except *:
-        # Empty path indexes would still cost a lookup per event.
-        if pix.empty():
-            del self.by_pid[pix.pid]
-            self.paths.remove(pix)
+        self.number = number
+        self.nsubs = 0
+        self.database = database
+        self.collection = collection
 
 
 cdef void *grow(void *ptr, uint32_t *cap, uint32_t need, size_t item) except NULL:
@@ -1079,40 +1092,65 @@ cdef void *grow(void *ptr, uint32_t *cap, uint32_t need, size_t item) except NUL
 cdef class Core:
     """The subscription index. Driven by ``streamer.matching.matcher.Matcher``, which
     compiles subscriptions into clauses and atoms; this class stores them and
-    matches events."""
+    matches events.
+
+    Every operation that reads or writes the index runs with ``busy`` set
+    (``enter``/``leave``; the compiled fan-out takes it too): they hold raw
+    pointers into its arrays and the shared match buffer across allocations,
+    and an allocation can run the garbage collector, and with it any
+    finalizer. A finalizer (or another thread) that calls back in gets
+    ``IndexBusy`` instead of moving or overwriting that state. The counts
+    (``len``, ``in``, ``stats``) stay readable: the metrics thread reads them.
+
+    Nothing outlives the subscriptions that need it: interned paths are
+    held by the atoms and path indexes that use them, atoms by their
+    clauses, postings and path indexes by their entries, a collection's
+    index by its subscriptions. Freed slots, clauses, postings, atoms and
+    path ids go on free lists threaded through the freed entries
+    themselves, and are reused first.
+    """
 
     def __cinit__(self):
         self.slots = NULL
         self.slot_epoch = NULL
         self.clauses = NULL
         self.postings = NULL
+        self.path_refs = NULL
         self.atom_refs = NULL
         self.atom_epoch = NULL
         self.atom_val = NULL
+        self.atom_path = NULL
         self.found = NULL
         self.found_owners = NULL
 
     def __init__(self):
         self.ctx = Ctx()
         self.colls = {}
+        self.coll_table = []
+        self.free_colls = []
         self.path_ids = {}
         self.path_comps = self.ctx.path_comps
+        self.path_cap = 0
+        self.free_path = NO_ID
+        self.building = None
         self.sub_slots = {}
-        self.free_slots = []
         self.nslots = self.slot_cap = 0
-        self.free_clauses = []
-        self.nclauses = self.clause_cap = 0
-        self.free_postings = []
-        self.npostings = self.posting_cap = 0
+        self.free_slot = NO_ID
+        self.nclauses = self.clause_cap = self.nfree_clauses = 0
+        self.free_clause = NO_ID
+        self.npostings = self.posting_cap = self.nfree_postings = 0
+        self.free_posting = NO_ID
         self.range_owner = []
         self.free_ranges = []
         self.atom_ids = {}
         self.atom_preds = []
         self.atom_keys = []
+        self.atom_more_paths = {}
         self.atom_cap = 0
-        self.free_atoms = []
+        self.free_atom = NO_ID
         self.scan_clauses = 0
         self.nfound = self.found_cap = 0
+        self.busy = False
 
     def __dealloc__(self):
         cdef uint32_t i, j
@@ -1136,9 +1174,11 @@ cdef class Core:
         free(self.slot_epoch)
         free(self.clauses)
         free(self.postings)
+        free(self.path_refs)
         free(self.atom_refs)
         free(self.atom_epoch)
         free(self.atom_val)
+        free(self.atom_path)
         free(self.found)
         free(self.found_owners)
 
@@ -1152,66 +1192,211 @@ cdef class Core:
         """Counts for metrics and benchmarks."""
         return {
             "subscriptions": len(self.sub_slots),
-            "clauses": self.nclauses - len(self.free_clauses),
+            "clauses": self.nclauses - self.nfree_clauses,
             "scan_clauses": self.scan_clauses,
             "atoms": len(self.atom_ids),
-            "postings": self.npostings - len(self.free_postings),
-            "paths": len(self.path_comps),
+            "postings": self.npostings - self.nfree_postings,
+            "paths": len(self.path_ids),
+            "collections": len(self.coll_table) - len(self.free_colls),
         }
+
+    def tables(self):
+        """For tests and diagnostics: per table, ``(in use, allocated)``
+        entries (the difference is on the table's free list); and for the
+        arrays the postings' groups and the range indexes grow,
+        ``array_bytes``: bytes of entries, and bytes allocated."""
+        cdef uint32_t h, j
+        cdef Posting *p
+        cdef RangeArr *a
+        cdef size_t used = 0, allocated = 0
+        for h in range(self.npostings):
+            p = &self.postings[h]
+            used += p.ngroups * sizeof(Group)
+            allocated += p.gcap * sizeof(Group)
+            for j in range(p.ngroups):
+                used += p.groups[j].n * sizeof(uint64_t) + p.groups[j].natoms * sizeof(uint32_t)
+                allocated += (p.groups[j].cap * sizeof(uint64_t)
+                              + max(p.groups[j].natoms, 1) * sizeof(uint32_t))
+        for pix in self.range_owner:
+            if pix is not None:
+                for j in range(4):
+                    a = &(<PathIndex>pix).ranges.arrs[j]
+                    used += a.n * (sizeof(double) + sizeof(uint64_t))
+                    allocated += a.cap * (sizeof(double) + sizeof(uint64_t))
+        return {
+            "array_bytes": (used, allocated),
+            "slots": (len(self.sub_slots), self.nslots),
+            "clauses": (self.nclauses - self.nfree_clauses, self.nclauses),
+            "postings": (self.npostings - self.nfree_postings, self.npostings),
+            "atoms": (len(self.atom_ids), len(self.atom_preds)),
+            "paths": (len(self.path_ids), len(self.path_comps)),
+            "ranges": (len(self.range_owner) - len(self.free_ranges), len(self.range_owner)),
+            "collections": (len(self.coll_table) - len(self.free_colls), len(self.coll_table)),
+        }
+
+    cdef int enter(self) except -1:
+        if self.busy:
+            raise IndexBusy(BUSY)
+        self.busy = True
+        return 0
+
+    cdef void leave(self) noexcept:
+        self.busy = False
 
     # -- interning -----------------------------------------------------
 
-    cpdef uint32_t path_id(self, tuple comps) except? 0xffffffff:
-        """The id of a field path (tuple of map keys), interned."""
-        pid = self.path_ids.get(comps)
-        if pid is None:
-            pid = len(self.path_comps)
-            self.path_comps.append(comps)
-            self.path_ids[comps] = pid
-            self.ctx.reserve_paths(pid + 1)
+    def path_id(self, tuple comps):
+        """The id of a field path (a tuple of map keys), for the atom factory
+        that ``add`` is running (``streamer.matching.compiler``): the atom holds the
+        path until it is freed."""
+        if self.building is None:
+            if self.busy:
+                raise IndexBusy(BUSY)
+            raise RuntimeError("path ids are only handed out to atom factories, during add")
+        pid = self.path_acquire(comps)
+        self.building.append(pid)
         return pid
 
+    cdef uint32_t path_acquire(self, tuple comps) except? 0xffffffff:
+        """The id of a field path, interned; the caller holds a reference."""
+        cdef uint32_t pid
+        cdef PyObject *p = PyDict_GetItem(self.path_ids, comps)
+        if p != NULL:
+            pid = <object>p
+            self.path_refs[pid] += 1
+            return pid
+        if self.free_path != NO_ID:
+            pid = self.free_path
+            self.free_path = self.path_refs[pid]
+            self.path_comps[pid] = comps
+        else:
+            pid = len(self.path_comps)
+            # Both sized before anything is recorded: a failure leaves no trace.
+            self.ctx.reserve_paths(pid + 1)
+            self.path_refs = <uint32_t *>grow(self.path_refs, &self.path_cap, pid + 1,
+                                              sizeof(uint32_t))
+            self.path_comps.append(comps)
+        self.path_refs[pid] = 1
+        self.path_ids[comps] = pid
+        return pid
+
+    cdef void path_release(self, uint32_t pid) except *:
+        self.path_refs[pid] -= 1
+        if self.path_refs[pid]:
+            return
+        del self.path_ids[self.path_comps[pid]]
+        self.path_comps[pid] = None
+        # The id will name another path: the per-event cache must not serve
+        # it this one's value. Epoch 0 is never current (next_epoch skips it).
+        self.ctx.path_epoch[pid] = 0
+        self.path_refs[pid] = self.free_path
+        self.free_path = pid
+
+    cdef PathIndex path_index(self, CollIndex ci, tuple comps):
+        """The collection's index of a path, made (holding the path) if new."""
+        pid = self.path_ids.get(comps)
+        if pid is not None:
+            pix = ci.by_pid.get(pid)
+            if pix is not None:
+                return <PathIndex>pix
+        pid = self.path_acquire(comps)
+        pix = PathIndex(pid, ci)
+        ci.by_pid[pid] = pix
+        ci.paths.append(pix)
+        return <PathIndex>pix
+
+    cdef void prune(self, PathIndex pix) except *:
+        # Empty path indexes would still cost a lookup per event.
+        if pix.empty():
+            del pix.coll.by_pid[pix.pid]
+            pix.coll.paths.remove(pix)
+            self.path_release(pix.pid)
+
     cdef uint32_t intern(self, tuple atom) except? 0xffffffff:
-        """The id of an atom ``(key, access, factory)``, interned by key."""
-        cdef uint32_t cap, aid
+        """The id of an atom ``(key, access, factory)``, interned by key; the
+        caller holds a reference. The atom holds the paths its predicate
+        reads (a factory takes them through ``path_id``)."""
+        cdef uint32_t cap, aid, n
+        cdef list paths
+        cdef Pred pred
         key = atom[0]
         found = self.atom_ids.get(key)
         if found is not None:
-            return found
+            aid = found
+            self.atom_refs[aid] += 1
+            return aid
+        n = len(self.atom_preds)
+        if self.free_atom == NO_ID and n >= self.atom_cap:
+            cap = self.atom_cap
+            self.atom_refs = <uint32_t *>grow(self.atom_refs, &cap, n + 1, sizeof(uint32_t))
+            cap = self.atom_cap
+            self.atom_epoch = <uint32_t *>grow(self.atom_epoch, &cap, n + 1, sizeof(uint32_t))
+            cap = self.atom_cap
+            self.atom_val = <uint8_t *>grow(self.atom_val, &cap, n + 1, sizeof(uint8_t))
+            cap = self.atom_cap
+            self.atom_path = <uint32_t *>grow(self.atom_path, &cap, n + 1, sizeof(uint32_t))
+            self.atom_cap = cap
         factory = atom[2]
-        pred = factory(self) if factory is not None else self.build_pred(key)
-        if self.free_atoms:
-            aid = self.free_atoms.pop()
+        if factory is None:
+            paths = [self.path_acquire(key[1])]
+            try:
+                pred = self.build_pred(key, paths[0])
+            except BaseException:
+                self.path_release(paths[0])
+                raise
+        else:
+            self.building = paths = []
+            try:
+                pred = factory(self)
+            except BaseException:
+                for pid in paths:
+                    self.path_release(pid)
+                raise
+            finally:
+                self.building = None
+        if self.free_atom != NO_ID:
+            aid = self.free_atom
+            self.free_atom = self.atom_refs[aid]
             self.atom_preds[aid] = pred
             self.atom_keys[aid] = key
         else:
-            aid = len(self.atom_preds)
+            aid = n
             self.atom_preds.append(pred)
             self.atom_keys.append(key)
-            if aid >= self.atom_cap:
-                cap = self.atom_cap
-                self.atom_refs = <uint32_t *>grow(self.atom_refs, &cap, aid + 1, sizeof(uint32_t))
-                cap = self.atom_cap
-                self.atom_epoch = <uint32_t *>grow(self.atom_epoch, &cap, aid + 1, sizeof(uint32_t))
-                cap = self.atom_cap
-                self.atom_val = <uint8_t *>grow(self.atom_val, &cap, aid + 1, sizeof(uint8_t))
-                self.atom_cap = cap
-        self.atom_refs[aid] = 0
+        self.atom_refs[aid] = 1
         self.atom_epoch[aid] = 0
+        self.atom_path[aid] = paths[0] if paths else NO_ID
+        if len(paths) > 1:
+            self.atom_more_paths[aid] = tuple(paths[1:])
         self.atom_ids[key] = aid
         return aid
 
-    cdef Pred build_pred(self, tuple key):
+    cdef void release_atom(self, uint32_t aid) except *:
+        self.atom_refs[aid] -= 1
+        if self.atom_refs[aid]:
+            return
+        del self.atom_ids[self.atom_keys[aid]]
+        self.atom_preds[aid] = None
+        self.atom_keys[aid] = None
+        if self.atom_path[aid] != NO_ID:
+            self.path_release(self.atom_path[aid])
+            if self.atom_more_paths:
+                for pid in self.atom_more_paths.pop(aid, ()):
+                    self.path_release(pid)
+        self.atom_refs[aid] = self.free_atom
+        self.free_atom = aid
+
+    cdef Pred build_pred(self, tuple key, uint32_t pid):
         kind = key[0]
         if kind == "cmp":
-            return PathCompare(self.path_id(key[1]), key[2], const_value(key[3]))
+            return PathCompare(pid, key[2], const_value(key[3]))
         if kind == "in":
-            return PathIn(self.path_id(key[1]), [const_value(c) for c in key[2]])
+            return PathIn(pid, [const_value(c) for c in key[2]])
         if kind == "holds":
-            return PathHolds(self.path_id(key[1]), const_value(key[2]), key[3])
+            return PathHolds(pid, const_value(key[2]), key[3])
         raise ValueError(f"atom {key!r} needs a factory")
 
-    cdef double access_cost(self, CollIndex ci, uint32_t pid, tuple keys, bint elem):
+    cdef double access_cost(self, CollIndex ci, tuple comps, tuple keys, bint elem):
         """Estimated candidates per event if a clause is indexed under keys.
 
         Each key's posting is visited when the event's value equals it; with
@@ -1221,7 +1406,8 @@ cdef class Core:
         """
         cdef double visits = 0
         cdef dict table
-        pix = ci.by_pid.get(pid)
+        pid = self.path_ids.get(comps)
+        pix = ci.by_pid.get(pid) if pid is not None else None
         if pix is None:
             return len(keys)
         table = (<PathIndex>pix).elem if elem else (<PathIndex>pix).eq
@@ -1234,8 +1420,10 @@ cdef class Core:
 
     cdef uint32_t new_posting(self, object owner, object key, bint elem) except? 0xffffffff:
         cdef uint32_t h
-        if self.free_postings:
-            h = self.free_postings.pop()
+        if self.free_posting != NO_ID:
+            h = self.free_posting
+            self.free_posting = self.postings[h].total
+            self.nfree_postings -= 1
         else:
             h = self.npostings
             self.postings = <Posting *>grow(self.postings, &self.posting_cap, h + 1, sizeof(Posting))
@@ -1249,16 +1437,23 @@ cdef class Core:
         self.postings[h].ngroups = 0
         self.postings[h].total = 0
         self.postings[h].elem = elem
-        if owner is not None:
-            ((<PathIndex>owner).elem if elem else (<PathIndex>owner).eq)[key] = h
         return h
 
     cdef void release_posting(self, uint32_t h) except *:
-        Py_XDECREF(self.postings[h].owner)
-        Py_XDECREF(self.postings[h].key)
-        self.postings[h].owner = NULL
-        self.postings[h].key = NULL
-        self.free_postings.append(h)
+        cdef Posting *p = &self.postings[h]
+        cdef PyObject *owner = p.owner
+        cdef PyObject *key = p.key
+        # Every group went with its last entry; the array goes too, so a
+        # free posting costs nothing but its entry here.
+        free(p.groups)
+        p.groups = NULL
+        p.ngroups = p.gcap = 0
+        p.owner = p.key = NULL
+        p.total = self.free_posting
+        self.free_posting = h
+        self.nfree_postings += 1
+        Py_XDECREF(owner)
+        Py_XDECREF(key)
 
     cdef void posting_add(self, uint32_t h, Clause *cl) except *:
         cdef Posting *p = &self.postings[h]
@@ -1316,14 +1511,28 @@ cdef class Core:
                 free(g.refs)
                 p.ngroups -= 1
                 p.groups[i] = p.groups[p.ngroups]
+                # Arrays are halved at a quarter full (doubled when full), so
+                # a posting keeps memory for what it holds, not for its past.
+                if p.gcap > 4 and p.ngroups <= p.gcap // 4:
+                    groups = <Group *>realloc(p.groups, (p.gcap // 2) * sizeof(Group))
+                    if groups != NULL:
+                        p.groups = groups
+                        p.gcap //= 2
+            elif g.cap > 8 and g.n <= g.cap // 4:
+                refs = <uint64_t *>realloc(g.refs, (g.cap // 2) * sizeof(uint64_t))
+                if refs != NULL:
+                    g.refs = refs
+                    g.cap //= 2
             return
 
     # -- clauses -------------------------------------------------------
 
     cdef uint32_t new_clause(self) except? 0xffffffff:
         cdef uint32_t c
-        if self.free_clauses:
-            c = self.free_clauses.pop()
+        if self.free_clause != NO_ID:
+            c = self.free_clause
+            self.free_clause = self.clauses[c].slot
+            self.nfree_clauses -= 1
         else:
             c = self.nclauses
             self.clauses = <Clause *>grow(self.clauses, &self.clause_cap, c + 1, sizeof(Clause))
@@ -1333,7 +1542,7 @@ cdef class Core:
 
     cdef void drop_clause(self, uint32_t c) except *:
         cdef Clause *cl = &self.clauses[c]
-        cdef uint32_t i, h, aid, rid
+        cdef uint32_t i, h, rid
         cdef PathIndex pix
         if cl.kind == ACCESS_RANGE:
             rid = clause_handles(cl)[0]
@@ -1343,7 +1552,7 @@ cdef class Core:
                 pix.ranges = None
                 self.range_owner[rid] = None
                 self.free_ranges.append(rid)
-                pix.coll.prune(pix)
+                self.prune(pix)
         else:
             for i in range(cl.nhandles):
                 h = clause_handles(cl)[i]
@@ -1353,24 +1562,21 @@ cdef class Core:
                     pix = <PathIndex>owner
                     del (pix.elem if self.postings[h].elem else pix.eq)[<object>self.postings[h].key]
                     self.release_posting(h)
-                    pix.coll.prune(pix)
+                    self.prune(pix)
             if cl.kind == ACCESS_ALWAYS and cl.natoms:
                 self.scan_clauses -= 1
         for i in range(cl.natoms):
-            aid = clause_atoms(cl)[i]
-            self.atom_refs[aid] -= 1
-            if self.atom_refs[aid] == 0:
-                del self.atom_ids[self.atom_keys[aid]]
-                self.atom_preds[aid] = None
-                self.atom_keys[aid] = None
-                self.free_atoms.append(aid)
+            self.release_atom(clause_atoms(cl)[i])
         free(cl.atoms)
         free(cl.handles)
         memset(cl, 0, sizeof(Clause))
-        self.free_clauses.append(c)
+        cl.slot = self.free_clause
+        self.free_clause = c
+        self.nfree_clauses += 1
 
     cdef CollIndex coll(self, object database, object collection, bint create):
         cdef PyObject *p = PyDict_GetItem(self.colls, database)
+        cdef uint32_t number
         if p == NULL:
             if not create:
                 return None
@@ -1382,9 +1588,25 @@ cdef class Core:
             return <CollIndex>p
         if not create:
             return None
-        ci = CollIndex(self.new_posting(None, None, False))
+        number = self.free_colls.pop() if self.free_colls else len(self.coll_table)
+        ci = CollIndex(database, collection, number, self.new_posting(None, None, False))
+        if number < len(self.coll_table):
+            self.coll_table[number] = ci
+        else:
+            self.coll_table.append(ci)
         by_coll[collection] = ci
         return ci
+
+    cdef void drop_coll(self, CollIndex ci) except *:
+        """Forget a collection whose last subscription went (its path
+        indexes went with their last entries)."""
+        by_coll = <dict>self.colls[ci.database]
+        del by_coll[ci.collection]
+        if not by_coll:
+            del self.colls[ci.database]
+        self.coll_table[ci.number] = None
+        self.free_colls.append(ci.number)
+        self.release_posting(ci.always)
 
     # -- subscriptions -------------------------------------------------
 
@@ -1399,48 +1621,74 @@ cdef class Core:
         every event of the collection) and the others are interned and
         verified on candidates.
         """
-        cdef uint32_t slot, n
+        self.enter()
+        try:
+            self.add_sub(sub_id, database, collection, clauses, owner)
+        finally:
+            self.leave()
+
+    cdef void add_sub(self, str sub_id, str database, str collection, list clauses,
+                      uint32_t owner) except *:
+        cdef uint32_t slot, cap, n = len(clauses)
+        cdef object slot_number
+        cdef CollIndex ci = None
+        cdef list planned = [], held = []
         # One lookup both checks the id and claims it (the id dict is the
         # largest table here: each probe is a cache miss at a million ids).
-        slot_number = self.free_slots[len(self.free_slots) - 1] if self.free_slots else self.nslots
+        slot = self.free_slot if self.free_slot != NO_ID else self.nslots
+        slot_number = slot
         if PyDict_SetDefault(self.sub_slots, sub_id, slot_number) != <PyObject *>slot_number:
             raise DuplicateSubscription(f"subscription id {sub_id!r} already exists")
         try:
             ci = self.coll(database, collection, True)
-            n = len(clauses)
-            planned = [self.plan(ci, clause) for clause in clauses]
+            for clause in clauses:
+                planned.append(self.plan(ci, clause, held))
+            if slot == self.nslots:
+                cap = self.slot_cap
+                self.slots = <Slot *>grow(self.slots, &self.slot_cap, slot + 1, sizeof(Slot))
+                self.slot_epoch = <uint32_t *>grow(self.slot_epoch, &cap, slot + 1, sizeof(uint32_t))
         except BaseException:
+            # Nothing of a refused subscription stays: atoms, paths, collection, id.
+            for aid in held:
+                self.release_atom(aid)
+            if ci is not None and ci.nsubs == 0:
+                self.drop_coll(ci)
             del self.sub_slots[sub_id]
             raise
-        if self.free_slots:
-            slot = self.free_slots.pop()
-        else:
-            slot = self.nslots
-            cap = self.slot_cap
-            self.slots = <Slot *>grow(self.slots, &self.slot_cap, slot + 1, sizeof(Slot))
-            self.slot_epoch = <uint32_t *>grow(self.slot_epoch, &cap, slot + 1, sizeof(uint32_t))
+        if slot == self.nslots:
             self.nslots += 1
-        # The id is referenced from C (see release_posting for why).
+        else:
+            self.free_slot = self.slots[slot].clause0
+        # The id is referenced from C (see new_posting for why).
         Py_INCREF(sub_id)
         self.slots[slot].id = <PyObject *>sub_id
         self.slots[slot].owner = owner
+        self.slots[slot].coll = ci.number
         self.slots[slot].nclauses = 0
+        self.slots[slot].clause0 = 0
         alloc_array(n, &self.slots[slot].clauses)
         self.slot_epoch[slot] = 0
+        ci.nsubs += 1
         for access, atoms in planned:
             self.add_clause(ci, slot, sub_id, owner, n, access, atoms)
 
-    cdef tuple plan(self, CollIndex ci, list clause):
+    cdef tuple plan(self, CollIndex ci, list clause, list held):
+        """A clause's access (the compiler's, or None) and its residual
+        atoms, interned; ``held`` gets each atom as it is taken, so that a
+        failure can give them back."""
         cdef Py_ssize_t i, best = -1, n = len(clause)
         cdef double cost, best_cost = INFINITY
+        cdef uint32_t aid
         cdef tuple atom
         if n == 1:
             # The common subscription: one atom; its access (if any) is it.
             atom = <tuple>clause[0]
             access = atom[1]
-            if access is None:
-                return None, [self.intern(atom)]
-            return (access[0], self.path_id(access[1])) + access[2:], []
+            if access is not None:
+                return access, []
+            aid = self.intern(atom)
+            held.append(aid)
+            return None, [aid]
         for i in range(n):
             access = (<tuple>clause[i])[1]
             if access is None:
@@ -1448,7 +1696,7 @@ cdef class Core:
             if access[0] == "range":
                 cost = 1e300
             else:
-                cost = self.access_cost(ci, self.path_id(access[1]), access[2], access[0] == "elem")
+                cost = self.access_cost(ci, access[1], access[2], access[0] == "elem")
             if best < 0 or cost < best_cost:
                 best, best_cost = i, cost
         planned = None
@@ -1457,10 +1705,14 @@ cdef class Core:
             if i != best:
                 residual.setdefault(clause[i][0], clause[i])
         if best >= 0:
-            access = clause[best][1]
+            planned = clause[best][1]
             residual.pop(clause[best][0], None)
-            planned = (access[0], self.path_id(access[1])) + access[2:]
-        return planned, [self.intern(atom) for atom in residual.values()]
+        atoms = []
+        for atom in residual.values():
+            aid = self.intern(atom)
+            held.append(aid)
+            atoms.append(aid)
+        return planned, atoms
 
     cdef void add_clause(self, CollIndex ci, uint32_t slot, str sub_id, uint32_t owner,
                          uint32_t n, object access, list atoms) except *:
@@ -1478,14 +1730,14 @@ cdef class Core:
         self.slots[slot].nclauses += 1
         cl = &self.clauses[c]
         cl.slot = slot
-        # Sorted, so that equal residuals compare equal as groups.
+        # Sorted, so that equal residuals compare equal as groups; the
+        # clause takes over plan's reference on each atom.
         if len(atoms) > 1:
             atoms = sorted(atoms)
         cl.natoms = len(atoms)
         alloc_array(cl.natoms, &cl.atoms)
         for i in range(cl.natoms):
             clause_atoms(cl)[i] = atoms[i]
-            self.atom_refs[atoms[i]] += 1
         if access is not None and access[0] == "range":
             if cl.natoms == 0 and n == 1 and by_id:
                 cl.entry = id_entry
@@ -1504,8 +1756,8 @@ cdef class Core:
                 self.scan_clauses += 1
             return
         cl.kind = ACCESS_KINDS[access[0]]
-        pix = ci.path(access[1])
         if cl.kind == ACCESS_RANGE:
+            pix = self.path_index(ci, access[1])
             op = OPS[access[2]]
             if pix.ranges is None:
                 pix.ranges = RangeIndex()
@@ -1522,13 +1774,18 @@ cdef class Core:
             range_insert(&pix.ranges.arrs[op - OP_LT], cl.threshold, cl.entry)
             return
         keys = access[2]
-        table = pix.elem if cl.kind == ACCESS_ELEM else pix.eq
         cl.nhandles = len(keys)
+        if cl.nhandles == 0:
+            # ``x in []``: never true; in no posting, and no path index for it.
+            return
+        pix = self.path_index(ci, access[1])
+        table = pix.elem if cl.kind == ACCESS_ELEM else pix.eq
         alloc_array(cl.nhandles, &cl.handles)
         for i in range(cl.nhandles):
             hp = table.get(keys[i])
             if hp is None:
                 h = self.new_posting(pix, keys[i], cl.kind == ACCESS_ELEM)
+                table[keys[i]] = h
             else:
                 h = hp
             self.posting_add(h, cl)
@@ -1536,19 +1793,36 @@ cdef class Core:
 
     def remove(self, str sub_id):
         """Deregister a subscription; False if the id is unknown."""
+        self.enter()
+        try:
+            return self.remove_sub(sub_id)
+        finally:
+            self.leave()
+
+    cdef bint remove_sub(self, str sub_id) except -1:
         cdef uint32_t slot, i
+        cdef Slot *s
+        cdef PyObject *sid
+        cdef CollIndex ci
         p = self.sub_slots.pop(sub_id, None)
         if p is None:
             return False
         slot = p
         for i in range(self.slots[slot].nclauses):
             self.drop_clause(slot_clauses(&self.slots[slot])[i])
-        free(self.slots[slot].clauses)
-        self.slots[slot].clauses = NULL
-        self.slots[slot].nclauses = 0
-        Py_XDECREF(self.slots[slot].id)
-        self.slots[slot].id = NULL
-        self.free_slots.append(slot)
+        s = &self.slots[slot]
+        free(s.clauses)
+        s.clauses = NULL
+        s.nclauses = 0
+        ci = <CollIndex>self.coll_table[s.coll]
+        ci.nsubs -= 1
+        if ci.nsubs == 0:
+            self.drop_coll(ci)
+        sid = s.id
+        s.id = NULL
+        s.clause0 = self.free_slot
+        self.free_slot = slot
+        Py_XDECREF(sid)
         return True
 
     # -- matching ------------------------------------------------------
@@ -1605,8 +1879,9 @@ cdef class Core:
         if start >= end:
             return 0
         self.reserve_found(end - start)
-        # Verification runs no code that can change the index, so the array
-        # stays valid for the whole loop; the common entry is inlined.
+        # Verification can run Python code (a regex, the GC), but nothing
+        # that changes the index while it is busy, so the array stays valid
+        # for the whole loop; the common entry is inlined.
         for i in range(start, end):
             ref = refs[i]
             if ref & ENTRY_ID:
@@ -1729,40 +2004,56 @@ cdef class Core:
     cdef list found_ids(self):
         # Touch each id string once, in a tight loop where the processor can
         # overlap the cache misses, prefetching a few ahead.
-        cdef uint32_t i
-        out = PyList_New(self.nfound)
-        for i in range(self.nfound):
-            if i + PREFETCH < self.nfound:
+        cdef uint32_t i, n = self.nfound
+        out = PyList_New(n)
+        for i in range(n):
+            if i + PREFETCH < n:
                 prefetch(self.found[i + PREFETCH])
             incref(self.found[i])
             list_set_item(<PyObject *>out, i, self.found[i])
         return out
 
+    cdef bytes found_owner_bytes(self):
+        return PyBytes_FromStringAndSize(<char *>self.found_owners, self.nfound * sizeof(uint32_t))
+
     def match(self, database, collection, document_id, document):
         """Ids of the subscriptions matching one document, each once."""
-        cdef CollIndex ci = self.coll(database, collection, False)
-        if ci is None:
-            return []
-        self.search(ci, document_id, document)
-        return self.found_ids()
+        cdef CollIndex ci
+        self.enter()
+        try:
+            ci = self.coll(database, collection, False)
+            if ci is None:
+                return []
+            self.search(ci, document_id, document)
+            return self.found_ids()
+        finally:
+            self.leave()
 
     def match_id_owned(self, database, collection, document_id):
         """``match_owned`` for a change without a document (a hard delete
         without pre-image): the clauses that hold on the document id alone,
         i.e. a document-id test or nothing at all (whole collection)."""
-        cdef CollIndex ci = self.coll(database, collection, False)
-        if ci is None:
-            return [], b""
-        self.search_id(ci, document_id)
-        return self.found_ids(), PyBytes_FromStringAndSize(
-            <char *>self.found_owners, self.nfound * sizeof(uint32_t))
+        cdef CollIndex ci
+        self.enter()
+        try:
+            ci = self.coll(database, collection, False)
+            if ci is None:
+                return [], b""
+            self.search_id(ci, document_id)
+            return self.found_ids(), self.found_owner_bytes()
+        finally:
+            self.leave()
 
     def match_owned(self, database, collection, document_id, document):
         """``(ids, owners)``: ``match``'s ids and, as native ``uint32``
         values in a bytes object, the ``owner`` each was added with."""
-        cdef CollIndex ci = self.coll(database, collection, False)
-        if ci is None:
-            return [], b""
-        self.search(ci, document_id, document)
-        return self.found_ids(), PyBytes_FromStringAndSize(
-            <char *>self.found_owners, self.nfound * sizeof(uint32_t))
+        cdef CollIndex ci
+        self.enter()
+        try:
+            ci = self.coll(database, collection, False)
+            if ci is None:
+                return [], b""
+            self.search(ci, document_id, document)
+            return self.found_ids(), self.found_owner_bytes()
+        finally:
+            self.leave()

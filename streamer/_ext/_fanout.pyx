@@ -127,8 +127,10 @@ def frame_event(str event_id not None, str database not None, str collection not
 
 
 cdef struct Match:
+    PyObject *id
     const char *utf8
     Py_ssize_t size
+    uint32_t owner
     uint32_t group
 
 
@@ -147,7 +149,11 @@ cdef Py_ssize_t frame_into(PyObject **ids, const uint32_t *owners, Py_ssize_t n,
                            bytes event, dict pending) except -1:
     """Append one ``StreamerMessage{delivery}`` per distinct owner of the
     ``n`` matches to ``pending[owner]`` (a list, created when missing);
-    returns how many. Owners in order of their first id, ids in order."""
+    returns how many. Owners in order of their first id, ids in order.
+
+    ``ids`` and ``owners`` are read only before the first allocation that
+    can run the garbage collector: after it they may have moved or changed
+    (the caller's list, or a buffer a finalizer reused)."""
     if n == 0:
         return 0
     # The smallest power of two at least twice n: an owner -> delivery table
@@ -170,18 +176,20 @@ cdef Py_ssize_t frame_into(PyObject **ids, const uint32_t *owners, Py_ssize_t n,
     cdef Out *out
     try:
         # The ids are borrowed (from the index or the caller's list): hold
-        # them while their UTF-8 is in use. Any error is raised here, before
-        # anything is appended.
+        # them, from the scratch copy, while their UTF-8 is in use. Any error
+        # is raised here, before anything is appended.
         for i in range(n):
             if i + PREFETCH < n:
                 prefetch(ids[i + PREFETCH])
+            matches[i].id = ids[i]
+            matches[i].owner = owners[i]
             incref(ids[i])
             held += 1
             matches[i].utf8 = PyUnicode_AsUTF8AndSize(<object>ids[i], &matches[i].size)
         memset(table_group, 0xFF, mask * sizeof(uint32_t))
         mask -= 1
         for i in range(n):
-            owner = owners[i]
+            owner = matches[i].owner
             g = (<uint32_t>(owner * 2654435761u)) & mask
             while table_group[g] != EMPTY and table_owner[g] != owner:
                 g = (g + 1) & mask
@@ -218,7 +226,7 @@ cdef Py_ssize_t frame_into(PyObject **ids, const uint32_t *owners, Py_ssize_t n,
                 (<list>queued).append(<object>PyList_GET_ITEM(made, g))
     finally:
         for i in range(held):
-            decref(ids[i])
+            decref(matches[i].id)
         PyMem_Free(matches)
     return ngroups
 
@@ -233,15 +241,25 @@ def fan_out(Core index not None, database, collection, document_id, document,
     order, then ``event``, the framed ``EventDelivery.event``) is appended to
     ``pending[owner]``. The matched ids never become a Python list: they go
     from the index's buffer straight into the messages.
+
+    The index is busy from the search to the last delivery: the framing
+    allocates, so a finalizer could otherwise match (and overwrite the
+    buffer) in between; it gets ``IndexBusy`` instead.
     """
-    cdef CollIndex ci = index.coll(database, collection, False)
-    if ci is None:
-        return 0, 0
-    if document is None:
-        index.search_id(ci, document_id)
-    else:
-        index.search(ci, document_id, document)
-    return index.nfound, frame_into(index.found, index.found_owners, index.nfound, event, pending)
+    cdef CollIndex ci
+    index.enter()
+    try:
+        ci = index.coll(database, collection, False)
+        if ci is None:
+            return 0, 0
+        if document is None:
+            index.search_id(ci, document_id)
+        else:
+            index.search(ci, document_id, document)
+        return index.nfound, frame_into(index.found, index.found_owners, index.nfound, event,
+                                        pending)
+    finally:
+        index.leave()
 
 
 def frame_deliveries(list subscription_ids not None, bytes owners not None,

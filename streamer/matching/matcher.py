@@ -16,11 +16,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from streamer._ext import _celparse, _core
-from streamer.errors import DuplicateSubscription, InvalidSubscription
+from streamer.errors import DuplicateSubscription, IndexBusy, InvalidSubscription
 from streamer.matching import cel
 from streamer.matching.compiler import Clause, Filter, lower_expression, lower_filter
 
-__all__ = ["DuplicateSubscription", "Filter", "InvalidSubscription", "Matcher"]
+__all__ = ["DuplicateSubscription", "Filter", "IndexBusy", "InvalidSubscription", "Matcher"]
 
 
 class Matcher:
@@ -30,6 +30,10 @@ class Matcher:
     >>> m.add("s1", "app", "messages", filters=[Filter("chat_id", "==", "c1")])
     >>> m.match("app", "messages", "m-1", {"chat_id": "c1"})
     ['s1']
+
+    Not re-entrant: a call made while another is still running (from a
+    finalizer that the garbage collector ran inside it, or from another
+    thread) raises ``IndexBusy`` and changes nothing.
     """
 
     __slots__ = ("_core", "_scan_subscriptions")
@@ -78,11 +82,12 @@ class Matcher:
             _check_names(subscription_id, database, collection)
         if type(owner) is not int or not 0 <= owner <= 0xFFFF_FFFF:
             raise ValueError(f"owner must be an int from 0 to 2**32 - 1, got {owner!r}")
+        clauses = compile_subscription(filters, expression)
+        # Compiling runs Python code, and with it possibly a finalizer that
+        # adds or removes: the count is read after it.
         core = self._core
         scan_clauses = core.scan_clauses
-        core.add(
-            subscription_id, database, collection, compile_subscription(filters, expression), owner
-        )
+        core.add(subscription_id, database, collection, clauses, owner)
         if core.scan_clauses != scan_clauses:
             self._scan_subscriptions += 1
 
@@ -126,7 +131,10 @@ class Matcher:
         return self._core.match_id_owned(database, collection, document_id)
 
     def stats(self) -> dict[str, int]:
-        """Sizes of the index: subscriptions, clauses, scan clauses, atoms…
+        """Sizes of the index: subscriptions, clauses, scan clauses, atoms,
+        postings, interned field paths (``paths``) and indexed (database,
+        collection) pairs (``collections``); each falls back when the last
+        subscription using it is removed.
 
         ``scan_subscriptions`` counts the subscriptions with at least one scan
         clause (the core's scan clause count moves exactly when one of those is
