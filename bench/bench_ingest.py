@@ -48,10 +48,11 @@ import pytest
 
 from streamer.client import StreamerClient
 from streamer.matching.matcher import Matcher
-from streamer.node.gateways import GatewayRegistry
 from streamer.node.ingest import Ingest
 from streamer.node.progress import ProgressStore
 from streamer.node.server import StreamerServicer
+from streamer.node.sessions import Sessions
+from streamer.node.subscriptions import SubscriptionSet
 from streamer.protocol.puller_v1_pb2 import ChangeEvent, PullerEvent
 from streamer.tools.measure import free_port, histogram_quantile, latency_buckets, scrape
 from streamer.tools.workload import Workload, change_event
@@ -275,10 +276,10 @@ def test_ingest_process_in_process(
     so the final append is left out)."""
 
     async def main() -> dict[str, Any]:
-        registry = GatewayRegistry(Matcher())
+        registry = Sessions(SubscriptionSet(Matcher()))
         owner = {f"gw-{g}": registry.connect().owner for g in range(GATEWAYS)}
         for spec in Workload(N, seed=SEED, gateways=GATEWAYS).subscriptions():
-            registry.matcher.add(
+            registry.subscriptions.matcher.add(
                 spec.id, spec.database, spec.collection, filters=spec.filters,
                 expression=spec.expression, owner=owner[spec.gateway],
             )

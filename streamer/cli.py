@@ -37,11 +37,12 @@ from streamer.node.auth import (
     read_token,
     server_credentials,
 )
-from streamer.node.delivery import DEFAULT_CAPACITY
+from streamer.node.delivery import DEFAULT_CAPACITY, DEFAULT_MAX_BYTES
 from streamer.node.events import LAYOUTS
-from streamer.node.gateways import Limits
 from streamer.node.ingest import MARKER_POLICIES
 from streamer.node.node import NodeConfig, StreamerNode
+from streamer.node.server import DEFAULT_STALL_SECONDS
+from streamer.node.subscriptions import Limits
 from streamer.options import (
     ArgumentParser,
     Options,
@@ -133,6 +134,14 @@ def build_serve_parser() -> ArgumentParser:
              "docs/semantics.md")
     opts.add("--gateway-queue", integer(1), default=DEFAULT_CAPACITY, metavar="MESSAGES",
              help="messages queued per gateway before it is cut off as lagging")
+    opts.add("--gateway-queue-bytes", integer(1 << 20), default=DEFAULT_MAX_BYTES,
+             metavar="BYTES",
+             help="bytes queued per gateway before it is cut off as lagging; past an eighth "
+             "of it the gateway is reported as falling behind")
+    opts.add("--stall-seconds", real(0, above=True), default=DEFAULT_STALL_SECONDS,
+             metavar="SECONDS",
+             help="a gateway whose current write has waited this long has stopped reading "
+             "and is cut off (RESOURCE_EXHAUSTED)")
     opts.add("--resume-grace", real(0), default=3.0, metavar="SECONDS",
              help="after a restart with a saved marker, seconds to hold ingest so "
              "gateways can re-register first (0: do not wait); ends early once every "
@@ -156,6 +165,19 @@ def build_serve_parser() -> ArgumentParser:
              default=limits.max_expression_length, metavar="CHARS",
              help="characters of one CEL expression; longer ones are refused "
              f"(resource_exhausted); at most {MAX_EXPRESSION_LENGTH}, the CEL parser's own bound")
+    opts.add("--max-request-bytes", integer(64), default=limits.max_request_bytes,
+             metavar="BYTES",
+             help="size of one serialized subscribe request; larger ones are refused "
+             "(resource_exhausted)")
+    opts.add("--max-list-values", integer(1), default=limits.max_list_values, metavar="N",
+             help="values in all the lists of one request's filters together (in, contains "
+             "of lists); more are refused (resource_exhausted)")
+    opts.add("--max-scan-clauses", integer(0), default=limits.max_scan_clauses, metavar="N",
+             help="scan clauses (conditions with nothing the index can look up, verified on "
+             "every event of their collection) one gateway stream may hold; a subscription "
+             "that would go past it is refused (resource_exhausted)")
+    opts.add("--max-node-scan-clauses", integer(0), default=limits.max_node_scan_clauses,
+             metavar="N", help="scan clauses the whole node may hold (resource_exhausted)")
     opts.add("--metrics", address, metavar="HOST:PORT",
              help="serve Prometheus metrics over HTTP at http://HOST:PORT/metrics; unset, "
              "there is no metrics endpoint")
@@ -191,10 +213,18 @@ def serve_config(args: argparse.Namespace) -> NodeConfig:
         session_ttl=args.session_ttl,
         document_layout=args.document_layout,
         gateway_queue=args.gateway_queue,
+        gateway_queue_bytes=args.gateway_queue_bytes,
+        stall_seconds=args.stall_seconds,
         resume_grace=args.resume_grace,
         consumer_id=args.consumer_id,
         drain_seconds=args.drain_seconds,
-        limits=Limits(args.max_subscriptions, args.max_filters, args.max_expression_length),
+        limits=Limits(
+            max_subscriptions=args.max_subscriptions, max_filters=args.max_filters,
+            max_expression_length=args.max_expression_length,
+            max_request_bytes=args.max_request_bytes, max_list_values=args.max_list_values,
+            max_scan_clauses=args.max_scan_clauses,
+            max_node_scan_clauses=args.max_node_scan_clauses,
+        ),
         metrics=args.metrics,
         auth_token=None if args.auth_token_file is None else read_token(args.auth_token_file),
         server_credentials=server_tls,

@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -64,6 +65,7 @@ from streamer.protocol.streamer_v1_pb2 import (
     Value,
 )
 from streamer.transport import KEEPALIVE_OPTIONS
+from streamer.wire import MAX_MESSAGE_BYTES
 
 if TYPE_CHECKING:
     from streamer.matching import matcher
@@ -141,7 +143,15 @@ class StreamerClient:
         self.connect_timeout = connect_timeout
         self.on_rejected = on_rejected
         self._tls = tls
-        self._channel_options = [*KEEPALIVE_OPTIONS, *channel_options]
+        # Deliveries of large documents may exceed gRPC's default 4 MiB; the
+        # Hello tells the server how much this client receives.
+        self._channel_options = [
+            *KEEPALIVE_OPTIONS, ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            *channel_options,
+        ]
+        # Drawn once: proves to the server that a new stream comes from this
+        # client, so it may replace an older stream the server still holds.
+        self._instance = secrets.token_hex(16)
         self._metadata = (("authorization", f"Bearer {token}"),) if token is not None else ()
         # Every subscription the client wants, confirmed or not, in subscribe
         # order: what a reconnect re-sends.
@@ -469,7 +479,8 @@ class StreamerClient:
         # so the order is: Hello, every re-subscription answered, Heartbeat.
         if self.batch:
             self._send(GatewayMessage(hello=Hello(
-                gateway_id=self.gateway_id, batch_delivery=True, max_batch=self.max_batch)))
+                gateway_id=self.gateway_id, batch_delivery=True, max_batch=self.max_batch,
+                instance=self._instance, max_message_bytes=MAX_MESSAGE_BYTES)))
         loop = asyncio.get_running_loop()
         resubscribed: dict[str, asyncio.Future[SubscribeResponse]] = {}
         for sub_id in self._requests:

@@ -28,9 +28,10 @@ from puller_double import PullerDouble
 
 from streamer.node.delivery import DEFAULT_CAPACITY
 from streamer.node.events import Layout
-from streamer.node.gateways import GatewayRegistry
 from streamer.node.node import NodeConfig, StreamerNode
 from streamer.node.server import StreamerServicer
+from streamer.node.sessions import Session, Sessions
+from streamer.node.subscriptions import SubscriptionSet
 from streamer.protocol import puller_v1_pb2 as pb
 from streamer.protocol import puller_v1_pb2_grpc as pb_grpc
 from streamer.tools.measure import free_port
@@ -126,8 +127,17 @@ class Service:
         return f"127.0.0.1:{self.port}"
 
     @property
-    def registry(self) -> GatewayRegistry:
-        return self.node.registry
+    def sessions(self) -> Sessions:
+        return self.node.sessions
+
+    @property
+    def subscriptions(self) -> SubscriptionSet:
+        return self.node.subscriptions
+
+    def holder(self, sub_id: str) -> Session | None:
+        """The session holding a subscription."""
+        owner = self.subscriptions.owner_of(sub_id)
+        return None if owner is None else self.sessions.by_owner[owner]
 
     @property
     def servicer(self) -> StreamerServicer:

@@ -11,8 +11,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from streamer.matching.matcher import Matcher
 from streamer.node.auth import TokenAuth, TokenFileError, read_token
-from streamer.node.gateways import GatewayRegistry
 from streamer.node.server import StreamerServicer, add_to_server
+from streamer.node.sessions import Sessions
+from streamer.node.subscriptions import SubscriptionSet
 from streamer.protocol import streamer_v1_pb2_grpc as sgrpc
 from streamer.protocol.streamer_v1_pb2 import GatewayMessage, Heartbeat
 
@@ -41,7 +42,7 @@ def test_only_the_right_bearer_token_gets_in(
 ) -> None:
     async def main() -> None:
         server = grpc.aio.server(interceptors=[TokenAuth(b"s3cret")])
-        add_to_server(StreamerServicer(GatewayRegistry(Matcher())), server)
+        add_to_server(StreamerServicer(Sessions(SubscriptionSet(Matcher()))), server)
         health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()

@@ -14,10 +14,11 @@ import pytest
 from service_helpers import until
 
 from streamer.matching.matcher import Matcher
-from streamer.node.gateways import GatewayRegistry
 from streamer.node.ingest import Ingest
 from streamer.node.progress import ProgressStore
 from streamer.node.server import StreamerServicer
+from streamer.node.sessions import Sessions
+from streamer.node.subscriptions import SubscriptionSet
 from streamer.protocol import puller_v1_pb2 as pb
 from streamer.puller.log import ReplayLog
 from streamer.puller.server import PullerServicer, add_to_server
@@ -81,7 +82,7 @@ def test_no_subscribe_batch_makes_the_streamer_fall_back(tmp_path: Path) -> None
         add_to_server(servicer, server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
-        registry = GatewayRegistry(Matcher())
+        registry = Sessions(SubscriptionSet(Matcher()))
         ingest = Ingest(f"127.0.0.1:{port}", registry, StreamerServicer(registry),
                         ProgressStore(tmp_path / "state"), backoff=(0.01, 0.05))
         task = asyncio.create_task(ingest.run())

@@ -82,7 +82,7 @@ def test_subscribe_returns_the_given_or_a_generated_id(tmp_path: Path) -> None:
             generated = await client.subscribe("messages", database="app", filters=chat("c2"))
             assert given == "mine" and len(generated) == 36 and generated.count("-") == 4
             assert client.live_subscriptions == ["mine", generated]
-            assert svc.registry.subscription_ids() == {"mine", generated}
+            assert svc.subscriptions.ids() == {"mine", generated}
             await svc.puller.append(change(0, chat="c2"), change(1, chat="c1"))
             got = await take(client, 2)
             assert [(d.event.event_id, list(d.subscription_ids)) for d in got] == [
@@ -134,7 +134,7 @@ def test_rejections_raise_with_the_server_code(tmp_path: Path) -> None:
             with pytest.raises(SubscriptionRejected, match="already subscribed by this client"):
                 await one.subscribe("messages", subscription_id="taken")
             assert one.live_subscriptions == ["taken"] and two.live_subscriptions == []
-            taken = svc.registry.owner("taken")
+            taken = svc.holder("taken")
             assert taken is not None and taken.gateway_id == "gw-1"
 
     run(scenario)
@@ -152,7 +152,7 @@ def test_unsubscribe_stops_deliveries(tmp_path: Path) -> None:
             await client.unsubscribe("gone")
             await client.unsubscribe("never-was")
             assert client.live_subscriptions == ["kept"]
-            await until(lambda: "gone" not in svc.registry.subscription_ids())
+            await until(lambda: "gone" not in svc.subscriptions.ids())
             await svc.puller.append(change(0, chat="c1"), change(1, chat="c2"))
             # Deliveries keep the Puller's order: e0 would have come first.
             [delivery] = await take(client, 1)
@@ -200,7 +200,7 @@ def test_heartbeats_keep_the_session_alive(tmp_path: Path) -> None:
                 while await silent.read() is not grpc.aio.EOF:
                     pass
             assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            assert svc.registry.subscription_ids() == {"beating"}
+            assert svc.subscriptions.ids() == {"beating"}
             assert client.connected and client.reconnects == 0
             await svc.puller.append(change(0, chat="c"))
             [delivery] = await take(client, 1)
@@ -221,11 +221,11 @@ def test_a_restarted_streamer_gets_every_subscription_back(tmp_path: Path) -> No
             assert [d.event.event_id for d in await take(client, 1)] == ["e0"]
             await svc.stop()
             await until(lambda: not client.connected)
-            await svc.start()  # same port, empty registry
+            await svc.start()  # same port, empty index
             await until(lambda: client.connected)
             assert client.reconnects == 1
             assert client.live_subscriptions == [a, "b"]
-            assert svc.registry.subscription_ids() == {a, "b"}
+            assert svc.subscriptions.ids() == {a, "b"}
             await svc.puller.append(change(1, chat="b"), change(2, chat="a"))
             got = await take(client, 2)
             assert [(d.event.event_id, list(d.subscription_ids)) for d in got] == [
@@ -255,7 +255,7 @@ def test_subscribe_waits_for_the_connection(tmp_path: Path) -> None:
                 assert await asyncio.wait_for(regretted, 5) == "r"
                 await asyncio.wait_for(dropping, 5)
                 assert client.live_subscriptions == ["w"]
-                await until(lambda: svc.registry.subscription_ids() == {"w"})
+                await until(lambda: svc.subscriptions.ids() == {"w"})
 
     run(scenario)
 
@@ -369,7 +369,7 @@ def test_cancelling_the_consumer_closes_the_client_and_chains_nothing(tmp_path: 
             assert error.__context__ is None and error.__cause__ is None
             with pytest.raises(StreamClosed):
                 await client.subscribe("messages")
-            await until(lambda: svc.registry.subscription_ids() == set())
+            await until(lambda: svc.subscriptions.ids() == set())
 
     run(scenario)
 

@@ -15,10 +15,11 @@ from service_helpers import until
 
 from streamer.errors import ResumePointLost
 from streamer.matching.matcher import Matcher
-from streamer.node.gateways import GatewayRegistry
 from streamer.node.ingest import Ingest
 from streamer.node.progress import ProgressStore
 from streamer.node.server import StreamerServicer, add_to_server
+from streamer.node.sessions import Sessions
+from streamer.node.subscriptions import SubscriptionSet
 from streamer.protocol import puller_v1_pb2 as pb
 from streamer.protocol import streamer_v1_pb2_grpc as sgrpc
 from streamer.protocol.streamer_v1_pb2 import (
@@ -69,7 +70,7 @@ def run(
     async def main() -> None:
         puller = PullerDouble(batch=batch)
         target = await puller.start()
-        registry = GatewayRegistry(Matcher())
+        registry = Sessions(SubscriptionSet(Matcher()))
         servicer = StreamerServicer(registry)
         server = grpc.aio.server()
         add_to_server(servicer, server)
@@ -158,7 +159,7 @@ async def _refusing_ingest(
     """An ingest whose saved marker (``p99``) the Puller does not know."""
     puller = PullerDouble()
     target = await puller.start()
-    registry = GatewayRegistry(Matcher())
+    registry = Sessions(SubscriptionSet(Matcher()))
     progress = ProgressStore(tmp_path, interval=0.01)
     progress.advance("p99")
     await progress.flush()
@@ -208,7 +209,7 @@ def test_resume_from_head_keeps_the_saved_marker_until_an_event_arrives(tmp_path
 
 def test_an_empty_marker_never_replaces_the_saved_one(tmp_path: Path) -> None:
     async def main() -> None:
-        registry = GatewayRegistry(Matcher())
+        registry = Sessions(SubscriptionSet(Matcher()))
         progress = ProgressStore(tmp_path)
         ingest = Ingest("unused:1", registry, StreamerServicer(registry), progress)
         ingest.process(pb.PullerEvent(change_event=change(0, full={"chat": "c"}), progress="p0"))

@@ -16,16 +16,17 @@ from reentry import BUSY, Reentry
 
 from streamer.errors import IndexBusy
 from streamer.matching import Filter, Matcher
-from streamer.node.gateways import GatewayRegistry
 from streamer.node.ingest import Ingest
 from streamer.node.progress import ProgressStore
 from streamer.node.server import StreamerServicer
+from streamer.node.sessions import Sessions
+from streamer.node.subscriptions import SubscriptionSet
 from streamer.protocol import puller_v1_pb2 as pb
 
 STATE = tempfile.mkdtemp(prefix="streamer-test-ingest-step-")
 
 
-def registry(ids: list[str] | None = None) -> GatewayRegistry:
+def registry(ids: list[str] | None = None) -> Sessions:
     matcher = Matcher()
     subs: list[tuple[list[Filter], int]] = [
         ([Filter("chat", "==", "c1")], 0),
@@ -38,13 +39,13 @@ def registry(ids: list[str] | None = None) -> GatewayRegistry:
     for n, (filters, owner) in enumerate(subs):
         matcher.add(f"s{n}" if ids is None else ids[n], "app", "messages", filters=filters,
                     owner=owner)
-    return GatewayRegistry(matcher)
+    return Sessions(SubscriptionSet(matcher))
 
 
 REGISTRY = registry()
 
 
-def ingest(compiled: bool, registry: GatewayRegistry = REGISTRY) -> Ingest:
+def ingest(compiled: bool, registry: Sessions = REGISTRY) -> Ingest:
     return Ingest("unused", registry, StreamerServicer(registry), ProgressStore(STATE),
                   compiled=compiled)
 
@@ -145,7 +146,7 @@ def test_a_finalizer_matching_during_the_compiled_step_gets_index_busy() -> None
     ids = [f"sub-{n}" for n in range(6)]
     fast = ingest(compiled=True, registry=registry(ids))
     reference = ingest(compiled=False, registry=registry(ids))
-    matcher = fast.registry.matcher
+    matcher = fast.matcher
     reentry = Reentry(lambda: matcher.match("app", "messages", "d1", {"chat": "c1"}))
     events = [
         pb.PullerEvent(progress=f"v1:x:{n}", change_event=pb.ChangeEvent(

@@ -24,12 +24,13 @@ from puller_double import PullerDouble
 from test_ingest import change, deliveries, until
 
 from streamer.matching.matcher import Matcher
-from streamer.node.gateways import GatewayRegistry
 from streamer.node.histogram import LATENCY_BUCKETS, LatencyHistogram
 from streamer.node.ingest import Ingest
 from streamer.node.metrics import MetricsError, MetricsServer, StreamerCollector
 from streamer.node.progress import ProgressStore
 from streamer.node.server import StreamerServicer, add_to_server
+from streamer.node.sessions import Sessions
+from streamer.node.subscriptions import SubscriptionSet
 from streamer.protocol import puller_v1_pb2 as pb
 from streamer.protocol import streamer_v1_pb2_grpc as sgrpc
 from streamer.protocol.streamer_v1_pb2 import Filter, GatewayMessage, SubscribeRequest, Value
@@ -103,7 +104,7 @@ def test_scan_subscriptions_are_counted_per_subscription() -> None:
 
 def test_collector_reads_the_pipeline_counters(tmp_path: Path) -> None:
     now = [0.0]
-    registry = GatewayRegistry(Matcher(), session_ttl=50, clock=lambda: now[0])
+    registry = Sessions(SubscriptionSet(Matcher()), session_ttl=50, clock=lambda: now[0])
     # A session from before the gateways below, silent long enough to expire.
     registry.connect()
     now[0] = 100.0

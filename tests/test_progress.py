@@ -11,8 +11,8 @@ import pytest
 from service_helpers import until
 
 from streamer.locking import DirectoryInUse
-from streamer.node.gateways import KnownGateways
 from streamer.node.progress import ProgressFileError, ProgressStore, SavedProgress
+from streamer.node.sessions import KnownGateways
 
 
 def test_fresh_state_dir_has_no_progress(tmp_path: Path) -> None:

@@ -35,7 +35,7 @@ def _numbers(message: type) -> dict[str, int]:
     [
         (streamer_v1_pb2.StreamerEvent, {
             "event_id": 1, "database": 2, "collection": 3, "document_id": 4, "operation": 5,
-            "document_data": 6, "timestamp": 7, "progress": 8}),
+            "document_data": 6, "timestamp": 7, "progress": 8, "document_omitted": 9}),
         (streamer_v1_pb2.GatewayMessage, {
             "subscribe": 1, "unsubscribe": 2, "heartbeat": 3, "hello": 4}),
         (streamer_v1_pb2.StreamerMessage, {
@@ -54,7 +54,9 @@ def _numbers(message: type) -> dict[str, int]:
         (streamer_v1_pb2.SubscribeResponse, {
             "subscription_id": 1, "success": 2, "error": 3, "code": 4}),
         (streamer_v1_pb2.EventDelivery, {"subscription_ids": 1, "event": 2}),
-        (streamer_v1_pb2.Hello, {"gateway_id": 1, "batch_delivery": 2, "max_batch": 3}),
+        (streamer_v1_pb2.Hello, {
+            "gateway_id": 1, "batch_delivery": 2, "max_batch": 3, "instance": 4,
+            "max_message_bytes": 5}),
         (streamer_v1_pb2.DeliveryBatch, {"deliveries": 1}),
         (puller_v1_pb2.SubscribeRequest, {
             "consumer_id": 1, "after": 2, "coalesce_on_catch_up": 3, "collections": 4}),

@@ -14,10 +14,11 @@ from hypothesis import strategies as st
 from service_helpers import until
 
 from streamer.matching.matcher import Matcher
-from streamer.node.gateways import GatewayRegistry
 from streamer.node.ingest import Ingest
 from streamer.node.progress import ProgressStore
 from streamer.node.server import StreamerServicer
+from streamer.node.sessions import Sessions
+from streamer.node.subscriptions import SubscriptionSet
 from streamer.protocol import puller_v1_pb2 as pb
 from streamer.protocol import puller_v1_pb2_grpc as pb_grpc
 from streamer.puller.log import Record, ReplayLog
@@ -239,7 +240,7 @@ def test_streamer_ingest_consumes_it(tmp_path: Path) -> None:
     async def main() -> None:
         async with puller(tmp_path) as (servicer, _, target):
             await append(servicer, *range(1, 101))
-            registry = GatewayRegistry(Matcher())
+            registry = Sessions(SubscriptionSet(Matcher()))
             progress = ProgressStore(tmp_path / "state")
             progress.advance(servicer.log.marker(50))
             ingest = Ingest(target, registry, StreamerServicer(registry), progress,

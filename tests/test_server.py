@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import grpc
 import pytest
 
 from streamer.matching.matcher import Matcher
 from streamer.node.delivery import delivery_message, event_field, subscription_field
-from streamer.node.gateways import GatewayRegistry
 from streamer.node.server import StreamerServicer, add_to_server
+from streamer.node.sessions import Sessions
+from streamer.node.subscriptions import SubscriptionSet
 from streamer.protocol import streamer_v1_pb2_grpc as pb_grpc
 from streamer.protocol.streamer_v1_pb2 import (
     Filter,
@@ -46,18 +49,31 @@ def heartbeat(ts: int, gateway_id: str = "gw-1") -> GatewayMessage:
 Scenario = Callable[[pb_grpc.StreamerServiceStub, StreamerServicer], Awaitable[None]]
 
 
-def run(scenario: Scenario, **servicer_kw: int) -> None:
+@contextlib.asynccontextmanager
+async def serving(
+    channel_options: list[tuple[str, int]] | None = None, **servicer_kw: Any
+) -> AsyncIterator[tuple[grpc.aio.Channel, StreamerServicer]]:
+    """A ``StreamerServicer`` on a real gRPC server, and a channel to it."""
+    servicer = StreamerServicer(Sessions(SubscriptionSet(Matcher())), **servicer_kw)
+    server = grpc.aio.server()
+    add_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(
+            f"127.0.0.1:{port}", options=channel_options
+        ) as channel:
+            yield channel, servicer
+    finally:
+        await server.stop(grace=1)
+
+
+def run(
+    scenario: Scenario, channel_options: list[tuple[str, int]] | None = None, **servicer_kw: Any
+) -> None:
     async def main() -> None:
-        servicer = StreamerServicer(GatewayRegistry(Matcher()), **servicer_kw)
-        server = grpc.aio.server()
-        add_to_server(servicer, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                await asyncio.wait_for(scenario(pb_grpc.StreamerServiceStub(channel), servicer), 30)
-        finally:
-            await server.stop(grace=1)
+        async with serving(channel_options, **servicer_kw) as (channel, servicer):
+            await asyncio.wait_for(scenario(pb_grpc.StreamerServiceStub(channel), servicer), 30)
 
     asyncio.run(main())
 
@@ -92,7 +108,7 @@ def test_subscribe_heartbeat_unsubscribe_and_disconnect() -> None:
         await call.write(heartbeat(42))
         ack = await read(call)  # no response to the unknown unsubscribe came first
         assert ack.heartbeat_ack.timestamp == 42
-        matcher = servicer.registry.matcher
+        matcher = servicer.subscriptions.matcher
         assert matcher.match("app", "messages", "m", {"chat_id": "c1"}) == ["s1"]
         await call.done_writing()
         assert await call.read() is grpc.aio.EOF
@@ -100,7 +116,7 @@ def test_subscribe_heartbeat_unsubscribe_and_disconnect() -> None:
             if len(matcher) == 0:
                 break
             await asyncio.sleep(0.01)
-        assert len(matcher) == 0 and len(servicer.registry) == 0
+        assert len(matcher) == 0 and len(servicer.sessions) == 0
 
     run(scenario)
 
@@ -151,10 +167,10 @@ def test_a_lagging_gateway_is_cut_off_with_resource_exhausted(
         assert servicer.lagging_cut_offs == 1
         assert await end_status(call) == grpc.StatusCode.RESOURCE_EXHAUSTED
         for _ in range(500):
-            if len(servicer.registry.matcher) == 0:
+            if len(servicer.subscriptions.matcher) == 0:
                 break
             await asyncio.sleep(0.01)
-        assert len(servicer.registry.matcher) == 0
+        assert len(servicer.subscriptions.matcher) == 0
 
     with caplog.at_level(logging.INFO, logger="streamer.node.server"):
         run(scenario, queue_capacity=8)
@@ -162,7 +178,8 @@ def test_a_lagging_gateway_is_cut_off_with_resource_exhausted(
     assert end.levelno == logging.WARNING  # it went with messages still queued
     assert re.fullmatch(
         r"gateway stream \d+ ended \(ipv4:127\.0\.0\.1:\d+, plain\): RESOURCE_EXHAUSTED: "
-        r"gateway lagging: more than 8 messages queued; 1 subscription\(s\) dropped, "
+        r"gateway lagging: more than 8 messages or 67108864 bytes queued; "
+        r"1 subscription\(s\) dropped, "
         r"\d+ queued message\(s\) unsent", end.getMessage()), end.getMessage()
 
 
@@ -173,12 +190,12 @@ def test_an_expired_session_is_closed() -> None:
         call = stub.Stream()
         await call.write(subscribe("s1"))
         assert (await read(call)).subscribe_response.success
-        registry = servicer.registry
+        registry = servicer.sessions
         registry.session_ttl = 0  # everything is silent for longer than that
         [session] = registry.expired()
         servicer.close(session)
         assert await end_status(call) == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert len(registry.matcher) == 0
+        assert len(registry.subscriptions.matcher) == 0
 
     run(scenario)
 
@@ -186,11 +203,13 @@ def test_an_expired_session_is_closed() -> None:
 def test_a_gateways_new_stream_supersedes_its_stale_one() -> None:
     async def scenario(stub: pb_grpc.StreamerServiceStub, servicer: StreamerServicer) -> None:
         stale = stub.Stream()
-        await stale.write(GatewayMessage(hello=Hello(gateway_id="gw-1", batch_delivery=True)))
+        await stale.write(GatewayMessage(hello=Hello(
+            gateway_id="gw-1", batch_delivery=True, instance="i1")))
         await stale.write(subscribe("s1"))
         assert (await read(stale)).subscribe_response.success
         fresh = stub.Stream()
-        await fresh.write(GatewayMessage(hello=Hello(gateway_id="gw-1", batch_delivery=True)))
+        await fresh.write(GatewayMessage(hello=Hello(
+            gateway_id="gw-1", batch_delivery=True, instance="i1")))
         await fresh.write(subscribe("s1"))
         assert (await read(fresh)).subscribe_response.success
         assert await end_status(stale) == grpc.StatusCode.ABORTED
@@ -245,10 +264,10 @@ def test_a_superseded_stream_logs_the_subscriptions_it_took_along(
 ) -> None:
     async def scenario(stub: pb_grpc.StreamerServiceStub, servicer: StreamerServicer) -> None:
         stale, fresh = stub.Stream(), stub.Stream()
-        await stale.write(GatewayMessage(hello=Hello(gateway_id="gw-1")))
+        await stale.write(GatewayMessage(hello=Hello(gateway_id="gw-1", instance="i1")))
         await stale.write(subscribe("s1"))
         assert (await read(stale)).subscribe_response.success
-        await fresh.write(GatewayMessage(hello=Hello(gateway_id="gw-1")))
+        await fresh.write(GatewayMessage(hello=Hello(gateway_id="gw-1", instance="i1")))
         assert await end_status(stale) == grpc.StatusCode.ABORTED
         fresh.cancel()
 
@@ -295,3 +314,159 @@ def test_shutdown_ends_each_stream_once_its_queue_is_written(
                           "1 subscription(s) dropped"), first
     assert late.endswith("plain): UNAVAILABLE: the Streamer is shutting down; "
                          "0 subscription(s) dropped"), late
+
+
+def test_another_gateway_cannot_take_over_a_live_stream() -> None:
+    """A stranger's Hello with the victim's gateway id is refused; the
+    victim's stream and subscriptions carry on."""
+
+    async def scenario(stub: pb_grpc.StreamerServiceStub, servicer: StreamerServicer) -> None:
+        victim = stub.Stream()
+        await victim.write(GatewayMessage(hello=Hello(gateway_id="gw-1", instance="mine")))
+        await victim.write(subscribe("s1"))
+        assert (await read(victim)).subscribe_response.success
+        stranger = stub.Stream()
+        await stranger.write(GatewayMessage(hello=Hello(gateway_id="gw-1", instance="other")))
+        assert await end_status(stranger) == grpc.StatusCode.ALREADY_EXISTS
+        # A Heartbeat naming the victim renames nothing either.
+        await victim.write(heartbeat(7, gateway_id="gw-evil"))
+        assert (await read(victim)).heartbeat_ack.timestamp == 7
+        [stream] = servicer.streams.values()
+        assert stream.session.gateway_id == "gw-1"
+        assert servicer.subscriptions.owner_of("s1") == stream.session.owner
+        victim.cancel()
+
+    run(scenario)
+
+
+def test_a_message_that_does_not_decode_ends_the_stream_with_invalid_argument(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def main() -> None:
+        async with serving() as (channel, servicer):
+            # A raw call, as a hostile or broken client sends bytes.
+            raw = channel.stream_stream(
+                "/syntrix.streamer.v1.StreamerService/Stream",
+                request_serializer=None, response_deserializer=None)()
+            await raw.write(subscribe("s1").SerializeToString())
+            assert StreamerMessage.FromString(await raw.read()).subscribe_response.success
+            await raw.write(b"\x0a\xff\xff\xff\xff\x0f")  # a length far past the end
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                while await raw.read() is not grpc.aio.EOF:
+                    pass
+            assert ended.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "message 2 is not a GatewayMessage" in (ended.value.details() or "")
+            assert servicer.undecodable == 1
+
+    with caplog.at_level(logging.INFO, logger="streamer.node.server"):
+        asyncio.run(asyncio.wait_for(main(), 30))
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "message 2 does not decode" in warnings[0].getMessage()
+    assert all(r.exc_info is None for r in caplog.records)
+
+
+def test_a_cut_off_frees_the_queue_at_once_though_a_write_is_blocked() -> None:
+    """The gateway reads nothing: its transport is full and a write is
+    blocked. The cut-off must not wait behind that write."""
+
+    async def scenario(stub: pb_grpc.StreamerServiceStub, servicer: StreamerServicer) -> None:
+        call = stub.Stream()
+        await call.write(subscribe("s1"))
+        assert (await read(call)).subscribe_response.success
+        [stream] = servicer.streams.values()
+        big = framed(["s1"], StreamerEvent(event_id="e", document_data=b"x" * 50_000))
+        while servicer.deliver(stream.session, [big]):
+            await asyncio.sleep(0)
+        assert servicer.lagging_cut_offs == 1
+        for _ in range(100):  # the handler ends without the client reading anything
+            if not servicer.streams:
+                break
+            await asyncio.sleep(0.01)
+        assert not servicer.streams and stream.queue.bytes == 0 and len(stream.queue) == 0
+        assert await end_status(call) == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    run(scenario, queue_bytes=2 << 20)
+
+
+def test_a_gateway_that_stops_reading_is_cut_off_by_the_watchdog() -> None:
+    async def scenario(stub: pb_grpc.StreamerServiceStub, servicer: StreamerServicer) -> None:
+        call = stub.Stream()
+        await call.write(subscribe("s1"))
+        assert (await read(call)).subscribe_response.success
+        await call.done_writing()  # half-closed, and never reads again
+        [stream] = servicer.streams.values()
+        big = framed(["s1"], StreamerEvent(event_id="e", document_data=b"x" * 50_000))
+        for _ in range(200):  # far below the queue's bounds, beyond the transport's
+            assert servicer.deliver(stream.session, [big])
+        for _ in range(300):
+            servicer.watch()
+            if not servicer.streams:
+                break
+            await asyncio.sleep(0.01)
+        assert servicer.stalled_cut_offs == 1 and not servicer.streams
+        assert await end_status(call) == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    run(scenario, stall_seconds=0.2)
+
+
+def test_a_delivery_larger_than_the_gateway_receives_goes_without_its_document() -> None:
+    async def scenario(stub: pb_grpc.StreamerServiceStub, servicer: StreamerServicer) -> None:
+        plain = stub.Stream()  # a Syntrix gateway: gRPC's 4 MiB receive limit
+        await plain.write(subscribe("s1"))
+        assert (await read(plain)).subscribe_response.success
+        [stream] = servicer.streams.values()
+        huge = StreamerEvent(event_id="big", document_id="d1", progress="p9",
+                             document_data=b'{"x":"' + b"y" * (5 << 20) + b'"}')
+        small = StreamerEvent(event_id="small", document_data=b"{}")
+        assert servicer.deliver(stream.session, [framed(["s1"], huge), framed(["s1"], small)])
+        first, second = (await read(plain)).delivery, (await read(plain)).delivery
+        assert (first.event.event_id, first.event.document_id, first.event.progress) == (
+            "big", "d1", "p9")
+        assert first.event.document_data == b"" and first.event.document_omitted
+        assert second.event.event_id == "small" and not second.event.document_omitted
+        assert servicer.documents_omitted == 1
+        plain.cancel()
+
+    run(scenario)
+
+
+def test_a_gateway_that_receives_more_gets_the_whole_document() -> None:
+    async def scenario(stub: pb_grpc.StreamerServiceStub, servicer: StreamerServicer) -> None:
+        call = stub.Stream()
+        await call.write(GatewayMessage(hello=Hello(
+            gateway_id="gw-big", batch_delivery=True, instance="i", max_message_bytes=8 << 20)))
+        await call.write(subscribe("s1"))
+        assert (await read(call)).subscribe_response.success
+        [stream] = servicer.streams.values()
+        data = b'{"x":"' + b"y" * (5 << 20) + b'"}'
+        assert servicer.deliver(stream.session, [framed(["s1"], StreamerEvent(
+            event_id="big", document_data=data)) for _ in range(3)])
+        got = []
+        while len(got) < 3:  # batches stop short of the gateway's limit
+            got += (await read(call)).batch.deliveries
+        assert [d.event.document_data == data for d in got] == [True] * 3
+        assert servicer.documents_omitted == 0
+        call.cancel()
+
+    run(scenario, channel_options=[("grpc.max_receive_message_length", 8 << 20)])
+
+
+def test_a_delivery_too_large_even_without_its_document_is_split_by_ids() -> None:
+    async def scenario(stub: pb_grpc.StreamerServiceStub, servicer: StreamerServicer) -> None:
+        call = stub.Stream()
+        await call.write(GatewayMessage(hello=Hello(
+            gateway_id="gw", instance="i", max_message_bytes=4096)))
+        await call.write(subscribe("s1"))
+        assert (await read(call)).subscribe_response.success
+        [stream] = servicer.streams.values()
+        ids = [f"subscription-{n:04}" for n in range(1000)]  # ~23 KB of ids
+        assert servicer.deliver(stream.session, [framed(ids, StreamerEvent(event_id="e"))])
+        got: list[str] = []
+        while len(got) < len(ids):
+            delivery = (await read(call)).delivery
+            assert delivery.event.event_id == "e" and delivery.event.document_omitted
+            got += delivery.subscription_ids
+        assert got == ids and servicer.deliveries_split == 1
+        call.cancel()
+
+    run(scenario)

@@ -342,7 +342,7 @@ def test_unsupported_operators_are_invalid_argument(tmp_path: Path, op: str) -> 
                                    filters=[("chat", "==", "c"), ("tags", op, ["x"])])
             assert rejected.value.code == "invalid_argument"
             assert rejected.value.error == f"filter 2: unsupported operator {op!r}"
-            assert "bad" not in svc.registry.matcher
+            assert "bad" not in svc.subscriptions.matcher
             await gw.subscribe("messages", database="app", filters=[("chat", "==", "c")],
                                subscription_id="good")
             e = await emit(svc, {"chat": "c", "tags": ["x"]})
@@ -403,7 +403,7 @@ def test_a_duplicate_id_across_gateways_is_already_exists(tmp_path: Path) -> Non
                 await two.subscribe("messages", database="app", filters=[("chat", "==", "b")],
                                     subscription_id="taken")
             assert (dup.value.subscription_id, dup.value.code) == ("taken", "already_exists")
-            taken = svc.registry.owner("taken")
+            taken = svc.holder("taken")
             assert taken is not None and taken.gateway_id == "gw-1"
             await two.subscribe("messages", database="app", subscription_id="two")
             b = await emit(svc, {"chat": "b"})  # the refused filter would match this
@@ -439,7 +439,7 @@ def test_bad_subscriptions_are_invalid_argument_and_the_stream_carries_on(
                 await gw.subscribe("messages", database="app", subscription_id="bad", **request)
             assert bad.value.code == "invalid_argument"
             assert bad.value.error.startswith(error)
-            assert gw.live_subscriptions == [] and "bad" not in svc.registry.subscription_ids()
+            assert gw.live_subscriptions == [] and "bad" not in svc.subscriptions.ids()
             # The same stream still serves: no reconnect, a new subscription works.
             await gw.subscribe("messages", database="app", subscription_id="bad-no-more")
             e = await emit(svc, {"chat": "c"})
@@ -491,8 +491,8 @@ def test_unsubscribe_stops_deliveries_for_that_id_only(tmp_path: Path) -> None:
             before = await emit(svc, {"chat": "c"})
             assert brief(await take(one, 1)) == [(before, INSERT, ["gone", "kept"])]
             await one.unsubscribe("gone")
-            await until(lambda: "gone" not in svc.registry.matcher)
-            assert len(svc.registry.matcher) == 2
+            await until(lambda: "gone" not in svc.subscriptions.matcher)
+            assert len(svc.subscriptions.matcher) == 2
             # A gateway cannot remove another's subscription (a raw stream can
             # try: the client library only sends its own ids).
             intruder = sgrpc.StreamerServiceStub(channel).Stream()
@@ -699,7 +699,7 @@ def test_syntrix_layout_end_to_end(tmp_path: Path) -> None:
 def test_a_closed_gateway_takes_exactly_its_subscriptions(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with Service(tmp_path) as svc, gateways(svc, "gw-2") as [two]:
-            matcher = svc.registry.matcher
+            matcher = svc.subscriptions.matcher
             one = StreamerClient(svc.target, gateway_id="gw-1", **FAST)
             async with one:
                 for i in range(3):
@@ -713,9 +713,9 @@ def test_a_closed_gateway_takes_exactly_its_subscriptions(tmp_path: Path) -> Non
                 assert brief(await take(one, 1)) == [(first, INSERT, ["one-0", "one-1",
                                                                       "one-2"])]
             await until(lambda: len(matcher) == 2)
-            assert svc.registry.subscription_ids() == {"two-a", "two-b"}
+            assert svc.subscriptions.ids() == {"two-a", "two-b"}
             assert all(f"one-{i}" not in matcher for i in range(3))
-            assert len(svc.registry) == 1
+            assert len(svc.sessions) == 1
             second = await emit(svc, {"n": 5})
             assert brief(await take(two, 2)) == [(first, INSERT, ["two-a", "two-b"]),
                                                   (second, INSERT, ["two-a", "two-b"])]
@@ -739,13 +739,14 @@ def test_silent_sessions_expire_and_heartbeating_ones_survive(
             silent = sgrpc.StreamerServiceStub(channel).Stream()
             await silent.write(raw_subscribe("r"))
             assert (await silent.read()).subscribe_response.success
-            assert set(svc.registry.matcher.match("app", "messages", "d", {})) == {"b", "s", "r"}
+            matched = svc.subscriptions.matcher.match("app", "messages", "d", {})
+            assert set(matched) == {"b", "s", "r"}
             code, _ = await read_until_status(silent)
             assert code == grpc.StatusCode.DEADLINE_EXCEEDED
             await until(lambda: not slow.connected)
-            await until(lambda: svc.registry.expired_sessions == 2)
-            assert svc.registry.subscription_ids() == {"b"} and len(svc.registry.matcher) == 1
-            assert len(svc.registry) == 1
+            await until(lambda: svc.sessions.expired_sessions == 2)
+            assert svc.subscriptions.ids() == {"b"} and len(svc.subscriptions.matcher) == 1
+            assert len(svc.sessions) == 1
             e = await emit(svc, {"chat": "c"})
             assert brief(await take(beating, 1)) == [(e, INSERT, ["b"])]
             assert beating.connected and beating.reconnects == 0
@@ -767,7 +768,7 @@ def test_a_lagging_gateway_is_cut_off_and_the_others_keep_receiving(tmp_path: Pa
             await fast.subscribe("messages", database="app", subscription_id="fast")
             lagging = sgrpc.StreamerServiceStub(channel).Stream()  # never read until the end
             await lagging.write(raw_subscribe("lag"))
-            await until(lambda: "lag" in svc.registry.subscription_ids())
+            await until(lambda: "lag" in svc.subscriptions.ids())
             got: list[EventDelivery] = []
 
             async def consume() -> None:
@@ -793,7 +794,7 @@ def test_a_lagging_gateway_is_cut_off_and_the_others_keep_receiving(tmp_path: Pa
             assert messages[0].subscribe_response.success
             received = [m.delivery.event.event_id for m in messages[1:]]
             assert received == sent[: len(received)]  # what it got, it got in order
-            assert svc.registry.subscription_ids() == {"fast"}
+            assert svc.subscriptions.ids() == {"fast"}
 
     run(scenario)
 
@@ -855,7 +856,7 @@ def test_per_subscription_order_under_load(tmp_path: Path) -> None:
                                  subscription_id=spec.id)
                 for client in clients for spec in picked[client.gateway_id]
             ), *(client.subscribe("sentinel", database="app") for client in clients))
-            assert len(svc.registry.matcher) == 8 * 51
+            assert len(svc.subscriptions.matcher) == 8 * 51
             consumers = [asyncio.create_task(consume(c.gateway_id, c)) for c in clients]
             for burst in range(0, len(events), 400):
                 await svc.puller.append(*events[burst:burst + 400])

@@ -29,6 +29,7 @@ and the caller cuts it off, so the others never wait.
 from __future__ import annotations
 
 import asyncio
+import time
 from array import array
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -54,6 +55,13 @@ __all__ = [
 
 DEFAULT_CAPACITY = 10_000
 DEFAULT_MAX_BATCH = 256
+# Bytes one gateway's queue may hold before the gateway is cut off.
+DEFAULT_MAX_BYTES = 64 << 20
+# The largest message a gateway receives unless its Hello says otherwise:
+# gRPC's default receive limit, which Syntrix gateways keep.
+DEFAULT_MAX_MESSAGE = 4 << 20
+# Room for StreamerMessage.batch's tag and length in front of the deliveries.
+_BATCH_HEADER = 6
 
 # Field tags (field number << 3 | wire type 2, length-delimited) of
 # StreamerMessage.delivery and DeliveryBatch.deliveries (1, the same byte),
@@ -117,15 +125,43 @@ def fan_out_reference(
 
 
 class GatewayQueue:
-    """Outbound serialized messages of one gateway stream, in order."""
+    """Outbound serialized messages of one gateway stream, in order.
 
-    def __init__(self, send: Send, *, capacity: int = DEFAULT_CAPACITY) -> None:
+    Bounded twice: ``capacity`` messages and ``max_bytes`` bytes (the high
+    watermark); an offer past either is refused, which the service takes as
+    a lagging gateway and cuts off. Crossing ``low_bytes`` on the way up
+    starts a "behind" episode (``on_behind(True)``), which ends once the
+    queue is back under half of it (``on_behind(False)``): a warning before
+    the cut-off. ``sending_since`` is when the write in progress started
+    (None between writes), so a watchdog can tell a gateway that stopped
+    reading. No message sent is larger than ``max_message`` (the gateway's
+    receive limit): batches stop short of it.
+    """
+
+    def __init__(
+        self,
+        send: Send,
+        *,
+        capacity: int = DEFAULT_CAPACITY,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        low_bytes: int | None = None,
+        on_behind: Callable[[bool], None] | None = None,
+    ) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be at least 1, got {capacity}")
+        if max_bytes < 1:
+            raise ValueError(f"max_bytes must be at least 1, got {max_bytes}")
         self._send = send
         self.capacity = capacity
+        self.max_bytes = max_bytes
+        self.low_bytes = max_bytes // 8 if low_bytes is None else low_bytes
+        self._on_behind = on_behind
+        self.behind = False
+        self.bytes = 0
+        self.max_message = DEFAULT_MAX_MESSAGE
         # None: plain deliveries; otherwise the largest batch to send.
         self.max_batch: int | None = None
+        self.sending_since: float | None = None
         self._items: deque[bytes] = deque()
         self._ready = asyncio.Event()
         self._closed = False
@@ -135,6 +171,12 @@ class GatewayQueue:
     def __len__(self) -> int:
         return len(self._items)
 
+    @property
+    def delivery_limit(self) -> int:
+        """The largest delivery this queue can send (room left for a batch
+        header, so that a delivery fits however it is sent)."""
+        return self.max_message - _BATCH_HEADER
+
     def enable_batches(self, max_batch: int) -> None:
         """Pack deliveries into batches of up to ``max_batch`` (0: the default)."""
         self.max_batch = max_batch if max_batch > 0 else DEFAULT_MAX_BATCH
@@ -142,20 +184,36 @@ class GatewayQueue:
     def offer(self, message: bytes) -> bool:
         """Enqueue a serialized ``StreamerMessage`` without waiting; False when
         the queue is full (lagging) or closed."""
-        if self._closed or len(self._items) >= self.capacity:
+        size = len(message)
+        if (
+            self._closed or len(self._items) >= self.capacity
+            or self.bytes + size > self.max_bytes
+        ):
             return False
         self._items.append(message)
-        self._ready.set()
+        self._queued(size)
         return True
 
     def offer_all(self, messages: list[bytes]) -> bool:
         """Enqueue several serialized messages in order, all or none; False
         when they do not all fit (lagging) or the queue is closed."""
-        if self._closed or len(self._items) + len(messages) > self.capacity:
+        size = sum(map(len, messages))
+        if (
+            self._closed or len(self._items) + len(messages) > self.capacity
+            or self.bytes + size > self.max_bytes
+        ):
             return False
         self._items.extend(messages)
-        self._ready.set()
+        self._queued(size)
         return True
+
+    def _queued(self, size: int) -> None:
+        self.bytes += size
+        if not self.behind and self.bytes > self.low_bytes:
+            self.behind = True
+            if self._on_behind is not None:
+                self._on_behind(True)
+        self._ready.set()
 
     @property
     def closed(self) -> bool:
@@ -167,9 +225,19 @@ class GatewayQueue:
         self._closed = True
         self._ready.set()
 
+    def discard(self) -> int:
+        """Close and drop everything queued at once (the gateway is cut off:
+        its memory is freed now, not when a write blocked on it returns);
+        how many messages were dropped."""
+        dropped = len(self._items)
+        self._items.clear()
+        self.bytes = 0
+        self.close()
+        return dropped
+
     async def run(self) -> None:
         """The writer: drain the queue until closed and empty."""
-        items, send = self._items, self._send
+        items, send, clock = self._items, self._send, time.monotonic
         while True:
             if not items:
                 if self._closed:
@@ -178,20 +246,37 @@ class GatewayQueue:
                 await self._ready.wait()
                 continue
             message = items.popleft()
+            size = len(message)
             # The first byte of a serialized StreamerMessage is the tag of
             # its one payload field, so it tells deliveries from control
             # messages (heartbeat acks, subscribe responses) for free.
             if message[0] != _DELIVERY or self.max_batch is None:
+                self.sending_since = clock()
                 await send(message)
+                self.sending_since = None
                 self.sent_messages += 1
                 self.sent_deliveries += message[0] == _DELIVERY
+                self._sent(size)
                 continue
             batch = [message]
-            size = len(message)
-            while items and len(batch) < self.max_batch and items[0][0] == _DELIVERY:
+            room = self.max_message - _BATCH_HEADER
+            while (
+                items and len(batch) < self.max_batch and items[0][0] == _DELIVERY
+                and size + len(items[0]) <= room
+            ):
                 message = items.popleft()
                 batch.append(message)
                 size += len(message)
+            self.sending_since = clock()
             await send(b"".join((_BATCH_TAG, varint(size), *batch)))
+            self.sending_since = None
             self.sent_deliveries += len(batch)
             self.sent_messages += 1
+            self._sent(size)
+
+    def _sent(self, size: int) -> None:
+        self.bytes -= size
+        if self.behind and self.bytes < self.low_bytes // 2:
+            self.behind = False
+            if self._on_behind is not None:
+                self._on_behind(False)

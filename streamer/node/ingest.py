@@ -47,10 +47,10 @@ from streamer.node.events import (
     PoisonEvent,
     normalize,
 )
-from streamer.node.gateways import GatewayRegistry
 from streamer.node.histogram import LatencyHistogram
 from streamer.node.progress import ProgressStore
 from streamer.node.server import StreamerServicer
+from streamer.node.sessions import Sessions
 from streamer.protocol import puller_v1_pb2 as puller_pb
 from streamer.protocol import puller_v1_pb2_grpc as puller_grpc
 from streamer.transport import KEEPALIVE_OPTIONS
@@ -73,7 +73,7 @@ class Ingest:
     def __init__(
         self,
         target: str,
-        registry: GatewayRegistry,
+        sessions: Sessions,
         servicer: StreamerServicer,
         progress: ProgressStore,
         *,
@@ -87,7 +87,8 @@ class Ingest:
     ) -> None:
         self.target = target
         self.credentials = credentials
-        self.registry = registry
+        self.sessions = sessions
+        self.matcher = sessions.subscriptions.matcher
         self.servicer = servicer
         self.progress = progress
         self.consumer_id = consumer_id
@@ -110,7 +111,7 @@ class Ingest:
         # The compiled common case of the plain layout; None: every event
         # through the Python path (the Syntrix layout; the tests' reference).
         self._step = (
-            Step(registry.matcher.index, self._process_one, soft_delete_field,
+            Step(self.matcher.index, self._process_one, soft_delete_field,
                  DEFAULT_MAX_DOCUMENT_BYTES)
             if compiled and layout == "plain" else None
         )
@@ -190,9 +191,9 @@ class Ingest:
         ingest→enqueue latency of each event runs from there to that append.
         """
         pending, changes = self.match_batch(events)
-        sessions, deliver = self.registry.by_owner, self.servicer.deliver
+        by_owner, deliver = self.sessions.by_owner, self.servicer.deliver
         for owner, messages in pending.items():
-            session = sessions[owner]
+            session = by_owner[owner]
             if session is not None and deliver(session, messages):
                 self.deliveries += len(messages)
         if changes:
@@ -252,7 +253,7 @@ class Ingest:
             _WIRE[change.op], change.document_data, change.timestamp, progress,
         )
         matches, deliveries = fan_out(
-            self.registry.matcher.index, change.database, change.collection,
+            self.matcher.index, change.database, change.collection,
             change.document_id, change.document, event, pending,
         )
         self.matches += matches
@@ -264,7 +265,7 @@ class Ingest:
     ) -> None:
         """An update with a pre-image: subscriptions that matched before and
         after get UPDATE, only after INSERT (entered), only before DELETE (left)."""
-        matcher = self.registry.matcher
+        matcher = self.matcher
         ids, owners = matcher.match_owned(
             change.database, change.collection, change.document_id, change.document)
         before_ids, before_owners = matcher.match_owned(

@@ -1,7 +1,7 @@
 """Prometheus metrics of ``streamer serve`` (``--metrics HOST:PORT``).
 
 Nothing on the ingest path touches prometheus-client. The ingest, the
-servicer, the gateway registry, the matcher and the progress store keep plain
+servicer, the sessions, the matcher and the progress store keep plain
 counters (ints, ``Counter`` dicts, ``LatencyHistogram``) as they work;
 ``StreamerCollector`` reads them when Prometheus scrapes and turns them into
 metric families. ``MetricsServer`` serves ``/metrics`` from a private
@@ -60,8 +60,8 @@ class MetricsError(StreamerError, OSError):
 class StreamerCollector(Collector):
     """Reads the counters of one running streamer at scrape time.
 
-    Everything is reached through the ``Ingest``: its registry (and matcher),
-    servicer and progress store.
+    Everything is reached through the ``Ingest``: its sessions (and their
+    subscriptions and index), servicer and progress store.
     """
 
     def __init__(self, ingest: Ingest, *, clock: Callable[[], float] = time.monotonic) -> None:
@@ -70,7 +70,7 @@ class StreamerCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         ingest = self.ingest
-        servicer, registry, progress = ingest.servicer, ingest.registry, ingest.progress
+        servicer, sessions, progress = ingest.servicer, ingest.sessions, ingest.progress
 
         events = dict(ingest.events)
         family = CounterMetricFamily(
@@ -161,18 +161,65 @@ class StreamerCollector(Collector):
             "Messages one gateway queue holds before the gateway is cut off (--gateway-queue).",
             value=servicer.queue_capacity,
         )
+        yield GaugeMetricFamily(
+            "streamer_gateway_queue_capacity_bytes",
+            "Bytes one gateway queue holds before the gateway is cut off "
+            "(--gateway-queue-bytes).",
+            value=servicer.queue_bytes,
+        )
+        yield GaugeMetricFamily(
+            "streamer_gateway_queued_bytes",
+            "Bytes waiting in the outbound queues of all gateway streams together.",
+            value=sum(stream.queue.bytes for stream in streams),
+        )
+        yield GaugeMetricFamily(
+            "streamer_gateway_streams_behind",
+            "Gateway streams whose queue is past its low watermark (an eighth of "
+            "--gateway-queue-bytes) and has not yet drained to half of it.",
+            value=servicer.behind,
+        )
         yield CounterMetricFamily(
             "streamer_lagging_cutoffs",
-            "Gateway streams ended with RESOURCE_EXHAUSTED because their queue was full.",
+            "Gateway streams ended with RESOURCE_EXHAUSTED: their queue was full (messages "
+            "or bytes), or a write waited longer than --stall-seconds (the gateway stopped "
+            "reading; also in streamer_stalled_cutoffs_total).",
             value=servicer.lagging_cut_offs,
+        )
+        yield CounterMetricFamily(
+            "streamer_stalled_cutoffs",
+            "Gateway streams cut off because a write waited longer than --stall-seconds.",
+            value=servicer.stalled_cut_offs,
+        )
+        yield CounterMetricFamily(
+            "streamer_gateway_undecodable_messages",
+            "Gateway streams ended with INVALID_ARGUMENT because a message did not decode.",
+            value=servicer.undecodable,
+        )
+        yield CounterMetricFamily(
+            "streamer_gateway_identity_refusals",
+            "Hellos refused with ALREADY_EXISTS: the gateway id was held by a live stream "
+            "of another gateway process.",
+            value=sessions.identity_refusals,
+        )
+        yield CounterMetricFamily(
+            "streamer_documents_omitted",
+            "Deliveries sent without their document because they were larger than their "
+            "gateway receives (document_omitted).",
+            value=servicer.documents_omitted,
+        )
+        yield CounterMetricFamily(
+            "streamer_deliveries_split",
+            "Deliveries split by subscription ids because, even without the document, "
+            "they were larger than their gateway receives.",
+            value=servicer.deliveries_split,
         )
         yield CounterMetricFamily(
             "streamer_expired_sessions",
             "Gateway sessions expired after --session-ttl seconds of silence.",
-            value=registry.expired_sessions,
+            value=sessions.expired_sessions,
         )
 
-        stats = registry.matcher.stats()
+        stats = sessions.subscriptions.matcher.stats()
         scan = stats["scan_subscriptions"]
         kinds = GaugeMetricFamily(
             "streamer_subscriptions",

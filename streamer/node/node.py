@@ -7,7 +7,8 @@ fails (``wait``), and shuts down in order with ``stop``. ``streamer
 serve``, the tests and the demo all run the service through this object.
 
 Supervision. The background tasks (ingest behind the restart window, the
-progress writer, the session sweeper) run for the node's whole life. One
+progress writer, the session sweeper and stall watchdog, the reclaimer of
+departed gateways' subscriptions) run for the node's whole life. One
 that ends early, with an error or without, is not restarted: the node logs
 it (with its traceback unless it is one of the package's own, explained
 errors), turns health NOT_SERVING at once, records it in ``failure`` and
@@ -34,13 +35,19 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from streamer.errors import StreamerError
 from streamer.matching import Matcher
 from streamer.node.auth import TokenAuth
-from streamer.node.delivery import DEFAULT_CAPACITY
+from streamer.node.delivery import DEFAULT_CAPACITY, DEFAULT_MAX_BYTES
 from streamer.node.events import Layout
-from streamer.node.gateways import GatewayRegistry, Limits, RestartWindow
 from streamer.node.ingest import Ingest, MarkerPolicy
 from streamer.node.metrics import MetricsServer, StreamerCollector
 from streamer.node.progress import ProgressStore, SavedProgress
-from streamer.node.server import SERVICE_NAME, StreamerServicer, add_to_server
+from streamer.node.server import (
+    DEFAULT_STALL_SECONDS,
+    SERVICE_NAME,
+    StreamerServicer,
+    add_to_server,
+)
+from streamer.node.sessions import RestartWindow, Sessions
+from streamer.node.subscriptions import Limits, SubscriptionSet
 from streamer.options import join
 from streamer.transport import SERVER_OPTIONS, bind
 
@@ -60,6 +67,8 @@ class NodeConfig:
     session_ttl: float = 90.0
     document_layout: Layout = "plain"
     gateway_queue: int = DEFAULT_CAPACITY
+    gateway_queue_bytes: int = DEFAULT_MAX_BYTES
+    stall_seconds: float = DEFAULT_STALL_SECONDS
     resume_grace: float = 3.0
     consumer_id: str = "streamer"
     drain_seconds: float = 5.0
@@ -79,13 +88,15 @@ class StreamerNode:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
         self.matcher = Matcher()
-        self.registry = GatewayRegistry(
-            self.matcher, session_ttl=config.session_ttl, limits=config.limits
+        self.subscriptions = SubscriptionSet(self.matcher, config.limits)
+        self.sessions = Sessions(self.subscriptions, session_ttl=config.session_ttl)
+        self.servicer = StreamerServicer(
+            self.sessions, queue_capacity=config.gateway_queue,
+            queue_bytes=config.gateway_queue_bytes, stall_seconds=config.stall_seconds,
         )
-        self.servicer = StreamerServicer(self.registry, queue_capacity=config.gateway_queue)
         self.progress = ProgressStore(config.state_dir)
         self.ingest = Ingest(
-            config.puller, self.registry, self.servicer, self.progress,
+            config.puller, self.sessions, self.servicer, self.progress,
             consumer_id=config.consumer_id, layout=config.document_layout,
             credentials=config.puller_credentials, on_marker_refused=config.on_marker_refused,
             backoff=config.puller_backoff,
@@ -141,6 +152,7 @@ class StreamerNode:
         self._spawn("ingest", self._ingest(saved))
         self._spawn("progress", self.progress.run())
         self._spawn("sweeper", self._sweep())
+        self._spawn("reclaimer", self.subscriptions.reclaim())
 
     def request_stop(self) -> None:
         """Ask ``wait`` to return (safe from a signal handler)."""
@@ -234,11 +246,11 @@ class StreamerNode:
     async def _ingest(self, saved: SavedProgress) -> None:
         """Hold ingest until the gateways known before a restart are back
         (or the grace has passed), then run it."""
-        registry, progress, grace = self.registry, self.progress, self.config.resume_grace
+        sessions, progress, grace = self.sessions, self.progress, self.config.resume_grace
         if saved.marker and grace > 0:
             # Until the window closes the progress file keeps the gateways
             # of the previous run: a crash now must wait for all of them again.
-            window = registry.window = RestartWindow(saved.gateways)
+            window = sessions.window = RestartWindow(saved.gateways)
             log.info(
                 "restart window: holding ingest up to %g s for %d gateway(s) with Hello "
                 "and %d without", grace, len(saved.gateways.ids), saved.gateways.others,
@@ -250,16 +262,19 @@ class StreamerNode:
                     "restart window: grace elapsed; not back: %s",
                     ", ".join(sorted(window.pending)) or "only gateways without Hello",
                 )
-            registry.window = None
-        registry.on_known = progress.set_gateways
-        progress.set_gateways(registry.known)
+            sessions.window = None
+        sessions.on_known = progress.set_gateways
+        progress.set_gateways(sessions.known)
         await self.ingest.run()
 
     async def _sweep(self) -> None:
-        """Expire silent gateway sessions (only the expired ones are looked at)."""
-        registry = self.registry
+        """Expire silent gateway sessions (only the expired ones are looked
+        at) and cut off gateways that stopped reading."""
+        sessions, servicer = self.sessions, self.servicer
+        period = min(sessions.session_ttl / 10, servicer.stall_seconds / 10, 1.0)
         while True:
-            await asyncio.sleep(max(registry.session_ttl / 10, 0.05))
-            for session in registry.expired():
-                self.servicer.close(session)
+            await asyncio.sleep(max(period, 0.05))
+            for session in sessions.expired():
+                servicer.close(session)
                 log.info("session of gateway %s expired", session.gateway_id or session.key)
+            servicer.watch()

@@ -12,7 +12,7 @@ and proves it writable before the service starts; ``close`` gives it back.
 
 The file also keeps the gateways connected when it was written
 (``KnownGateways``), so that the next start can wait for them to
-re-register before the replay (``streamer.node.gateways.RestartWindow``); a
+re-register before the replay (``streamer.node.sessions.RestartWindow``); a
 change to them is written like an advance.
 """
 
@@ -31,7 +31,7 @@ import orjson
 
 from streamer.errors import StreamerError
 from streamer.locking import DirectoryInUse, DirectoryLock
-from streamer.node.gateways import KnownGateways
+from streamer.node.sessions import KnownGateways
 
 FILE_NAME = "progress.json"
 log = logging.getLogger(__name__)
@@ -124,7 +124,10 @@ class ProgressStore:
             ) from None
         try:
             data = orjson.loads(raw)
-            known = KnownGateways(frozenset(map(str, data["gateways"])), int(data["others"]))
+            known = KnownGateways(
+                frozenset(map(str, data["gateways"])), int(data["others"]),
+                frozenset((str(k), str(v)) for k, v in data.get("proofs", {}).items()),
+            )
             saved = SavedProgress(str(data["marker"]), known)
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise ProgressFileError(
@@ -203,7 +206,8 @@ class ProgressStore:
             dirty, self._dirty = self._dirty, 0
             known = self.gateways
             payload = orjson.dumps(
-                {"marker": self.marker, "gateways": sorted(known.ids), "others": known.others}
+                {"marker": self.marker, "gateways": sorted(known.ids), "others": known.others,
+                 "proofs": dict(sorted(known.proofs))}
             )
             try:
                 await asyncio.to_thread(self._write, payload)

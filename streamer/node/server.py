@@ -1,22 +1,42 @@
 """The gateway-facing gRPC service: ``syntrix.streamer.v1.StreamerService``.
 
-``Stream`` is a short adapter: protocol messages in, ``GatewayRegistry``
-calls, protocol messages out through the stream's ``GatewayQueue`` (its only
-writer). ``deliver`` is how the ingest hands a delivery to a gateway; a full
-queue cuts that gateway off with ``RESOURCE_EXHAUSTED`` (docs/delivery.md,
-Backpressure).
-``shutdown`` is the server going away: each stream's writer finishes its
-queue, then the stream ends with ``UNAVAILABLE``, which gateways take as
-"reconnect elsewhere or later"; only streams still writing hold the drain.
+``Stream`` is a short adapter: protocol messages in, calls on the sessions
+(``streamer.node.sessions``) and the subscription set
+(``streamer.node.subscriptions``), protocol messages out through the
+stream's ``GatewayQueue`` (its only writer). ``deliver`` is how the ingest
+hands deliveries to a gateway.
+
+How a stream ends, and with which status (docs/protocol.md):
+
+- the gateway closes it, cancels it or goes away: what is queued still
+  goes out, then the stream ends;
+- a queue that would go past its message or byte bound, or a write that
+  has not completed for ``stall_seconds`` (a gateway that stopped
+  reading): ``RESOURCE_EXHAUSTED``. The queue is dropped at once and the
+  handler returns without waiting for the blocked write, so the memory
+  and the stream are freed now;
+- a message that does not decode: ``INVALID_ARGUMENT``, logged once;
+- a Hello naming a gateway id that a live stream of another gateway holds:
+  ``ALREADY_EXISTS``; a newer stream of the same gateway replaces an older
+  one: ``ABORTED`` for the older;
+- session silent for the TTL: ``DEADLINE_EXCEEDED``;
+- ``shutdown``: each stream's writer finishes its queue, then the stream
+  ends with ``UNAVAILABLE``, which gateways take as "reconnect elsewhere or
+  later"; only streams still writing hold the drain.
+
+A delivery larger than its gateway receives (``Hello.max_message_bytes``,
+else gRPC's default 4 MiB, which Syntrix gateways keep) is sent without its
+document (``document_omitted``), split by subscription ids if it is still
+too large: never dropped, never a killed stream; counted.
 
 Every stream's opening and end are logged at INFO (WARNING when it ended
 with messages still queued): the stream's number, the gateway id (once it
 named itself) and its peer address, plain or batching, why it ended and
 how many subscriptions went with it.
 
-Outbound messages are already serialized (``streamer.node.delivery``), so the
-service is registered with ``add_to_server``, whose response serializer
-passes bytes through, not with the generated ``add_..._to_server``.
+Outbound messages are already serialized (``streamer.node.delivery``), so
+the service is registered with ``add_to_server``, whose serializers pass
+bytes through (inbound ones are decoded here, to answer junk with a status).
 """
 
 from __future__ import annotations
@@ -24,26 +44,39 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import grpc
+from google.protobuf.message import DecodeError
 
-from streamer.node.delivery import DEFAULT_CAPACITY, GatewayQueue
-from streamer.node.gateways import GatewayRegistry, Session
+from streamer.node.delivery import DEFAULT_CAPACITY, DEFAULT_MAX_BYTES, GatewayQueue
+from streamer.node.sessions import IdentityTaken, Session, Sessions
 from streamer.protocol import streamer_v1_pb2_grpc
 from streamer.protocol.streamer_v1_pb2 import (
+    EventDelivery,
     GatewayMessage,
     HeartbeatAck,
+    StreamerEvent,
     StreamerMessage,
 )
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "syntrix.streamer.v1.StreamerService"
 
-
 SHUTTING_DOWN = "the Streamer is shutting down"
 # How long a handler whose call broke waits for gRPC to cancel it.
 _CANCEL_WAIT = 1.0
+DEFAULT_STALL_SECONDS = 30.0
+
+
+class _End(Exception):
+    """Ends a stream's reading with a status."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
 
 
 class _Stream:
@@ -61,12 +94,26 @@ class _Stream:
 
 class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
     def __init__(
-        self, registry: GatewayRegistry, *, queue_capacity: int = DEFAULT_CAPACITY
+        self,
+        sessions: Sessions,
+        *,
+        queue_capacity: int = DEFAULT_CAPACITY,
+        queue_bytes: int = DEFAULT_MAX_BYTES,
+        stall_seconds: float = DEFAULT_STALL_SECONDS,
     ) -> None:
-        self.registry = registry
+        self.sessions = sessions
+        self.subscriptions = sessions.subscriptions
         self.queue_capacity = queue_capacity
+        self.queue_bytes = queue_bytes
+        self.stall_seconds = stall_seconds
         self.streams: dict[int, _Stream] = {}
         self.lagging_cut_offs = 0
+        self.stalled_cut_offs = 0
+        self.behind = 0  # streams whose queue is past its low watermark now
+        self.behind_episodes = 0
+        self.undecodable = 0
+        self.documents_omitted = 0
+        self.deliveries_split = 0
         self.shutting_down = False
         self._idle = asyncio.Event()  # set while no stream handler runs
         self._idle.set()
@@ -78,11 +125,49 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
         stream = self.streams.get(session.key)
         if stream is None:
             return False
-        if stream.queue.offer_all(messages):
+        queue = stream.queue
+        if max(map(len, messages)) > queue.delivery_limit:
+            messages = [part for m in messages for part in self._fit(stream, m)]
+        if queue.offer_all(messages):
             return True
-        if not stream.queue.closed:
-            self._cut_off(stream)
+        if not queue.closed:
+            self._cut_off(stream, f"more than {self.queue_capacity} messages or "
+                          f"{self.queue_bytes} bytes queued")
         return False
+
+    def _fit(self, stream: _Stream, message: bytes) -> list[bytes]:
+        """One delivery as messages this gateway can receive: itself, or
+        without its document, or that split by subscription ids."""
+        limit = stream.queue.delivery_limit
+        if len(message) <= limit:
+            return [message]
+        delivery = StreamerMessage.FromString(message).delivery
+        event = delivery.event
+        event.document_data = b""
+        event.document_omitted = True
+        self.documents_omitted += 1
+        log.warning(
+            "event %s is %d bytes for gateway %s, which receives at most %d: delivered "
+            "without its document (document_omitted)", event.event_id, len(message),
+            stream.session.gateway_id or stream.peer, stream.queue.max_message,
+        )
+        whole = StreamerMessage(delivery=delivery).SerializeToString()
+        if len(whole) <= limit:
+            return [whole]
+        self.deliveries_split += 1
+        parts: list[bytes] = []
+        ids: list[str] = []
+        base = len(whole) - sum(len(i) + 3 for i in delivery.subscription_ids)
+        size = base
+        for sub_id in delivery.subscription_ids:
+            cost = len(sub_id) + 3  # tag, length (short ids), bytes
+            if ids and size + cost > limit:
+                parts.append(_delivery(ids, event))
+                ids, size = [], base
+            ids.append(sub_id)
+            size += cost
+        parts.append(_delivery(ids, event))
+        return parts
 
     def shutdown(self) -> None:
         """The server is going away (ingest has stopped): every stream ends
@@ -109,8 +194,20 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
 
     def close(self, session: Session) -> None:
         """End the stream of an expired session."""
-        ttl = self.registry.session_ttl
+        ttl = self.sessions.session_ttl
         self._end(session, grpc.StatusCode.DEADLINE_EXCEEDED, f"session silent for {ttl:g} s")
+
+    def watch(self) -> None:
+        """Cut off the gateways whose current write has not completed for
+        ``stall_seconds``: they stopped reading (the node calls this
+        periodically)."""
+        deadline = time.monotonic() - self.stall_seconds
+        for stream in list(self.streams.values()):
+            since = stream.queue.sending_since
+            if since is not None and since < deadline and not stream.cut_off.is_set():
+                self.stalled_cut_offs += 1
+                self._cut_off(stream, f"not reading: a write has waited more than "
+                              f"{self.stall_seconds:g} s")
 
     def _end(self, session: Session, code: grpc.StatusCode, details: str) -> None:
         stream = self.streams.get(session.key)
@@ -118,45 +215,75 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
             stream.reason = (code, details)
             stream.cut_off.set()
 
-    def _cut_off(self, stream: _Stream) -> None:
+    def _cut_off(self, stream: _Stream, why: str) -> None:
         if not stream.cut_off.is_set():
             self.lagging_cut_offs += 1
-            stream.reason = (
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"gateway lagging: more than {self.queue_capacity} messages queued",
-            )
+            stream.reason = (grpc.StatusCode.RESOURCE_EXHAUSTED, f"gateway lagging: {why}")
             stream.cut_off.set()
+
+    def _behind(self, stream: _Stream, behind: bool) -> None:
+        self.behind += 1 if behind else -1
+        if behind:
+            self.behind_episodes += 1
+            log.warning(
+                "gateway stream %d (%s) is falling behind: more than %d bytes queued; it is "
+                "cut off at %d", stream.session.key, stream.session.gateway_id or stream.peer,
+                stream.queue.low_bytes, stream.queue.max_bytes,
+                extra={"stream": stream.session.key, "gateway": stream.session.gateway_id},
+            )
 
     async def Stream(
         self,
-        request_iterator: AsyncIterator[GatewayMessage],
+        request_iterator: AsyncIterator[bytes],
         context: grpc.aio.ServicerContext,
     ) -> None:
-        registry = self.registry
-        session = registry.connect()
-        stream = _Stream(
-            session, GatewayQueue(context.write, capacity=self.queue_capacity), context.peer())
+        sessions = self.sessions
+        principal = b",".join(sorted(context.peer_identities() or ())).decode(errors="replace")
+        session = sessions.connect(principal)
+        queue = GatewayQueue(
+            context.write, capacity=self.queue_capacity, max_bytes=self.queue_bytes,
+            on_behind=lambda behind: self._behind(stream, behind),
+        )
+        stream = _Stream(session, queue, context.peer())
         self.streams[session.key] = stream
         self._idle.clear()
         log.info("gateway stream %d opened by %s", session.key, stream.peer,
                  extra={"stream": session.key, "peer": stream.peer})
         if self.shutting_down:
-            stream.queue.close()
-        writer = asyncio.create_task(stream.queue.run())
+            queue.close()
+        writer = asyncio.create_task(queue.run())
         reader = asyncio.create_task(self._read(stream, request_iterator))
         cut = asyncio.create_task(stream.cut_off.wait())
         why = None  # what ended the stream, for its log line
+        unsent = 0
         try:
             await asyncio.wait([reader, cut, writer], return_when=asyncio.FIRST_COMPLETED)
+            if not stream.cut_off.is_set() and reader.done() and isinstance(
+                reader.exception(), _End
+            ):
+                failure = reader.exception()
+                assert isinstance(failure, _End)
+                stream.reason = (failure.code, failure.details)
+                stream.cut_off.set()
+            if not stream.cut_off.is_set() and not writer.done() and (
+                reader.exception() is None
+            ):
+                # The gateway closed its side: what is queued still goes out
+                # (a gateway that also stopped reading is cut off by watch()).
+                why = "closed by the gateway"
+                queue.close()
+                await asyncio.wait([writer, cut], return_when=asyncio.FIRST_COMPLETED)
             if stream.cut_off.is_set():
+                # Return with the status set instead of aborting: an abort
+                # waits behind a write blocked by a gateway that does not
+                # read, and the queue would stay in memory meanwhile.
                 code, details = stream.reason
                 why = f"{code.name}: {details}"
-                await context.abort(code, details)
-            if not writer.done() and reader.exception() is None:
-                # The gateway closed its side: what is queued still goes out.
-                why = "closed by the gateway"
-                stream.queue.close()
-                await asyncio.wait([writer])
+                writer.cancel()
+                unsent = queue.discard()
+                context.set_code(code)
+                context.set_details(details)
+                return
             for half, doing in ((writer, "sending"), (reader, "reading")):
                 failure = half.exception() if half.done() else None
                 if failure is not None:
@@ -183,9 +310,11 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
             raise
         finally:
             self.streams.pop(session.key, None)
-            registry.disconnect(session)
-            unsent = len(stream.queue)
-            stream.queue.close()
+            sessions.disconnect(session)
+            unsent = unsent or len(queue)
+            queue.discard()
+            if queue.behind:
+                self.behind -= 1
             for task in (reader, cut, writer):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -209,51 +338,76 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
                    "unsent": unsent},
         )
 
-    async def _read(self, stream: _Stream, messages: AsyncIterator[GatewayMessage]) -> None:
-        registry, session, queue = self.registry, stream.session, stream.queue
-        async for message in messages:
+    async def _read(self, stream: _Stream, messages: AsyncIterator[bytes]) -> None:
+        sessions, subscriptions = self.sessions, self.subscriptions
+        session = stream.session
+        number = 0
+        async for raw in messages:
+            number += 1
+            try:
+                message = GatewayMessage.FromString(raw)
+            except DecodeError as exc:
+                self.undecodable += 1
+                log.warning("gateway stream %d (%s): message %d does not decode (%s)",
+                            session.key, session.gateway_id or stream.peer, number, exc)
+                raise _End(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"message {number} is not a GatewayMessage ({exc})") from None
             kind = message.WhichOneof("payload")
             if kind == "subscribe":
-                registry.touch(session)
-                response = registry.subscribe(session, message.subscribe)
+                sessions.touch(session)
+                response = subscriptions.subscribe(session.owner, message.subscribe)
                 self._send(stream, StreamerMessage(subscribe_response=response))
             elif kind == "unsubscribe":
-                registry.touch(session)
-                registry.unsubscribe(session, message.unsubscribe.subscription_id)
+                sessions.touch(session)
+                subscriptions.unsubscribe(session.owner, message.unsubscribe.subscription_id)
             elif kind == "heartbeat":
-                registry.heartbeat(session, message.heartbeat.gateway_id)
+                sessions.heartbeat(session, message.heartbeat.gateway_id)
                 ack = HeartbeatAck(timestamp=message.heartbeat.timestamp)
                 self._send(stream, StreamerMessage(heartbeat_ack=ack))
             elif kind == "hello":
-                for old in registry.hello(session, message.hello.gateway_id):
-                    log.warning("gateway %s: a new stream supersedes an older one", old.gateway_id)
-                    self._end(old, grpc.StatusCode.ABORTED, "superseded by a newer stream "
-                              f"of gateway {old.gateway_id}")
-                if message.hello.batch_delivery:
-                    queue.enable_batches(message.hello.max_batch)
-                mode = "plain" if queue.max_batch is None else f"batches of {queue.max_batch}"
-                log.info("gateway stream %d is gateway %s (%s)", session.key,
-                         session.gateway_id, mode,
-                         extra={"stream": session.key, "gateway": session.gateway_id})
+                self._hello(stream, message)
             else:
-                registry.touch(session)
+                sessions.touch(session)
                 log.warning("gateway %s sent an empty message", session.gateway_id or session.key)
+
+    def _hello(self, stream: _Stream, message: GatewayMessage) -> None:
+        hello, session, queue = message.hello, stream.session, stream.queue
+        try:
+            replaced = self.sessions.hello(session, hello.gateway_id, hello.instance)
+        except IdentityTaken as exc:
+            log.warning("gateway stream %d (%s) refused: %s", session.key, stream.peer, exc)
+            raise _End(grpc.StatusCode.ALREADY_EXISTS, str(exc)) from None
+        for old in replaced:
+            log.warning("gateway %s: a new stream replaces an older one", old.gateway_id)
+            self._end(old, grpc.StatusCode.ABORTED,
+                      f"superseded by a newer stream of gateway {old.gateway_id}")
+        if hello.batch_delivery:
+            queue.enable_batches(hello.max_batch)
+        if hello.max_message_bytes:
+            queue.max_message = hello.max_message_bytes
+        mode = "plain" if queue.max_batch is None else f"batches of {queue.max_batch}"
+        log.info("gateway stream %d is gateway %s (%s)", session.key, session.gateway_id, mode,
+                 extra={"stream": session.key, "gateway": session.gateway_id})
 
     def _send(self, stream: _Stream, message: StreamerMessage) -> None:
         queue = stream.queue
         if not queue.offer(message.SerializeToString()) and not queue.closed:
-            self._cut_off(stream)
+            self._cut_off(stream, f"more than {self.queue_capacity} messages or "
+                          f"{self.queue_bytes} bytes queued")
 
+
+def _delivery(ids: list[str], event: StreamerEvent) -> bytes:
+    return StreamerMessage(
+        delivery=EventDelivery(subscription_ids=ids, event=event)
+    ).SerializeToString()
 
 
 def add_to_server(servicer: StreamerServicer, server: grpc.aio.Server) -> None:
-    """Register ``StreamerService`` on ``server``, sending pre-serialized bytes."""
+    """Register ``StreamerService`` on ``server``: requests arrive as bytes
+    (decoded by the handler), responses leave as the queue's bytes."""
     stream = grpc.stream_stream_rpc_method_handler(
-        servicer.Stream,
-        request_deserializer=GatewayMessage.FromString,
-        response_serializer=None,  # the queue holds serialized StreamerMessages
+        servicer.Stream, request_deserializer=None, response_serializer=None,
     )
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(SERVICE_NAME, {"Stream": stream}),)
     )
-

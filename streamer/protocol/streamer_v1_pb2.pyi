@@ -19,7 +19,7 @@ OPERATION_TYPE_UPDATE: OperationType
 OPERATION_TYPE_DELETE: OperationType
 
 class StreamerEvent(_message.Message):
-    __slots__ = ("event_id", "database", "collection", "document_id", "operation", "document_data", "timestamp", "progress")
+    __slots__ = ("event_id", "database", "collection", "document_id", "operation", "document_data", "timestamp", "progress", "document_omitted")
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     DATABASE_FIELD_NUMBER: _ClassVar[int]
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,7 @@ class StreamerEvent(_message.Message):
     DOCUMENT_DATA_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_OMITTED_FIELD_NUMBER: _ClassVar[int]
     event_id: str
     database: str
     collection: str
@@ -36,7 +37,8 @@ class StreamerEvent(_message.Message):
     document_data: bytes
     timestamp: int
     progress: str
-    def __init__(self, event_id: _Optional[str] = ..., database: _Optional[str] = ..., collection: _Optional[str] = ..., document_id: _Optional[str] = ..., operation: _Optional[_Union[OperationType, str]] = ..., document_data: _Optional[bytes] = ..., timestamp: _Optional[int] = ..., progress: _Optional[str] = ...) -> None: ...
+    document_omitted: bool
+    def __init__(self, event_id: _Optional[str] = ..., database: _Optional[str] = ..., collection: _Optional[str] = ..., document_id: _Optional[str] = ..., operation: _Optional[_Union[OperationType, str]] = ..., document_data: _Optional[bytes] = ..., timestamp: _Optional[int] = ..., progress: _Optional[str] = ..., document_omitted: _Optional[bool] = ...) -> None: ...
 
 class GatewayMessage(_message.Message):
     __slots__ = ("subscribe", "unsubscribe", "heartbeat", "hello")
@@ -149,14 +151,18 @@ class EventDelivery(_message.Message):
     def __init__(self, subscription_ids: _Optional[_Iterable[str]] = ..., event: _Optional[_Union[StreamerEvent, _Mapping]] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("gateway_id", "batch_delivery", "max_batch")
+    __slots__ = ("gateway_id", "batch_delivery", "max_batch", "instance", "max_message_bytes")
     GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
     BATCH_DELIVERY_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     gateway_id: str
     batch_delivery: bool
     max_batch: int
-    def __init__(self, gateway_id: _Optional[str] = ..., batch_delivery: _Optional[bool] = ..., max_batch: _Optional[int] = ...) -> None: ...
+    instance: str
+    max_message_bytes: int
+    def __init__(self, gateway_id: _Optional[str] = ..., batch_delivery: _Optional[bool] = ..., max_batch: _Optional[int] = ..., instance: _Optional[str] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
 
 class DeliveryBatch(_message.Message):
     __slots__ = ("deliveries",)

@@ -1,0 +1,235 @@
+"""The subscription set: what the index holds, who holds each subscription,
+and what each holder may add.
+
+Every subscription belongs to an *owner*, the small number of the gateway
+session that registered it (``streamer.node.sessions``); the index returns
+it with every match, so the fan-out groups matches by gateway without a
+lookup. This module turns ``SubscribeRequest`` and ``UnsubscribeRequest``
+messages into index calls (docs/protocol.md: exactly one
+``SubscribeResponse`` per request, precise errors with a code, generated
+ids for empty ones, ids global across gateways, a gateway can only remove
+its own subscriptions) and applies the limits (``Limits``): by count, and
+by cost, since one cheap-looking request can make every event expensive
+(scan clauses, verified on every event of their collection) or take a lot
+of memory (long ``in`` lists, big requests).
+
+Releasing a departed owner's subscriptions is incremental (``release``):
+the owner is marked gone at once (its matches are no longer delivered, its
+ids may be taken by anyone), and the index entries are removed in chunks by
+``reclaim``, so a gateway with 100 000 subscriptions leaving never stalls
+the event loop. The owner's number is handed back only when its last
+subscription is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from streamer.errors import DuplicateSubscription, InvalidSubscription
+from streamer.matching import Filter, Matcher
+from streamer.protocol.streamer_v1_pb2 import SubscribeRequest, SubscribeResponse, Value
+
+INVALID_ARGUMENT = "invalid_argument"
+ALREADY_EXISTS = "already_exists"
+RESOURCE_EXHAUSTED = "resource_exhausted"
+
+# Subscriptions removed per step of a release, between which the event loop
+# runs everything else (ingest, other gateways).
+RECLAIM_CHUNK = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one gateway session, one request and the whole node may hold.
+    Requests beyond them are refused (``resource_exhausted``), not queued."""
+
+    max_subscriptions: int = 100_000  # per gateway session
+    max_filters: int = 64  # per request
+    max_expression_length: int = 4096  # characters per expression
+    max_request_bytes: int = 64 * 1024  # one serialized SubscribeRequest
+    max_list_values: int = 1024  # values in all the request's filter lists together
+    # Scan clauses are verified on every event of their collection, so they
+    # cost per event what indexed ones cost per match.
+    max_scan_clauses: int = 100  # per gateway session
+    max_node_scan_clauses: int = 1000  # the whole node
+
+
+class SubscriptionSet:
+    """The index's subscriptions by owner; see the module docstring."""
+
+    def __init__(self, matcher: Matcher, limits: Limits = Limits()) -> None:
+        self.matcher = matcher
+        self.limits = limits
+        self._owner_of: dict[str, int] = {}
+        self._owned: dict[int, set[str]] = {}
+        self._scan: dict[int, int] = {}  # scan clauses by owner
+        self._scan_of: dict[str, int] = {}  # scan clauses of each scan subscription
+        self._gone: dict[int, Callable[[], None]] = {}  # owner → called when reclaimed
+        self._pending = asyncio.Event()
+
+    def __len__(self) -> int:
+        return len(self._owner_of)
+
+    def __contains__(self, sub_id: object) -> bool:
+        return sub_id in self._owner_of
+
+    def owned(self, owner: int) -> frozenset[str]:
+        """The subscriptions ``owner`` holds (empty once it is released)."""
+        return frozenset(() if owner in self._gone else self._owned.get(owner, ()))
+
+    def owner_of(self, sub_id: str) -> int | None:
+        """Who holds ``sub_id`` (None if nobody, or its owner is gone)."""
+        owner = self._owner_of.get(sub_id)
+        return None if owner is None or owner in self._gone else owner
+
+    def ids(self) -> set[str]:
+        """Every live subscription id (those of departed owners excluded)."""
+        return {s for s, owner in self._owner_of.items() if owner not in self._gone}
+
+    def subscribe(self, owner: int, request: SubscribeRequest) -> SubscribeResponse:
+        """Register one subscription for ``owner``; always answers, never raises."""
+        sub_id = request.subscription_id or str(uuid.uuid4())
+        refusal = self._check_limits(owner, request)
+        if refusal is not None:
+            return _refused(sub_id, RESOURCE_EXHAUSTED, refusal)
+        previous = self._owner_of.get(sub_id)
+        if previous is not None and previous in self._gone:
+            # Its owner left and the id is free: a reconnecting gateway takes
+            # its ids back before the release reaches them.
+            self._remove(sub_id)
+        matcher = self.matcher
+        scan_before = matcher.index.scan_clauses
+        try:
+            filters = [Filter(f.field, f.op, _value(f.value)) for f in request.filters]
+            matcher.add(
+                sub_id, request.database, request.collection, filters=filters,
+                expression=request.expression or None, owner=owner,
+            )
+        except DuplicateSubscription as exc:
+            return _refused(sub_id, ALREADY_EXISTS, str(exc))
+        except InvalidSubscription as exc:
+            return _refused(sub_id, INVALID_ARGUMENT, str(exc))
+        scan = matcher.index.scan_clauses - scan_before
+        if scan:
+            refusal = self._check_scan(owner, scan, matcher.index.scan_clauses)
+            if refusal is not None:
+                matcher.remove(sub_id)
+                return _refused(sub_id, RESOURCE_EXHAUSTED, refusal)
+            self._scan[owner] = self._scan.get(owner, 0) + scan
+            self._scan_of[sub_id] = scan
+        self._owner_of[sub_id] = owner
+        self._owned.setdefault(owner, set()).add(sub_id)
+        return SubscribeResponse(subscription_id=sub_id, success=True)
+
+    def unsubscribe(self, owner: int, sub_id: str) -> bool:
+        """Remove one of ``owner``'s own subscriptions; others are ignored."""
+        if self._owner_of.get(sub_id) != owner or owner in self._gone:
+            return False
+        self._remove(sub_id)
+        return True
+
+    def release(self, owner: int, done: Callable[[], None]) -> int:
+        """``owner`` has left: from now on none of its subscriptions counts.
+        Up to ``RECLAIM_CHUNK`` of them leave the index now, the rest in
+        chunks by ``reclaim``; ``done`` is called once the last is gone.
+        Returns how many it held."""
+        owned = self._owned.get(owner, set())
+        held = len(owned)
+        self._gone[owner] = done
+        self._reclaim_chunk(owner)
+        if owner in self._gone:
+            self._pending.set()
+        return held
+
+    async def reclaim(self) -> None:
+        """Remove released owners' subscriptions from the index, a chunk at a
+        time, until cancelled (a node's background task)."""
+        while True:
+            await self._pending.wait()
+            self._pending.clear()
+            while self._gone:
+                self._reclaim_chunk(next(iter(self._gone)))
+                await asyncio.sleep(0)
+
+    def _reclaim_chunk(self, owner: int) -> None:
+        owned = self._owned.get(owner, set())
+        for sub_id in [owned.pop() for _ in range(min(RECLAIM_CHUNK, len(owned)))]:
+            self._remove(sub_id)
+        if not owned:
+            self._owned.pop(owner, None)
+            self._gone.pop(owner)()
+
+    def _remove(self, sub_id: str) -> None:
+        owner = self._owner_of.pop(sub_id)
+        owned = self._owned.get(owner)
+        if owned is not None:
+            owned.discard(sub_id)
+        scan = self._scan_of.pop(sub_id, 0)
+        if scan:
+            self._scan[owner] -= scan
+        self.matcher.remove(sub_id)
+
+    def _check_limits(self, owner: int, request: SubscribeRequest) -> str | None:
+        limits = self.limits
+        if len(self._owned.get(owner, ())) >= limits.max_subscriptions:
+            return f"this gateway already has {limits.max_subscriptions} subscriptions (the limit)"
+        if len(request.filters) > limits.max_filters:
+            return f"{len(request.filters)} filters; the limit is {limits.max_filters}"
+        if len(request.expression) > limits.max_expression_length:
+            return (
+                f"expression is {len(request.expression)} characters long; "
+                f"the limit is {limits.max_expression_length}"
+            )
+        size = request.ByteSize()
+        if size > limits.max_request_bytes:
+            return f"the request is {size} bytes; the limit is {limits.max_request_bytes}"
+        values = sum(_list_values(f.value) for f in request.filters)
+        if values > limits.max_list_values:
+            return (
+                f"the filters' lists hold {values} values together; "
+                f"the limit is {limits.max_list_values}"
+            )
+        return None
+
+    def _check_scan(self, owner: int, scan: int, node_total: int) -> str | None:
+        limits = self.limits
+        mine = self._scan.get(owner, 0) + scan
+        if mine > limits.max_scan_clauses:
+            return (
+                f"it would be verified on every event of its collection (no indexable "
+                f"condition), and this gateway's scan clauses would be {mine}; the limit "
+                f"is {limits.max_scan_clauses}"
+            )
+        if node_total > limits.max_node_scan_clauses:
+            return (
+                f"it would be verified on every event of its collection (no indexable "
+                f"condition), and the node's scan clauses would be {node_total}; the limit "
+                f"is {limits.max_node_scan_clauses}"
+            )
+        return None
+
+
+def _refused(sub_id: str, code: str, error: str) -> SubscribeResponse:
+    return SubscribeResponse(subscription_id=sub_id, success=False, error=error, code=code)
+
+
+def _list_values(value: Value) -> int:
+    """How many values a filter value's lists hold, nested ones included."""
+    if value.WhichOneof("kind") != "list_value":
+        return 0
+    return sum(1 + _list_values(v) for v in value.list_value.values)
+
+
+def _value(value: Value) -> Any:
+    """A protocol ``Value`` as a Python value (unset: None, which the matcher
+    rejects as null, in its own order of checks)."""
+    kind = value.WhichOneof("kind")
+    if kind is None:
+        return None
+    if kind == "list_value":
+        return [_value(v) for v in value.list_value.values]
+    return getattr(value, kind)

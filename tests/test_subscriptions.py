@@ -1,0 +1,142 @@
+"""The subscription set: responses, ownership, limits by count and by
+cost, and releasing a departed owner's subscriptions in chunks."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from streamer.matching import Matcher
+from streamer.node import subscriptions as subscriptions_module
+from streamer.node.subscriptions import Limits, SubscriptionSet
+from streamer.protocol.streamer_v1_pb2 import Filter, ListValue, SubscribeRequest, Value
+
+
+def request(sub_id: str = "", *filters: Filter, expression: str = "") -> SubscribeRequest:
+    return SubscribeRequest(
+        subscription_id=sub_id, database="app", collection="messages",
+        filters=list(filters), expression=expression,
+    )
+
+
+def chat(c: str) -> Filter:
+    return Filter(field="chat_id", op="==", value=Value(string_value=c))
+
+
+def strings(*values: str) -> Value:
+    return Value(list_value=ListValue(values=[Value(string_value=v) for v in values]))
+
+
+def test_subscribe_echoes_or_generates_the_id() -> None:
+    subs = SubscriptionSet(Matcher())
+    response = subs.subscribe(0, request("s1", chat("c1")))
+    assert (response.subscription_id, response.success, response.code) == ("s1", True, "")
+    generated = subs.subscribe(0, request("", chat("c2")))
+    assert generated.success and uuid.UUID(generated.subscription_id)
+    assert subs.matcher.match("app", "messages", "m", {"chat_id": "c1"}) == ["s1"]
+    assert subs.owned(0) == {"s1", generated.subscription_id}
+
+
+def test_values_of_every_kind() -> None:
+    subs = SubscriptionSet(Matcher())
+    filters = [
+        Filter(field="n", op=">=", value=Value(int_value=3)),
+        Filter(field="x", op="<", value=Value(double_value=2.5)),
+        Filter(field="b", op="==", value=Value(bool_value=True)),
+        Filter(field="t", op="in", value=Value(list_value=ListValue(
+            values=[Value(string_value="a"), Value(int_value=1)]))),
+    ]
+    assert subs.subscribe(0, request("s", *filters)).success
+    doc = {"n": 3.0, "x": 1, "b": True, "t": 1.0}
+    assert subs.matcher.match("app", "messages", "m", doc) == ["s"]
+
+
+def test_rejections_carry_a_code_and_a_precise_error() -> None:
+    subs = SubscriptionSet(Matcher(), Limits(max_filters=2, max_subscriptions=3))
+    assert subs.subscribe(1, request("s1", chat("c1"))).success
+    dup = subs.subscribe(2, request("s1", chat("c9")))
+    assert (dup.success, dup.code) == (False, "already_exists")
+    bad_op = subs.subscribe(1, request("s2", Filter(field="a", op="like", value=Value())))
+    assert (bad_op.code, bad_op.error) == (
+        "invalid_argument", "filter 1: unsupported operator 'like'")
+    null = subs.subscribe(1, request("s3", Filter(field="a", op="==")))
+    assert (null.code, null.error) == ("invalid_argument", "filter 1: value is null")
+    cel = subs.subscribe(1, request("s4", expression="doc.a == (1))"))
+    assert cel.code == "invalid_argument" and "column 13" in cel.error
+    many = subs.subscribe(1, request("s5", chat("a"), chat("b"), chat("c")))
+    assert (many.code, many.error) == ("resource_exhausted", "3 filters; the limit is 2")
+    assert subs.subscribe(1, request("s6")).success
+    assert subs.subscribe(1, request("s7")).success
+    full = subs.subscribe(1, request("s8"))
+    assert full.code == "resource_exhausted"
+    # The first s1 still delivers, to its owner.
+    assert subs.owner_of("s1") == 1
+
+
+def test_limits_by_cost() -> None:
+    subs = SubscriptionSet(Matcher(), Limits(
+        max_request_bytes=200, max_list_values=5, max_scan_clauses=2, max_node_scan_clauses=3))
+    big = subs.subscribe(1, request("big", expression="doc.text == '" + "x" * 300 + "'"))
+    assert (big.code, big.error) == (
+        "resource_exhausted", "the request is 337 bytes; the limit is 200")
+    lists = subs.subscribe(1, request(
+        "lists", Filter(field="a", op="in", value=strings("1", "2", "3")),
+        Filter(field="b", op="in", value=strings("4", "5", "6"))))
+    assert (lists.code, lists.error) == (
+        "resource_exhausted", "the filters' lists hold 6 values together; the limit is 5")
+    # Scan clauses: nothing the index can look up, verified on every event.
+    scans = [subs.subscribe(1, request(f"scan{i}", expression=f"doc.n != {i}")) for i in range(3)]
+    assert [r.success for r in scans] == [True, True, False]
+    assert scans[2].code == "resource_exhausted"
+    assert "this gateway's scan clauses would be 3; the limit is 2" in scans[2].error
+    assert "scan2" not in subs.matcher  # refused means not in the index
+    assert subs.subscribe(2, request("other", expression="doc.n != 9")).success
+    node_full = subs.subscribe(3, request("one-more", expression="doc.n != 10"))
+    assert "the node's scan clauses would be 4; the limit is 3" in node_full.error
+    # Indexed subscriptions are not limited by the scan budget.
+    assert subs.subscribe(1, request("indexed", chat("c"))).success
+    # Removing a scan subscription gives its budget back.
+    assert subs.unsubscribe(1, "scan0")
+    assert subs.subscribe(1, request("scan-again", expression="doc.n != 0")).success
+
+
+def test_only_the_owner_unsubscribes_and_release_removes_exactly_its_own() -> None:
+    subs = SubscriptionSet(Matcher())
+    subs.subscribe(1, request("a", chat("c")))
+    subs.subscribe(2, request("b", chat("c")))
+    assert not subs.unsubscribe(2, "a")
+    assert not subs.unsubscribe(2, "missing")
+    released: list[int] = []
+    assert subs.release(1, lambda: released.append(1)) == 1
+    assert released == [1]  # a small release is done at once
+    assert subs.matcher.match("app", "messages", "m", {"chat_id": "c"}) == ["b"]
+    assert subs.ids() == {"b"}
+
+
+def test_a_large_release_leaves_the_index_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(subscriptions_module, "RECLAIM_CHUNK", 10)
+
+    async def main() -> None:
+        subs = SubscriptionSet(Matcher())
+        for i in range(35):
+            subs.subscribe(1, request(f"s{i}", chat("c")))
+        released: list[int] = []
+        assert subs.release(1, lambda: released.append(1)) == 35
+        # Gone for everyone at once, though most are still in the index.
+        assert subs.ids() == set() and subs.owned(1) == frozenset()
+        assert len(subs.matcher) == 25 and released == []
+        # Its ids are free: a reconnecting gateway takes one back at once.
+        assert subs.subscribe(2, request("s34", chat("c"))).success
+        task = asyncio.create_task(subs.reclaim())
+        for _ in range(100):
+            if released:
+                break
+            await asyncio.sleep(0)
+        task.cancel()
+        assert released == [1]
+        assert subs.matcher.match("app", "messages", "m", {"chat_id": "c"}) == ["s34"]
+        assert subs.owner_of("s34") == 2
+
+    asyncio.run(main())
