@@ -777,3 +777,19 @@ def test_a_change_without_document_reaches_id_and_whole_collection_subscriptions
         ("cel-id", 0), ("id", 1), ("id-or-x", 0), ("ids", 70_000), ("whole", 3)]
     assert m.match_id_owned("db", "nowhere", "d1") == ([], b"")
     assert m.match_id_owned("db", "c", None)[0] == ["whole"]
+
+
+@pytest.mark.parametrize(("length", "matches"), [(2048, True), (2049, False)])
+def test_concatenation_is_bounded_in_both_evaluators(length: int, matches: bool) -> None:
+    """A concatenation longer than MAX_CONCAT is an evaluation error (no
+    match), in the compiled core and in the reference alike."""
+    from streamer.matching.cel.nodes import MAX_CONCAT
+
+    assert MAX_CONCAT == 4096
+    doc = {"t": "x" * length, "l": list(range(length))}
+    for expression in ("size(doc.t + doc.t) > 0", "size(doc.l + doc.l) > 0"):
+        compiled, reference = Matcher(), ReferenceMatcher()
+        for m in (compiled, reference):
+            m.add("s", "app", "c", expression=expression)
+        assert compiled.match("app", "c", "d", doc) == (["s"] if matches else [])
+        assert reference.match("app", "c", "d", doc) == compiled.match("app", "c", "d", doc)

@@ -190,6 +190,9 @@ cdef object map_lookup(dict d, object key):
 # Mirrors streamer.matching.cel.nodes.MAX_VALUE_DEPTH: deeper values compare as an error
 # (C recursion on a hostile document would otherwise overflow the stack).
 DEF MAX_VALUE_DEPTH = 100
+# Mirrors streamer.matching.cel.nodes.MAX_CONCAT: a longer concatenation is
+# an evaluation error (the copy would be a per-event cost without bound).
+DEF MAX_CONCAT = 4096
 
 
 cdef int cel_eq(object a, object b, int depth=0) except -2:
@@ -394,8 +397,12 @@ cdef object arith(int op, object a, object b):
         return ERR
     if op == AR_ADD:
         if PyUnicode_Check(a) and PyUnicode_Check(b):
+            if len(a) + len(b) > MAX_CONCAT:
+                return ERR
             return a + b
         if PyList_Check(a) and PyList_Check(b):
+            if len(a) + len(b) > MAX_CONCAT:
+                return ERR
             return a + b
     return ERR
 

@@ -12,6 +12,7 @@ from streamer.matching.cel.checker import compile_regex
 from streamer.matching.cel.nodes import (
     INT64_MAX,
     INT64_MIN,
+    MAX_CONCAT,
     MAX_VALUE_DEPTH,
     Call,
     CelEvalError,
@@ -191,10 +192,17 @@ def _op_add(a: object, b: object) -> object:
     if isinstance(a, float) and isinstance(b, float):
         return a + b
     if isinstance(a, str) and isinstance(b, str):
+        _check_concat(len(a) + len(b))
         return a + b
     if isinstance(a, list) and isinstance(b, list):
+        _check_concat(len(a) + len(b))
         return [*a, *b]
     raise _no_overload("_+_", a, b)
+
+
+def _check_concat(length: int) -> None:
+    if length > MAX_CONCAT:
+        raise CelEvalError(f"concatenation of {length} elements; the limit is {MAX_CONCAT}")
 
 
 def _op_sub(a: object, b: object) -> object:

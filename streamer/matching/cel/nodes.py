@@ -22,6 +22,10 @@ MAX_NODES = 1024
 # Equality walks nested lists and maps; values nested deeper than this compare
 # as an evaluation error (documents are data: they must not exhaust the stack).
 MAX_VALUE_DEPTH = 100
+# A string or list concatenation whose result would hold more characters or
+# items is an evaluation error: documents are data, and an expression of a
+# thousand `+` over a large field must not copy gigabytes per event.
+MAX_CONCAT = 4096
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
