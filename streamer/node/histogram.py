@@ -1,21 +1,29 @@
-"""The ingest latency histogram: fixed buckets, cheap enough for the hot
-path; ``streamer.node.metrics`` exports it at scrape time."""
+"""Fixed-bucket histograms cheap enough for the hot path (the ingest
+latency, the pause log); ``streamer.node.metrics`` exports them at scrape
+time."""
 
 from __future__ import annotations
 
 import bisect
 from collections.abc import Iterable
 
-# Ten per decade (the R10 series), 1 µs to 100 ms: a p50/p99 interpolated
-# inside a bucket is off by less than one bucket width (at most 27 %).
-LATENCY_BUCKETS: tuple[float, ...] = (
-    *(
-        round(m * 10.0**e, 12)
-        for e in range(-6, -1)
-        for m in (1.0, 1.25, 1.6, 2.0, 2.5, 3.15, 4.0, 5.0, 6.3, 8.0)
-    ),
-    0.1,
-)
+
+def decades(first: int, last: int) -> tuple[float, ...]:
+    """Bucket bounds from 10**first to 10**last, ten per decade (the R10
+    series): a quantile interpolated inside a bucket is off by less than one
+    bucket width (at most 27 %)."""
+    return (
+        *(
+            round(m * 10.0**e, 12)
+            for e in range(first, last)
+            for m in (1.0, 1.25, 1.6, 2.0, 2.5, 3.15, 4.0, 5.0, 6.3, 8.0)
+        ),
+        10.0**last,
+    )
+
+
+# 1 µs to 100 ms.
+LATENCY_BUCKETS = decades(-6, -1)
 
 
 class LatencyHistogram:

@@ -42,6 +42,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from streamer.errors import StreamerError
+from streamer.node.pauses import PauseMonitor
 from streamer.options import join
 
 if TYPE_CHECKING:
@@ -263,6 +264,38 @@ class StreamerCollector(Collector):
             "replace the saved marker.",
             value=progress.empty_markers,
         )
+
+
+class PauseCollector(Collector):
+    """The pause log's histograms (``streamer.node.pauses``), for the node
+    and for any other process that runs a ``PauseMonitor``."""
+
+    def __init__(self, monitor: PauseMonitor) -> None:
+        self.monitor = monitor
+
+    def collect(self) -> Iterator[Metric]:
+        monitor = self.monitor
+        buckets, total = monitor.lag.cumulative()
+        yield HistogramMetricFamily(
+            "streamer_event_loop_lag_seconds",
+            "How late the event loop ran a task that asked to wake every 10 ms: the "
+            "time everything on the loop was held up.",
+            buckets=buckets, sum_value=total, unit="seconds",
+        )
+        yield GaugeMetricFamily(
+            "streamer_event_loop_lag_max_seconds",
+            "The longest event loop lag since start.",
+            value=monitor.longest, unit="seconds",
+        )
+        family = HistogramMetricFamily(
+            "streamer_gc_pause_seconds",
+            "Garbage collections of this process, by generation, and how long each took.",
+            labels=["generation"], unit="seconds",
+        )
+        for generation, histogram in monitor.gc_pauses.items():
+            buckets, total = histogram.cumulative()
+            family.add_metric([str(generation)], buckets, total)
+        yield family
 
 
 class MetricsServer:

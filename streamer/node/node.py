@@ -8,7 +8,8 @@ serve``, the tests and the demo all run the service through this object.
 
 Supervision. The background tasks (ingest behind the restart window, the
 progress writer, the session sweeper and stall watchdog, the reclaimer of
-departed gateways' subscriptions) run for the node's whole life. One
+departed gateways' subscriptions, the pause log) run for the node's whole
+life. One
 that ends early, with an error or without, is not restarted: the node logs
 it (with its traceback unless it is one of the package's own, explained
 errors), turns health NOT_SERVING at once, records it in ``failure`` and
@@ -38,7 +39,8 @@ from streamer.node.auth import TokenAuth
 from streamer.node.delivery import DEFAULT_CAPACITY, DEFAULT_MAX_BYTES
 from streamer.node.events import Layout
 from streamer.node.ingest import Ingest, MarkerPolicy
-from streamer.node.metrics import MetricsServer, StreamerCollector
+from streamer.node.metrics import MetricsServer, PauseCollector, StreamerCollector
+from streamer.node.pauses import PauseMonitor
 from streamer.node.progress import ProgressStore, SavedProgress
 from streamer.node.server import (
     DEFAULT_STALL_SECONDS,
@@ -95,6 +97,7 @@ class StreamerNode:
             queue_bytes=config.gateway_queue_bytes, stall_seconds=config.stall_seconds,
         )
         self.progress = ProgressStore(config.state_dir)
+        self.pauses = PauseMonitor()
         self.ingest = Ingest(
             config.puller, self.sessions, self.servicer, self.progress,
             consumer_id=config.consumer_id, layout=config.document_layout,
@@ -135,7 +138,9 @@ class StreamerNode:
         try:
             self.port = bind(self._server, *config.listen, config.server_credentials)
             if config.metrics is not None:
-                self._metrics = MetricsServer(*config.metrics, StreamerCollector(self.ingest))
+                self._metrics = MetricsServer(
+                    *config.metrics, StreamerCollector(self.ingest), PauseCollector(self.pauses)
+                )
                 log.info("metrics on http://%s/metrics", self._metrics.address)
             await self._server.start()
         except BaseException:
@@ -153,6 +158,7 @@ class StreamerNode:
         self._spawn("progress", self.progress.run())
         self._spawn("sweeper", self._sweep())
         self._spawn("reclaimer", self.subscriptions.reclaim())
+        self._spawn("pauses", self.pauses.run())
 
     def request_stop(self) -> None:
         """Ask ``wait`` to return (safe from a signal handler)."""

@@ -58,12 +58,15 @@ from typing import IO, Any
 
 import grpc
 
-from streamer.options import MAX_RATE, ArgumentParser, integer, one_of, real
+from streamer.options import MAX_RATE, ArgumentParser, address, integer, one_of, real
 from streamer.tools.measure import (
+    Samples,
     cpu_seconds,
     free_port,
+    gc_seconds,
     histogram_quantile,
     latency_buckets,
+    longest_pause,
     quantile,
     rss_mib,
     scrape,
@@ -224,6 +227,8 @@ async def _relay(args: argparse.Namespace) -> None:
         frame_event,
         subscription_field,
     )
+    from streamer.node.metrics import MetricsServer, PauseCollector
+    from streamer.node.pauses import PauseMonitor
     from streamer.node.server import SERVICE_NAME
     from streamer.protocol import puller_v1_pb2 as puller_pb
     from streamer.protocol import puller_v1_pb2_grpc as puller_grpc
@@ -243,7 +248,7 @@ async def _relay(args: argparse.Namespace) -> None:
     async def stream(
         requests: AsyncIterator[GatewayMessage], context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
-        queue = GatewayQueue(context.write, capacity=1_000_000)
+        queue = GatewayQueue(context.write, capacity=1_000_000, max_bytes=1 << 40)
         writer = asyncio.create_task(queue.run())
         queues.append(queue)
         try:
@@ -270,6 +275,10 @@ async def _relay(args: argparse.Namespace) -> None:
         (grpc.method_handlers_generic_handler(SERVICE_NAME, {"Stream": handler}),))
     server.add_insecure_port(args.listen)
     await server.start()
+    # The same pause log as the Streamer's, so the two can be compared.
+    pauses = PauseMonitor()
+    monitor = asyncio.create_task(pauses.run())
+    metrics = MetricsServer(*args.metrics, PauseCollector(pauses))
 
     def relay(event: puller_pb.PullerEvent) -> None:
         if not event.HasField("change_event"):
@@ -284,28 +293,32 @@ async def _relay(args: argparse.Namespace) -> None:
             queue.offer(message)
 
     batched, after = True, ""
-    while True:
-        try:
-            async with grpc.aio.insecure_channel(args.puller, options=KEEPALIVE_OPTIONS) as ch:
-                stub = puller_grpc.PullerServiceStub(ch)  # type: ignore[no-untyped-call]
-                request = puller_pb.SubscribeRequest(consumer_id="relay", after=after)
-                if batched:
-                    async for batch in stub.SubscribeBatch(request):
-                        for event in batch.events:
+    try:
+        while True:
+            try:
+                async with grpc.aio.insecure_channel(args.puller, options=KEEPALIVE_OPTIONS) as ch:
+                    stub = puller_grpc.PullerServiceStub(ch)  # type: ignore[no-untyped-call]
+                    request = puller_pb.SubscribeRequest(consumer_id="relay", after=after)
+                    if batched:
+                        async for batch in stub.SubscribeBatch(request):
+                            for event in batch.events:
+                                relay(event)
+                            after = batch.events[-1].progress
+                    else:
+                        async for event in stub.Subscribe(request):
                             relay(event)
-                        after = batch.events[-1].progress
-                else:
-                    async for event in stub.Subscribe(request):
-                        relay(event)
-                        after = event.progress
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.UNIMPLEMENTED and batched:
-                batched = False
-                continue
-            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                after = ""  # a new Puller log: from its live head
-                continue
-        await asyncio.sleep(0.1)
+                            after = event.progress
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.UNIMPLEMENTED and batched:
+                    batched = False
+                    continue
+                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    after = ""  # a new Puller log: from its live head
+                    continue
+            await asyncio.sleep(0.1)
+    finally:
+        monitor.cancel()
+        metrics.close()
 
 
 # -------------------------------------------------------------------- driver
@@ -313,7 +326,7 @@ async def _relay(args: argparse.Namespace) -> None:
 class Config:
     n: int = 100_000
     gateways: int = 8
-    rates: list[int] = field(default_factory=lambda: [5_000, 10_000, 25_000, 50_000])
+    rates: list[int] = field(default_factory=lambda: [5_000, 10_000, 30_000, 50_000])
     plain_rates: list[int] = field(default_factory=lambda: [5_000, 10_000])
     seconds: float = 10.0
     warmup: float = 4.0
@@ -421,7 +434,8 @@ class _Setup:
         target = f"127.0.0.1:{self.puller_port}"
         if self.variant == "relay":
             cmd = [py, "-m", "streamer.tools.benchmark", "relay", "--puller", target,
-                   "--listen", f"127.0.0.1:{self.port}"]
+                   "--listen", f"127.0.0.1:{self.port}",
+                   "--metrics", f"127.0.0.1:{self.metrics_port}"]
         else:
             cmd = [py, "-m", "streamer", "serve", "--listen", f"127.0.0.1:{self.port}",
                    "--puller", target, "--state-dir", str(self.work / f"state-{self.variant}"),
@@ -487,14 +501,12 @@ class _Setup:
             gateway.send(word)
         return [gateway.line() for gateway in self.gateways]
 
-    def scrape(self) -> list[tuple[float, float]]:
-        """Cumulative (le, count) buckets of the Streamer's ingest latency."""
-        if self.variant == "relay":
-            return []
+    def scrape(self) -> Samples:
+        """The Streamer's (or the relay's) metrics; empty if unreachable."""
         try:
-            return latency_buckets(scrape(f"127.0.0.1:{self.metrics_port}"))
+            return scrape(f"127.0.0.1:{self.metrics_port}")
         except OSError:
-            return []
+            return {}
 
     def _wait_for_flow(self, limit: float = 60.0) -> None:
         """Until the new Puller produces and its events reach the gateways
@@ -584,8 +596,15 @@ class _Setup:
             "latency_samples": sum(hist.values()),
             # The Streamer's own histogram (--metrics): from the arrival of
             # the Puller message carrying an event to its deliveries queued.
-            "ingest_enqueue_p50_ms": histogram_quantile(0.50, m1, m0) * 1e3,
-            "ingest_enqueue_p99_ms": histogram_quantile(0.99, m1, m0) * 1e3,
+            "ingest_enqueue_p50_ms": histogram_quantile(
+                0.50, latency_buckets(m1), latency_buckets(m0)) * 1e3,
+            "ingest_enqueue_p99_ms": histogram_quantile(
+                0.99, latency_buckets(m1), latency_buckets(m0)) * 1e3,
+            # The pause log (streamer.node.pauses), Streamer and relay alike:
+            # the longest the event loop was held in the window (the upper
+            # bound of its bucket), and the time spent in collections.
+            "longest_pause_ms": longest_pause(m1, m0) * 1e3,
+            "gc_ms_per_s": (gc_seconds(m1) - gc_seconds(m0)) / elapsed * 1e3,
             "latency_sampling": f"every {SAMPLE_EVERY}th delivery",
             "cpu_s_per_1000_events": cpu / max(events, 1) * 1000,
             "cpu_utilisation": cpu / elapsed,
@@ -704,6 +723,13 @@ def _ratios(results: dict[str, Any]) -> None:
                 run_["relay_cpu_s_per_1000_events"] = base["cpu_s_per_1000_events"]
                 run_["cpu_ratio_to_relay"] = (
                     run_["cpu_s_per_1000_events"] / base["cpu_s_per_1000_events"])
+                # The tail next to the relay's at the same offered rate: what
+                # the load generator and gRPC cost anyway.
+                same = [r for r in relay if r["offered_per_s"] == run_["offered_per_s"]]
+                if same:
+                    run_["relay_latency_p99_ms"] = same[0]["latency_p99_ms"]
+                    run_["relay_latency_p999_ms"] = same[0]["latency_p999_ms"]
+                    run_["relay_longest_pause_ms"] = same[0].get("longest_pause_ms")
 
 
 def _line(r: dict[str, Any]) -> str:
@@ -719,7 +745,8 @@ def _line(r: dict[str, Any]) -> str:
 
 COLUMNS = (
     "variant", "offered/s", "produced/s", "events/s", "sustained", "deliveries/s",
-    "p50 ms", "p99 ms", "p99.9 ms", "Streamer-only p50/p99 ms", "CPU s/1k ev", "core",
+    "p50 ms", "p99 ms", "p99.9 ms", "longest pause ms", "GC ms/s",
+    "relay p99/p99.9/pause ms", "Streamer-only p50/p99 ms", "CPU s/1k ev", "core",
     "RSS MiB", "CPU 0 (Puller)",
     "relay CPU s/1k", "ratio",
 )
@@ -734,6 +761,10 @@ def _cells(r: dict[str, Any]) -> list[str]:
         "yes" if r["sustained"] else "NO", f"{r['deliveries_per_s']:,.0f}",
         f"{r['latency_p50_ms']:.2f}", f"{r['latency_p99_ms']:.2f}",
         f"{r['latency_p999_ms']:.2f}",
+        _ms(r.get("longest_pause_ms")), _ms(r.get("gc_ms_per_s")),
+        "—" if "relay_latency_p99_ms" not in r else
+        f"{r['relay_latency_p99_ms']:.2f}/{r['relay_latency_p999_ms']:.2f}/"
+        f"{_ms(r.get('relay_longest_pause_ms'))}",
         "—" if "ingest_enqueue_p99_ms" not in r or r["ingest_enqueue_p99_ms"] != r[
             "ingest_enqueue_p99_ms"] else
         f"{r['ingest_enqueue_p50_ms']:.2f}/{r['ingest_enqueue_p99_ms']:.2f}",
@@ -742,6 +773,10 @@ def _cells(r: dict[str, Any]) -> list[str]:
         f"{r['load_generator_utilisation']:.0%} ({r['puller_utilisation']:.0%})",
         "—" if relay is None else f"{relay:.3f}", "—" if ratio is None else f"{ratio:.2f}",
     ]
+
+
+def _ms(value: float | None) -> str:
+    return "—" if value is None or value != value else f"{value:.1f}"
 
 
 def render(results: dict[str, Any]) -> list[str]:
@@ -783,6 +818,16 @@ def verdicts(results: dict[str, Any]) -> list[str]:
             f"({r['events_per_s']:,.0f} events/s of {r['produced_per_s']:,.0f} produced, "
             f"{'sustained' if r['sustained'] else 'not sustained'}, p99 "
             f"{r['latency_p99_ms']:.2f} ms)")
+    for r in runs:
+        if "relay_latency_p99_ms" in r and not r.get("max_search"):
+            ok = r["sustained"] and r["latency_p99_ms"] <= 2 * r["relay_latency_p99_ms"]
+            out.append(
+                f"{r['offered_per_s']:,} events/s: Streamer p99 within 2x the relay's p99: "
+                f"{'PASS' if ok else 'MISS'} (p99 {r['latency_p99_ms']:.2f} / p99.9 "
+                f"{r['latency_p999_ms']:.2f} ms, longest pause {_ms(r.get('longest_pause_ms'))}"
+                f" ms; relay p99 {r['relay_latency_p99_ms']:.2f} / p99.9 "
+                f"{r['relay_latency_p999_ms']:.2f} ms, longest pause "
+                f"{_ms(r.get('relay_longest_pause_ms'))} ms)")
     # Only where the Streamer kept up: an unsustained run's CPU per event
     # belongs to whatever rate it managed, not to the one offered.
     ratios = [(x["events_per_s"], x["cpu_ratio_to_relay"]) for x in runs
@@ -822,7 +867,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="gateways (StreamerClients, each its own stream and gateway id)")
     parser.add_argument("--clients-per-process", type=integer(1, 64), default=4, metavar="K",
                         help="gateways hosted by one gateway process")
-    parser.add_argument("--rates", type=rates, default=[5_000, 10_000, 25_000, 50_000],
+    parser.add_argument("--rates", type=rates, default=[5_000, 10_000, 30_000, 50_000],
                         metavar="R,R,...", help="offered rates of the batched variant "
                         "and the relay (events/s)")
     parser.add_argument("--plain-rates", type=rates, default=[5_000, 10_000],
@@ -898,6 +943,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     relay = roles.add_parser("relay")
     relay.add_argument("--puller", required=True)
     relay.add_argument("--listen", required=True)
+    relay.add_argument("--metrics", type=address, required=True)
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with contextlib.suppress(KeyboardInterrupt):

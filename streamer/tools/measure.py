@@ -63,10 +63,36 @@ def scrape(address: str, timeout: float = 10.0) -> Samples:
     return out
 
 
-def latency_buckets(samples: Samples) -> list[tuple[float, float]]:
-    """Cumulative (upper bound, count) pairs of ``streamer_ingest_latency_seconds``."""
-    bucket = samples.get("streamer_ingest_latency_seconds_bucket", {})
+def latency_buckets(
+    samples: Samples, name: str = "streamer_ingest_latency_seconds"
+) -> list[tuple[float, float]]:
+    """Cumulative (upper bound, count) pairs of a histogram without labels
+    (by default the ingest latency)."""
+    bucket = samples.get(f"{name}_bucket", {})
     return sorted((float(dict(labels)["le"]), count) for labels, count in bucket.items())
+
+
+def longest_pause(after: Samples, before: Samples) -> float:
+    """The longest event-loop lag between two scrapes, as the upper bound of
+    the highest bucket of ``streamer_event_loop_lag_seconds`` that gained an
+    observation (NaN without the metric)."""
+    late, early = (dict(latency_buckets(s, "streamer_event_loop_lag_seconds"))
+                   for s in (after, before))
+    if not late:
+        return math.nan
+    below = 0.0
+    longest = 0.0
+    for le, count in sorted(late.items()):
+        gained = count - early.get(le, 0.0)
+        if gained > below:
+            longest = le
+        below = gained
+    return longest
+
+
+def gc_seconds(samples: Samples) -> float:
+    """Seconds this process spent in garbage collection, all generations."""
+    return sum(samples.get("streamer_gc_pause_seconds_sum", {}).values())
 
 
 def histogram_quantile(
