@@ -56,8 +56,25 @@ class JsonFormatter(logging.Formatter):
             return json.dumps(entry, default=str, ensure_ascii=False)
 
 
+class GrpcTeardownFilter(logging.Filter):
+    """gRPC logs an error with a traceback when it cannot send a stream's
+    final status because the peer's connection went away first (a gateway
+    cut off for not reading, which then disconnects): the gateway's loss,
+    not a fault of the service. Such a record becomes one INFO line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith("ExecuteBatchError raised in core by servicer method"):
+            record.msg = "a stream's final status could not be sent: its peer had gone (%s)"
+            record.args = (message.rsplit(" ", 1)[-1].strip("[]"),)
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.exc_info = record.exc_text = None
+        return True
+
+
 def configure_logging(level: str, fmt: str = "text") -> None:
     """Log to stderr at ``level``, as ``fmt`` ("text" or "json") lines."""
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=level, handlers=[handler])
+    logging.getLogger("grpc._cython.cygrpc").addFilter(GrpcTeardownFilter())

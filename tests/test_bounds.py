@@ -9,15 +9,18 @@ import subprocess
 import time
 from pathlib import Path
 
+import grpc
 import orjson
+import pytest
 from service_helpers import puller_command, serve_command, start_puller, stop_puller
 
 from streamer.client import StreamerClient
 from streamer.protocol import puller_v1_pb2 as pb
-from streamer.protocol.streamer_v1_pb2 import EventDelivery
+from streamer.protocol.streamer_v1_pb2 import EventDelivery, GatewayMessage, SubscribeRequest
+from streamer.protocol.streamer_v1_pb2_grpc import StreamerServiceStub
 from streamer.puller.log import ReplayLog
 from streamer.puller.sources import to_json_line
-from streamer.tools.measure import free_port
+from streamer.tools.measure import free_port, rss_mib
 
 BIG = 5 << 20  # past gRPC's default 4 MiB receive limit
 
@@ -111,3 +114,62 @@ def test_the_puller_refuses_to_log_an_event_no_consumer_could_receive(tmp_path: 
         assert [r.event.event_id for r in replay_log.read(0, 10)] == ["e1"]
     finally:
         replay_log.close()
+
+
+def test_a_gateway_that_never_reads_is_cut_off_and_its_memory_freed(tmp_path: Path) -> None:
+    """A gateway subscribes to everything and then reads nothing while 50 KB
+    documents flow: it is cut off (RESOURCE_EXHAUSTED) once its queue holds
+    --gateway-queue-bytes, the Streamer's memory stays bounded, and an
+    honest gateway gets every event."""
+    puller_port, port = free_port(), free_port()
+    big = [change(k, "w" * 50_000) for k in range(2000)]
+    replay = tmp_path / "events.jsonl"
+    replay.write_bytes(b"".join(to_json_line(e) for e in big))
+    puller = start_puller(tmp_path, puller_port, "--replay", str(replay), "--rate", "400")
+    log_id = tmp_path / "log" / "LOG_ID"
+    for _ in range(200):
+        if log_id.exists():
+            break
+        time.sleep(0.05)
+    # From the log's first event, once the honest gateway is registered.
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "progress.json").write_bytes(orjson.dumps({
+        "marker": f"v1:{log_id.read_text().strip()}:0", "gateways": ["honest"], "others": 0,
+    }))
+    with (tmp_path / "serve.log").open("wb") as sink:
+        serve = subprocess.Popen(
+            serve_command("--listen", f"127.0.0.1:{port}", "--puller", f"127.0.0.1:{puller_port}",
+                          "--state-dir", str(state), "--resume-grace", "60",
+                          "--gateway-queue-bytes", str(16 << 20)),
+            stdout=sink, stderr=subprocess.STDOUT,
+        )
+
+    async def main() -> None:
+        target = f"127.0.0.1:{port}"
+        async with grpc.aio.insecure_channel(target) as channel:
+            await asyncio.wait_for(channel.channel_ready(), 30)
+            stuck = StreamerServiceStub(channel).Stream()
+            await stuck.write(GatewayMessage(subscribe=SubscribeRequest(
+                subscription_id="greedy", database="app", collection="messages")))
+            assert (await stuck.read()).subscribe_response.success
+            async with StreamerClient(target, gateway_id="honest", connect_timeout=30) as honest:
+                await honest.subscribe("messages", database="app",
+                                       filters=[("chat", "==", "c")])
+                got = await take(honest, 2000)
+            assert [d.event.event_id for d in got] == [f"e{k}" for k in range(2000)]
+            assert rss_mib(serve.pid) < 200  # 16 MiB of queue at most, not the whole flow
+            # The stuck gateway sees the status after what it had been sent.
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                while await stuck.read() is not grpc.aio.EOF:
+                    pass
+            assert ended.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 120))
+    finally:
+        serve.terminate()
+        assert serve.wait(30) == 0
+        assert stop_puller(puller) == 0
+    log = (tmp_path / "serve.log").read_text()
+    assert "RESOURCE_EXHAUSTED: gateway lagging" in log, log

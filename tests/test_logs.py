@@ -15,7 +15,7 @@ import orjson
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service_helpers import serve_command, serving
 
-from streamer.logs import JsonFormatter
+from streamer.logs import GrpcTeardownFilter, JsonFormatter
 
 
 def _record_lines(emit: object) -> list[dict[str, object]]:
@@ -92,3 +92,18 @@ def test_serve_logs_one_json_object_per_line(tmp_path: Path) -> None:
     assert any(str(m).startswith("serving on 127.0.0.1:") for m in messages)
     assert any(str(m).startswith("stopped at marker") for m in messages)
     assert {line["logger"] for line in lines} >= {"streamer"}
+
+
+def test_grpcs_teardown_error_becomes_one_info_line() -> None:
+    record = logging.LogRecord(
+        "grpc._cython.cygrpc", logging.ERROR, __file__, 1,
+        "ExecuteBatchError raised in core by servicer method [%s]",
+        ("/syntrix.streamer.v1.StreamerService/Stream",), (RuntimeError, RuntimeError("x"), None),
+    )
+    assert GrpcTeardownFilter().filter(record)
+    assert (record.levelname, record.exc_info) == ("INFO", None)
+    assert record.getMessage() == (
+        "a stream's final status could not be sent: its peer had gone "
+        "(/syntrix.streamer.v1.StreamerService/Stream)")
+    other = logging.LogRecord("grpc._cython.cygrpc", logging.ERROR, __file__, 1, "other", (), None)
+    assert GrpcTeardownFilter().filter(other) and other.levelname == "ERROR"
