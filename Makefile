@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+EXT_MODULES := streamer._ext._core streamer._ext._celparse streamer._ext._fanout streamer._ext._ingest
 
 .PHONY: test bench bench-e2e demo lint proto sanitize wheel clean
 
@@ -36,10 +37,14 @@ bench-e2e: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/streamer demo $(DEMO_ARGS)
 
-## ruff and mypy.
+## ruff, mypy, and stubtest: the hand-written .pyi of each compiled module
+## against the module as built (tools/stubtest-allowlist.txt says what it
+## cannot check in Cython).
 lint: $(STAMP)
 	$(PY) -m ruff check streamer tests bench tools
 	$(PY) -m mypy
+	$(PY) -m mypy.stubtest --mypy-config-file pyproject.toml \
+		--allowlist tools/stubtest-allowlist.txt $(EXT_MODULES)
 
 ## Regenerate the protocol stubs in streamer/protocol/ from proto/.
 proto: $(STAMP)

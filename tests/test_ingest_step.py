@@ -10,10 +10,12 @@ from functools import partial
 from typing import Any
 
 import orjson
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from reentry import BUSY, Reentry
 
+from streamer._ext._ingest import Step
 from streamer.errors import IndexBusy
 from streamer.matching import Filter, Matcher
 from streamer.node.ingest import Ingest
@@ -137,6 +139,15 @@ def test_the_syntrix_layout_always_takes_the_python_path() -> None:
         op_type="update", full_doc=json({"id": "db:hash", "data": {}, "deleted": True})))
     assert syntrix.match_batch([event]) == ({}, 1)
     assert calls == [event]
+
+
+def test_no_step_exists_without_an_index() -> None:
+    # The step calls the fan-out's C entry point with its index unchecked:
+    # a Step made without its arguments would hand it None.
+    with pytest.raises(TypeError):
+        Step.__new__(Step)  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        Step(None, print, "deleted", 1)  # type: ignore[arg-type]
 
 
 def test_a_finalizer_matching_during_the_compiled_step_gets_index_busy() -> None:

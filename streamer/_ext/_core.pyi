@@ -2,16 +2,22 @@
 # mypy checks the Python side against it.
 from typing import Any, Final, final
 
+from typing_extensions import disjoint_base
+
 ERROR: Final[object]
 MISSING: Final[object]
 NOKEY: Final[object]
 TRUE_KEY: Final[object]
 FALSE_KEY: Final[object]
 OPS: Final[dict[str, int]]
+ARITH: Final[dict[str, int]]
+STRING_FUNCTIONS: Final[dict[str, int]]
+ACCESS_KINDS: Final[dict[str, int]]
 
 def index_key(v: object) -> object: ...
 def range_key(v: object) -> float | None: ...
 
+@disjoint_base
 class Node:
     def __call__(
         self, bindings: dict[str, object] | None = None, doc: object = None, doc_id: object = None
@@ -76,6 +82,7 @@ class ListLit(Node):
 class MapLit(Node):
     def __init__(self, keys: list[Node], values: list[Node]) -> None: ...
 
+@disjoint_base
 class Pred: ...
 
 @final
@@ -94,12 +101,29 @@ class PathHolds(Pred):
 class Expression(Pred):
     def __init__(self, node: Node) -> None: ...
 
+# Internals of the index and its evaluation: as cdef classes they are
+# module attributes all the same, but nothing outside the core uses them.
+@disjoint_base
+class Ctx: ...
+
+@final
+class RangeIndex: ...
+
+@final
+class PathIndex:
+    def __init__(self, pid: int, coll: CollIndex) -> None: ...
+
+@final
+class CollIndex:
+    def __init__(self, database: object, collection: object, number: int, always: int) -> None: ...
+
 @final
 class Core:
-    scan_clauses: int
+    @property
+    def scan_clauses(self) -> int: ...
     def __init__(self) -> None: ...
     def __len__(self) -> int: ...
-    def __contains__(self, sub_id: object) -> bool: ...
+    def __contains__(self, sub_id: object, /) -> bool: ...
     def stats(self) -> dict[str, int]: ...
     # For tests and diagnostics: per table, (entries in use, entries allocated);
     # "array_bytes": the posting and range arrays' (bytes in use, bytes allocated).

@@ -27,10 +27,10 @@ from cpython.object cimport PyObject
 from cpython.ref cimport Py_INCREF
 from cpython.sequence cimport PySequence_Fast_ITEMS
 from cpython.unicode cimport PyUnicode_Check
-from libc.stdint cimport int64_t, uint32_t, uint64_t
+from libc.stdint cimport uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 
-from streamer._ext._core cimport CollIndex, Core
+from streamer._ext._core cimport CollIndex
 
 cdef extern from *:
     """
@@ -89,6 +89,12 @@ def frame_event(str event_id not None, str database not None, str collection not
                 int64_t timestamp, str progress not None):
     """``EventDelivery.event`` (field 2) around a ``StreamerEvent`` with
     these fields, byte for byte what protobuf would write."""
+    return frame_event_c(event_id, database, collection, document_id, operation, document_data,
+                         timestamp, progress)
+
+
+cdef bytes frame_event_c(str event_id, str database, str collection, str document_id,
+                         int operation, bytes document_data, int64_t timestamp, str progress):
     cdef Py_ssize_t n_id, n_db, n_coll, n_doc, n_data, n_progress
     cdef const char *s_id = PyUnicode_AsUTF8AndSize(event_id, &n_id)
     cdef const char *s_db = PyUnicode_AsUTF8AndSize(database, &n_db)
@@ -246,20 +252,44 @@ def fan_out(Core index not None, database, collection, document_id, document,
     allocates, so a finalizer could otherwise match (and overwrite the
     buffer) in between; it gets ``IndexBusy`` instead.
     """
-    cdef CollIndex ci
+    cdef Py_ssize_t matches, deliveries
     index.enter()
     try:
-        ci = index.coll(database, collection, False)
-        if ci is None:
-            return 0, 0
-        if document is None:
-            index.search_id(ci, document_id)
-        else:
-            index.search(ci, document_id, document)
-        return index.nfound, frame_into(index.found, index.found_owners, index.nfound, event,
-                                        pending)
+        matches = match_and_frame(index, database, collection, document_id, document, event,
+                                  pending, &deliveries)
+        # Built before leave(): the tuple's allocation can run a finalizer,
+        # which must get IndexBusy like one run anywhere else in this call.
+        return matches, deliveries
     finally:
         index.leave()
+
+
+cdef Py_ssize_t fan_out_c(Core index, object database, object collection, object document_id,
+                          object document, bytes event, dict pending,
+                          Py_ssize_t *deliveries) except -1:
+    index.enter()
+    try:
+        return match_and_frame(index, database, collection, document_id, document, event,
+                               pending, deliveries)
+    finally:
+        index.leave()
+
+
+cdef Py_ssize_t match_and_frame(Core index, object database, object collection,
+                                object document_id, object document, bytes event, dict pending,
+                                Py_ssize_t *deliveries) except -1:
+    """The work of ``fan_out``; the caller has entered ``index``."""
+    cdef CollIndex ci = index.coll(database, collection, False)
+    if ci is None:
+        deliveries[0] = 0
+        return 0
+    if document is None:
+        index.search_id(ci, document_id)
+    else:
+        index.search(ci, document_id, document)
+    cdef Py_ssize_t matches = index.nfound
+    deliveries[0] = frame_into(index.found, index.found_owners, matches, event, pending)
+    return matches
 
 
 def frame_deliveries(list subscription_ids not None, bytes owners not None,
@@ -267,6 +297,11 @@ def frame_deliveries(list subscription_ids not None, bytes owners not None,
     """``fan_out`` for matches already in hand (the ids and packed ``uint32``
     owners ``Matcher.match_owned`` returns): appends one delivery per owner
     to ``pending[owner]`` and returns how many."""
+    return frame_deliveries_c(subscription_ids, owners, event, pending)
+
+
+cdef Py_ssize_t frame_deliveries_c(list subscription_ids, bytes owners, bytes event,
+                                   dict pending) except -1:
     cdef Py_ssize_t i, n = PyList_GET_SIZE(subscription_ids)
     if PyBytes_GET_SIZE(owners) != n * <Py_ssize_t>sizeof(uint32_t):
         raise ValueError(

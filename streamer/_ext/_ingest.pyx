@@ -23,8 +23,7 @@ from libc.stdint cimport uint64_t
 import orjson
 
 from streamer._ext._core cimport Core
-
-from streamer._ext._fanout import fan_out, frame_event
+from streamer._ext._fanout cimport fan_out_c, frame_event_c
 
 cdef object loads = orjson.loads
 cdef object JSONDecodeError = orjson.JSONDecodeError
@@ -51,8 +50,10 @@ cdef class Step:
     cdef uint64_t heartbeats, inserts, updates, deletes
     cdef uint64_t delivered_inserts, delivered_updates, delivered_deletes, matches
 
-    def __init__(self, Core index not None, slow, str soft_delete_field not None,
-                 Py_ssize_t max_document_bytes):
+    # __cinit__, not __init__: the fan-out is called with ``index`` unchecked,
+    # so no Step may exist without one (not even from ``Step.__new__``).
+    def __cinit__(self, Core index not None, slow, str soft_delete_field not None,
+                  Py_ssize_t max_document_bytes):
         self.index = index
         self.slow = slow
         self.soft_delete_field = soft_delete_field
@@ -64,7 +65,7 @@ cdef class Step:
         cdef Py_ssize_t changes = 0, matched, delivered
         cdef int op
         cdef object doc
-        cdef bytes full, data
+        cdef bytes full, data, framed
         for event in events:
             if not event.HasField("change_event"):
                 self.heartbeats += 1
@@ -104,10 +105,10 @@ cdef class Step:
                 changes += self.slow(event, pending)
                 continue
             database, collection, document_id = ce.database, ce.mgo_coll, ce.mgo_doc_id
-            framed = frame_event(ce.event_id, database, collection, document_id, op, data,
-                                 ce.timestamp, event.progress)
-            matched, delivered = fan_out(self.index, database, collection, document_id, doc,
-                                         framed, pending)
+            framed = frame_event_c(ce.event_id, database, collection, document_id, op, data,
+                                   ce.timestamp, event.progress)
+            matched = fan_out_c(self.index, database, collection, document_id, doc, framed,
+                                pending, &delivered)
             self.matches += matched
             if op == INSERT:
                 self.inserts += 1
