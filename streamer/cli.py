@@ -41,7 +41,7 @@ from streamer.node.delivery import DEFAULT_CAPACITY, DEFAULT_MAX_BYTES
 from streamer.node.events import LAYOUTS
 from streamer.node.ingest import MARKER_POLICIES
 from streamer.node.node import NodeConfig, StreamerNode
-from streamer.node.server import DEFAULT_STALL_SECONDS
+from streamer.node.server import DEFAULT_NODE_QUEUE_BYTES, DEFAULT_STALL_SECONDS
 from streamer.node.subscriptions import Limits
 from streamer.options import (
     ArgumentParser,
@@ -138,6 +138,10 @@ def build_serve_parser() -> ArgumentParser:
              metavar="BYTES",
              help="bytes queued per gateway before it is cut off as lagging; past an eighth "
              "of it the gateway is reported as falling behind")
+    opts.add("--node-queue-bytes", integer(1 << 20), default=DEFAULT_NODE_QUEUE_BYTES,
+             metavar="BYTES",
+             help="bytes queued for all gateways together; past it, the gateway with the "
+             "most queued is cut off (RESOURCE_EXHAUSTED)")
     opts.add("--stall-seconds", real(0, above=True), default=DEFAULT_STALL_SECONDS,
              metavar="SECONDS",
              help="a gateway whose current write has waited this long has stopped reading "
@@ -178,6 +182,14 @@ def build_serve_parser() -> ArgumentParser:
              "that would go past it is refused (resource_exhausted)")
     opts.add("--max-node-scan-clauses", integer(0), default=limits.max_node_scan_clauses,
              metavar="N", help="scan clauses the whole node may hold (resource_exhausted)")
+    opts.add("--max-gateway-bytes", integer(1), default=limits.max_gateway_bytes,
+             metavar="BYTES",
+             help="what the subscriptions of one gateway stream may weigh together "
+             "(serialized requests; the index holds a few times that); a subscription past "
+             "it is refused (resource_exhausted)")
+    opts.add("--max-node-bytes", integer(1), default=limits.max_node_bytes, metavar="BYTES",
+             help="what the subscriptions of the whole node may weigh together "
+             "(resource_exhausted)")
     opts.add("--metrics", address, metavar="HOST:PORT",
              help="serve Prometheus metrics over HTTP at http://HOST:PORT/metrics; unset, "
              "there is no metrics endpoint")
@@ -224,7 +236,9 @@ def serve_config(args: argparse.Namespace) -> NodeConfig:
             max_request_bytes=args.max_request_bytes, max_list_values=args.max_list_values,
             max_scan_clauses=args.max_scan_clauses,
             max_node_scan_clauses=args.max_node_scan_clauses,
+            max_gateway_bytes=args.max_gateway_bytes, max_node_bytes=args.max_node_bytes,
         ),
+        node_queue_bytes=args.node_queue_bytes,
         metrics=args.metrics,
         auth_token=None if args.auth_token_file is None else read_token(args.auth_token_file),
         server_credentials=server_tls,

@@ -140,3 +140,23 @@ def test_a_large_release_leaves_the_index_in_chunks(monkeypatch: pytest.MonkeyPa
         assert subs.owner_of("s34") == 2
 
     asyncio.run(main())
+
+
+def test_what_a_gateway_and_the_node_hold_is_bounded_in_bytes() -> None:
+    one = request("x0", chat("c"))
+    size = one.ByteSize()
+    subs = SubscriptionSet(Matcher(), Limits(
+        max_gateway_bytes=3 * size, max_node_bytes=5 * size))
+    assert all(subs.subscribe(1, request(f"x{i}", chat("c"))).success for i in range(3))
+    fourth = subs.subscribe(1, request("x3", chat("c")))
+    assert fourth.code == "resource_exhausted"
+    assert fourth.error == (f"this gateway's subscriptions would weigh {4 * size} bytes "
+                            f"(serialized requests); the limit is {3 * size}")
+    assert all(subs.subscribe(2, request(f"y{i}", chat("c"))).success for i in range(2))
+    node_full = subs.subscribe(3, request("z0", chat("c")))
+    assert node_full.error.startswith(f"the node's subscriptions would weigh {6 * size} bytes")
+    assert subs.bytes == 5 * size
+    # Removal gives the bytes back.
+    assert subs.unsubscribe(1, "x0")
+    assert subs.subscribe(3, request("z0", chat("c"))).success
+    assert subs.bytes == 5 * size

@@ -124,6 +124,21 @@ def fan_out_reference(
     return len(ids), frame_deliveries_reference(ids, owners, event, pending)
 
 
+class QueueBudget:
+    """Bytes queued for all gateways together, against a node-wide limit
+    (every queue is bounded on its own too, but not how many there are)."""
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    @property
+    def exceeded(self) -> bool:
+        return self.used > self.limit
+
+
 class GatewayQueue:
     """Outbound serialized messages of one gateway stream, in order.
 
@@ -146,6 +161,7 @@ class GatewayQueue:
         max_bytes: int = DEFAULT_MAX_BYTES,
         low_bytes: int | None = None,
         on_behind: Callable[[bool], None] | None = None,
+        budget: QueueBudget | None = None,
     ) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be at least 1, got {capacity}")
@@ -156,6 +172,7 @@ class GatewayQueue:
         self.max_bytes = max_bytes
         self.low_bytes = max_bytes // 8 if low_bytes is None else low_bytes
         self._on_behind = on_behind
+        self._budget = budget if budget is not None else QueueBudget(1 << 62)
         self.behind = False
         self.bytes = 0
         self.max_message = DEFAULT_MAX_MESSAGE
@@ -165,6 +182,8 @@ class GatewayQueue:
         self._items: deque[bytes] = deque()
         self._ready = asyncio.Event()
         self._closed = False
+        # Dropped by discard(): a write still in flight no longer counts.
+        self._discarded = False
         self.sent_messages = 0
         self.sent_deliveries = 0
 
@@ -209,6 +228,7 @@ class GatewayQueue:
 
     def _queued(self, size: int) -> None:
         self.bytes += size
+        self._budget.used += size
         if not self.behind and self.bytes > self.low_bytes:
             self.behind = True
             if self._on_behind is not None:
@@ -231,7 +251,9 @@ class GatewayQueue:
         how many messages were dropped."""
         dropped = len(self._items)
         self._items.clear()
+        self._budget.used -= self.bytes
         self.bytes = 0
+        self._discarded = True
         self.close()
         return dropped
 
@@ -275,7 +297,10 @@ class GatewayQueue:
             self._sent(size)
 
     def _sent(self, size: int) -> None:
+        if self._discarded:
+            return
         self.bytes -= size
+        self._budget.used -= size
         if self.behind and self.bytes < self.low_bytes // 2:
             self.behind = False
             if self._on_behind is not None:

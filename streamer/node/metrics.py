@@ -187,6 +187,18 @@ class StreamerCollector(Collector):
             value=servicer.lagging_cut_offs,
         )
         yield CounterMetricFamily(
+            "streamer_budget_cutoffs",
+            "Gateway streams cut off because all queues together held more than "
+            "--node-queue-bytes and theirs was the largest.",
+            value=servicer.budget_cut_offs,
+        )
+        yield GaugeMetricFamily(
+            "streamer_subscription_bytes",
+            "What the registered subscriptions weigh (their serialized requests; see "
+            "--max-gateway-bytes and --max-node-bytes).",
+            value=sessions.subscriptions.bytes,
+        )
+        yield CounterMetricFamily(
             "streamer_stalled_cutoffs",
             "Gateway streams cut off because a write waited longer than --stall-seconds.",
             value=servicer.stalled_cut_offs,

@@ -43,6 +43,7 @@ from streamer.node.metrics import MetricsServer, PauseCollector, StreamerCollect
 from streamer.node.pauses import PauseMonitor
 from streamer.node.progress import ProgressStore, SavedProgress
 from streamer.node.server import (
+    DEFAULT_NODE_QUEUE_BYTES,
     DEFAULT_STALL_SECONDS,
     SERVICE_NAME,
     StreamerServicer,
@@ -71,6 +72,7 @@ class NodeConfig:
     gateway_queue: int = DEFAULT_CAPACITY
     gateway_queue_bytes: int = DEFAULT_MAX_BYTES
     stall_seconds: float = DEFAULT_STALL_SECONDS
+    node_queue_bytes: int = DEFAULT_NODE_QUEUE_BYTES
     resume_grace: float = 3.0
     consumer_id: str = "streamer"
     drain_seconds: float = 5.0
@@ -95,6 +97,7 @@ class StreamerNode:
         self.servicer = StreamerServicer(
             self.sessions, queue_capacity=config.gateway_queue,
             queue_bytes=config.gateway_queue_bytes, stall_seconds=config.stall_seconds,
+            node_queue_bytes=config.node_queue_bytes,
         )
         self.progress = ProgressStore(config.state_dir)
         self.pauses = PauseMonitor()

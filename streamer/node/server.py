@@ -50,7 +50,12 @@ from collections.abc import AsyncIterator
 import grpc
 from google.protobuf.message import DecodeError
 
-from streamer.node.delivery import DEFAULT_CAPACITY, DEFAULT_MAX_BYTES, GatewayQueue
+from streamer.node.delivery import (
+    DEFAULT_CAPACITY,
+    DEFAULT_MAX_BYTES,
+    GatewayQueue,
+    QueueBudget,
+)
 from streamer.node.sessions import IdentityTaken, Session, Sessions
 from streamer.protocol import streamer_v1_pb2_grpc
 from streamer.protocol.streamer_v1_pb2 import (
@@ -68,6 +73,7 @@ SHUTTING_DOWN = "the Streamer is shutting down"
 # How long a handler whose call broke waits for gRPC to cancel it.
 _CANCEL_WAIT = 1.0
 DEFAULT_STALL_SECONDS = 30.0
+DEFAULT_NODE_QUEUE_BYTES = 1 << 30
 
 
 class _End(Exception):
@@ -100,12 +106,15 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
         queue_capacity: int = DEFAULT_CAPACITY,
         queue_bytes: int = DEFAULT_MAX_BYTES,
         stall_seconds: float = DEFAULT_STALL_SECONDS,
+        node_queue_bytes: int = DEFAULT_NODE_QUEUE_BYTES,
     ) -> None:
         self.sessions = sessions
         self.subscriptions = sessions.subscriptions
         self.queue_capacity = queue_capacity
         self.queue_bytes = queue_bytes
         self.stall_seconds = stall_seconds
+        self.queue_budget = QueueBudget(node_queue_bytes)
+        self.budget_cut_offs = 0
         self.streams: dict[int, _Stream] = {}
         self.lagging_cut_offs = 0
         self.stalled_cut_offs = 0
@@ -129,11 +138,22 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
         if max(map(len, messages)) > queue.delivery_limit:
             messages = [part for m in messages for part in self._fit(stream, m)]
         if queue.offer_all(messages):
+            if self.queue_budget.exceeded:
+                self._shed()
             return True
         if not queue.closed:
             self._cut_off(stream, f"more than {self.queue_capacity} messages or "
                           f"{self.queue_bytes} bytes queued")
         return False
+
+    def _shed(self) -> None:
+        """All queues together hold more than the node's budget: cut off the
+        gateway with the most queued, whose memory is then freed at once."""
+        largest = max(self.streams.values(), key=lambda s: s.queue.bytes)
+        if not largest.cut_off.is_set():
+            self.budget_cut_offs += 1
+            self._cut_off(largest, f"the node's queues hold more than "
+                          f"{self.queue_budget.limit} bytes and this one is the largest")
 
     def _fit(self, stream: _Stream, message: bytes) -> list[bytes]:
         """One delivery as messages this gateway can receive: itself, or
@@ -242,7 +262,7 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
         session = sessions.connect(principal)
         queue = GatewayQueue(
             context.write, capacity=self.queue_capacity, max_bytes=self.queue_bytes,
-            on_behind=lambda behind: self._behind(stream, behind),
+            on_behind=lambda behind: self._behind(stream, behind), budget=self.queue_budget,
         )
         stream = _Stream(session, queue, context.peer())
         self.streams[session.key] = stream

@@ -40,6 +40,7 @@ RESOURCE_EXHAUSTED = "resource_exhausted"
 # Subscriptions removed per step of a release, between which the event loop
 # runs everything else (ingest, other gateways).
 RECLAIM_CHUNK = 1000
+_OWNER = 0xFFFF_FFFF
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +57,12 @@ class Limits:
     # cost per event what indexed ones cost per match.
     max_scan_clauses: int = 100  # per gateway session
     max_node_scan_clauses: int = 1000  # the whole node
+    # What the requests of all held subscriptions weigh, serialized: the
+    # index holds a few times that, so these bound a gateway's and the
+    # node's memory where the per-request limits alone would allow
+    # max_subscriptions times the largest request.
+    max_gateway_bytes: int = 64 << 20
+    max_node_bytes: int = 512 << 20
 
 
 class SubscriptionSet:
@@ -64,18 +71,23 @@ class SubscriptionSet:
     def __init__(self, matcher: Matcher, limits: Limits = Limits()) -> None:
         self.matcher = matcher
         self.limits = limits
-        self._owner_of: dict[str, int] = {}
+        # Per subscription, its owner and the bytes of its request in one
+        # int (bytes << 32 | owner): one dict value per subscription, where
+        # a dict per field would cost about 60 bytes more each.
+        self._held: dict[str, int] = {}
         self._owned: dict[int, set[str]] = {}
         self._scan: dict[int, int] = {}  # scan clauses by owner
         self._scan_of: dict[str, int] = {}  # scan clauses of each scan subscription
+        self._bytes: dict[int, int] = {}  # request bytes held, by owner
+        self.bytes = 0  # request bytes held by the whole node
         self._gone: dict[int, Callable[[], None]] = {}  # owner → called when reclaimed
         self._pending = asyncio.Event()
 
     def __len__(self) -> int:
-        return len(self._owner_of)
+        return len(self._held)
 
     def __contains__(self, sub_id: object) -> bool:
-        return sub_id in self._owner_of
+        return sub_id in self._held
 
     def owned(self, owner: int) -> frozenset[str]:
         """The subscriptions ``owner`` holds (empty once it is released)."""
@@ -83,12 +95,16 @@ class SubscriptionSet:
 
     def owner_of(self, sub_id: str) -> int | None:
         """Who holds ``sub_id`` (None if nobody, or its owner is gone)."""
-        owner = self._owner_of.get(sub_id)
-        return None if owner is None or owner in self._gone else owner
+        held = self._held.get(sub_id)
+        if held is None:
+            return None
+        owner = held & _OWNER
+        return None if owner in self._gone else owner
 
     def ids(self) -> set[str]:
         """Every live subscription id (those of departed owners excluded)."""
-        return {s for s, owner in self._owner_of.items() if owner not in self._gone}
+        gone = self._gone
+        return {s for s, held in self._held.items() if held & _OWNER not in gone}
 
     def subscribe(self, owner: int, request: SubscribeRequest) -> SubscribeResponse:
         """Register one subscription for ``owner``; always answers, never raises."""
@@ -96,8 +112,8 @@ class SubscriptionSet:
         refusal = self._check_limits(owner, request)
         if refusal is not None:
             return _refused(sub_id, RESOURCE_EXHAUSTED, refusal)
-        previous = self._owner_of.get(sub_id)
-        if previous is not None and previous in self._gone:
+        previous = self._held.get(sub_id)
+        if previous is not None and previous & _OWNER in self._gone:
             # Its owner left and the id is free: a reconnecting gateway takes
             # its ids back before the release reaches them.
             self._remove(sub_id)
@@ -121,13 +137,17 @@ class SubscriptionSet:
                 return _refused(sub_id, RESOURCE_EXHAUSTED, refusal)
             self._scan[owner] = self._scan.get(owner, 0) + scan
             self._scan_of[sub_id] = scan
-        self._owner_of[sub_id] = owner
+        size = request.ByteSize()
+        self._held[sub_id] = size << 32 | owner
         self._owned.setdefault(owner, set()).add(sub_id)
+        self._bytes[owner] = self._bytes.get(owner, 0) + size
+        self.bytes += size
         return SubscribeResponse(subscription_id=sub_id, success=True)
 
     def unsubscribe(self, owner: int, sub_id: str) -> bool:
         """Remove one of ``owner``'s own subscriptions; others are ignored."""
-        if self._owner_of.get(sub_id) != owner or owner in self._gone:
+        held = self._held.get(sub_id)
+        if held is None or held & _OWNER != owner or owner in self._gone:
             return False
         self._remove(sub_id)
         return True
@@ -164,13 +184,16 @@ class SubscriptionSet:
             self._gone.pop(owner)()
 
     def _remove(self, sub_id: str) -> None:
-        owner = self._owner_of.pop(sub_id)
+        held = self._held.pop(sub_id)
+        owner, size = held & _OWNER, held >> 32
         owned = self._owned.get(owner)
         if owned is not None:
             owned.discard(sub_id)
         scan = self._scan_of.pop(sub_id, 0)
         if scan:
             self._scan[owner] -= scan
+        self._bytes[owner] -= size
+        self.bytes -= size
         self.matcher.remove(sub_id)
 
     def _check_limits(self, owner: int, request: SubscribeRequest) -> str | None:
@@ -187,6 +210,17 @@ class SubscriptionSet:
         size = request.ByteSize()
         if size > limits.max_request_bytes:
             return f"the request is {size} bytes; the limit is {limits.max_request_bytes}"
+        held = self._bytes.get(owner, 0) + size
+        if held > limits.max_gateway_bytes:
+            return (
+                f"this gateway's subscriptions would weigh {held} bytes (serialized requests); "
+                f"the limit is {limits.max_gateway_bytes}"
+            )
+        if self.bytes + size > limits.max_node_bytes:
+            return (
+                f"the node's subscriptions would weigh {self.bytes + size} bytes (serialized "
+                f"requests); the limit is {limits.max_node_bytes}"
+            )
         values = sum(_list_values(f.value) for f in request.filters)
         if values > limits.max_list_values:
             return (
