@@ -123,10 +123,11 @@ class Children:
 
     def start(
         self, name: str, argv: Sequence[str], *, pipes: bool = False,
-        cpus: set[int] | None = None,
+        cpus: set[int] | None = None, nice: int = 0,
     ) -> subprocess.Popen[Any]:
-        """Start ``python ARGV``; its stderr (and stdout unless ``pipes``:
-        then stdin and stdout are text pipes) go to ``<work>/<name>.log``."""
+        """Start ``python ARGV`` (at ``nice``, on ``cpus``); its stderr (and
+        stdout unless ``pipes``: then stdin and stdout are text pipes) go to
+        ``<work>/<name>.log``."""
         log: IO[bytes] = open(self.work / f"{name}.log", "ab")  # the child keeps its own copy
         try:
             proc: subprocess.Popen[Any] = subprocess.Popen(
@@ -135,6 +136,7 @@ class Children:
                 stdin=subprocess.PIPE if pipes else subprocess.DEVNULL,
                 text=pipes, bufsize=1 if pipes else -1,
                 start_new_session=True,  # Ctrl-C reaches only the driver
+                preexec_fn=(lambda: os.nice(nice)) if nice else None,
             )
         finally:
             log.close()
