@@ -68,6 +68,7 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -762,6 +763,7 @@ def run(tmp_path: Path) -> dict[str, Any]:
         run_.close()
         os.sched_setaffinity(0, own)
         figures["streamer_log_errors"] = log_errors(work / "streamer.log")
+        figures["cutoffs_logged"] = _cutoffs(work / "streamer.log")
         if run_.problems:
             figures["logs"] = str(keep_logs(work, "abuse"))
         if work != tmp_path:
@@ -769,6 +771,22 @@ def run(tmp_path: Path) -> dict[str, Any]:
     figures["pinned"] = run_.pinned
     figures["problems"] = run_.problems
     return figures
+
+
+def _cutoffs(log: Path) -> list[dict[str, Any]]:
+    """The Streamer's log lines of the streams it cut off: who, why, and
+    how much was dropped with the queue."""
+    pattern = re.compile(r"ended \((\S+) at .*?\): RESOURCE_EXHAUSTED: (.*?); (\d+) "
+                         r"subscription\(s\) dropped(?:, (\d+) queued message\(s\) unsent)?")
+    out = []
+    with contextlib.suppress(OSError), open(log, errors="replace") as f:
+        for line in f:
+            found = pattern.search(line)
+            if found:
+                gateway, why, dropped, unsent = found.groups()
+                out.append({"gateway": gateway, "why": why, "subscriptions": int(dropped),
+                            "unsent_messages": int(unsent or 0)})
+    return out
 
 
 def _ms(value: float) -> str:
@@ -840,6 +858,10 @@ def render(figures: dict[str, Any]) -> list[str]:
                 "CPU 0 / CPU 1 busy", "Streamer RSS MiB start / peak / end → settled",
                 "cut-offs", "what the abusers got"], rows),
     ]
+    cutoffs = figures.get("cutoffs_logged", [])
+    lines += ["", f"Cut-offs in the Streamer's log: {len(cutoffs)}"
+              + "".join(f"\n  {c['gateway']}: {c['why']}; {c['unsent_messages']:,} queued "
+                        "message(s) dropped" for c in cutoffs)]
     errors = figures.get("streamer_log_errors", {})
     lines += ["", f"Streamer log: {sum(errors.values())} ERROR line(s)"
               + "".join(f"\n  {n} x {message}" for message, n in errors.items())]
