@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 EXT_MODULES := streamer._ext._core streamer._ext._celparse streamer._ext._fanout streamer._ext._ingest
 
-.PHONY: test bench bench-e2e demo lint proto sanitize wheel clean
+.PHONY: test bench bench-e2e reliability demo lint proto sanitize wheel clean
 
 $(STAMP): pyproject.toml setup.py streamer/_ext/*.pyx streamer/_ext/*.pxd
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,14 @@ bench: $(STAMP)
 ## six to eight minutes. STREAMER_BENCH_E2E_* size it (bench/bench_e2e.py).
 bench-e2e: $(STAMP)
 	$(PY) -m pytest -q bench/bench_e2e.py
+
+## The reliability figures (docs/reliability.md): abuse, churn and crash, one
+## after the other, with real streamer serve, streamer puller and gateway
+## processes on loopback. STREAMER_RELIABILITY_QUICK=1 make reliability is the
+## quick run; STREAMER_BENCH_ABUSE_*, _CHURN_* and _CRASH_* size each
+## (bench/bench_abuse.py, bench_churn.py, bench_crash.py). Not part of test.
+reliability: $(STAMP)
+	$(PY) -m pytest -q bench/bench_abuse.py bench/bench_churn.py bench/bench_crash.py
 
 ## The main job: the whole pipeline on loopback (Puller, Streamer, 4 gateway
 ## processes, 20 000 subscriptions, 2 000 events/s for 12 s), a live display,

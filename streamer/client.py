@@ -506,8 +506,11 @@ class StreamerClient:
         self._acked.clear()
         self._heartbeat()
         # Connected means answered: until then a refused call looks fine.
+        # Not asyncio.wait_for: on Python 3.11 it returns an ack that arrives
+        # as the handshake is cancelled (close()), swallowing the cancellation.
         try:
-            await asyncio.wait_for(self._acked.wait(), self.ack_timeout)
+            async with asyncio.timeout(self.ack_timeout):
+                await self._acked.wait()
         except TimeoutError:
             raise TimeoutError(
                 f"first heartbeat unacknowledged after {self.ack_timeout:g} s"

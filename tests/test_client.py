@@ -393,6 +393,28 @@ def test_close_lets_a_cancellation_of_its_caller_through(tmp_path: Path) -> None
     run(scenario)
 
 
+def test_close_right_after_the_handshake_returns_at_once(tmp_path: Path) -> None:
+    """A gateway that connects, subscribes and closes (found by
+    bench/bench_churn.py): the heartbeat ack that ends the handshake often
+    arrives with the subscribe's answer, so close() cancels the handshake
+    just as that ack wakes it. On Python 3.11, ``asyncio.wait_for`` then
+    returns the ack instead of raising the cancellation: the handshake went
+    on into its heartbeat loop and close() waited for ``ack_timeout`` (30 s
+    by default). Thirty rounds hit that moment (about one in three) with
+    near certainty."""
+
+    async def scenario() -> None:
+        async with Service(tmp_path) as svc:
+            for i in range(30):
+                client = StreamerClient(svc.target, gateway_id=f"gw-{i}")
+                client.start()
+                await client.subscribe("messages", database="app", filters=chat("c1"))
+                async with asyncio.timeout(5):
+                    await client.close()
+
+    run(scenario)
+
+
 def test_close_ends_deliveries_and_pending_calls(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with Service(tmp_path) as svc:

@@ -75,6 +75,27 @@ def test_a_full_batch_is_written_at_once(tmp_path: Path) -> None:
     assert ProgressStore(tmp_path).load().marker == "m-2499"
 
 
+def test_the_writer_stops_when_cancelled_as_a_batch_fills(tmp_path: Path) -> None:
+    """The node stops its tasks by cancelling them. A cancellation that
+    lands as the writer wakes up for a full batch must end it: on Python
+    3.11, ``asyncio.wait_for`` swallowed it (it returns the wait's result
+    when that completed meanwhile), the writer went back to waiting for
+    the next marker, and ``StreamerNode.stop`` waited for it forever."""
+
+    async def main() -> None:
+        store = ProgressStore(tmp_path, interval=3600, batch=2)
+        task = asyncio.create_task(store.run())
+        store.advance("m-1")
+        await asyncio.sleep(0.01)  # the writer now waits for the batch to fill
+        store.advance("m-2")  # the batch is full: the writer is woken...
+        task.cancel()  # ... and cancelled before it runs
+        with pytest.raises(asyncio.CancelledError):
+            async with asyncio.timeout(2):
+                await task
+
+    asyncio.run(main())
+
+
 def test_repeated_marker_is_not_a_write(tmp_path: Path) -> None:
     async def main() -> int:
         store = ProgressStore(tmp_path)

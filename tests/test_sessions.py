@@ -173,3 +173,25 @@ def test_restart_window_waits_the_whole_grace_for_plain_gateways() -> None:
 
     assert asyncio.run(main()) is False
     assert asyncio.run(RestartWindow(KnownGateways()).wait(0)) is True
+
+
+def test_waiting_for_the_restart_window_ends_when_cancelled_as_it_closes() -> None:
+    """A node stopped just as the last known gateway comes back must not go
+    on into ingest: on Python 3.11, ``asyncio.wait_for`` swallowed a
+    cancellation that landed as the window closed, the node's ingest task
+    started the Puller stream instead of ending, and ``StreamerNode.stop``
+    waited for it forever."""
+
+    async def main() -> None:
+        s = sessions()
+        window = s.window = RestartWindow(KnownGateways(frozenset({"gw-a"})))
+        waiting = asyncio.create_task(window.wait(60))
+        await asyncio.sleep(0)
+        gateway = s.connect()
+        s.hello(gateway, "gw-a", "x")
+        s.heartbeat(gateway, "gw-a")  # the window closes: the wait is woken...
+        waiting.cancel()  # ... and cancelled before it runs
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+
+    asyncio.run(main())

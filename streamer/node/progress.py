@@ -177,8 +177,12 @@ class ProgressStore:
                 remaining = self._since + self.interval - loop.time()
                 if remaining <= 0:
                     break
+                # Not asyncio.wait_for: on Python 3.11 it swallows a
+                # cancellation that lands as the wait completes, and the
+                # node's stop would wait for this task forever.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), remaining)
+                    async with asyncio.timeout(remaining):
+                        await self._wake.wait()
                 self._wake.clear()
             if self._dirty:
                 try:

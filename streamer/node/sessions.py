@@ -98,8 +98,12 @@ class RestartWindow:
         """Wait up to ``grace`` seconds; True if every known gateway is back."""
         if self._complete.is_set():
             return True
+        # Not asyncio.wait_for: on Python 3.11 it swallows a cancellation
+        # that lands as the window closes, and the node would go on into
+        # ingest instead of stopping.
         try:
-            await asyncio.wait_for(self._complete.wait(), grace)
+            async with asyncio.timeout(grace):
+                await self._complete.wait()
         except TimeoutError:
             return False
         return True

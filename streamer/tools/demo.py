@@ -583,7 +583,7 @@ async def _open_gate(target: str) -> None:
             await asyncio.sleep(0.01)
 
 
-def _expected_ops(matcher: Any, change: Any) -> list[tuple[int, list[str]]]:
+def expected_ops(matcher: Any, change: Any) -> list[tuple[int, list[str]]]:
     """(delivered operation, subscription ids) pairs of one event, as the
     ingest computes them (enter/leave for an update with a pre-image)."""
     from streamer.node.events import Op
@@ -658,7 +658,7 @@ def verify(
         replay_log.close()
     for change in changes:
         count += 1
-        for op, ids in _expected_ops(matcher, change):
+        for op, ids in expected_ops(matcher, change):
             for sid in ids:
                 expected.setdefault(sid, []).append((change.event_id, op))
     # The linear reference is slow (it evaluates every subscription of the
@@ -674,9 +674,9 @@ def verify(
         if time.monotonic() > budget:
             break
         sample.append(change)
-        if {(op, tuple(sorted(ids))) for op, ids in _expected_ops(reference, change)} != {
+        if {(op, tuple(sorted(ids))) for op, ids in expected_ops(reference, change)} != {
             (op, tuple(sorted(i for i in ids if i in checked_ids)))
-            for op, ids in _expected_ops(matcher, change)
+            for op, ids in expected_ops(matcher, change)
         }:
             disagreements += 1
             if disagreements <= 3:
