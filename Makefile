@@ -5,12 +5,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test bench bench-e2e demo lint proto sanitize wheel clean
+.PHONY: test bench bench-e2e demo lint proto sanitize wheel clean \
+	fuzz-cel fuzz-events fuzz-gateway fuzz-smoke
 
 $(STAMP): pyproject.toml setup.py streamer/_ext/*.pyx streamer/_ext/*.pxd
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,bench,lint,dev]'
+	$(PY) -m pip install --quiet -e '.[test,bench,lint,dev,fuzz]'
 	touch $(STAMP)
 
 ## Run the test suite (what CI runs).
@@ -38,7 +39,7 @@ demo: $(STAMP)
 
 ## ruff and mypy.
 lint: $(STAMP)
-	$(PY) -m ruff check streamer tests bench tools
+	$(PY) -m ruff check streamer tests bench tools fuzz
 	$(PY) -m mypy
 
 ## Regenerate the protocol stubs in streamer/protocol/ from proto/.
@@ -48,6 +49,27 @@ proto: $(STAMP)
 ## The core tests against an AddressSanitizer + UBSan build (CMakeLists.txt).
 sanitize: $(STAMP)
 	PYTHON=$(PY) tools/sanitize.sh
+
+## Fuzz one target (fuzz/, docs/reliability.md) until stopped, or for
+## FUZZ_SECONDS. The committed seeds in fuzz/corpus/<target>/ are read, never
+## written: what the fuzzer finds goes to build/fuzz/<target>/corpus/, and a
+## crashing input to build/fuzz/<target>/crash-*. FUZZ_ARGS passes libFuzzer
+## options (e.g. FUZZ_ARGS=-jobs=2).
+FUZZ_SECONDS ?=
+FUZZ_ARGS ?=
+FUZZ_DIR := build/fuzz
+# A slow input is a defect too (every expression and event is bounded).
+FUZZ_FLAGS = -timeout=30 -print_final_stats=1 -artifact_prefix=$(FUZZ_DIR)/$*/ \
+	$(if $(FUZZ_SECONDS),-max_total_time=$(FUZZ_SECONDS))
+fuzz-cel fuzz-events fuzz-gateway: fuzz-%: $(STAMP)
+	mkdir -p $(FUZZ_DIR)/$*/corpus
+	$(PY) fuzz/fuzz_$*.py $(FUZZ_FLAGS) $(FUZZ_ARGS) $(FUZZ_DIR)/$*/corpus fuzz/corpus/$*
+
+## Each fuzz target for FUZZ_SECONDS (default 60) seconds; fails on any crash.
+fuzz-smoke: $(STAMP)
+	$(MAKE) fuzz-cel FUZZ_SECONDS=$(or $(FUZZ_SECONDS),60)
+	$(MAKE) fuzz-events FUZZ_SECONDS=$(or $(FUZZ_SECONDS),60)
+	$(MAKE) fuzz-gateway FUZZ_SECONDS=$(or $(FUZZ_SECONDS),60)
 
 ## Build an sdist and a wheel into dist/.
 wheel: $(STAMP)

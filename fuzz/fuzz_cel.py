@@ -1,0 +1,65 @@
+"""Fuzz target: a CEL subscription, compiled and by the reference.
+
+For any expression and document, the compiled path (``Matcher``: the
+``_celparse`` parser and checker, the compiler to clauses, the index and its
+evaluator) and the reference path (``ReferenceMatcher``: the pure-Python
+parser, checker and tree-walking interpreter) must give the same verdict:
+both reject the expression (``InvalidSubscription``, any message), or both
+accept it and agree on whether the document matches. Any other exception,
+or a disagreement, is a crash.
+
+    python fuzz/fuzz_cel.py [libFuzzer options] CORPUS_DIR...
+"""
+
+from __future__ import annotations
+
+import atheris
+from common import document, main, pick, text
+
+with atheris.instrument_imports(include=["streamer"]):
+    from streamer.errors import InvalidSubscription
+    from streamer.matching import Matcher
+    from streamer.matching.cel import MAX_EXPRESSION_LENGTH
+    from streamer.matching.reference import ReferenceMatcher
+
+# A little past the parser's own bound, so its length check is reached too.
+EXPRESSION_LIMIT = MAX_EXPRESSION_LENGTH + 64
+DOCUMENT_LIMIT = 4096
+DOCUMENT_IDS = (None, "d1", "42")
+
+Input = tuple[str, str | None, object]
+
+
+def decode(data: bytes) -> Input:
+    """The expression, the document id and the document an input stands for."""
+    fdp = atheris.FuzzedDataProvider(data)
+    expression = text(fdp, EXPRESSION_LIMIT)
+    document_id = pick(fdp, DOCUMENT_IDS, lambda: text(fdp, 16))
+    return expression, document_id, document(fdp, DOCUMENT_LIMIT)
+
+
+def verdict(matcher: Matcher | ReferenceMatcher, case: Input) -> str:
+    expression, document_id, doc = case
+    try:
+        matcher.add("s", "db", "c", expression=expression)
+    except InvalidSubscription:
+        return "rejected"
+    ids = matcher.match("db", "c", document_id, doc)
+    if ids not in ([], ["s"]):
+        raise AssertionError(f"{type(matcher).__name__} matched {ids!r}")
+    return "match" if ids else "no match"
+
+
+def test_one_input(data: bytes) -> None:
+    case = decode(data)
+    compiled = verdict(Matcher(), case)
+    reference = verdict(ReferenceMatcher(), case)
+    if compiled != reference:
+        raise AssertionError(
+            f"compiled: {compiled}, reference: {reference}, for expression "
+            f"{case[0]!r}, document id {case[1]!r}, document {case[2]!r}"
+        )
+
+
+if __name__ == "__main__":
+    main(test_one_input)

@@ -1,0 +1,238 @@
+"""Fuzz target: gateway messages through the session logic.
+
+An input is a script for three gateway streams: steps that each send
+arbitrary bytes on one stream, close one (the gateway goes away) or let
+time pass (the session TTL). The bytes are decoded as a ``GatewayMessage``
+and handled with the calls ``streamer/node/server.py``'s ``_read`` and
+``_hello`` make on ``Sessions``, the ``SubscriptionSet`` and the stream's
+``GatewayQueue``; what the server answers with a gRPC status (a message
+that does not decode: ``INVALID_ARGUMENT``; a Hello for a gateway id held
+by another process: ``ALREADY_EXISTS``; a full queue:
+``RESOURCE_EXHAUSTED``; a newer stream of the same gateway: ``ABORTED``;
+expiry: ``DEADLINE_EXCEEDED``) ends that stream here too, and the gateway
+reconnects. Nothing else may raise.
+
+After every step: every subscribe got one well-formed answer; the
+subscriptions the live sessions hold are exactly those in the index; each
+session's owner number maps back to it. After every stream ends: no
+session, no subscription, and an index whose tables are all empty.
+
+    python fuzz/fuzz_gateway.py [libFuzzer options] CORPUS_DIR...
+"""
+
+from __future__ import annotations
+
+import logging
+
+import atheris
+from common import blob, main
+from google.protobuf.message import DecodeError
+
+with atheris.instrument_imports(include=["streamer"]):
+    from streamer.matching import Matcher
+    from streamer.node.delivery import GatewayQueue
+    from streamer.node.sessions import (
+        IdentityTaken,
+        KnownGateways,
+        RestartWindow,
+        Session,
+        Sessions,
+        proof_of,
+    )
+    from streamer.node.subscriptions import (
+        ALREADY_EXISTS,
+        INVALID_ARGUMENT,
+        RESOURCE_EXHAUSTED,
+        Limits,
+        SubscriptionSet,
+    )
+    from streamer.protocol.streamer_v1_pb2 import (
+        GatewayMessage,
+        HeartbeatAck,
+        StreamerMessage,
+        SubscribeResponse,
+    )
+
+STREAMS = 3
+MESSAGE_LIMIT = 2048
+SESSION_TTL = 90
+# Small enough that a few kilobytes of input reach every limit (and far
+# below RECLAIM_CHUNK, so a departed gateway's subscriptions leave the
+# index at once and the invariants can be checked after every step).
+LIMITS = Limits(
+    max_subscriptions=12, max_filters=4, max_expression_length=256, max_request_bytes=1024,
+    max_list_values=16, max_scan_clauses=3, max_node_scan_clauses=5,
+)
+QUEUE_CAPACITY = 24
+QUEUE_BYTES = 8192
+CODES = {INVALID_ARGUMENT, ALREADY_EXISTS, RESOURCE_EXHAUSTED}
+# What the node knew before a restart: one gateway with its Hello proof.
+KNOWN = KnownGateways(frozenset({"gw-1"}), 1, frozenset({("gw-1", proof_of("instance-1"))}))
+
+MESSAGE, CLOSE, WAIT = 0, 1, 2
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def _unsent(message: bytes) -> None:
+    raise AssertionError("nothing drains the queues here")
+
+
+class Stream:
+    """One gateway stream: its session and outbound queue."""
+
+    def __init__(self, sessions: Sessions) -> None:
+        self.session = sessions.connect()
+        self.queue = GatewayQueue(_unsent, capacity=QUEUE_CAPACITY, max_bytes=QUEUE_BYTES)
+
+
+class Gateways:
+    def __init__(self) -> None:
+        self.clock = Clock()
+        self.matcher = Matcher()
+        self.subscriptions = SubscriptionSet(self.matcher, LIMITS)
+        self.sessions = Sessions(self.subscriptions, session_ttl=SESSION_TTL, clock=self.clock)
+        self.sessions.window = RestartWindow(KNOWN)
+        self.streams = [Stream(self.sessions) for _ in range(STREAMS)]
+
+    def end(self, session: Session) -> None:
+        """A stream ended (with a status, or by the gateway): the server's
+        handler disconnects its session; the gateway connects again."""
+        for index, stream in enumerate(self.streams):
+            if stream.session is session:
+                stream.queue.discard()
+                self.sessions.disconnect(session)
+                self.streams[index] = Stream(self.sessions)
+
+    def send(self, stream: Stream, message: StreamerMessage) -> None:
+        if not stream.queue.offer(message.SerializeToString()) and not stream.queue.closed:
+            self.end(stream.session)  # cut off: RESOURCE_EXHAUSTED
+
+    def receive(self, stream: Stream, raw: bytes) -> None:
+        sessions, subscriptions, session = self.sessions, self.subscriptions, stream.session
+        try:
+            message = GatewayMessage.FromString(raw)
+        except DecodeError:
+            self.end(session)  # INVALID_ARGUMENT
+            return
+        kind = message.WhichOneof("payload")
+        if kind == "subscribe":
+            sessions.touch(session)
+            response = subscriptions.subscribe(session.owner, message.subscribe)
+            check_response(self, session, message, response)
+            self.send(stream, StreamerMessage(subscribe_response=response))
+        elif kind == "unsubscribe":
+            sessions.touch(session)
+            subscriptions.unsubscribe(session.owner, message.unsubscribe.subscription_id)
+        elif kind == "heartbeat":
+            sessions.heartbeat(session, message.heartbeat.gateway_id)
+            ack = HeartbeatAck(timestamp=message.heartbeat.timestamp)
+            self.send(stream, StreamerMessage(heartbeat_ack=ack))
+        elif kind == "hello":
+            hello = message.hello
+            try:
+                replaced = sessions.hello(session, hello.gateway_id, hello.instance)
+            except IdentityTaken:
+                self.end(session)  # ALREADY_EXISTS
+                return
+            for old in replaced:
+                self.end(old)  # ABORTED
+            if hello.batch_delivery:
+                stream.queue.enable_batches(hello.max_batch)
+            if hello.max_message_bytes:
+                stream.queue.max_message = hello.max_message_bytes
+        else:
+            sessions.touch(session)
+
+    def wait(self, seconds: int) -> None:
+        self.clock.now += seconds
+        for session in self.sessions.expired():
+            self.end(session)  # DEADLINE_EXCEEDED
+
+    def check(self) -> None:
+        sessions, subscriptions = self.sessions, self.subscriptions
+        assert len(sessions) == STREAMS, len(sessions)
+        held: set[str] = set()
+        for stream in self.streams:
+            session = stream.session
+            assert sessions.by_owner[session.owner] is session, session
+            owned = subscriptions.owned(session.owner)
+            assert held.isdisjoint(owned), (held, owned)
+            held |= owned
+            for sub_id in owned:
+                assert subscriptions.owner_of(sub_id) == session.owner, sub_id
+        assert subscriptions.ids() == held, (subscriptions.ids(), held)
+        assert len(self.matcher) == len(held), (len(self.matcher), held)
+        assert all(sub_id in self.matcher for sub_id in held), held
+
+    def close_all(self) -> None:
+        for stream in self.streams:
+            stream.queue.discard()
+            self.sessions.disconnect(stream.session)
+        assert len(self.sessions) == 0
+        assert not self.subscriptions.ids() and len(self.subscriptions) == 0
+        assert len(self.matcher) == 0
+        stats = self.matcher.stats()
+        assert not any(stats.values()), stats
+        assert self.sessions.known == KnownGateways(), self.sessions.known
+
+
+def check_response(
+    gateways: Gateways, session: Session, message: GatewayMessage, response: SubscribeResponse
+) -> None:
+    request = message.subscribe
+    assert isinstance(response, SubscribeResponse), response
+    assert response.subscription_id, response
+    assert not request.subscription_id or response.subscription_id == request.subscription_id
+    if response.success:
+        assert not response.code and not response.error, response
+        assert response.subscription_id in gateways.subscriptions.owned(session.owner)
+        assert response.subscription_id in gateways.matcher
+    else:
+        assert response.code in CODES and response.error, response
+
+
+Step = tuple[int, int, bytes | int | None]
+
+
+def decode(data: bytes) -> list[Step]:
+    """The steps an input stands for: (stream, action, message or seconds)."""
+    fdp = atheris.FuzzedDataProvider(data)
+    steps: list[Step] = []
+    while fdp.remaining_bytes():
+        stream = fdp.ConsumeIntInRange(0, STREAMS - 1)
+        action = fdp.ConsumeIntInRange(MESSAGE, WAIT)
+        if action == MESSAGE:
+            steps.append((stream, action, blob(fdp, MESSAGE_LIMIT)))
+        elif action == WAIT:
+            steps.append((stream, action, fdp.ConsumeIntInRange(0, 2 * SESSION_TTL)))
+        else:
+            steps.append((stream, action, None))
+    return steps
+
+
+def test_one_input(data: bytes) -> None:
+    gateways = Gateways()
+    for index, action, argument in decode(data):
+        stream = gateways.streams[index]
+        if action == MESSAGE:
+            assert isinstance(argument, bytes)
+            gateways.receive(stream, argument)
+        elif action == WAIT:
+            assert isinstance(argument, int)
+            gateways.wait(argument)
+        else:
+            gateways.end(stream.session)
+        gateways.check()
+    gateways.close_all()
+
+
+if __name__ == "__main__":
+    logging.disable(logging.CRITICAL)
+    main(test_one_input)
