@@ -60,7 +60,8 @@ FUZZ_ARGS ?=
 FUZZ_DIR := build/fuzz
 # A slow input is a defect too (every expression and event is bounded).
 FUZZ_FLAGS = -timeout=30 -print_final_stats=1 -artifact_prefix=$(FUZZ_DIR)/$*/ \
-	$(if $(FUZZ_SECONDS),-max_total_time=$(FUZZ_SECONDS))
+	$(if $(FUZZ_SECONDS),-max_total_time=$(FUZZ_SECONDS)) \
+	$(addprefix -dict=,$(wildcard fuzz/$*.dict))
 fuzz-cel fuzz-events fuzz-gateway: fuzz-%: $(STAMP)
 	mkdir -p $(FUZZ_DIR)/$*/corpus
 	$(PY) fuzz/fuzz_$*.py $(FUZZ_FLAGS) $(FUZZ_ARGS) $(FUZZ_DIR)/$*/corpus fuzz/corpus/$*

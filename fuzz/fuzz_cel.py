@@ -8,18 +8,27 @@ both reject the expression (``InvalidSubscription``, any message), or both
 accept it and agree on whether the document matches. Any other exception,
 or a disagreement, is a crash.
 
+The two parsers are also held to their own contract (docs/semantics.md,
+"CEL: our own parser and compiled evaluator"): ``_celparse.parse(s,
+check=True)`` and ``cel.parse`` + ``cel.check`` raise the same exception
+with the same message, or return equal trees with equal positions.
+
     python fuzz/fuzz_cel.py [libFuzzer options] CORPUS_DIR...
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import atheris
 from common import document, main, pick, text
 
 with atheris.instrument_imports(include=["streamer"]):
+    from streamer._ext import _celparse
     from streamer.errors import InvalidSubscription
-    from streamer.matching import Matcher
+    from streamer.matching import Matcher, cel
     from streamer.matching.cel import MAX_EXPRESSION_LENGTH
+    from streamer.matching.cel.nodes import children
     from streamer.matching.reference import ReferenceMatcher
 
 # A little past the parser's own bound, so its length check is reached too.
@@ -50,8 +59,49 @@ def verdict(matcher: Matcher | ReferenceMatcher, case: Input) -> str:
     return "match" if ids else "no match"
 
 
+def _reference_parse(source: str) -> cel.Expr:
+    expr = cel.parse(source)
+    cel.check(expr)
+    return expr
+
+
+def _compiled_parse(source: str) -> cel.Expr:
+    return _celparse.parse(source, check=True)
+
+
+def parsed(parse: Callable[[str], cel.Expr], source: str) -> cel.Expr | tuple[str, str]:
+    try:
+        return parse(source)
+    except InvalidSubscription as exc:
+        return type(exc).__name__, str(exc)
+
+
+def positions(expr: cel.Expr) -> list[tuple[str, int]]:
+    """Every node's type and position, depth first (``==`` ignores them)."""
+    out, stack = [], [expr]
+    while stack:
+        node = stack.pop()
+        out.append((type(node).__name__, node.pos))
+        stack.extend(children(node))
+    return out
+
+
+def same_parse(source: str) -> None:
+    compiled = parsed(_compiled_parse, source)
+    reference = parsed(_reference_parse, source)
+    same = compiled == reference and (
+        not isinstance(compiled, cel.Expr) or positions(compiled) == positions(reference)
+    )
+    if not same:
+        raise AssertionError(
+            f"the compiled parser gives {compiled!r}, the reference {reference!r}, "
+            f"for {source!r}"
+        )
+
+
 def test_one_input(data: bytes) -> None:
     case = decode(data)
+    same_parse(case[0])
     compiled = verdict(Matcher(), case)
     reference = verdict(ReferenceMatcher(), case)
     if compiled != reference:

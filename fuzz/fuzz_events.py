@@ -14,6 +14,12 @@ included), and a soft-delete field name. What must hold:
   path (``Ingest(compiled=False)``) produce the same deliveries, gateways in
   the same order, and the same counters (as tests/test_ingest_step.py
   compares them), over a matcher holding subscriptions of three gateways;
+- in both layouts, each event's deliveries are what docs/semantics.md says,
+  worked out independently of the index: ``normalize``'s operation and
+  document matched by ``ReferenceMatcher`` (twice for enter/leave; a change
+  without a document reaches only id and whole-collection subscriptions),
+  one delivery per gateway and operation, each carrying the event's id,
+  names, ``document_data``, timestamp and marker;
 - ``process_batch`` never raises, in either layout.
 
     python fuzz/fuzz_events.py [libFuzzer options] CORPUS_DIR...
@@ -32,7 +38,8 @@ import atheris
 from common import blob, main, pick, text
 
 with atheris.instrument_imports(include=["streamer"]):
-    from streamer.matching import Matcher
+    from streamer.matching import Filter, Matcher
+    from streamer.matching.reference import ReferenceMatcher
     from streamer.node.events import LAYOUTS, Layout, Op, PoisonEvent, normalize
     from streamer.node.ingest import Ingest
     from streamer.node.progress import ProgressStore
@@ -40,7 +47,8 @@ with atheris.instrument_imports(include=["streamer"]):
     from streamer.node.sessions import Sessions
     from streamer.node.subscriptions import SubscriptionSet
     from streamer.protocol import puller_v1_pb2 as pb
-    from streamer.protocol.streamer_v1_pb2 import Filter, SubscribeRequest, Value
+    from streamer.protocol.streamer_v1_pb2 import Filter as PbFilter
+    from streamer.protocol.streamer_v1_pb2 import StreamerMessage, SubscribeRequest, Value
 
 MAX_EVENTS = 4
 DOCUMENT_LIMIT = 4096
@@ -95,44 +103,114 @@ def check_normalize(event: pb.ChangeEvent, soft_delete_field: str) -> None:
         assert (change.document is None) == (change.document_data == b""), where
 
 
-def value(kind: str, v: object) -> Value:
+def proto_value(v: object) -> Value:
+    if isinstance(v, list):
+        return Value(list_value={"values": [proto_value(item) for item in v]})
+    kind = {bool: "bool_value", int: "int_value", str: "string_value"}[type(v)]
     return Value(**{kind: v})
 
 
-# (collection, filters, expression), by gateway: indexed, id, range, scan and
-# whole-collection subscriptions, so every kind of posting the step's fan-out
-# walks is there.
-SUBSCRIPTIONS: tuple[tuple[tuple[str, tuple[Filter, ...], str], ...], ...] = (
+# By gateway: (collection, filters, expression, whether a change without a
+# document reaches it). Indexed, id, scan and whole-collection
+# subscriptions, so every kind of posting the fan-out walks is there.
+Subscription = tuple[str, tuple[tuple[str, str, object], ...], str, bool]
+SUBSCRIPTIONS: tuple[tuple[Subscription, ...], ...] = (
     (
-        ("messages", (Filter(field="chat", op="==", value=value("string_value", "c1")),), ""),
-        ("messages", (Filter(field="_id", op="==", value=value("string_value", "d1")),), ""),
-        ("messages", (), "doc.n > 2 || 'x' in doc.tags"),
+        ("messages", (("chat", "==", "c1"),), "", False),
+        ("messages", (("_id", "==", "d1"),), "", True),
+        ("messages", (), "doc.n > 2 || 'x' in doc.tags", False),
     ),
     (
-        ("messages", (Filter(field="chat", op="==", value=value("string_value", "c1")),), ""),
-        ("messages", (Filter(field="deleted", op="==", value=value("bool_value", True)),), ""),
-        ("users", (), ""),
+        ("messages", (("chat", "==", "c1"),), "", False),
+        ("messages", (("deleted", "==", True),), "", False),
+        ("users", (), "", True),
     ),
     (
-        ("messages", (), ""),
-        ("messages", (), "doc.text.contains('a') && !has(doc.deleted)"),
-        ("users", (Filter(field="_id", op="in", value=Value(list_value={"values": [
-            value("string_value", "d2"), value("int_value", 42)]})),), ""),
+        ("messages", (), "", True),
+        ("messages", (), "doc.text.contains('a') && !has(doc.deleted)", False),
+        ("users", (("_id", "in", ["d2", 42]),), "", True),
     ),
 )
 
 
-def registry() -> Sessions:
-    sessions = Sessions(SubscriptionSet(Matcher()))
+def registry() -> tuple[Sessions, ReferenceMatcher, dict[str, int], set[str]]:
+    """The sessions holding ``SUBSCRIPTIONS``; the reference matcher holding
+    them too; the owner of each; those a change without a document reaches."""
+    sessions, reference = Sessions(SubscriptionSet(Matcher())), ReferenceMatcher()
+    owners: dict[str, int] = {}
+    documentless: set[str] = set()
     for gateway in SUBSCRIPTIONS:
         owner = sessions.connect().owner
-        for n, (collection, filters, expression) in enumerate(gateway):
+        for n, (collection, filters, expression, without_document) in enumerate(gateway):
+            sub_id = f"g{owner}-{n}"
             response = sessions.subscriptions.subscribe(owner, SubscribeRequest(
-                subscription_id=f"g{owner}-{n}", database="app", collection=collection,
-                filters=filters, expression=expression,
+                subscription_id=sub_id, database="app", collection=collection,
+                filters=[PbFilter(field=f, op=op, value=proto_value(v)) for f, op, v in filters],
+                expression=expression,
             ))
             assert response.success, response
-    return sessions
+            reference.add(sub_id, "app", collection, expression=expression or None,
+                          filters=[Filter(*f) for f in filters], owner=owner)
+            owners[sub_id] = owner
+            if without_document:
+                documentless.add(sub_id)
+    return sessions, reference, owners, documentless
+
+
+Deliveries = dict[int, set[tuple[int, frozenset[str]]]]
+
+
+def expected_deliveries(
+    event: pb.PullerEvent, layout: Layout, soft_delete_field: str
+) -> Deliveries:
+    """What docs/semantics.md says one event delivers, by the reference
+    matcher: (operation, subscription ids) by gateway owner."""
+    try:
+        change = normalize(event.change_event, layout=layout, soft_delete_field=soft_delete_field)
+    except PoisonEvent:
+        return {}
+    where = (change.database, change.collection, change.document_id)
+    if change.op is Op.UPDATE and change.before is not None:
+        after = set(REFERENCE.match(*where, change.document))
+        before = set(REFERENCE.match(*where, change.before))
+        groups = {Op.UPDATE: after & before, Op.INSERT: after - before, Op.DELETE: before - after}
+    elif change.document is None:
+        groups = {change.op: set(REFERENCE.match(*where, {})) & DOCUMENTLESS}
+    else:
+        groups = {change.op: set(REFERENCE.match(*where, change.document))}
+    out: Deliveries = {}
+    for op, ids in groups.items():
+        for owner in {OWNERS[i] for i in ids}:
+            mine = frozenset(i for i in ids if OWNERS[i] == owner)
+            out.setdefault(owner, set()).add((op.value, mine))
+    return out
+
+
+def delivered(
+    event: pb.PullerEvent, layout: Layout, soft_delete_field: str,
+    pending: dict[int, list[bytes]],
+) -> Deliveries:
+    """The deliveries ``pending`` holds for one event, each checked against
+    the event it must carry."""
+    out: Deliveries = {}
+    ce = event.change_event
+    try:
+        change = normalize(ce, layout=layout, soft_delete_field=soft_delete_field)
+    except PoisonEvent:
+        change = None
+    for owner, messages in pending.items():
+        for message in messages:
+            delivery = StreamerMessage.FromString(message).delivery
+            sent, ids = delivery.event, frozenset(delivery.subscription_ids)
+            assert change is not None, f"{event!r} is poison, yet delivered {delivery!r}"
+            assert len(ids) == len(delivery.subscription_ids), delivery
+            assert all(OWNERS[i] == owner for i in ids), (owner, delivery)
+            assert (sent.event_id, sent.database, sent.collection, sent.document_id,
+                    sent.document_data, sent.timestamp, sent.progress) == (
+                ce.event_id, change.database, change.collection, change.document_id,
+                change.document_data, ce.timestamp, event.progress), (change, delivery)
+            out.setdefault(owner, set()).add((sent.operation, ids))
+    return out
 
 
 def counters(ingest: Ingest) -> tuple[Any, ...]:
@@ -140,7 +218,7 @@ def counters(ingest: Ingest) -> tuple[Any, ...]:
 
 
 STATE = tempfile.mkdtemp(prefix="streamer-fuzz-events-")
-SESSIONS = registry()
+SESSIONS, REFERENCE, OWNERS, DOCUMENTLESS = registry()
 SERVICER = StreamerServicer(SESSIONS)
 
 
@@ -159,6 +237,16 @@ async def check_ingest(soft_delete_field: str, events: list[pb.PullerEvent]) -> 
     assert got == expected, (got, expected)
     assert list(got[0]) == list(expected[0]), "gateways in another order"
     assert counters(fast) == counters(reference), (counters(fast), counters(reference))
+    for event in events:
+        if not event.HasField("change_event"):
+            continue
+        for layout in LAYOUTS:
+            # One event at a time: a delivery does not say which event of
+            # the batch it belongs to.
+            pending, _ = ingest(layout, soft_delete_field, compiled=False).match_batch([event])
+            got = delivered(event, layout, soft_delete_field, pending)
+            want = expected_deliveries(event, layout, soft_delete_field)
+            assert got == want, f"{layout} layout, {event!r}: delivered {got}, expected {want}"
     received = time.perf_counter()
     for each in (fast, reference, ingest("syntrix", soft_delete_field, compiled=True)):
         each.process_batch(events, received)

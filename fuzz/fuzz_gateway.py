@@ -12,9 +12,13 @@ by another process: ``ALREADY_EXISTS``; a full queue:
 expiry: ``DEADLINE_EXCEEDED``) ends that stream here too, and the gateway
 reconnects. Nothing else may raise.
 
-After every step: every subscribe got one well-formed answer; the
-subscriptions the live sessions hold are exactly those in the index; each
-session's owner number maps back to it. After every stream ends: no
+After every step: every subscribe got one well-formed answer, never a
+success for an id that is live (ids are global); an unsubscribe removed
+exactly the stream's own subscription; a Hello was refused only for an id
+that a live stream of another gateway process holds, and replaced exactly
+the same gateway's older streams; the subscriptions are those a model of
+docs/protocol.md says each stream holds, and exactly those in the index;
+each session's owner number maps back to it. After every stream ends: no
 session, no subscription, and an index whose tables are all empty.
 
     python fuzz/fuzz_gateway.py [libFuzzer options] CORPUS_DIR...
@@ -100,6 +104,9 @@ class Gateways:
         self.sessions = Sessions(self.subscriptions, session_ttl=SESSION_TTL, clock=self.clock)
         self.sessions.window = RestartWindow(KNOWN)
         self.streams = [Stream(self.sessions) for _ in range(STREAMS)]
+        # The protocol's model of who holds which subscription
+        # (docs/protocol.md, Subscribing and Unsubscribing).
+        self.model: dict[str, Session] = {}
 
     def end(self, session: Session) -> None:
         """A stream ended (with a status, or by the gateway): the server's
@@ -109,6 +116,7 @@ class Gateways:
                 stream.queue.discard()
                 self.sessions.disconnect(session)
                 self.streams[index] = Stream(self.sessions)
+        self.model = {i: s for i, s in self.model.items() if s is not session}
 
     def send(self, stream: Stream, message: StreamerMessage) -> None:
         if not stream.queue.offer(message.SerializeToString()) and not stream.queue.closed:
@@ -126,21 +134,36 @@ class Gateways:
             sessions.touch(session)
             response = subscriptions.subscribe(session.owner, message.subscribe)
             check_response(self, session, message, response)
+            if response.success:
+                self.model[response.subscription_id] = session
             self.send(stream, StreamerMessage(subscribe_response=response))
         elif kind == "unsubscribe":
             sessions.touch(session)
-            subscriptions.unsubscribe(session.owner, message.unsubscribe.subscription_id)
+            sub_id = message.unsubscribe.subscription_id
+            removed = subscriptions.unsubscribe(session.owner, sub_id)
+            assert removed == (self.model.get(sub_id) is session), (sub_id, removed)
+            if removed:
+                del self.model[sub_id]
         elif kind == "heartbeat":
             sessions.heartbeat(session, message.heartbeat.gateway_id)
             ack = HeartbeatAck(timestamp=message.heartbeat.timestamp)
             self.send(stream, StreamerMessage(heartbeat_ack=ack))
         elif kind == "hello":
             hello = message.hello
+            holders = [
+                s.session for s in self.streams if s.session is not session
+                and s.session.hello and s.session.gateway_id == hello.gateway_id
+            ] if hello.gateway_id else []
+            proof = proof_of(hello.instance)
             try:
                 replaced = sessions.hello(session, hello.gateway_id, hello.instance)
             except IdentityTaken:
+                # Only a live stream of another gateway process holds an id.
+                assert any(not proof or h.proof != proof for h in holders), holders
                 self.end(session)  # ALREADY_EXISTS
                 return
+            assert set(replaced) == set(holders), (replaced, holders)
+            assert session.hello and session.gateway_id == hello.gateway_id, session
             for old in replaced:
                 self.end(old)  # ABORTED
             if hello.batch_delivery:
@@ -168,6 +191,9 @@ class Gateways:
             for sub_id in owned:
                 assert subscriptions.owner_of(sub_id) == session.owner, sub_id
         assert subscriptions.ids() == held, (subscriptions.ids(), held)
+        assert {i: s.owner for i, s in self.model.items()} == {
+            i: subscriptions.owner_of(i) for i in held
+        }, (self.model, held)
         assert len(self.matcher) == len(held), (len(self.matcher), held)
         assert all(sub_id in self.matcher for sub_id in held), held
 
@@ -190,6 +216,9 @@ def check_response(
     assert isinstance(response, SubscribeResponse), response
     assert response.subscription_id, response
     assert not request.subscription_id or response.subscription_id == request.subscription_id
+    # Ids are global across gateways: a live one is never granted again.
+    taken = response.subscription_id in gateways.model
+    assert not (taken and response.success), (response, gateways.model)
     if response.success:
         assert not response.code and not response.error, response
         assert response.subscription_id in gateways.subscriptions.owned(session.owner)
