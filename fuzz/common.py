@@ -42,7 +42,7 @@ def pick(fdp: atheris.FuzzedDataProvider, options: Sequence[T], other: Callable[
 def document(fdp: atheris.FuzzedDataProvider, limit: int) -> object:
     """A JSON document when the bytes are JSON (readable seeds), else a value
     made from them that JSON cannot spell: NaN, infinities, -0.0, integers
-    past 64 bits, tuples, non-string keys."""
+    past 64 bits, non-string keys."""
     raw = blob(fdp, limit)
     try:
         return orjson.loads(raw)

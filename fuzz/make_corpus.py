@@ -74,6 +74,14 @@ def dumps(value: object) -> bytes:
 
 # ------------------------------------------------------------------ CEL
 
+
+def nested(depth: int) -> object:
+    value: object = 1
+    for level in range(depth):
+        value = [value] if level % 2 else {"k": value}
+    return value
+
+
 MESSAGE = {
     "chat_id": "c12", "user_id": "u3", "type": "text", "text": "hello there",
     "score": 4.5, "created_at": 1700000000000, "tags": ["urgent", "news"],
@@ -100,6 +108,13 @@ WORKLOAD_EXPRESSIONS = [
     ("(" * 70 + "true" + ")" * 70, "d1", {}),
     ("doc.l[0] in doc.m && doc.l[1] != null", "d1", {"l": [1, None], "m": {"1": 0}}),
     ("doc.x.exists(y, y > 1)", "d1", {"x": [1, 2]}),
+    # Around the evaluator's bound on the nesting of compared values (100).
+    ("doc.a == doc.b", "d1", {"a": nested(100), "b": nested(100)}),
+    ("doc.a in doc.b", "d1", {"a": nested(101), "b": [nested(101)]}),
+    ("doc.n == 9007199254740993 || doc.n == 9007199254740992.0", "d1", {"n": 2**53 + 1}),
+    # On either side of the 4096-character bound.
+    ("doc.s == 'é'" + " " * 4084, "d1", {"s": "é"}),
+    ("doc.s == 'é'" + " " * 4085, "d1", {"s": "é"}),
 ]
 
 
@@ -113,7 +128,7 @@ def _binding(expr: str, bindings: dict[str, object]) -> str | None:
     return expr
 
 
-def conformance_expressions() -> Iterator[tuple[str, str | None, object]]:
+def conformance_expressions() -> Iterator[tuple[str, tuple[str, str | None, object]]]:
     """Two cases of each section of the conformance file, with their
     variables as document fields."""
     seen: dict[str, int] = {}
@@ -129,18 +144,19 @@ def conformance_expressions() -> Iterator[tuple[str, str | None, object]]:
         if expr is None:
             continue
         seen[section] = seen.get(section, 0) + 1
-        yield expr, "d1", doc
+        yield re.sub(r"\W+", "-", case["name"]), (expr, "d1", doc)
 
 
 def cel_seeds() -> Iterator[tuple[str, bytes]]:
-    for n, case in enumerate([*WORKLOAD_EXPRESSIONS, *conformance_expressions()]):
+    shapes = ((f"shape-{n:02d}", case) for n, case in enumerate(WORKLOAD_EXPRESSIONS))
+    for name, case in (*shapes, *conformance_expressions()):
         expression, document_id, doc = case
         raw = dumps(doc)
         enc = Encoder().text(expression, fuzz_cel.EXPRESSION_LIMIT)
         enc.pick(document_id, fuzz_cel.DOCUMENT_IDS, 16)
         data = enc.bytes(raw, fuzz_cel.DOCUMENT_LIMIT).data()
         assert fuzz_cel.decode(data) == (expression, document_id, doc), case
-        yield f"cel-{n:02d}", data
+        yield f"cel-{name}", data
 
 
 # ------------------------------------------------------------------ events
