@@ -1,8 +1,8 @@
 """Fuzz target: gateway messages through the session logic.
 
 An input is a script for three gateway streams: steps that each send
-arbitrary bytes on one stream, close one (the gateway goes away) or let
-time pass (the session TTL). The bytes are decoded as a ``GatewayMessage``
+arbitrary bytes on one stream, close one (the gateway goes away), let time
+pass (the session TTL), or match a document. The bytes are decoded as a ``GatewayMessage``
 and handled with the calls ``streamer/node/server.py``'s ``_read`` and
 ``_hello`` make on ``Sessions``, the ``SubscriptionSet`` and the stream's
 ``GatewayQueue``; what the server answers with a gRPC status (a message
@@ -18,7 +18,13 @@ exactly the stream's own subscription; a Hello was refused only for an id
 that a live stream of another gateway process holds, and replaced exactly
 the same gateway's older streams; the subscriptions are those a model of
 docs/protocol.md says each stream holds, and exactly those in the index;
-each session's owner number maps back to it. After every stream ends: no
+each session's owner number maps back to it. A match step matches a
+document (JSON, or a value JSON cannot spell) in the collection of one of
+the live subscriptions: the index, churned by every subscribe, unsubscribe
+and departure before it, gives the (id, owner) pairs ``ReferenceMatcher``
+gives for the same subscriptions. A subscribe refused as
+``invalid_argument`` is refused by the reference too; one accepted is
+accepted by it. After every stream ends: no
 session, no subscription, and an index whose tables are all empty.
 
     python fuzz/fuzz_gateway.py [libFuzzer options] CORPUS_DIR...
@@ -27,13 +33,16 @@ session, no subscription, and an index whose tables are all empty.
 from __future__ import annotations
 
 import logging
+from array import array
 
 import atheris
-from common import blob, main
+from common import blob, document, main, pick, text
 from google.protobuf.message import DecodeError
 
 with atheris.instrument_imports(include=["streamer"]):
-    from streamer.matching import Matcher
+    from streamer.errors import InvalidSubscription
+    from streamer.matching import Filter, Matcher
+    from streamer.matching.reference import ReferenceMatcher
     from streamer.node.delivery import GatewayQueue
     from streamer.node.sessions import (
         IdentityTaken,
@@ -54,7 +63,9 @@ with atheris.instrument_imports(include=["streamer"]):
         GatewayMessage,
         HeartbeatAck,
         StreamerMessage,
+        SubscribeRequest,
         SubscribeResponse,
+        Value,
     )
 
 STREAMS = 3
@@ -73,7 +84,9 @@ CODES = {INVALID_ARGUMENT, ALREADY_EXISTS, RESOURCE_EXHAUSTED}
 # What the node knew before a restart: one gateway with its Hello proof.
 KNOWN = KnownGateways(frozenset({"gw-1"}), 1, frozenset({("gw-1", proof_of("instance-1"))}))
 
-MESSAGE, CLOSE, WAIT = 0, 1, 2
+MESSAGE, CLOSE, WAIT, MATCH = 0, 1, 2, 3
+DOCUMENT_LIMIT = 1024
+DOCUMENT_IDS = (None, "d1", "42")
 
 
 class Clock:
@@ -105,8 +118,11 @@ class Gateways:
         self.sessions.window = RestartWindow(KNOWN)
         self.streams = [Stream(self.sessions) for _ in range(STREAMS)]
         # The protocol's model of who holds which subscription
-        # (docs/protocol.md, Subscribing and Unsubscribing).
+        # (docs/protocol.md, Subscribing and Unsubscribing), and the same
+        # subscriptions in the reference matcher.
         self.model: dict[str, Session] = {}
+        self.reference = ReferenceMatcher()
+        self.where: dict[str, tuple[str, str]] = {}
 
     def end(self, session: Session) -> None:
         """A stream ended (with a status, or by the gateway): the server's
@@ -116,7 +132,9 @@ class Gateways:
                 stream.queue.discard()
                 self.sessions.disconnect(session)
                 self.streams[index] = Stream(self.sessions)
-        self.model = {i: s for i, s in self.model.items() if s is not session}
+        for sub_id in [i for i, s in self.model.items() if s is session]:
+            del self.model[sub_id]
+            self.reference.remove(sub_id)
 
     def send(self, stream: Stream, message: StreamerMessage) -> None:
         if not stream.queue.offer(message.SerializeToString()) and not stream.queue.closed:
@@ -135,7 +153,7 @@ class Gateways:
             response = subscriptions.subscribe(session.owner, message.subscribe)
             check_response(self, session, message, response)
             if response.success:
-                self.model[response.subscription_id] = session
+                self.accepted(session, response.subscription_id, message.subscribe)
             self.send(stream, StreamerMessage(subscribe_response=response))
         elif kind == "unsubscribe":
             sessions.touch(session)
@@ -144,6 +162,7 @@ class Gateways:
             assert removed == (self.model.get(sub_id) is session), (sub_id, removed)
             if removed:
                 del self.model[sub_id]
+                self.reference.remove(sub_id)
         elif kind == "heartbeat":
             sessions.heartbeat(session, message.heartbeat.gateway_id)
             ack = HeartbeatAck(timestamp=message.heartbeat.timestamp)
@@ -172,6 +191,32 @@ class Gateways:
                 stream.queue.max_message = hello.max_message_bytes
         else:
             sessions.touch(session)
+
+    def accepted(self, session: Session, sub_id: str, request: SubscribeRequest) -> None:
+        self.model[sub_id] = session
+        self.where[sub_id] = (request.database, request.collection)
+        try:
+            self.reference.add(
+                sub_id, request.database, request.collection, filters=filters_of(request),
+                expression=request.expression or None, owner=session.owner,
+            )
+        except InvalidSubscription as exc:
+            raise AssertionError(f"accepted, but the reference refuses it: {exc}") from None
+
+    def match(self, pick: int, document_id: str | None, doc: object) -> None:
+        """Match a document in the collection of one of the live
+        subscriptions (picked by ``pick``): the index, churned by every
+        step so far, and the reference give the same (id, owner) pairs."""
+        live = sorted(self.model)
+        database, collection = self.where[live[pick % len(live)]] if live else ("", "")
+        ids, owners = self.matcher.match_owned(database, collection, document_id, doc)
+        got = list(zip(ids, array("I", owners), strict=True))
+        ref_ids, ref_owners = self.reference.match_owned(database, collection, document_id, doc)
+        want = set(zip(ref_ids, array("I", ref_owners), strict=True))
+        assert len(got) == len(set(got)) and set(got) == want, (
+            f"{database!r}/{collection!r}, id {document_id!r}, {doc!r}: "
+            f"index {sorted(got)}, reference {sorted(want)}"
+        )
 
     def wait(self, seconds: int) -> None:
         self.clock.now += seconds
@@ -219,6 +264,16 @@ def check_response(
     # Ids are global across gateways: a live one is never granted again.
     taken = response.subscription_id in gateways.model
     assert not (taken and response.success), (response, gateways.model)
+    if response.code == INVALID_ARGUMENT:
+        try:
+            ReferenceMatcher().add(
+                "s", request.database, request.collection, filters=filters_of(request),
+                expression=request.expression or None,
+            )
+        except InvalidSubscription:
+            pass
+        else:
+            raise AssertionError(f"refused as invalid, but the reference takes it: {response}")
     if response.success:
         assert not response.code and not response.error, response
         assert response.subscription_id in gateways.subscriptions.owned(session.owner)
@@ -227,7 +282,21 @@ def check_response(
         assert response.code in CODES and response.error, response
 
 
-Step = tuple[int, int, bytes | int | None]
+def filters_of(request: SubscribeRequest) -> list[Filter]:
+    return [Filter(f.field, f.op, value_of(f.value)) for f in request.filters]
+
+
+def value_of(value: Value) -> object:
+    """A protocol ``Value`` as the matcher takes it (unset: None, a null)."""
+    kind = value.WhichOneof("kind")
+    if kind is None:
+        return None
+    if kind == "list_value":
+        return [value_of(v) for v in value.list_value.values]
+    return getattr(value, kind)
+
+
+Step = tuple[int, int, bytes | int | tuple[int, str | None, object] | None]
 
 
 def decode(data: bytes) -> list[Step]:
@@ -236,11 +305,15 @@ def decode(data: bytes) -> list[Step]:
     steps: list[Step] = []
     while fdp.remaining_bytes():
         stream = fdp.ConsumeIntInRange(0, STREAMS - 1)
-        action = fdp.ConsumeIntInRange(MESSAGE, WAIT)
+        action = fdp.ConsumeIntInRange(MESSAGE, MATCH)
         if action == MESSAGE:
             steps.append((stream, action, blob(fdp, MESSAGE_LIMIT)))
         elif action == WAIT:
             steps.append((stream, action, fdp.ConsumeIntInRange(0, 2 * SESSION_TTL)))
+        elif action == MATCH:
+            pick_sub = fdp.ConsumeIntInRange(0, 255)
+            document_id = pick(fdp, DOCUMENT_IDS, lambda: text(fdp, 16))
+            steps.append((stream, action, (pick_sub, document_id, document(fdp, DOCUMENT_LIMIT))))
         else:
             steps.append((stream, action, None))
     return steps
@@ -256,6 +329,9 @@ def test_one_input(data: bytes) -> None:
         elif action == WAIT:
             assert isinstance(argument, int)
             gateways.wait(argument)
+        elif action == MATCH:
+            assert isinstance(argument, tuple)
+            gateways.match(*argument)
         else:
             gateways.end(stream.session)
         gateways.check()

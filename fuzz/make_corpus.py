@@ -279,7 +279,14 @@ def unsubscribe(sub_id: str) -> bytes:
 S = spb.Value
 CLOSE, WAIT = "close", "wait"
 CHAT_C1 = flt("chat_id", "==", S(string_value="c1"))
-GATEWAY: dict[str, list[tuple[int, bytes | str, int]]] = {
+
+
+def match(document_id: str | None, doc: object, pick: int = 0) -> tuple[int, str | None, object]:
+    return pick, document_id, doc
+
+
+Action = bytes | str | tuple[int, str | None, object]
+GATEWAY: dict[str, list[tuple[int, Action, int]]] = {
     "subscribe-filters": [(0, subscribe("s1", CHAT_C1, flt("type", "eq", S(string_value="text")),
                                         flt("score", ">=", S(double_value=3.5))), 0)],
     "subscribe-values": [(0, subscribe(
@@ -312,6 +319,15 @@ GATEWAY: dict[str, list[tuple[int, bytes | str, int]]] = {
                (1, heartbeat(), 0), (2, WAIT, 31)],
     "close": [(0, subscribe("s1", CHAT_C1), 0), (0, CLOSE, 0), (1, subscribe("s1", CHAT_C1), 0)],
     "queue-full": [(0, heartbeat(), 0) for _ in range(25)],
+    "match": [(0, subscribe("s1", CHAT_C1), 0), (1, subscribe("s2", flt(
+        "score", ">", S(double_value=3.5))), 0), (2, subscribe("s3", expression=(
+            "'urgent' in doc.tags")), 0), (0, match("d1", MESSAGE), 0),
+        (1, match(None, {"chat_id": "c2", "score": 3.75}, 1), 0)],
+    "match-churn": [(0, subscribe("s1", CHAT_C1), 0), (1, subscribe("s2", CHAT_C1), 0),
+                    (0, unsubscribe("s1"), 0), (1, CLOSE, 0), (2, subscribe("s1", flt(
+                        "_id", "in", S(list_value=spb.ListValue(values=[
+                            S(string_value="d1"), S(int_value=42)])))), 0),
+                    (2, match("42", [1, 2]), 0)],
 }
 
 
@@ -320,16 +336,22 @@ def gateway_seeds() -> Iterator[tuple[str, bytes]]:
         enc, expected = Encoder(), []
         for stream, what, seconds in steps:
             enc.int(stream, 0, fuzz_gateway.STREAMS - 1)
-            if what == CLOSE:
-                enc.int(fuzz_gateway.CLOSE, fuzz_gateway.MESSAGE, fuzz_gateway.WAIT)
+            if isinstance(what, tuple):
+                pick, document_id, doc = what
+                enc.int(fuzz_gateway.MATCH, fuzz_gateway.MESSAGE, fuzz_gateway.MATCH)
+                enc.int(pick, 0, 255).pick(document_id, fuzz_gateway.DOCUMENT_IDS, 16)
+                enc.bytes(dumps(doc), fuzz_gateway.DOCUMENT_LIMIT)
+                expected.append((stream, fuzz_gateway.MATCH, (pick, document_id, doc)))
+            elif what == CLOSE:
+                enc.int(fuzz_gateway.CLOSE, fuzz_gateway.MESSAGE, fuzz_gateway.MATCH)
                 expected.append((stream, fuzz_gateway.CLOSE, None))
             elif what == WAIT:
-                enc.int(fuzz_gateway.WAIT, fuzz_gateway.MESSAGE, fuzz_gateway.WAIT)
+                enc.int(fuzz_gateway.WAIT, fuzz_gateway.MESSAGE, fuzz_gateway.MATCH)
                 enc.int(seconds, 0, 2 * fuzz_gateway.SESSION_TTL)
                 expected.append((stream, fuzz_gateway.WAIT, seconds))
             else:
                 assert isinstance(what, bytes)
-                enc.int(fuzz_gateway.MESSAGE, fuzz_gateway.MESSAGE, fuzz_gateway.WAIT)
+                enc.int(fuzz_gateway.MESSAGE, fuzz_gateway.MESSAGE, fuzz_gateway.MATCH)
                 enc.bytes(what, fuzz_gateway.MESSAGE_LIMIT)
                 expected.append((stream, fuzz_gateway.MESSAGE, what))
         data = enc.data()
