@@ -6,12 +6,13 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 EXT_MODULES := streamer._ext._core streamer._ext._celparse streamer._ext._fanout streamer._ext._ingest
 
-.PHONY: test bench bench-e2e reliability demo lint proto sanitize wheel clean
+.PHONY: test bench bench-e2e reliability demo lint proto sanitize wheel clean \
+	fuzz-cel fuzz-events fuzz-gateway fuzz-smoke
 
 $(STAMP): pyproject.toml setup.py streamer/_ext/*.pyx streamer/_ext/*.pxd
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,bench,lint,dev]'
+	$(PY) -m pip install --quiet -e '.[test,bench,lint,dev,fuzz]'
 	touch $(STAMP)
 
 ## Run the test suite (what CI runs).
@@ -49,7 +50,7 @@ demo: $(STAMP)
 ## against the module as built (tools/stubtest-allowlist.txt says what it
 ## cannot check in Cython).
 lint: $(STAMP)
-	$(PY) -m ruff check streamer tests bench tools
+	$(PY) -m ruff check streamer tests bench tools fuzz
 	$(PY) -m mypy
 	$(PY) -m mypy.stubtest --mypy-config-file pyproject.toml \
 		--allowlist tools/stubtest-allowlist.txt $(EXT_MODULES)
@@ -61,6 +62,31 @@ proto: $(STAMP)
 ## The core tests against an AddressSanitizer + UBSan build (CMakeLists.txt).
 sanitize: $(STAMP)
 	PYTHON=$(PY) tools/sanitize.sh
+
+## Fuzz one target (fuzz/, docs/reliability.md) until stopped, or for
+## FUZZ_SECONDS. The committed seeds in fuzz/corpus/<target>/ are read, never
+## written: what the fuzzer finds goes to build/fuzz/<target>/corpus/, and a
+## crashing input to build/fuzz/<target>/crash-*. FUZZ_ARGS passes libFuzzer
+## options (e.g. FUZZ_ARGS=-jobs=2).
+FUZZ_SECONDS ?=
+FUZZ_ARGS ?=
+FUZZ_DIR := build/fuzz
+# A slow input is a defect too (every expression and event is bounded).
+FUZZ_FLAGS = -timeout=30 -print_final_stats=1 -artifact_prefix=$(FUZZ_DIR)/$*/ \
+	$(if $(FUZZ_SECONDS),-max_total_time=$(FUZZ_SECONDS)) \
+	$(addprefix -dict=,$(wildcard fuzz/$*.dict))
+# Room for an expression past the CEL parser's 4096-character bound, and a
+# document, in one input (libFuzzer's default is 4096 bytes in all).
+fuzz-cel: FUZZ_FLAGS += -max_len=12288
+fuzz-cel fuzz-events fuzz-gateway: fuzz-%: $(STAMP)
+	mkdir -p $(FUZZ_DIR)/$*/corpus
+	$(PY) fuzz/fuzz_$*.py $(FUZZ_FLAGS) $(FUZZ_ARGS) $(FUZZ_DIR)/$*/corpus fuzz/corpus/$*
+
+## Each fuzz target for FUZZ_SECONDS (default 60) seconds; fails on any crash.
+fuzz-smoke: $(STAMP)
+	$(MAKE) fuzz-cel FUZZ_SECONDS=$(or $(FUZZ_SECONDS),60)
+	$(MAKE) fuzz-events FUZZ_SECONDS=$(or $(FUZZ_SECONDS),60)
+	$(MAKE) fuzz-gateway FUZZ_SECONDS=$(or $(FUZZ_SECONDS),60)
 
 ## Build an sdist and a wheel into dist/.
 wheel: $(STAMP)
