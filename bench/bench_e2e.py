@@ -7,7 +7,7 @@ inside it, per offered rate), and prints its table in the final summary.
 
 Sizes come from the environment: ``STREAMER_BENCH_E2E_N`` (100000),
 ``STREAMER_BENCH_E2E_GATEWAYS`` (8), ``STREAMER_BENCH_E2E_RATES``
-(5000,10000,25000,50000; batched variant and relay),
+(5000,10000,30000,50000; batched variant and relay),
 ``STREAMER_BENCH_E2E_PLAIN_RATES`` (5000,10000), ``STREAMER_BENCH_E2E_SECONDS``
 (10, the measured window per rate), ``STREAMER_BENCH_E2E_WARMUP`` (4),
 ``STREAMER_BENCH_E2E_VARIANTS`` (relay,batched,plain),
@@ -38,7 +38,7 @@ def _config() -> Config:
     return Config(
         n=int(env("STREAMER_BENCH_E2E_N", "100000")),
         gateways=int(env("STREAMER_BENCH_E2E_GATEWAYS", "8")),
-        rates=_ints("STREAMER_BENCH_E2E_RATES", "5000,10000,25000,50000"),
+        rates=_ints("STREAMER_BENCH_E2E_RATES", "5000,10000,30000,50000"),
         plain_rates=_ints("STREAMER_BENCH_E2E_PLAIN_RATES", "5000,10000"),
         seconds=float(env("STREAMER_BENCH_E2E_SECONDS", "10")),
         warmup=float(env("STREAMER_BENCH_E2E_WARMUP", "4")),
