@@ -38,6 +38,7 @@ import random
 import secrets
 import time
 import uuid
+from dataclasses import dataclass
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -59,6 +60,7 @@ from streamer.protocol.streamer_v1_pb2 import (
     Heartbeat,
     Hello,
     ListValue,
+    SubscribeBatch,
     SubscribeRequest,
     SubscribeResponse,
     UnsubscribeRequest,
@@ -71,7 +73,8 @@ if TYPE_CHECKING:
     from streamer.matching import matcher
 
 __all__ = [
-    "AccessDenied", "CannotConnect", "StreamClosed", "StreamerClient", "SubscriptionRejected",
+    "AccessDenied", "CannotConnect", "StreamClosed", "StreamerClient", "Subscription",
+    "SubscriptionRejected",
 ]
 
 log = logging.getLogger(__name__)
@@ -82,8 +85,24 @@ DEFAULT_HEARTBEAT_INTERVAL = 10.0
 # Long enough for a server that is still starting, short enough that a
 # wrong address is reported while someone is still watching.
 DEFAULT_CONNECT_TIMEOUT = 10.0
+# What one subscribe_batch carries at most: well under the server's 4 MiB
+# receive limit, and small enough that the server answers it in a few ms.
+BATCH_REQUESTS = 5000
+BATCH_BYTES = 1 << 20
 _FATAL = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
 _INT64 = (-(2**63), 2**63 - 1)
+
+
+@dataclass(frozen=True)
+class Subscription:
+    """One subscription for ``StreamerClient.subscribe_many``: the arguments
+    of ``subscribe()``."""
+
+    collection: str
+    filters: Sequence[matcher.Filter | tuple[str, str, Any]] = ()
+    expression: str = ""
+    database: str = ""
+    subscription_id: str | None = None
 
 
 class StreamerClient:
@@ -257,26 +276,95 @@ class StreamerClient:
         so ``""`` matches only events whose database is ``""``.
         """
         self._check_open()
-        sub_id = subscription_id or str(uuid.uuid4())
-        if sub_id in self._requests:
-            raise SubscriptionRejected(
-                sub_id, "already_exists", "already subscribed by this client"
-            )
-        request = SubscribeRequest(
-            subscription_id=sub_id, collection=collection, database=database,
-            filters=[_filter(i, f) for i, f in enumerate(filters, 1)], expression=expression,
-        )
-        waiter = asyncio.get_running_loop().create_future()
-        self._requests[sub_id] = request
-        self._waiters[sub_id] = waiter
-        # While a stream is being set up, its handshake sends this request.
-        if self._connected.is_set():
-            self._sent.add(sub_id)
-            self._send(GatewayMessage(subscribe=request))
+        (request,) = self._requests_of([Subscription(
+            collection, filters=tuple(filters), expression=expression, database=database,
+            subscription_id=subscription_id)])
+        (waiter,) = self._register([request])
         try:
             async with asyncio.timeout(timeout):
                 response = await waiter
         except BaseException:
+            self._withdraw([(request, waiter)])
+            raise
+        if not response.success:
+            raise SubscriptionRejected(request.subscription_id, response.code, response.error)
+        return request.subscription_id
+
+    async def subscribe_many(
+        self, subscriptions: Iterable[Subscription], *, timeout: float | None = None
+    ) -> list[str | SubscriptionRejected]:
+        """Register many subscriptions at once, and return for each, in
+        order, its id once the server accepted it or the
+        ``SubscriptionRejected`` saying why it did not.
+
+        With ``batch`` (the default) they travel in ``subscribe_batch``
+        messages of up to ``BATCH_REQUESTS`` requests, which the server
+        answers one message per batch: registration runs at the speed of
+        the index, not of one round of messages per subscription. Without
+        it each is a single ``subscribe``. ``timeout`` bounds the whole call
+        (``TimeoutError``; none of the subscriptions is kept then); the
+        other errors are ``subscribe()``'s, raised before anything is sent
+        when a subscription is malformed.
+        """
+        self._check_open()
+        requests = self._requests_of(subscriptions)
+        if not requests:
+            return []
+        waiters = self._register(requests)
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.wait(waiters)
+            responses = [w.result() for w in waiters]
+        except BaseException:
+            self._withdraw(list(zip(requests, waiters, strict=True)))
+            raise
+        return [
+            r.subscription_id if response.success
+            else SubscriptionRejected(r.subscription_id, response.code, response.error)
+            for r, response in zip(requests, responses, strict=True)
+        ]
+
+    def _requests_of(self, subscriptions: Iterable[Subscription]) -> list[SubscribeRequest]:
+        """The protocol requests, each with its id (drawn when not given:
+        the client must know it to re-subscribe after a reconnect); raises
+        before anything is registered."""
+        requests: list[SubscribeRequest] = []
+        ids: set[str] = set()
+        for spec in subscriptions:
+            sub_id = spec.subscription_id or str(uuid.uuid4())
+            if sub_id in self._requests or sub_id in ids:
+                raise SubscriptionRejected(
+                    sub_id, "already_exists", "already subscribed by this client")
+            ids.add(sub_id)
+            requests.append(SubscribeRequest(
+                subscription_id=sub_id, collection=spec.collection, database=spec.database,
+                filters=[_filter(i, f) for i, f in enumerate(spec.filters, 1)],
+                expression=spec.expression,
+            ))
+        return requests
+
+    def _register(
+        self, requests: list[SubscribeRequest]
+    ) -> list[asyncio.Future[SubscribeResponse]]:
+        """Make the requests wanted and awaited, and send them now if a
+        stream is up (else its handshake sends them)."""
+        loop = asyncio.get_running_loop()
+        waiters: list[asyncio.Future[SubscribeResponse]] = []
+        for request in requests:
+            waiter = loop.create_future()
+            self._requests[request.subscription_id] = request
+            self._waiters[request.subscription_id] = waiter
+            waiters.append(waiter)
+        if self._connected.is_set():
+            self._send_unsent()
+        return waiters
+
+    def _withdraw(
+        self, pending: list[tuple[SubscribeRequest, asyncio.Future[SubscribeResponse]]]
+    ) -> None:
+        """Forget requests whose caller gave up (timeout, cancellation)."""
+        for request, waiter in pending:
+            sub_id = request.subscription_id
             waiter.cancel()  # wakes unsubscribe() calls waiting for the answer
             if self._waiters.get(sub_id) is waiter:
                 del self._waiters[sub_id]
@@ -286,10 +374,6 @@ class StreamerClient:
                     # The server may have registered it: nobody would own it.
                     self._send(GatewayMessage(unsubscribe=UnsubscribeRequest(
                         subscription_id=sub_id)))
-            raise
-        if not response.success:
-            raise SubscriptionRejected(sub_id, response.code, response.error)
-        return sub_id
 
     async def unsubscribe(self, subscription_id: str) -> None:
         """Remove a subscription (unknown ids are ignored, as the server does).
@@ -449,6 +533,9 @@ class StreamerClient:
                 self._acked.set()
             elif kind == "subscribe_response":
                 self._answer(message.subscribe_response)
+            elif kind == "subscribe_batch_response":
+                for response in message.subscribe_batch_response.responses:
+                    self._answer(response)
             else:
                 log.warning("streamer %s sent a message of unknown kind %r", self.target, kind)
         raise ConnectionError("the server ended the stream")
@@ -526,10 +613,26 @@ class StreamerClient:
             self._heartbeat()
 
     def _send_unsent(self) -> None:
-        for sub_id, request in self._requests.items():
-            if sub_id not in self._sent:
-                self._sent.add(sub_id)
+        """Send the requests not sent on this stream yet: when batching and
+        there are several, in ``subscribe_batch`` messages of up to
+        ``BATCH_REQUESTS`` requests or ``BATCH_BYTES`` bytes; else one by one."""
+        unsent = [(i, r) for i, r in self._requests.items() if i not in self._sent]
+        self._sent.update(i for i, _ in unsent)
+        if not self.batch or len(unsent) == 1:
+            for _, request in unsent:
                 self._send(GatewayMessage(subscribe=request))
+            return
+        batch: list[SubscribeRequest] = []
+        size = 0
+        for _, request in unsent:
+            cost = request.ByteSize() + 4  # its tag and length in the batch
+            if batch and (len(batch) == BATCH_REQUESTS or size + cost > BATCH_BYTES):
+                self._send(GatewayMessage(subscribe_batch=SubscribeBatch(requests=batch)))
+                batch, size = [], 0
+            batch.append(request)
+            size += cost
+        if batch:
+            self._send(GatewayMessage(subscribe_batch=SubscribeBatch(requests=batch)))
 
     def _heartbeat(self) -> None:
         self._send(GatewayMessage(heartbeat=Heartbeat(

@@ -20,7 +20,7 @@ import orjson
 import pytest
 from service_helpers import Service, free_port, serving, until
 
-from streamer.client import DEFAULT_CONNECT_TIMEOUT, StreamerClient
+from streamer.client import DEFAULT_CONNECT_TIMEOUT, StreamerClient, Subscription
 from streamer.errors import (
     AccessDenied,
     CannotConnect,
@@ -36,6 +36,7 @@ from streamer.protocol.streamer_v1_pb2 import (
     GatewayMessage,
     HeartbeatAck,
     StreamerMessage,
+    SubscribeBatchResponse,
     SubscribeRequest,
     SubscribeResponse,
 )
@@ -230,6 +231,46 @@ def test_a_restarted_streamer_gets_every_subscription_back(tmp_path: Path) -> No
             got = await take(client, 2)
             assert [(d.event.event_id, list(d.subscription_ids)) for d in got] == [
                 ("e1", ["b"]), ("e2", [a])]
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("batch", [True, False])
+def test_subscribe_many_answers_each_in_order_and_reconnects_register_in_batches(
+    tmp_path: Path, batch: bool,
+) -> None:
+    async def scenario() -> None:
+        async with Service(tmp_path) as svc, StreamerClient(
+            svc.target, gateway_id="gw", batch=batch, **FAST
+        ) as client:
+            await client.subscribe("messages", database="app", subscription_id="taken",
+                                   filters=chat("x"))
+            # Single subscribes take a round of messages each: fewer of them,
+            # so that re-subscribing them fits in the FAST ack timeout.
+            n = 12_000 if batch else 1200
+            many = [Subscription("messages", database="app", filters=chat(f"c{i % 3}"),
+                                 subscription_id=f"s{i}") for i in range(n)]
+            results = await client.subscribe_many([
+                *many[:n // 2], Subscription("messages", filters=[("chat", "~=", "c")]),
+                *many[n // 2:]])
+            assert results[:n // 2] == [f"s{i}" for i in range(n // 2)]
+            assert results[n // 2 + 1:] == [f"s{i}" for i in range(n // 2, n)]
+            refused = results[n // 2]
+            assert isinstance(refused, SubscriptionRejected) and refused.code == "invalid_argument"
+            with pytest.raises(SubscriptionRejected, match="already subscribed"):
+                await client.subscribe_many([Subscription("messages", subscription_id="taken")])
+            assert await client.subscribe_many([]) == []
+            # Batches of BATCH_REQUESTS when batching, else one by one.
+            assert svc.servicer.batch_subscribes == (n + 1 if batch else 0)
+            await svc.stop()
+            await until(lambda: not client.connected)
+            await svc.start()  # same port, empty index
+            await until(lambda: client.connected)
+            assert svc.subscriptions.ids() == {"taken", *(f"s{i}" for i in range(n))}
+            assert svc.servicer.batch_subscribes == (n + 1 if batch else 0)
+            await svc.puller.append(change(0, chat="c1"))
+            [got] = await take(client, 1)
+            assert len(got.subscription_ids) == n // 3
 
     run(scenario)
 
@@ -465,22 +506,33 @@ class StuckStreamer:
         first = len(self.streams) == 1
         async for message in requests:
             kind = message.WhichOneof("payload")
-            if kind != "subscribe":
+            if kind == "subscribe_batch":
+                requests = list(message.subscribe_batch.requests)
+            elif kind == "subscribe":
+                requests = [message.subscribe]
+            else:
                 if kind == "heartbeat" and "heartbeat" not in kinds:
                     yield StreamerMessage(heartbeat_ack=HeartbeatAck(
                         timestamp=message.heartbeat.timestamp))
                 kinds.append(str(kind))
                 continue
-            sub_id = message.subscribe.subscription_id
-            kinds.append(f"subscribe {sub_id}")
-            if first:
-                yield StreamerMessage(subscribe_response=SubscribeResponse(
-                    subscription_id="ghost", success=True))
-                response = SubscribeResponse(subscription_id=sub_id, success=True)
+            responses = []
+            for request in requests:
+                sub_id = request.subscription_id
+                kinds.append(f"{kind} {sub_id}")
+                if first:
+                    yield StreamerMessage(subscribe_response=SubscribeResponse(
+                        subscription_id="ghost", success=True))
+                    responses.append(SubscribeResponse(subscription_id=sub_id, success=True))
+                else:
+                    responses.append(SubscribeResponse(
+                        subscription_id=sub_id, success=False, code="already_exists",
+                        error="taken"))
+            if kind == "subscribe":
+                yield StreamerMessage(subscribe_response=responses[0])
             else:
-                response = SubscribeResponse(
-                    subscription_id=sub_id, success=False, code="already_exists", error="taken")
-            yield StreamerMessage(subscribe_response=response)
+                yield StreamerMessage(subscribe_batch_response=SubscribeBatchResponse(
+                    responses=responses))
 
     async def __aenter__(self) -> str:
         self._server = grpc.aio.server()
@@ -511,8 +563,9 @@ def test_missing_acks_mean_a_dead_stream(caplog: pytest.LogCaptureFixture) -> No
             await until(lambda: client.reconnects >= 2)  # the third stream got its ack
             first, second, third = peer.streams[:3]
             assert first[:3] == ["hello", "heartbeat", "subscribe s"]
-            # Re-subscribed with the same id between Hello and the heartbeat;
-            # refused, so dropped: the next stream no longer asks for it.
+            # Re-subscribed with the same id between Hello and
+            # the heartbeat; refused, so dropped: the next stream no longer
+            # asks for it.
             assert second[:3] == ["hello", "subscribe s", "heartbeat"]
             assert third[:2] == ["hello", "heartbeat"]
             assert not any(k.startswith("subscribe") for k in third)

@@ -793,3 +793,21 @@ def test_concatenation_is_bounded_in_both_evaluators(length: int, matches: bool)
             m.add("s", "app", "c", expression=expression)
         assert compiled.match("app", "c", "d", doc) == (["s"] if matches else [])
         assert reference.match("app", "c", "d", doc) == compiled.match("app", "c", "d", doc)
+
+
+def test_the_values_of_in_lists_are_not_walked_by_every_garbage_collection() -> None:
+    # Found by bench/bench_abuse.py: 500 subscriptions holding a residual
+    # `in` list of 1000 strings each made every full collection walk half a
+    # million strings (tens of ms per collection, on the event loop).
+    def walked() -> int:  # references a full collection follows
+        gc.collect()
+        return sum(len(gc.get_referents(o)) for o in gc.get_objects())
+
+    matcher = Matcher()
+    before = walked()
+    for i in range(100):
+        values = ", ".join(f"'{i}-{j}'" for j in range(300))  # each its own atom
+        matcher.add(f"s{i}", "app", "messages", filters=[Filter("chat", "==", f"c{i}")],
+                    expression=f"doc.author in [{values}]")
+    assert walked() - before < 100 * 20
+    assert matcher.match("app", "messages", "m", {"chat": "c7", "author": "7-299"}) == ["s7"]

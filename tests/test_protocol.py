@@ -37,9 +37,10 @@ def _numbers(message: type) -> dict[str, int]:
             "event_id": 1, "database": 2, "collection": 3, "document_id": 4, "operation": 5,
             "document_data": 6, "timestamp": 7, "progress": 8, "document_omitted": 9}),
         (streamer_v1_pb2.GatewayMessage, {
-            "subscribe": 1, "unsubscribe": 2, "heartbeat": 3, "hello": 4}),
+            "subscribe": 1, "unsubscribe": 2, "heartbeat": 3, "hello": 4, "subscribe_batch": 5}),
         (streamer_v1_pb2.StreamerMessage, {
-            "delivery": 1, "heartbeat_ack": 2, "subscribe_response": 3, "batch": 4}),
+            "delivery": 1, "heartbeat_ack": 2, "subscribe_response": 3, "batch": 4,
+            "subscribe_batch_response": 5}),
         (streamer_v1_pb2.SubscribeRequest, {
             "subscription_id": 1, "collection": 2, "filters": 3, "database": 4,
             "expression": 5, "resume_after": 6}),
@@ -58,6 +59,8 @@ def _numbers(message: type) -> dict[str, int]:
             "gateway_id": 1, "batch_delivery": 2, "max_batch": 3, "instance": 4,
             "max_message_bytes": 5}),
         (streamer_v1_pb2.DeliveryBatch, {"deliveries": 1}),
+        (streamer_v1_pb2.SubscribeBatch, {"requests": 1}),
+        (streamer_v1_pb2.SubscribeBatchResponse, {"responses": 1}),
         (puller_v1_pb2.SubscribeRequest, {
             "consumer_id": 1, "after": 2, "coalesce_on_catch_up": 3, "collections": 4}),
         (puller_v1_pb2.PullerEvent, {"change_event": 1, "progress": 2}),

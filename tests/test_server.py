@@ -25,6 +25,7 @@ from streamer.protocol.streamer_v1_pb2 import (
     Hello,
     StreamerEvent,
     StreamerMessage,
+    SubscribeBatch,
     SubscribeRequest,
     UnsubscribeRequest,
     Value,
@@ -183,6 +184,67 @@ def test_a_lagging_gateway_is_cut_off_with_resource_exhausted(
         r"\d+ queued message\(s\) unsent", end.getMessage()), end.getMessage()
 
 
+
+
+def batch(*requests: GatewayMessage) -> GatewayMessage:
+    return GatewayMessage(subscribe_batch=SubscribeBatch(requests=[r.subscribe for r in requests]))
+
+
+def test_a_subscribe_batch_is_answered_in_order_as_single_subscribes_would_be() -> None:
+    async def scenario(stub: pb_grpc.StreamerServiceStub, servicer: StreamerServicer) -> None:
+        call = stub.Stream()
+        await call.write(subscribe("taken"))
+        assert (await read(call)).subscribe_response.success
+        bad = subscribe("bad")
+        bad.subscribe.filters[0].op = "~="
+        generated = subscribe("")
+        await call.write(batch(subscribe("a"), subscribe("taken"), bad, subscribe("a"),
+                               generated, subscribe("b", chat="c2")))
+        message = await read(call)
+        assert message.WhichOneof("payload") == "subscribe_batch_response"
+        got = [(r.subscription_id, r.success, r.code)
+               for r in message.subscribe_batch_response.responses]
+        assert got[:4] == [("a", True, ""), ("taken", False, "already_exists"),
+                           ("bad", False, "invalid_argument"), ("a", False, "already_exists")]
+        assert got[4][1:] == (True, "") and got[4][0]
+        assert got[5] == ("b", True, "")
+        assert "~=" in message.subscribe_batch_response.responses[2].error
+        matcher = servicer.subscriptions.matcher
+        assert sorted(matcher.match("app", "messages", "m", {"chat_id": "c1"})) == sorted(
+            ["taken", "a", got[4][0]])
+        await call.write(batch())  # empty: one empty answer
+        assert not (await read(call)).subscribe_batch_response.responses
+        await call.write(heartbeat(7))
+        assert (await read(call)).heartbeat_ack.timestamp == 7  # the stream stays open
+        assert servicer.batch_subscribes == 6
+        call.cancel()
+
+    run(scenario)
+
+
+def test_a_large_batch_is_registered_in_chunks_and_its_answer_split_to_fit() -> None:
+    async def scenario(stub: pb_grpc.StreamerServiceStub, servicer: StreamerServicer) -> None:
+        call = stub.Stream()
+        # A gateway that receives at most 16 KiB: the answer to 5000
+        # requests (about 60 KB) comes in several messages, in order.
+        await call.write(GatewayMessage(hello=Hello(
+            gateway_id="gw", batch_delivery=True, max_message_bytes=16 << 10)))
+        ids = [f"sub-{i:05d}" for i in range(5000)]
+        await call.write(batch(*(subscribe(i, chat=f"c{n % 7}") for n, i in enumerate(ids))))
+        answered: list[str] = []
+        messages = 0
+        while len(answered) < len(ids):
+            message = await read(call)
+            assert message.WhichOneof("payload") == "subscribe_batch_response"
+            assert message.ByteSize() <= 16 << 10
+            messages += 1
+            answered += [r.subscription_id for r in message.subscribe_batch_response.responses
+                         if r.success]
+        assert answered == ids and messages > 3
+        assert len(servicer.subscriptions.matcher) == 5000
+        call.cancel()
+
+    run(scenario)
 
 
 def test_an_expired_session_is_closed() -> None:

@@ -45,7 +45,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -64,6 +64,9 @@ from streamer.protocol.streamer_v1_pb2 import (
     HeartbeatAck,
     StreamerEvent,
     StreamerMessage,
+    SubscribeBatchResponse,
+    SubscribeRequest,
+    SubscribeResponse,
 )
 
 log = logging.getLogger(__name__)
@@ -74,6 +77,8 @@ SHUTTING_DOWN = "the Streamer is shutting down"
 _CANCEL_WAIT = 1.0
 DEFAULT_STALL_SECONDS = 30.0
 DEFAULT_NODE_QUEUE_BYTES = 1 << 30
+# Requests of a subscribe_batch registered between two yields to the loop.
+BATCH_CHUNK = 1000
 
 
 class _End(Exception):
@@ -121,6 +126,7 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
         self.behind = 0  # streams whose queue is past its low watermark now
         self.behind_episodes = 0
         self.undecodable = 0
+        self.batch_subscribes = 0  # requests that came in subscribe_batch messages
         self.documents_omitted = 0
         self.deliveries_split = 0
         self.shutting_down = False
@@ -377,6 +383,9 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
                 sessions.touch(session)
                 response = subscriptions.subscribe(session.owner, message.subscribe)
                 self._send(stream, StreamerMessage(subscribe_response=response))
+            elif kind == "subscribe_batch":
+                sessions.touch(session)
+                await self._subscribe_batch(stream, message.subscribe_batch.requests)
             elif kind == "unsubscribe":
                 sessions.touch(session)
                 subscriptions.unsubscribe(session.owner, message.unsubscribe.subscription_id)
@@ -389,6 +398,44 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
             else:
                 sessions.touch(session)
                 log.warning("gateway %s sent an empty message", session.gateway_id or session.key)
+
+    async def _subscribe_batch(
+        self, stream: _Stream, requests: Sequence[SubscribeRequest]
+    ) -> None:
+        """Each request handled as a single subscribe, answered in order by
+        one ``subscribe_batch_response`` (several in a row, in order, when
+        one would be larger than the gateway receives).
+
+        Registered in chunks with a yield to the event loop between them: a
+        batch can hold a hundred thousand requests, and ingest and the
+        other streams' writers must not wait for all of them.
+        """
+        subscribe, owner = self.subscriptions.subscribe, stream.session.owner
+        responses: list[SubscribeResponse] = []
+        for start in range(0, len(requests), BATCH_CHUNK):
+            if start:
+                await asyncio.sleep(0)
+                if stream.cut_off.is_set():
+                    return
+            responses.extend(subscribe(owner, r) for r in requests[start:start + BATCH_CHUNK])
+        self.batch_subscribes += len(requests)
+        limit = stream.queue.delivery_limit
+        message = _batch_response(responses)
+        if len(message) <= limit:
+            self._send_bytes(stream, message)
+            return
+        # Rare (the ids or errors are long): answer in parts that fit. Each
+        # response costs its size plus a tag and a length (at most 4 bytes).
+        part: list[SubscribeResponse] = []
+        size = 0
+        for response in responses:
+            cost = response.ByteSize() + 4
+            if part and size + cost > limit - 16:
+                self._send_bytes(stream, _batch_response(part))
+                part, size = [], 0
+            part.append(response)
+            size += cost
+        self._send_bytes(stream, _batch_response(part))
 
     def _hello(self, stream: _Stream, message: GatewayMessage) -> None:
         hello, session, queue = message.hello, stream.session, stream.queue
@@ -410,10 +457,19 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
                  extra={"stream": session.key, "gateway": session.gateway_id})
 
     def _send(self, stream: _Stream, message: StreamerMessage) -> None:
+        self._send_bytes(stream, message.SerializeToString())
+
+    def _send_bytes(self, stream: _Stream, message: bytes) -> None:
         queue = stream.queue
-        if not queue.offer(message.SerializeToString()) and not queue.closed:
+        if not queue.offer(message) and not queue.closed:
             self._cut_off(stream, f"more than {self.queue_capacity} messages or "
                           f"{self.queue_bytes} bytes queued")
+
+
+def _batch_response(responses: list[SubscribeResponse]) -> bytes:
+    return StreamerMessage(
+        subscribe_batch_response=SubscribeBatchResponse(responses=responses)
+    ).SerializeToString()
 
 
 def _delivery(ids: list[str], event: StreamerEvent) -> bytes:

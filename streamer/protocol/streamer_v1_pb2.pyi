@@ -41,28 +41,32 @@ class StreamerEvent(_message.Message):
     def __init__(self, event_id: _Optional[str] = ..., database: _Optional[str] = ..., collection: _Optional[str] = ..., document_id: _Optional[str] = ..., operation: _Optional[_Union[OperationType, str]] = ..., document_data: _Optional[bytes] = ..., timestamp: _Optional[int] = ..., progress: _Optional[str] = ..., document_omitted: _Optional[bool] = ...) -> None: ...
 
 class GatewayMessage(_message.Message):
-    __slots__ = ("subscribe", "unsubscribe", "heartbeat", "hello")
+    __slots__ = ("subscribe", "unsubscribe", "heartbeat", "hello", "subscribe_batch")
     SUBSCRIBE_FIELD_NUMBER: _ClassVar[int]
     UNSUBSCRIBE_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     HELLO_FIELD_NUMBER: _ClassVar[int]
+    SUBSCRIBE_BATCH_FIELD_NUMBER: _ClassVar[int]
     subscribe: SubscribeRequest
     unsubscribe: UnsubscribeRequest
     heartbeat: Heartbeat
     hello: Hello
-    def __init__(self, subscribe: _Optional[_Union[SubscribeRequest, _Mapping]] = ..., unsubscribe: _Optional[_Union[UnsubscribeRequest, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ...) -> None: ...
+    subscribe_batch: SubscribeBatch
+    def __init__(self, subscribe: _Optional[_Union[SubscribeRequest, _Mapping]] = ..., unsubscribe: _Optional[_Union[UnsubscribeRequest, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., subscribe_batch: _Optional[_Union[SubscribeBatch, _Mapping]] = ...) -> None: ...
 
 class StreamerMessage(_message.Message):
-    __slots__ = ("delivery", "heartbeat_ack", "subscribe_response", "batch")
+    __slots__ = ("delivery", "heartbeat_ack", "subscribe_response", "batch", "subscribe_batch_response")
     DELIVERY_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_ACK_FIELD_NUMBER: _ClassVar[int]
     SUBSCRIBE_RESPONSE_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
+    SUBSCRIBE_BATCH_RESPONSE_FIELD_NUMBER: _ClassVar[int]
     delivery: EventDelivery
     heartbeat_ack: HeartbeatAck
     subscribe_response: SubscribeResponse
     batch: DeliveryBatch
-    def __init__(self, delivery: _Optional[_Union[EventDelivery, _Mapping]] = ..., heartbeat_ack: _Optional[_Union[HeartbeatAck, _Mapping]] = ..., subscribe_response: _Optional[_Union[SubscribeResponse, _Mapping]] = ..., batch: _Optional[_Union[DeliveryBatch, _Mapping]] = ...) -> None: ...
+    subscribe_batch_response: SubscribeBatchResponse
+    def __init__(self, delivery: _Optional[_Union[EventDelivery, _Mapping]] = ..., heartbeat_ack: _Optional[_Union[HeartbeatAck, _Mapping]] = ..., subscribe_response: _Optional[_Union[SubscribeResponse, _Mapping]] = ..., batch: _Optional[_Union[DeliveryBatch, _Mapping]] = ..., subscribe_batch_response: _Optional[_Union[SubscribeBatchResponse, _Mapping]] = ...) -> None: ...
 
 class SubscribeRequest(_message.Message):
     __slots__ = ("subscription_id", "collection", "filters", "database", "expression", "resume_after")
@@ -169,3 +173,15 @@ class DeliveryBatch(_message.Message):
     DELIVERIES_FIELD_NUMBER: _ClassVar[int]
     deliveries: _containers.RepeatedCompositeFieldContainer[EventDelivery]
     def __init__(self, deliveries: _Optional[_Iterable[_Union[EventDelivery, _Mapping]]] = ...) -> None: ...
+
+class SubscribeBatch(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[SubscribeRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[SubscribeRequest, _Mapping]]] = ...) -> None: ...
+
+class SubscribeBatchResponse(_message.Message):
+    __slots__ = ("responses",)
+    RESPONSES_FIELD_NUMBER: _ClassVar[int]
+    responses: _containers.RepeatedCompositeFieldContainer[SubscribeResponse]
+    def __init__(self, responses: _Optional[_Iterable[_Union[SubscribeResponse, _Mapping]]] = ...) -> None: ...
