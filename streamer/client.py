@@ -38,8 +38,8 @@ import random
 import secrets
 import time
 import uuid
-from dataclasses import dataclass
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
