@@ -60,6 +60,7 @@ from streamer.protocol.streamer_v1_pb2 import (
     Heartbeat,
     Hello,
     ListValue,
+    StreamerMessage,
     SubscribeBatch,
     SubscribeRequest,
     SubscribeResponse,
@@ -528,17 +529,22 @@ class StreamerClient:
             elif kind == "batch":
                 for delivery in message.batch.deliveries:
                     self._deliveries.put_nowait(delivery)
-            elif kind == "heartbeat_ack":
-                self._last_ack = time.monotonic()
-                self._acked.set()
-            elif kind == "subscribe_response":
-                self._answer(message.subscribe_response)
-            elif kind == "subscribe_batch_response":
-                for response in message.subscribe_batch_response.responses:
-                    self._answer(response)
             else:
-                log.warning("streamer %s sent a message of unknown kind %r", self.target, kind)
+                self._control(message, kind)
         raise ConnectionError("the server ended the stream")
+
+    def _control(self, message: StreamerMessage, kind: str | None) -> None:
+        """A message that is not a delivery: acks and subscribe answers."""
+        if kind == "heartbeat_ack":
+            self._last_ack = time.monotonic()
+            self._acked.set()
+        elif kind == "subscribe_response":
+            self._answer(message.subscribe_response)
+        elif kind == "subscribe_batch_response":
+            for response in message.subscribe_batch_response.responses:
+                self._answer(response)
+        else:
+            log.warning("streamer %s sent a message of unknown kind %r", self.target, kind)
 
     def _answer(self, response: SubscribeResponse) -> None:
         sub_id = response.subscription_id
