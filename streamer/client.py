@@ -88,10 +88,28 @@ DEFAULT_HEARTBEAT_INTERVAL = 10.0
 DEFAULT_CONNECT_TIMEOUT = 10.0
 # What one subscribe_batch carries at most: well under the server's 4 MiB
 # receive limit, and small enough that the server answers it in a few ms.
-BATCH_REQUESTS = 5000
-BATCH_BYTES = 1 << 20
+BATCH_REQUESTS = 1000
+BATCH_BYTES = 48 << 10
 _FATAL = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
 _INT64 = (-(2**63), 2**63 - 1)
+
+
+class _Answers:
+    """The answers to requests sent together, in their order; the future
+    is done when the last one is in."""
+
+    __slots__ = ("future", "left", "responses")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, n: int) -> None:
+        self.future: asyncio.Future[list[SubscribeResponse]] = loop.create_future()
+        self.responses: list[SubscribeResponse | None] = [None] * n
+        self.left = n
+
+    def answer(self, i: int, response: SubscribeResponse) -> None:
+        self.responses[i] = response
+        self.left -= 1
+        if not self.left and not self.future.done():
+            self.future.set_result(self.responses)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -177,7 +195,13 @@ class StreamerClient:
         # order: what a reconnect re-sends.
         self._requests: dict[str, SubscribeRequest] = {}
         # Requests whose answer is awaited (sent, or to send once connected).
-        self._waiters: dict[str, asyncio.Future[SubscribeResponse]] = {}
+        # One _Answers per group of requests sent together (one future for
+        # all: a future per request doubled the client's cost of a bulk
+        # registration), and each request's place in it.
+        self._waiters: dict[str, tuple[_Answers, int]] = {}
+        # Requests to send on the current stream, in order; a reconnect
+        # starts again from every wanted request.
+        self._unsent: list[SubscribeRequest] = []
         # Per stream: its outgoing messages and the ids subscribed on it.
         self._outbox: asyncio.Queue[GatewayMessage] | None = None
         self._sent: set[str] = set()
@@ -280,12 +304,12 @@ class StreamerClient:
         (request,) = self._requests_of([Subscription(
             collection, filters=tuple(filters), expression=expression, database=database,
             subscription_id=subscription_id)])
-        (waiter,) = self._register([request])
+        answers = self._register([request])
         try:
             async with asyncio.timeout(timeout):
-                response = await waiter
+                (response,) = await answers.future
         except BaseException:
-            self._withdraw([(request, waiter)])
+            self._withdraw([request], answers)
             raise
         if not response.success:
             raise SubscriptionRejected(request.subscription_id, response.code, response.error)
@@ -311,13 +335,12 @@ class StreamerClient:
         requests = self._requests_of(subscriptions)
         if not requests:
             return []
-        waiters = self._register(requests)
+        answers = self._register(requests)
         try:
             async with asyncio.timeout(timeout):
-                await asyncio.wait(waiters)
-            responses = [w.result() for w in waiters]
+                responses = await answers.future
         except BaseException:
-            self._withdraw(list(zip(requests, waiters, strict=True)))
+            self._withdraw(requests, answers)
             raise
         return [
             r.subscription_id if response.success
@@ -344,30 +367,25 @@ class StreamerClient:
             ))
         return requests
 
-    def _register(
-        self, requests: list[SubscribeRequest]
-    ) -> list[asyncio.Future[SubscribeResponse]]:
+    def _register(self, requests: list[SubscribeRequest]) -> _Answers:
         """Make the requests wanted and awaited, and send them now if a
         stream is up (else its handshake sends them)."""
-        loop = asyncio.get_running_loop()
-        waiters: list[asyncio.Future[SubscribeResponse]] = []
-        for request in requests:
-            waiter = loop.create_future()
+        answers = _Answers(asyncio.get_running_loop(), len(requests))
+        for i, request in enumerate(requests):
             self._requests[request.subscription_id] = request
-            self._waiters[request.subscription_id] = waiter
-            waiters.append(waiter)
+            self._waiters[request.subscription_id] = (answers, i)
+        self._unsent.extend(requests)
         if self._connected.is_set():
             self._send_unsent()
-        return waiters
+        return answers
 
-    def _withdraw(
-        self, pending: list[tuple[SubscribeRequest, asyncio.Future[SubscribeResponse]]]
-    ) -> None:
+    def _withdraw(self, requests: list[SubscribeRequest], answers: _Answers) -> None:
         """Forget requests whose caller gave up (timeout, cancellation)."""
-        for request, waiter in pending:
+        answers.future.cancel()  # wakes unsubscribe() calls waiting for the answers
+        for request in requests:
             sub_id = request.subscription_id
-            waiter.cancel()  # wakes unsubscribe() calls waiting for the answer
-            if self._waiters.get(sub_id) is waiter:
+            entry = self._waiters.get(sub_id)
+            if entry is not None and entry[0] is answers:
                 del self._waiters[sub_id]
             if self._requests.get(sub_id) is request:
                 del self._requests[sub_id]
@@ -382,9 +400,9 @@ class StreamerClient:
         An id whose ``subscribe()`` is still waiting is removed once answered.
         """
         self._check_open()
-        waiter = self._waiters.get(subscription_id)
-        if waiter is not None:
-            await asyncio.wait([waiter])  # never cancels it, never raises its error
+        entry = self._waiters.get(subscription_id)
+        if entry is not None:
+            await asyncio.wait([entry[0].future])  # never cancels it, never raises its error
         if self._requests.pop(subscription_id, None) is not None and subscription_id in self._sent:
             self._send(GatewayMessage(unsubscribe=UnsubscribeRequest(
                 subscription_id=subscription_id)))
@@ -414,9 +432,9 @@ class StreamerClient:
             raise StreamClosed("the client is closed")
 
     def _end(self, error: StreamerError) -> None:
-        for waiter in self._waiters.values():
-            if not waiter.done():
-                waiter.set_exception(error)
+        for answers in {id(a): a for a, _ in self._waiters.values()}.values():
+            if not answers.future.done():
+                answers.future.set_exception(error)
         self._waiters.clear()
         self._deliveries.put_nowait(None)
 
@@ -548,14 +566,13 @@ class StreamerClient:
 
     def _answer(self, response: SubscribeResponse) -> None:
         sub_id = response.subscription_id
-        waiter = self._waiters.pop(sub_id, None)
-        if waiter is None:
+        entry = self._waiters.pop(sub_id, None)
+        if entry is None:
             log.warning("ignoring a response for unknown subscription %r", sub_id)
             return
         if not response.success:
             self._requests.pop(sub_id, None)
-        if not waiter.done():
-            waiter.set_result(response)
+        entry[0].answer(entry[1], response)
 
     @staticmethod
     async def _write(
@@ -574,27 +591,28 @@ class StreamerClient:
             self._send(GatewayMessage(hello=Hello(
                 gateway_id=self.gateway_id, batch_delivery=True, max_batch=self.max_batch,
                 instance=self._instance, max_message_bytes=MAX_MESSAGE_BYTES)))
-        loop = asyncio.get_running_loop()
-        resubscribed: dict[str, asyncio.Future[SubscribeResponse]] = {}
-        for sub_id in self._requests:
-            if sub_id not in self._waiters:  # else a subscribe() call awaits it
-                resubscribed[sub_id] = self._waiters[sub_id] = loop.create_future()
+        # What the last stream left unanswered goes again, in subscribe order.
+        self._unsent = list(self._requests.values())
+        ids = [i for i in self._requests if i not in self._waiters]  # else a call awaits it
+        resubscribed = _Answers(asyncio.get_running_loop(), len(ids))
+        for i, sub_id in enumerate(ids):
+            self._waiters[sub_id] = (resubscribed, i)
         try:
             self._send_unsent()
-            if resubscribed:
-                _, unanswered = await asyncio.wait(resubscribed.values(), timeout=self.ack_timeout)
-                if unanswered:
-                    raise TimeoutError(f"{len(unanswered)} re-subscriptions unanswered after "
-                                       f"{self.ack_timeout:g} s")
+            if ids:
+                done, _ = await asyncio.wait([resubscribed.future], timeout=self.ack_timeout)
+                if not done:
+                    raise TimeoutError(f"{resubscribed.left} re-subscriptions unanswered "
+                                       f"after {self.ack_timeout:g} s")
         finally:
             # Also when the stream dies meanwhile: answers already in count.
-            for sub_id, waiter in resubscribed.items():
-                if not waiter.done():
-                    waiter.cancel()  # wakes unsubscribe(); the next stream asks again
-                    del self._waiters[sub_id]
-                    continue
-                response = waiter.result()
-                if not response.success:
+            resubscribed.future.cancel()  # wakes unsubscribe(); the next stream asks again
+            for i, sub_id in enumerate(ids):
+                response = resubscribed.responses[i]
+                if response is None:
+                    if self._waiters.get(sub_id, (None,))[0] is resubscribed:
+                        del self._waiters[sub_id]
+                elif not response.success:
                     self._rejected(SubscriptionRejected(sub_id, response.code, response.error))
         self._acked.clear()
         self._heartbeat()
@@ -622,15 +640,16 @@ class StreamerClient:
         """Send the requests not sent on this stream yet: when batching and
         there are several, in ``subscribe_batch`` messages of up to
         ``BATCH_REQUESTS`` requests or ``BATCH_BYTES`` bytes; else one by one."""
-        unsent = [(i, r) for i, r in self._requests.items() if i not in self._sent]
-        self._sent.update(i for i, _ in unsent)
+        unsent = [r for r in self._unsent if self._requests.get(r.subscription_id) is r]
+        self._unsent = []
+        self._sent.update(r.subscription_id for r in unsent)
         if not self.batch or len(unsent) == 1:
-            for _, request in unsent:
+            for request in unsent:
                 self._send(GatewayMessage(subscribe=request))
             return
         batch: list[SubscribeRequest] = []
         size = 0
-        for _, request in unsent:
+        for request in unsent:
             cost = request.ByteSize() + 4  # its tag and length in the batch
             if batch and (len(batch) == BATCH_REQUESTS or size + cost > BATCH_BYTES):
                 self._send(GatewayMessage(subscribe_batch=SubscribeBatch(requests=batch)))
