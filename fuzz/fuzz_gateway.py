@@ -63,6 +63,7 @@ with atheris.instrument_imports(include=["streamer"]):
         GatewayMessage,
         HeartbeatAck,
         StreamerMessage,
+        SubscribeBatchResponse,
         SubscribeRequest,
         SubscribeResponse,
         Value,
@@ -150,11 +151,14 @@ class Gateways:
         kind = message.WhichOneof("payload")
         if kind == "subscribe":
             sessions.touch(session)
-            response = subscriptions.subscribe(session.owner, message.subscribe)
-            check_response(self, session, message, response)
-            if response.success:
-                self.accepted(session, response.subscription_id, message.subscribe)
-            self.send(stream, StreamerMessage(subscribe_response=response))
+            self.send(stream, StreamerMessage(
+                subscribe_response=self.subscribe(session, message.subscribe)))
+        elif kind == "subscribe_batch":
+            # Each request exactly as a single subscribe, in order.
+            sessions.touch(session)
+            responses = [self.subscribe(session, r) for r in message.subscribe_batch.requests]
+            self.send(stream, StreamerMessage(
+                subscribe_batch_response=SubscribeBatchResponse(responses=responses)))
         elif kind == "unsubscribe":
             sessions.touch(session)
             sub_id = message.unsubscribe.subscription_id
@@ -191,6 +195,13 @@ class Gateways:
                 stream.queue.max_message = hello.max_message_bytes
         else:
             sessions.touch(session)
+
+    def subscribe(self, session: Session, request: SubscribeRequest) -> SubscribeResponse:
+        response = self.subscriptions.subscribe(session.owner, request)
+        check_response(self, session, request, response)
+        if response.success:
+            self.accepted(session, response.subscription_id, request)
+        return response
 
     def accepted(self, session: Session, sub_id: str, request: SubscribeRequest) -> None:
         self.model[sub_id] = session
@@ -255,9 +266,8 @@ class Gateways:
 
 
 def check_response(
-    gateways: Gateways, session: Session, message: GatewayMessage, response: SubscribeResponse
+    gateways: Gateways, session: Session, request: SubscribeRequest, response: SubscribeResponse
 ) -> None:
-    request = message.subscribe
     assert isinstance(response, SubscribeResponse), response
     assert response.subscription_id, response
     assert not request.subscription_id or response.subscription_id == request.subscription_id

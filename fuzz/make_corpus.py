@@ -259,6 +259,11 @@ def subscribe(sub_id: str, *filters: spb.Filter, collection: str = "messages",
         expression=expression))
 
 
+def subscribe_batch(*messages: bytes) -> bytes:
+    requests = [spb.GatewayMessage.FromString(m).subscribe for m in messages]
+    return gm(subscribe_batch=spb.SubscribeBatch(requests=requests))
+
+
 def flt(field: str, op: str, value: spb.Value) -> spb.Filter:
     return spb.Filter(field=field, op=op, value=value)
 
@@ -304,6 +309,11 @@ GATEWAY: dict[str, list[tuple[int, Action, int]]] = {
     "subscribe-scan-limit": [(0, subscribe(f"scan{n}", expression=f"doc.n != {n}"), 0)
                              for n in range(5)],
     "subscribe-too-many": [(2, subscribe(f"m{n}", CHAT_C1), 0) for n in range(13)],
+    "subscribe-batch": [(0, subscribe("s1", CHAT_C1), 0), (1, subscribe_batch(
+        subscribe("b1", CHAT_C1), subscribe("s1", CHAT_C1), subscribe("", CHAT_C1),
+        subscribe("bad", expression="doc.a =="), subscribe("b1", CHAT_C1),
+        *(subscribe(f"scan{n}", expression=f"doc.n != {n}") for n in range(4))), 0),
+        (1, unsubscribe("b1"), 0), (2, subscribe_batch(), 0)],
     "unsubscribe": [(0, subscribe("s1", CHAT_C1), 0), (0, unsubscribe("s1"), 0)],
     "unsubscribe-other": [(0, subscribe("s1", CHAT_C1), 0), (1, unsubscribe("s1"), 0),
                           (0, unsubscribe("nope"), 0)],
