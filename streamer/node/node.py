@@ -22,6 +22,7 @@ a loop and keep serving from state the failure may have left half-updated.
 from __future__ import annotations
 
 import asyncio
+import gc
 import contextlib
 import logging
 from collections.abc import Coroutine
@@ -152,6 +153,11 @@ class StreamerNode:
             raise
         for name in ("", SERVICE_NAME):
             await self._health.set(name, SERVING)
+        # What exists now (modules, gRPC, protobuf descriptors: some 30 000
+        # objects) lives as long as the process: out of the collector's
+        # sight, a full collection no longer walks it on the event loop.
+        gc.collect()
+        gc.freeze()
         self.serving = True
         log.info(
             "serving on %s (port %d); puller %s; resuming after %r",

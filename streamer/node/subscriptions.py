@@ -109,18 +109,26 @@ class SubscriptionSet:
     def subscribe(self, owner: int, request: SubscribeRequest) -> SubscribeResponse:
         """Register one subscription for ``owner``; always answers, never raises."""
         sub_id = request.subscription_id or str(uuid.uuid4())
-        refusal = self._check_limits(owner, request)
+        size = request.ByteSize()
+        refusal = self._check_limits(owner, request, size)
         if refusal is not None:
             return _refused(sub_id, RESOURCE_EXHAUSTED, refusal)
+        # Converted once, after the byte limits bound the work.
+        filters = [Filter(f.field, f.op, _value(f.value)) for f in request.filters]
+        values = sum(_list_values(f.value) for f in filters if type(f.value) is list)
+        if values > self.limits.max_list_values:
+            return _refused(sub_id, RESOURCE_EXHAUSTED, (
+                f"the filters' lists hold {values} values together; "
+                f"the limit is {self.limits.max_list_values}"))
         previous = self._held.get(sub_id)
         if previous is not None and previous & _OWNER in self._gone:
             # Its owner left and the id is free: a reconnecting gateway takes
             # its ids back before the release reaches them.
             self._remove(sub_id)
         matcher = self.matcher
-        scan_before = matcher.index.scan_clauses
+        index = matcher.index
+        scan_before = index.scan_clauses
         try:
-            filters = [Filter(f.field, f.op, _value(f.value)) for f in request.filters]
             matcher.add(
                 sub_id, request.database, request.collection, filters=filters,
                 expression=request.expression or None, owner=owner,
@@ -129,15 +137,14 @@ class SubscriptionSet:
             return _refused(sub_id, ALREADY_EXISTS, str(exc))
         except InvalidSubscription as exc:
             return _refused(sub_id, INVALID_ARGUMENT, str(exc))
-        scan = matcher.index.scan_clauses - scan_before
+        scan = index.scan_clauses - scan_before
         if scan:
-            refusal = self._check_scan(owner, scan, matcher.index.scan_clauses)
+            refusal = self._check_scan(owner, scan, index.scan_clauses)
             if refusal is not None:
                 matcher.remove(sub_id)
                 return _refused(sub_id, RESOURCE_EXHAUSTED, refusal)
             self._scan[owner] = self._scan.get(owner, 0) + scan
             self._scan_of[sub_id] = scan
-        size = request.ByteSize()
         self._held[sub_id] = size << 32 | owner
         self._owned.setdefault(owner, set()).add(sub_id)
         self._bytes[owner] = self._bytes.get(owner, 0) + size
@@ -196,7 +203,7 @@ class SubscriptionSet:
         self.bytes -= size
         self.matcher.remove(sub_id)
 
-    def _check_limits(self, owner: int, request: SubscribeRequest) -> str | None:
+    def _check_limits(self, owner: int, request: SubscribeRequest, size: int) -> str | None:
         limits = self.limits
         if len(self._owned.get(owner, ())) >= limits.max_subscriptions:
             return f"this gateway already has {limits.max_subscriptions} subscriptions (the limit)"
@@ -207,7 +214,6 @@ class SubscriptionSet:
                 f"expression is {len(request.expression)} characters long; "
                 f"the limit is {limits.max_expression_length}"
             )
-        size = request.ByteSize()
         if size > limits.max_request_bytes:
             return f"the request is {size} bytes; the limit is {limits.max_request_bytes}"
         held = self._bytes.get(owner, 0) + size
@@ -220,12 +226,6 @@ class SubscriptionSet:
             return (
                 f"the node's subscriptions would weigh {self.bytes + size} bytes (serialized "
                 f"requests); the limit is {limits.max_node_bytes}"
-            )
-        values = sum(_list_values(f.value) for f in request.filters)
-        if values > limits.max_list_values:
-            return (
-                f"the filters' lists hold {values} values together; "
-                f"the limit is {limits.max_list_values}"
             )
         return None
 
@@ -251,19 +251,26 @@ def _refused(sub_id: str, code: str, error: str) -> SubscribeResponse:
     return SubscribeResponse(subscription_id=sub_id, success=False, error=error, code=code)
 
 
-def _list_values(value: Value) -> int:
+def _list_values(values: list[Any]) -> int:
     """How many values a filter value's lists hold, nested ones included."""
-    if value.WhichOneof("kind") != "list_value":
-        return 0
-    return sum(1 + _list_values(v) for v in value.list_value.values)
+    n = len(values)
+    for v in values:
+        if type(v) is list:
+            n += _list_values(v)
+    return n
 
 
 def _value(value: Value) -> Any:
     """A protocol ``Value`` as a Python value (unset: None, which the matcher
-    rejects as null, in its own order of checks)."""
+    rejects as null, in its own order of checks). A list's scalars are read
+    inline: lists hold up to a thousand values per request."""
     kind = value.WhichOneof("kind")
     if kind is None:
         return None
-    if kind == "list_value":
-        return [_value(v) for v in value.list_value.values]
-    return getattr(value, kind)
+    if kind != "list_value":
+        return getattr(value, kind)
+    out: list[Any] = []
+    for v in value.list_value.values:
+        k = v.WhichOneof("kind")
+        out.append(getattr(v, k) if k is not None and k != "list_value" else _value(v))
+    return out
