@@ -97,6 +97,13 @@ CASES: list[tuple[list[Filter], str | None, Any, bool]] = [
     ([Filter("x", "==", 2**53 + 1)], None, {"x": 2**53}, False),
     ([Filter("x", "==", -(2**63))], None, {"x": -(2**63)}, True),
     ([Filter("x", ">", 2**53 - 1)], None, {"x": 2**53 + 1}, True),
+    # An int meets a double as a double: 2**53 + 1 is 2.0**53 then (found by
+    # fuzz/fuzz_cel.py: the index looked 2.0**53 up exactly).
+    ([], "doc.n == 9007199254740992.0", {"n": 2**53 + 1}, True),
+    ([], "doc.n == 1 || doc.n == 9007199254740992.0", {"n": 2**53 + 1}, True),
+    ([Filter("n", "in", [1, -(2.0**53)])], None, {"n": -(2**53) - 1}, True),
+    ([Filter("n", "==", 2**53)], None, {"n": 2.0**53}, True),
+    ([Filter("n", "==", 2**53)], None, {"n": 2**53 + 1}, False),
     ([Filter('we"ird\\\n\u00e9', "==", "q'\"\\\n")], None, {'we"ird\\\n\u00e9': "q'\"\\\n"}, True),
     ([Filter("a", "==", 1)], "doc.b == 2", {"a": 1, "b": 2}, True),
     ([Filter("a", "==", 1)], "doc.b == 2", {"a": 1, "b": 3}, False),
