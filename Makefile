@@ -22,7 +22,8 @@ test: $(STAMP)
 ## Run the benchmarks: matching (STREAMER_BENCH_SIZES, default 100000,1000000),
 ## then the ingest of one `streamer serve` process (STREAMER_BENCH_INGEST_*).
 bench: $(STAMP)
-	$(PY) -m pytest -q bench/bench_matching.py bench/bench_ingest.py bench/bench_transport.py
+	$(PY) -m pytest -q bench/bench_matching.py bench/bench_ingest.py bench/bench_transport.py \
+		bench/bench_registration.py
 
 ## The end-to-end benchmark (`streamer bench e2e` under pytest-benchmark):
 ## Puller, Streamer (and a pass-through relay) and 8 gateways as processes;
