@@ -22,8 +22,8 @@ a loop and keep serving from state the failure may have left half-updated.
 from __future__ import annotations
 
 import asyncio
-import gc
 import contextlib
+import gc
 import logging
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
