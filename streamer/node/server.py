@@ -46,6 +46,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -68,6 +69,9 @@ from streamer.protocol.streamer_v1_pb2 import (
     SubscribeRequest,
     SubscribeResponse,
 )
+
+if TYPE_CHECKING:
+    from streamer.node.catchup import CatchUp, Group
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "syntrix.streamer.v1.StreamerService"
@@ -130,6 +134,9 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
         self.documents_omitted = 0
         self.deliveries_split = 0
         self.shutting_down = False
+        # Acts on SubscribeRequest.resume_after (streamer.node.catchup);
+        # None: resume_after is ignored and every subscription starts live.
+        self.catchup: CatchUp | None = None
         self._idle = asyncio.Event()  # set while no stream handler runs
         self._idle.set()
 
@@ -381,8 +388,12 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
             kind = message.WhichOneof("payload")
             if kind == "subscribe":
                 sessions.touch(session)
-                response = subscriptions.subscribe(session.owner, message.subscribe)
-                self._send(stream, StreamerMessage(subscribe_response=response))
+                request = message.subscribe
+                if request.resume_after and self.catchup is not None:
+                    await self._subscribe_resuming(stream, request)
+                else:
+                    response = subscriptions.subscribe(session.owner, request)
+                    self._send(stream, StreamerMessage(subscribe_response=response))
             elif kind == "subscribe_batch":
                 sessions.touch(session)
                 await self._subscribe_batch(stream, message.subscribe_batch.requests)
@@ -399,6 +410,20 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
                 sessions.touch(session)
                 log.warning("gateway %s sent an empty message", session.gateway_id or session.key)
 
+    async def _subscribe_resuming(self, stream: _Stream, request: SubscribeRequest) -> None:
+        """A subscribe with ``resume_after``: answered once the Puller has
+        accepted or refused the marker (``streamer.node.catchup``)."""
+        catchup = self.catchup
+        assert catchup is not None
+        groups = catchup.hold((request.resume_after,))
+        try:
+            await catchup.confirmed(groups.values())
+            response = catchup.subscribe(
+                stream.session.owner, request, groups[request.resume_after])
+            self._send(stream, StreamerMessage(subscribe_response=response))
+        finally:
+            catchup.release(groups.values())
+
     async def _subscribe_batch(
         self, stream: _Stream, requests: Sequence[SubscribeRequest]
     ) -> None:
@@ -406,18 +431,50 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
         one ``subscribe_batch_response`` (several in a row, in order, when
         one would be larger than the gateway receives).
 
-        Registered in chunks with a yield to the event loop between them: a
-        batch can hold a hundred thousand requests, and ingest and the
-        other streams' writers must not wait for all of them.
+        Requests with ``resume_after`` first wait for the Puller to accept or
+        refuse their markers (all of the batch's markers at once); then the
+        batch is registered in order. Registered in chunks with a yield to
+        the event loop between them: a batch can hold a hundred thousand
+        requests, and ingest and the other streams' writers must not wait
+        for all of them.
         """
+        catchup = self.catchup
+        groups = (
+            catchup.hold({r.resume_after for r in requests if r.resume_after})
+            if catchup is not None else {}
+        )
+        try:
+            if groups:
+                assert catchup is not None
+                await catchup.confirmed(groups.values())
+                if stream.cut_off.is_set():
+                    return
+            await self._register_batch(stream, requests, groups)
+        finally:
+            if groups:
+                assert catchup is not None
+                catchup.release(groups.values())
+
+    async def _register_batch(
+        self, stream: _Stream, requests: Sequence[SubscribeRequest], groups: dict[str, Group]
+    ) -> None:
         subscribe, owner = self.subscriptions.subscribe, stream.session.owner
+        catchup = self.catchup
         responses: list[SubscribeResponse] = []
         for start in range(0, len(requests), BATCH_CHUNK):
             if start:
                 await asyncio.sleep(0)
                 if stream.cut_off.is_set():
                     return
-            responses.extend(subscribe(owner, r) for r in requests[start:start + BATCH_CHUNK])
+            if not groups:
+                responses.extend(subscribe(owner, r) for r in requests[start:start + BATCH_CHUNK])
+                continue
+            assert catchup is not None
+            for r in requests[start:start + BATCH_CHUNK]:
+                responses.append(
+                    catchup.subscribe(owner, r, groups[r.resume_after]) if r.resume_after
+                    else subscribe(owner, r)
+                )
         self.batch_subscribes += len(requests)
         limit = stream.queue.delivery_limit
         message = _batch_response(responses)

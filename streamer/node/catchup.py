@@ -1,0 +1,486 @@
+"""Resuming subscriptions (``SubscribeRequest.resume_after``): catch-up from
+the Puller's replay, then the handoff to live ingest.
+
+What this module owns: every subscription that resumes after a progress
+marker, from its request until it is in the live index; the *groups* they
+are in, each group's *reader* (its own Puller stream), the handoff of a
+group to live ingest without a gap or a duplicate, the moving of a handed-
+over group's subscriptions into the live index, and when a resuming request
+is answered. The subscription set (``streamer.node.subscriptions``) still
+accounts every one of them (ids, owners, limits, unsubscribe, release) and
+records which matcher each is in.
+
+Groups. The subscriptions resuming after the same marker M form a group
+with its own ``Matcher`` and its own ``Matching`` (the live ingest's
+transformation and fan-out, over that matcher). A group is *joinable*
+until its reader starts delivering; a request for M then joins it, else a
+new group for M is made.
+
+Answers. A request with ``resume_after`` M is answered once the Puller has
+said whether it can replay after M: if M is the marker of the last change
+event live ingest processed, at once (registered live). Otherwise the
+group's reader opens its stream; the first message from the Puller (the
+reference Puller sends a heartbeat as soon as a stream opens) accepts the
+marker, ``INVALID_ARGUMENT`` refuses it. A Puller that sends nothing until
+an event comes (a Syntrix Puller) is taken to accept it when it has not
+refused it within ``confirm_seconds``; a refusal after that, or in the
+middle of a catch-up (the replay fell behind the Puller's retention), is
+logged at ERROR, counted (``late_refusals``, ``resyncs``), and the group's
+subscriptions continue from the live head: their gateway is not told, and
+the events in between are lost for them. A refused marker before the
+answer: the subscriptions are registered live and answered
+``success=true, code="resync_required"``.
+
+While a handler waits for the Puller, it *holds* the group: nothing is
+delivered for the group until every handler that joined it has queued its
+responses, so a subscription's first delivery follows its response. The
+handler registers its requests only after the wait, all in one synchronous
+step with the check "is M live ingest's last marker?", so that check
+cannot go stale.
+
+Handoff (everything on the one event loop; both checks are synchronous).
+A group's position is the marker of the last change event it processed
+(M to start with). Only change events' markers are compared: heartbeat
+markers may differ from one Puller stream to another.
+
+- Reader side, per Puller message: if the group's position is live's last
+  change marker, the group attaches now and the message is dropped; if
+  live's last marker is among the message's change events at index k,
+  events[:k+1] are processed and the group attaches; else all are
+  processed and the position advances.
+- Live side (``on_live``, called by ``Ingest.process_batch`` after it
+  matched a batch): if a group's position is among the batch's change
+  events at index k (live just passed the reader, or live was behind the
+  marker), the group processes events[k+1:] itself now and attaches; its
+  reader is cancelled.
+- An attached group is matched against every live batch (its deliveries
+  after the live ones, per gateway), and between batches its subscriptions
+  move into the live index, ``MOVE_CHUNK`` at a time, until it is empty and
+  dropped. A subscription is in exactly one matcher at a time, so its
+  order holds.
+
+Bounds. At most ``max_readers`` groups read at a time (each with a yield to
+the loop between two Puller messages); the others keep their opened,
+confirmed stream and wait their turn (gRPC's flow control bounds what a
+waiting stream buffers), and live ingest may attach them meanwhile.
+
+Failures. A reader whose Puller stream breaks reconnects with backoff
+after the group's position (no gap); ``UNIMPLEMENTED`` for
+``SubscribeBatch`` falls back to ``Subscribe``. A reader that fails with
+an unexpected error (a bug) is logged with its traceback and counted
+(``reader_failures``), and its group is treated as refused: its
+subscriptions continue from the live head (answered ``resync_required`` if
+not answered yet; logged at ERROR otherwise). It is not restarted: a
+failure that repeats would repeat forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+from collections.abc import AsyncIterator, Iterable, Sequence
+
+import grpc
+
+from streamer.matching import Matcher
+from streamer.node.ingest import Ingest, Matching
+from streamer.node.subscriptions import RECLAIM_CHUNK
+from streamer.protocol import puller_v1_pb2 as puller_pb
+from streamer.protocol import puller_v1_pb2_grpc as puller_grpc
+from streamer.protocol.streamer_v1_pb2 import SubscribeRequest, SubscribeResponse
+
+log = logging.getLogger(__name__)
+
+RESYNC_REQUIRED = "resync_required"
+DEFAULT_MAX_READERS = 8
+DEFAULT_CONFIRM_SECONDS = 1.0
+# Subscriptions moved from an attached group into the live index per step,
+# between which the event loop runs everything else.
+MOVE_CHUNK = RECLAIM_CHUNK
+
+# Group states.
+OPENING = "opening"  # the reader has not heard from the Puller yet
+READY = "ready"  # the marker is accepted; the group waits to read (joinable)
+READING = "reading"  # the reader delivers the replay
+ATTACHED = "attached"  # handed over: matched with every live batch
+CLOSED = "closed"
+
+
+class Group:
+    """The subscriptions resuming after one marker; see the module docstring."""
+
+    def __init__(self, number: int, marker: str, matching: Matching) -> None:
+        self.number = number
+        self.marker = marker
+        self.matching = matching
+        self.matcher: Matcher = matching.matcher
+        # The requests of its subscriptions, to move them into the live index.
+        self.members: dict[str, SubscribeRequest] = {}
+        self.last = marker  # marker of the last change event it processed
+        self.state = OPENING
+        self.accepted: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self.refused = ""  # why the Puller refused the marker (or the reader failed)
+        self.holds = 0  # handlers that have not answered yet
+        self.released = asyncio.Event()
+        self.released.set()
+        self.reader: asyncio.Task[None] | None = None
+        self.replayed = 0
+
+    @property
+    def joinable(self) -> bool:
+        return self.state in (OPENING, READY) and not self.refused
+
+    @property
+    def handing_over(self) -> bool:
+        """Live ingest may take it over: accepted, nothing held, not attached."""
+        return self.state in (READY, READING) and not self.holds
+
+
+class CatchUp:
+    """The resuming subscriptions of one node; see the module docstring."""
+
+    def __init__(
+        self,
+        ingest: Ingest,
+        *,
+        max_readers: int = DEFAULT_MAX_READERS,
+        confirm_seconds: float = DEFAULT_CONFIRM_SECONDS,
+    ) -> None:
+        self.ingest = ingest
+        self.subscriptions = ingest.sessions.subscriptions
+        self.max_readers = max_readers
+        self.confirm_seconds = confirm_seconds
+        self.groups: list[Group] = []  # every group not closed, oldest first
+        self._joinable: dict[str, Group] = {}
+        self._slots = asyncio.Semaphore(max_readers)
+        self._attached = asyncio.Event()
+        self._numbers = itertools.count(1)
+        self.reading = 0  # readers delivering now (at most max_readers)
+        self.replayed = 0  # change events the readers processed
+        self.resyncs = 0  # subscriptions that continue from the live head instead
+        self.late_refusals = 0  # groups refused after their answer
+        self.handoffs = 0  # groups handed over to live ingest
+        self.reader_failures = 0
+
+    @property
+    def catching_up(self) -> int:
+        """Subscriptions in a group's matcher (not yet in the live index)."""
+        return self.subscriptions.elsewhere
+
+    @property
+    def readers(self) -> int:
+        """Open readers (reading or waiting their turn)."""
+        return sum(
+            1 for group in list(self.groups)
+            if group.reader is not None and not group.reader.done()
+        )
+
+    # -- answering requests ---------------------------------------------
+
+    def hold(self, markers: Iterable[str]) -> dict[str, Group]:
+        """The groups the requests resuming after ``markers`` will join,
+        held until ``release``: one joinable group per marker, made (and
+        its reader started) if there is none."""
+        held: dict[str, Group] = {}
+        for marker in markers:
+            if marker in held:
+                continue
+            group = self._joinable.get(marker)
+            if group is None or not group.joinable:
+                group = self._new_group(marker)
+            group.holds += 1
+            group.released.clear()
+            held[marker] = group
+        return held
+
+    async def confirmed(self, groups: Iterable[Group]) -> None:
+        """Until the Puller accepted or refused each group's marker (or
+        live ingest is at it)."""
+        last = self.ingest.last_change
+        waiting = [g.accepted for g in groups if not g.accepted.done() and g.marker != last]
+        if waiting:
+            # asyncio.wait, not gather: a cancelled handler must not cancel
+            # the futures that other handlers wait on.
+            await asyncio.wait(waiting)
+
+    def subscribe(
+        self, owner: int, request: SubscribeRequest, group: Group
+    ) -> SubscribeResponse:
+        """Register a request resuming after ``group.marker`` (held and
+        confirmed): live if live ingest is at the marker, live with
+        ``resync_required`` if the Puller refused it, else into the group."""
+        subscriptions = self.subscriptions
+        if request.resume_after == self.ingest.last_change:
+            return subscriptions.subscribe(owner, request)
+        if group.refused or group.state in (ATTACHED, CLOSED):
+            # ATTACHED/CLOSED without a refusal cannot happen while held;
+            # registered live, the subscription misses nothing it is told of.
+            response = subscriptions.subscribe(owner, request)
+            if response.success:
+                self.resyncs += 1
+                response.code = RESYNC_REQUIRED
+            return response
+        response = subscriptions.subscribe(owner, request, group.matcher)
+        if response.success:
+            group.members[response.subscription_id] = request
+        return response
+
+    def release(self, groups: Iterable[Group]) -> None:
+        """The handler holding ``groups`` has queued its responses."""
+        for group in groups:
+            group.holds -= 1
+            if group.holds:
+                continue
+            group.released.set()
+            if group.state != CLOSED and not group.members and not len(group.matcher):
+                self._close(group)
+
+    # -- groups and readers ---------------------------------------------
+
+    def _new_group(self, marker: str) -> Group:
+        ingest = self.ingest
+        matching = _matching(ingest)
+        group = Group(next(self._numbers), marker, matching)
+        self.groups.append(group)
+        self._joinable[marker] = group
+        if marker == ingest.last_change:
+            self._accept(group)
+        group.reader = asyncio.create_task(
+            self._read(group), name=f"catch-up reader {group.number}")
+        group.reader.add_done_callback(lambda task: self._reader_done(group, task))
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(self.confirm_seconds, self._accept, group)
+        group.accepted.add_done_callback(lambda _: timer.cancel())
+        return group
+
+    def _accept(self, group: Group) -> None:
+        if not group.accepted.done():
+            group.accepted.set_result(True)
+        if group.state == OPENING:
+            group.state = READY
+
+    def _close(self, group: Group) -> None:
+        group.state = CLOSED
+        if not group.accepted.done():
+            group.accepted.set_result(False)
+        if self._joinable.get(group.marker) is group:
+            del self._joinable[group.marker]
+        if group in self.groups:
+            self.groups.remove(group)
+        reader = group.reader
+        if reader is not None and reader is not asyncio.current_task():
+            reader.cancel()
+
+    def _refuse(self, group: Group, why: str) -> None:
+        """The marker cannot be replayed from (or the reader failed): the
+        group's subscriptions continue from the live head."""
+        group.refused = why
+        members = list(group.members.items())
+        self._close(group)
+        moved = 0
+        for sub_id, request in members:
+            moved += self.subscriptions.move(sub_id, request, group.matcher)
+        if moved:
+            self.late_refusals += 1
+            self.resyncs += moved
+            log.error(
+                "catch-up after marker %r refused after it was accepted (%s): %d resuming "
+                "subscription(s) continue from the live head; events in between are LOST "
+                "for them", group.marker, why, moved,
+            )
+        else:
+            log.warning(
+                "the Puller cannot replay after marker %r (%s): its resuming subscriptions "
+                "are registered from the live head (resync_required)", group.marker, why,
+            )
+
+    def _reader_done(self, group: Group, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None:
+            return
+        self.reader_failures += 1
+        log.error("catch-up reader %d (marker %r) failed", group.number, group.marker,
+                  exc_info=exc)
+        if group.state != CLOSED:
+            self._refuse(group, f"the catch-up reader failed: {exc!r}")
+
+    async def _read(self, group: Group) -> None:
+        """The group's reader: its Puller stream after the group's position,
+        until the group is handed over, closed or refused."""
+        ingest = self.ingest
+        consumer_id = f"{ingest.consumer_id}/catch-up-{group.number}"
+        batched = ingest.batched
+        delay = ingest.backoff[0]
+        slot = False
+        try:
+            while True:
+                try:
+                    async with ingest.channel() as channel:
+                        stub = puller_grpc.PullerServiceStub(channel)  # type: ignore[no-untyped-call]
+                        request = puller_pb.SubscribeRequest(
+                            consumer_id=consumer_id, after=group.last)
+                        async for events in _messages(stub, request, batched):
+                            self._accept(group)
+                            if not slot:
+                                await self._slots.acquire()
+                                slot = True
+                                self.reading += 1
+                                while group.holds:
+                                    await group.released.wait()
+                                if group.state != READY:
+                                    return
+                                group.state = READING
+                                if self._joinable.get(group.marker) is group:
+                                    del self._joinable[group.marker]
+                            if self._reader_message(group, events):
+                                return
+                            delay = ingest.backoff[0]
+                            await asyncio.sleep(0)
+                except grpc.aio.AioRpcError as exc:
+                    code = exc.code()
+                    if code == grpc.StatusCode.UNIMPLEMENTED and batched:
+                        batched = False
+                        continue
+                    if code == grpc.StatusCode.INVALID_ARGUMENT:
+                        self._refuse(group, exc.details() or "INVALID_ARGUMENT")
+                        return
+                    log.warning("catch-up reader %d: puller stream failed (%s: %s)",
+                                group.number, code, exc.details())
+                await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+                delay = min(delay * 2, ingest.backoff[1])
+        finally:
+            if slot:
+                self.reading -= 1
+                self._slots.release()
+
+    def _reader_message(self, group: Group, events: Sequence[puller_pb.PullerEvent]) -> bool:
+        """One Puller message of a reading group; True once it is done
+        (handed over, or closed because all its subscriptions left)."""
+        if group.state != READING:
+            return True
+        if not len(group.matcher):
+            self._close(group)
+            return True
+        live = self.ingest.last_change
+        if group.last == live:
+            self._attach(group)
+            return True
+        last = ""
+        for k, event in enumerate(events):
+            if not event.HasField("change_event"):
+                continue
+            if event.progress == live and live:
+                self._deliver(group, events[: k + 1])
+                group.last = live
+                self._attach(group)
+                return True
+            if event.progress:
+                last = event.progress
+        self._deliver(group, events)
+        if last:
+            group.last = last
+        return False
+
+    def _deliver(self, group: Group, events: Sequence[puller_pb.PullerEvent]) -> None:
+        pending, changes = group.matching.match_batch(events)
+        group.replayed += changes
+        self.replayed += changes
+        by_owner, deliver = self.ingest.sessions.by_owner, self.ingest.servicer.deliver
+        for owner, messages in pending.items():
+            session = by_owner[owner]
+            if session is not None:
+                deliver(session, messages)
+
+    def _attach(self, group: Group) -> None:
+        """Hand the group over to live ingest (see the module docstring)."""
+        group.state = ATTACHED
+        if self._joinable.get(group.marker) is group:
+            del self._joinable[group.marker]
+        self.handoffs += 1
+        reader = group.reader
+        if reader is not None and reader is not asyncio.current_task():
+            reader.cancel()
+        log.info("catch-up after marker %r handed over to live ingest (%d subscription(s), "
+                 "%d event(s) replayed)", group.marker, len(group.matcher), group.replayed)
+        self._attached.set()
+
+    # -- the live side ----------------------------------------------------
+
+    def on_live(
+        self, events: Sequence[puller_pb.PullerEvent], pending: dict[int, list[bytes]]
+    ) -> None:
+        """Live ingest matched ``events`` into ``pending``: add the
+        deliveries of the attached groups, and hand over the groups whose
+        position this batch passes (they process the rest of it)."""
+        index: dict[str, int] | None = None
+        for group in self.groups:
+            if group.state == ATTACHED:
+                extra, _ = group.matching.match_batch(events)
+            elif group.handing_over:
+                if index is None:
+                    index = {
+                        e.progress: k for k, e in enumerate(events) if e.HasField("change_event")
+                    }
+                k = index.get(group.last)
+                if k is None:
+                    continue
+                extra, _ = group.matching.match_batch(events[k + 1:])
+                self._attach(group)
+            else:
+                continue
+            for owner, messages in extra.items():
+                mine = pending.get(owner)
+                if mine is None:
+                    pending[owner] = messages
+                else:
+                    mine.extend(messages)
+
+    async def run(self) -> None:
+        """Move attached groups' subscriptions into the live index, a chunk
+        at a time, until cancelled (a node background task); on the way out,
+        stop every reader."""
+        try:
+            while True:
+                await self._attached.wait()
+                self._attached.clear()
+                while True:
+                    attached = [g for g in self.groups if g.state == ATTACHED]
+                    if not attached:
+                        break
+                    for group in attached:
+                        self._move_chunk(group)
+                    await asyncio.sleep(0)
+        finally:
+            for group in list(self.groups):
+                if group.reader is not None:
+                    group.reader.cancel()
+
+    def _move_chunk(self, group: Group) -> None:
+        members, move = group.members, self.subscriptions.move
+        for _ in range(min(MOVE_CHUNK, len(members))):
+            sub_id, request = members.popitem()
+            move(sub_id, request, group.matcher)
+        if not members:
+            self._close(group)
+
+
+def _matching(ingest: Ingest) -> Matching:
+    return Matching(
+        Matcher(), layout=ingest.layout, soft_delete_field=ingest.soft_delete_field,
+        compiled=ingest.compiled,
+    )
+
+
+async def _messages(
+    stub: puller_grpc.PullerServiceStub, request: puller_pb.SubscribeRequest, batched: bool
+) -> AsyncIterator[Sequence[puller_pb.PullerEvent]]:
+    if batched:
+        async for batch in stub.SubscribeBatch(request):
+            yield batch.events
+    else:
+        async for event in stub.Subscribe(request):
+            yield (event,)
