@@ -18,6 +18,7 @@ from puller_double import PullerDouble
 from service_helpers import Service, until
 
 from streamer.node.catchup import RESYNC_REQUIRED
+from streamer.node.node import NodeConfig, StreamerNode
 from streamer.protocol import puller_v1_pb2 as pb
 from streamer.protocol import streamer_v1_pb2_grpc as sgrpc
 from streamer.protocol.streamer_v1_pb2 import (
@@ -30,6 +31,9 @@ from streamer.protocol.streamer_v1_pb2 import (
     UnsubscribeRequest,
     Value,
 )
+from streamer.puller.log import ReplayLog
+from streamer.puller.server import PullerServicer
+from streamer.puller.server import add_to_server as add_puller
 
 LIVE = "streamer"  # the live ingest's consumer id
 
@@ -348,3 +352,43 @@ def test_a_subscribe_batch_mixing_resuming_and_plain_requests(tmp_path: Path) ->
         await gw.close()
 
     run(tmp_path, scenario)
+
+
+def test_the_reference_puller_accepts_a_marker_at_once(tmp_path: Path) -> None:
+    # It sends a heartbeat as soon as a stream opens with a marker: a resume
+    # with nothing to replay yet is answered without waiting out
+    # catchup_confirm_seconds (30 s here).
+    async def main() -> None:
+        log = ReplayLog(tmp_path / "log")
+        puller = PullerServicer(log, heartbeat=30)
+        server = grpc.aio.server()
+        add_puller(puller, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        await puller.append([(change(i), b"") for i in range(1, 6)])
+        # Live ingest starts at the head: it has processed no change yet.
+        node = StreamerNode(NodeConfig(
+            puller=f"127.0.0.1:{port}", listen=("127.0.0.1", 0), state_dir=tmp_path / "state",
+            resume_grace=0, drain_seconds=0, puller_backoff=(0.01, 0.05),
+            catchup_confirm_seconds=30,
+        ))
+        await node.start()
+        try:
+            async with grpc.aio.insecure_channel(node.address) as channel:
+                gw = Gateway(sgrpc.StreamerServiceStub(channel))
+                async with asyncio.timeout(5):
+                    head = await gw.subscribe(request("head", after=log.marker(5)))
+                    back = await gw.subscribe(request("back", after=log.marker(2)))
+                assert (head.success, head.code, back.success, back.code) == (True, "", True, "")
+                await until(lambda: gw.events("back") == ids(3, 5))
+                await puller.append([(change(6), b"")])
+                await until(lambda: gw.events("head") == ids(6, 6))
+                await until(lambda: gw.events("back") == ids(3, 6))
+                await until(lambda: not node.catchup.groups)
+                await gw.close()
+        finally:
+            await node.stop()
+            await server.stop(grace=0)
+            log.close()
+
+    asyncio.run(main())

@@ -129,13 +129,13 @@ def test_a_stream_opened_with_a_marker_begins_with_its_heartbeat(tmp_path: Path)
             await append(servicer, 1, 2, 3)
             for after in (servicer.log.marker(1), servicer.log.marker(3)):
                 async with asyncio.timeout(5):
-                    async for first in stub.Subscribe(pb.SubscribeRequest(after=after)):
-                        break
-                assert first == pb.PullerEvent(progress=after)
-                async with asyncio.timeout(5):
-                    async for batch in stub.SubscribeBatch(pb.SubscribeRequest(after=after)):
-                        break
-                assert list(batch.events) == [pb.PullerEvent(progress=after)]
+                    call = stub.Subscribe(pb.SubscribeRequest(after=after))
+                    assert await call.read() == pb.PullerEvent(progress=after)
+                    call.cancel()
+                    batches = stub.SubscribeBatch(pb.SubscribeRequest(after=after))
+                    batch = await batches.read()
+                    assert list(batch.events) == [pb.PullerEvent(progress=after)]
+                    batches.cancel()
 
     asyncio.run(main())
 

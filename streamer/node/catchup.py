@@ -225,6 +225,8 @@ class CatchUp:
         response = subscriptions.subscribe(owner, request, group.matcher)
         if response.success:
             group.members[response.subscription_id] = request
+            if group.reader is None:
+                self._start_reader(group)
         return response
 
     def release(self, groups: Iterable[Group]) -> None:
@@ -246,14 +248,20 @@ class CatchUp:
         self.groups.append(group)
         self._joinable[marker] = group
         if marker == ingest.last_change:
+            # Live ingest processed it: the Puller knows it. The reader
+            # starts only if a subscription joins (live moved on meanwhile).
             self._accept(group)
+        else:
+            self._start_reader(group)
+            loop = asyncio.get_running_loop()
+            timer = loop.call_later(self.confirm_seconds, self._accept, group)
+            group.accepted.add_done_callback(lambda _: timer.cancel())
+        return group
+
+    def _start_reader(self, group: Group) -> None:
         group.reader = asyncio.create_task(
             self._read(group), name=f"catch-up reader {group.number}")
         group.reader.add_done_callback(lambda task: self._reader_done(group, task))
-        loop = asyncio.get_running_loop()
-        timer = loop.call_later(self.confirm_seconds, self._accept, group)
-        group.accepted.add_done_callback(lambda _: timer.cancel())
-        return group
 
     def _accept(self, group: Group) -> None:
         if not group.accepted.done():
@@ -319,23 +327,29 @@ class CatchUp:
         try:
             while True:
                 try:
-                    async with ingest.channel() as channel:
+                    async with ingest.channel(own_connection=True) as channel:
                         stub = puller_grpc.PullerServiceStub(channel)  # type: ignore[no-untyped-call]
                         request = puller_pb.SubscribeRequest(
                             consumer_id=consumer_id, after=group.last)
                         async for events in _messages(stub, request, batched):
                             self._accept(group)
-                            if not slot:
-                                await self._slots.acquire()
-                                slot = True
-                                self.reading += 1
+                            while not slot:
+                                # Nothing is delivered before every handler
+                                # holding the group has answered.
                                 while group.holds:
                                     await group.released.wait()
-                                if group.state != READY:
-                                    return
+                                await self._slots.acquire()
+                                self.reading += 1
+                                slot = not group.holds
+                                if not slot:
+                                    self.reading -= 1
+                                    self._slots.release()
+                            if group.state == READY:
                                 group.state = READING
                                 if self._joinable.get(group.marker) is group:
                                     del self._joinable[group.marker]
+                            elif group.state != READING:
+                                return
                             if self._reader_message(group, events):
                                 return
                             delay = ingest.backoff[0]
@@ -455,9 +469,10 @@ class CatchUp:
                         self._move_chunk(group)
                     await asyncio.sleep(0)
         finally:
-            for group in list(self.groups):
-                if group.reader is not None:
-                    group.reader.cancel()
+            readers = [g.reader for g in self.groups if g.reader is not None]
+            for reader in readers:
+                reader.cancel()
+            await asyncio.gather(*readers, return_exceptions=True)
 
     def _move_chunk(self, group: Group) -> None:
         members, move = group.members, self.subscriptions.move
