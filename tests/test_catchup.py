@@ -354,6 +354,39 @@ def test_a_subscribe_batch_mixing_resuming_and_plain_requests(tmp_path: Path) ->
     run(tmp_path, scenario)
 
 
+def test_a_silent_puller_that_refuses_later_continues_from_the_live_head(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The double says nothing to the reader (held): the marker is taken as
+    # accepted after catchup_confirm_seconds. When the reader reconnects
+    # (the Puller restarted) its marker is past the retention: logged,
+    # counted, and the subscription continues from the live head.
+    async def scenario(service: Service, stub: sgrpc.StreamerServiceStub) -> None:
+        await appended(service, 0, 9, lambda i: "c")
+        service.puller.hold("streamer/catch-up-1")
+        gw = Gateway(stub)
+        response = await gw.subscribe(request("s", after="p4"))
+        assert (response.success, response.code) == (True, "")
+        assert service.subscriptions.matcher_of("s") is not service.node.matcher
+        old = service.puller
+        await old.stop()
+        service.puller = PullerDouble()
+        service.puller.events = list(old.events)
+        service.puller.forgotten = 8
+        await service.puller.start_on(old.port)
+        await until(lambda: service.subscriptions.matcher_of("s") is service.node.matcher)
+        catchup = service.node.catchup
+        assert (catchup.late_refusals, catchup.resyncs) == (1, 1)
+        assert "events in between are LOST" in caplog.text
+        await until(lambda: len(service.puller.subscriptions) >= 2)  # live ingest is back
+        await appended(service, 10, 11, lambda i: "c")
+        await until(lambda: gw.events("s") == ids(10, 11))
+        await until(settled(service))
+        await gw.close()
+
+    run(tmp_path, scenario)
+
+
 def test_the_reference_puller_accepts_a_marker_at_once(tmp_path: Path) -> None:
     # It sends a heartbeat as soon as a stream opens with a marker: a resume
     # with nothing to replay yet is answered without waiting out
