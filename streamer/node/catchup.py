@@ -462,11 +462,11 @@ class CatchUp:
                 await self._attached.wait()
                 self._attached.clear()
                 while True:
-                    attached = [g for g in self.groups if g.state == ATTACHED]
-                    if not attached:
+                    # One chunk per step, whatever the number of groups.
+                    group = next((g for g in self.groups if g.state == ATTACHED), None)
+                    if group is None:
                         break
-                    for group in attached:
-                        self._move_chunk(group)
+                    self._move_chunk(group)
                     await asyncio.sleep(0)
         finally:
             readers = [g.reader for g in self.groups if g.reader is not None]
