@@ -62,7 +62,10 @@ markers may differ from one Puller stream to another.
 Bounds. At most ``max_readers`` groups read at a time (each with a yield to
 the loop between two Puller messages); the others keep their opened,
 confirmed stream and wait their turn (gRPC's flow control bounds what a
-waiting stream buffers), and live ingest may attach them meanwhile.
+waiting stream buffers), and live ingest may attach them meanwhile. Every
+reader's stream goes over one channel of the catch-up's own, on its own
+connection: the replay never queues in front of live events on live
+ingest's connection.
 
 Failures. A reader whose Puller stream breaks reconnects with backoff
 after the group's position (no gap); ``UNIMPLEMENTED`` for
@@ -80,7 +83,8 @@ import asyncio
 import itertools
 import logging
 import random
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import grpc
 
@@ -157,6 +161,10 @@ class CatchUp:
         self._slots = asyncio.Semaphore(max_readers)
         self._attached = asyncio.Event()
         self._numbers = itertools.count(1)
+        # One channel, on a connection of its own, for every reader (one
+        # stream each): the replay never queues in front of live events on
+        # live ingest's connection, and many readers are one connection.
+        self._channel: grpc.aio.Channel | None = None
         self.reading = 0  # readers delivering now (at most max_readers)
         self.replayed = 0  # change events the readers processed
         self.resyncs = 0  # subscriptions that continue from the live head instead
@@ -327,11 +335,15 @@ class CatchUp:
         try:
             while True:
                 try:
-                    async with ingest.channel(own_connection=True) as channel:
-                        stub = puller_grpc.PullerServiceStub(channel)  # type: ignore[no-untyped-call]
-                        request = puller_pb.SubscribeRequest(
-                            consumer_id=consumer_id, after=group.last)
-                        async for events in _messages(stub, request, batched):
+                    if self._channel is None:
+                        self._channel = ingest.channel(own_connection=True)
+                    stub = puller_grpc.PullerServiceStub(self._channel)  # type: ignore[no-untyped-call]
+                    request = puller_pb.SubscribeRequest(consumer_id=consumer_id, after=group.last)
+                    call: Any = (
+                        stub.SubscribeBatch(request) if batched else stub.Subscribe(request))
+                    try:
+                        async for message in call:
+                            events = message.events if batched else (message,)
                             self._accept(group)
                             while not slot:
                                 # Nothing is delivered before every handler
@@ -354,6 +366,8 @@ class CatchUp:
                                 return
                             delay = ingest.backoff[0]
                             await asyncio.sleep(0)
+                    finally:
+                        call.cancel()
                 except grpc.aio.AioRpcError as exc:
                     code = exc.code()
                     if code == grpc.StatusCode.UNIMPLEMENTED and batched:
@@ -473,6 +487,9 @@ class CatchUp:
             for reader in readers:
                 reader.cancel()
             await asyncio.gather(*readers, return_exceptions=True)
+            if self._channel is not None:
+                await self._channel.close()
+                self._channel = None
 
     def _move_chunk(self, group: Group) -> None:
         members, move = group.members, self.subscriptions.move
@@ -489,13 +506,3 @@ def _matching(ingest: Ingest) -> Matching:
         compiled=ingest.compiled,
     )
 
-
-async def _messages(
-    stub: puller_grpc.PullerServiceStub, request: puller_pb.SubscribeRequest, batched: bool
-) -> AsyncIterator[Sequence[puller_pb.PullerEvent]]:
-    if batched:
-        async for batch in stub.SubscribeBatch(request):
-            yield batch.events
-    else:
-        async for event in stub.Subscribe(request):
-            yield (event,)
