@@ -53,6 +53,11 @@ markers may differ from one Puller stream to another.
   events at index k (live just passed the reader, or live was behind the
   marker), the group processes events[k+1:] itself now and attaches; its
   reader is cancelled.
+- Reader to reader: when a reader processes a message in which another
+  group's position is (a group waiting its turn, or a reader behind), that
+  group takes the rest of the message and its subscriptions join the
+  reader's group (``_absorb``): readers that meet merge, so a gateway
+  resuming after many markers does not replay the same events many times.
 - An attached group is matched against every live batch (its deliveries
   after the live ones, per gateway), and between batches its subscriptions
   move into the live index, ``MOVE_CHUNK`` at a time, until it is empty and
@@ -170,6 +175,7 @@ class CatchUp:
         self.resyncs = 0  # subscriptions that continue from the live head instead
         self.late_refusals = 0  # groups refused after their answer
         self.handoffs = 0  # groups handed over to live ingest
+        self.merges = 0  # groups taken over by another group's reader
         self.reader_failures = 0
 
     @property
@@ -402,16 +408,45 @@ class CatchUp:
             if not event.HasField("change_event"):
                 continue
             if event.progress == live and live:
-                self._deliver(group, events[: k + 1])
+                events = events[: k + 1]
+                self._deliver(group, events)
+                self._absorb(group, events)
                 group.last = live
                 self._attach(group)
                 return True
             if event.progress:
                 last = event.progress
         self._deliver(group, events)
+        self._absorb(group, events)
         if last:
             group.last = last
         return False
+
+    def _absorb(self, group: Group, events: Sequence[puller_pb.PullerEvent]) -> None:
+        """``group``'s reader just processed ``events``: every other group
+        whose position is among them (and that is not held, and small enough
+        to move at once) takes the rest of them and joins ``group``, whose
+        reader then carries it; its own reader stops. Readers that meet
+        merge, so many markers do not mean many replays of the same events."""
+        candidates = [
+            g for g in self.groups
+            if g is not group and g.handing_over and len(g.members) <= MOVE_CHUNK
+        ]
+        if not candidates:
+            return
+        index = {e.progress: k for k, e in enumerate(events) if e.HasField("change_event")}
+        move = self.subscriptions.move
+        for other in candidates:
+            k = index.get(other.last)
+            if k is None:
+                continue
+            self._deliver(other, events[k + 1:])
+            for sub_id, request in other.members.items():
+                if move(sub_id, request, other.matcher, group.matcher):
+                    group.members[sub_id] = request
+            other.members.clear()
+            self.merges += 1
+            self._close(other)
 
     def _deliver(self, group: Group, events: Sequence[puller_pb.PullerEvent]) -> None:
         pending, changes = group.matching.match_batch(events)

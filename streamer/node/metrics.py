@@ -298,6 +298,12 @@ class StreamerCollector(Collector):
                 value=catchup.handoffs,
             )
             yield CounterMetricFamily(
+                "streamer_catchup_merges",
+                "Catch-up groups taken over by another group's reader that passed their "
+                "marker (their own reader stopped).",
+                value=catchup.merges,
+            )
+            yield CounterMetricFamily(
                 "streamer_catchup_reader_failures",
                 "Catch-up readers that failed with an unexpected error (logged with a "
                 "traceback; their subscriptions continue from the live head).",

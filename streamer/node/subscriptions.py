@@ -187,18 +187,26 @@ class SubscriptionSet:
         self.bytes += size
         return SubscribeResponse(subscription_id=sub_id, success=True)
 
-    def move(self, sub_id: str, request: SubscribeRequest, source: Matcher) -> bool:
+    def move(
+        self, sub_id: str, request: SubscribeRequest, source: Matcher,
+        target: Matcher | None = None,
+    ) -> bool:
         """Move ``sub_id`` (registered from ``request``) from ``source`` into
-        the live index, for the same owner; False (nothing done) if it is
-        not in ``source`` any more (removed, or registered again elsewhere)."""
+        ``target`` (default: the live index), for the same owner; False
+        (nothing done) if it is not in ``source`` any more (removed, or
+        registered again elsewhere)."""
         if self._where.get(sub_id) is not source:
             return False
         owner = self._held[sub_id] & _OWNER
         source.remove(sub_id)
-        del self._where[sub_id]
+        if target is None or target is self.matcher:
+            target = self.matcher
+            del self._where[sub_id]
+        else:
+            self._where[sub_id] = target
         # The same request compiled into the same clauses before: it cannot
         # be refused now, and its scan clauses are already counted.
-        self.matcher.add(
+        target.add(
             sub_id, request.database, request.collection, filters=_filters(request),
             expression=request.expression or None, owner=owner,
         )
