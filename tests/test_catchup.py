@@ -14,10 +14,12 @@ from typing import Any
 import grpc
 import orjson
 import pytest
+from prometheus_client.registry import CollectorRegistry
 from puller_double import PullerDouble
 from service_helpers import Service, until
 
 from streamer.node.catchup import RESYNC_REQUIRED
+from streamer.node.metrics import StreamerCollector
 from streamer.node.node import NodeConfig, StreamerNode
 from streamer.protocol import puller_v1_pb2 as pb
 from streamer.protocol import streamer_v1_pb2_grpc as sgrpc
@@ -138,6 +140,16 @@ async def appended(service: Service, first: int, last: int, chat: Callable[[int]
     await until(lambda: service.node.ingest.last_change == f"p{last}")
 
 
+def scrape(service: Service) -> dict[str, float]:
+    """The node's unlabelled catch-up metrics, as Prometheus reads them."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StreamerCollector(service.node.ingest))
+    return {
+        sample.name: sample.value for family in registry.collect() for sample in family.samples
+        if sample.name.startswith("streamer_catchup_")
+    }
+
+
 def settled(service: Service) -> Callable[[], bool]:
     """Every resuming subscription is in the live index, every group gone."""
     catchup = service.node.catchup
@@ -163,7 +175,15 @@ def test_catch_up_from_a_marker_then_live_without_a_gap(tmp_path: Path, batch: b
         assert gw.events("s") == expected
         catchup = service.node.catchup
         assert catchup.handoffs == 1 and catchup.resyncs == 0
-        assert catchup.replayed >= 1
+        assert catchup.replayed == 12  # e8 … e19, matching or not
+        assert scrape(service) == {
+            "streamer_catchup_readers": 0, "streamer_catchup_readers_reading": 0,
+            "streamer_catchup_subscriptions": 0,
+            "streamer_catchup_events_replayed_total": 12,
+            "streamer_catchup_resyncs_total": 0, "streamer_catchup_late_refusals_total": 0,
+            "streamer_catchup_handoffs_total": 1, "streamer_catchup_merges_total": 0,
+            "streamer_catchup_reader_failures_total": 0,
+        }
         # The node's own marker never moved back for the replay.
         assert service.node.progress.marker == "p29"
         assert [s.consumer_id for s in service.puller.subscriptions[1:]] == [
@@ -379,6 +399,9 @@ def test_a_silent_puller_that_refuses_later_continues_from_the_live_head(
         await until(lambda: service.subscriptions.matcher_of("s") is service.node.matcher)
         catchup = service.node.catchup
         assert (catchup.late_refusals, catchup.resyncs) == (1, 1)
+        got = scrape(service)
+        assert (got["streamer_catchup_late_refusals_total"],
+                got["streamer_catchup_resyncs_total"]) == (1, 1)
         assert "events in between are LOST" in caplog.text
         await until(lambda: len(service.puller.subscriptions) >= 2)  # live ingest is back
         await appended(service, 10, 11, lambda i: "c")
