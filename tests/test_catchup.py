@@ -182,7 +182,7 @@ def test_catch_up_from_a_marker_then_live_without_a_gap(tmp_path: Path, batch: b
             "streamer_catchup_events_replayed_total": 12,
             "streamer_catchup_resyncs_total": 0, "streamer_catchup_late_refusals_total": 0,
             "streamer_catchup_handoffs_total": 1, "streamer_catchup_merges_total": 0,
-            "streamer_catchup_reader_failures_total": 0,
+            "streamer_catchup_paced_total": 0, "streamer_catchup_reader_failures_total": 0,
         }
         # The node's own marker never moved back for the replay.
         assert service.node.progress.marker == "p29"
@@ -292,6 +292,23 @@ def test_resume_while_live_traffic_flows(tmp_path: Path) -> None:
         await gw.close()
 
     run(tmp_path, scenario)
+
+
+def test_the_replay_is_paced_by_the_gateway_queue(tmp_path: Path) -> None:
+    # 2000 replayed events for a gateway whose queue holds 60 messages: the
+    # reader waits for it to drain instead of getting it cut off as lagging.
+    async def scenario(service: Service, stub: sgrpc.StreamerServiceStub) -> None:
+        service.puller.batch_size = 20
+        await appended(service, 0, 1999, lambda i: "c")
+        gw = Gateway(stub)
+        assert (await gw.subscribe(request("s", after="p0"))).success
+        await until(lambda: len(gw.events("s")) >= 1999, timeout=30)
+        assert gw.events("s") == ids(1, 1999)
+        assert service.servicer.lagging_cut_offs == 0
+        assert service.node.catchup.paced > 0
+        await gw.close()
+
+    run(tmp_path, scenario, gateway_queue=60)
 
 
 def test_a_marker_ahead_of_the_live_ingest(tmp_path: Path) -> None:

@@ -65,7 +65,10 @@ markers may differ from one Puller stream to another.
   order holds.
 
 Bounds. At most ``max_readers`` groups read at a time (each with a yield to
-the loop between two Puller messages); the others keep their opened,
+the loop between two Puller messages, and a pause while a gateway it sent
+to has its queue past half full: ``StreamerServicer.has_room``; live
+deliveries never wait, and the replay is paced by its gateways instead of
+getting them cut off as lagging); the others keep their opened,
 confirmed stream and wait their turn (gRPC's flow control bounds what a
 waiting stream buffers), and live ingest may attach them meanwhile. Every
 reader's stream goes over one channel of the catch-up's own, on its own
@@ -108,6 +111,8 @@ DEFAULT_CONFIRM_SECONDS = 1.0
 # Subscriptions moved from an attached group into the live index per step,
 # between which the event loop runs everything else.
 MOVE_CHUNK = RECLAIM_CHUNK
+# How often a reader paced by a full gateway queue looks again.
+PACE_SECONDS = 0.01
 
 # Group states.
 OPENING = "opening"  # the reader has not heard from the Puller yet
@@ -136,6 +141,7 @@ class Group:
         self.released.set()
         self.reader: asyncio.Task[None] | None = None
         self.replayed = 0
+        self.sent_to: set[int] = set()  # owners its reader delivered to since it last paced
 
     @property
     def joinable(self) -> bool:
@@ -176,6 +182,7 @@ class CatchUp:
         self.late_refusals = 0  # groups refused after their answer
         self.handoffs = 0  # groups handed over to live ingest
         self.merges = 0  # groups taken over by another group's reader
+        self.paced = 0  # times a reader waited for a gateway's queue to drain
         self.reader_failures = 0
 
     @property
@@ -371,7 +378,7 @@ class CatchUp:
                             if self._reader_message(group, events):
                                 return
                             delay = ingest.backoff[0]
-                            await asyncio.sleep(0)
+                            await self._room(group)
                     finally:
                         call.cancel()
                 except grpc.aio.AioRpcError as exc:
@@ -457,6 +464,25 @@ class CatchUp:
             session = by_owner[owner]
             if session is not None:
                 deliver(session, messages)
+                group.sent_to.add(owner)
+
+    async def _room(self, group: Group) -> None:
+        """Between two Puller messages: yield to the loop, and wait while a
+        gateway the group just sent to has a queue past half full (the
+        replay is paced by its gateways, never cuts them off)."""
+        await asyncio.sleep(0)
+        by_owner, has_room = self.ingest.sessions.by_owner, self.ingest.servicer.has_room
+        while group.sent_to:
+            owners = [
+                o for o in group.sent_to
+                if (session := by_owner[o]) is not None and not has_room(session)
+            ]
+            group.sent_to.clear()
+            if not owners:
+                return
+            group.sent_to.update(owners)
+            self.paced += 1
+            await asyncio.sleep(PACE_SECONDS)
 
     def _attach(self, group: Group) -> None:
         """Hand the group over to live ingest (see the module docstring)."""

@@ -304,6 +304,12 @@ class StreamerCollector(Collector):
                 value=catchup.merges,
             )
             yield CounterMetricFamily(
+                "streamer_catchup_paced",
+                "Times a catch-up reader waited for a gateway's queue to drain below half "
+                "before reading on (the replay is paced by its gateways).",
+                value=catchup.paced,
+            )
+            yield CounterMetricFamily(
                 "streamer_catchup_reader_failures",
                 "Catch-up readers that failed with an unexpected error (logged with a "
                 "traceback; their subscriptions continue from the live head).",

@@ -159,6 +159,19 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
                           f"{self.queue_bytes} bytes queued")
         return False
 
+    def has_room(self, session: Session) -> bool:
+        """Whether a catch-up (``streamer.node.catchup``) may queue more for
+        this gateway now: its queue is under half its message bound and
+        under its low watermark of bytes, or the stream is gone. Live
+        deliveries never wait; replayed ones do, rather than cut a gateway
+        off for a burst the Streamer chose to send."""
+        stream = self.streams.get(session.key)
+        if stream is None:
+            return True
+        queue = stream.queue
+        return queue.closed or (
+            len(queue) <= queue.capacity // 2 and queue.bytes <= queue.low_bytes)
+
     def _shed(self) -> None:
         """All queues together hold more than the node's budget: cut off the
         gateway with the most queued, whose memory is then freed at once."""
