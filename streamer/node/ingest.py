@@ -17,6 +17,13 @@ operation), handed to the gateways' queues without waiting, and only then
 is its marker advanced (``streamer.node.progress``). Poison events are counted by
 reason, logged with their id, and skipped; their marker still advances.
 
+The ingest records the marker of the last change event it processed
+(``last_change``; poison included, heartbeats not), and tells the catch-up
+of resuming subscriptions (``streamer.node.catchup``) of every batch it
+matched, so that catch-ups hand over to it without a gap and handed-over
+ones get their deliveries after the live ones. The per-event work is
+``Matching``, which a catch-up group also runs over its own matcher.
+
 The common case of the plain layout (no pre-image, no update description,
 well-formed) runs through the compiled step ``streamer._ext._ingest``; every
 other event takes the Python path here, which is also the reference the

@@ -428,11 +428,16 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
         accepted or refused the marker (``streamer.node.catchup``)."""
         catchup = self.catchup
         assert catchup is not None
+        owner = stream.session.owner
+        if request.resume_after == catchup.ingest.last_change:
+            # Live ingest is at the marker: a plain subscription, at once.
+            response = self.subscriptions.subscribe(owner, request)
+            self._send(stream, StreamerMessage(subscribe_response=response))
+            return
         groups = catchup.hold((request.resume_after,))
         try:
             await catchup.confirmed(groups.values())
-            response = catchup.subscribe(
-                stream.session.owner, request, groups[request.resume_after])
+            response = catchup.subscribe(owner, request, groups[request.resume_after])
             self._send(stream, StreamerMessage(subscribe_response=response))
         finally:
             catchup.release(groups.values())
