@@ -294,6 +294,34 @@ def test_resume_while_live_traffic_flows(tmp_path: Path) -> None:
     run(tmp_path, scenario)
 
 
+def test_a_gateway_resumes_after_a_streamer_restart(tmp_path: Path) -> None:
+    # The gateway remembers the progress of the last event it delivered;
+    # events appended while the Streamer is down, and the ones the restarted
+    # Streamer replays after its saved marker, reach it exactly once.
+    async def scenario(service: Service, stub: sgrpc.StreamerServiceStub) -> None:
+        gw = Gateway(stub)
+        assert (await gw.subscribe(request("s"))).success
+        await appended(service, 0, 4, lambda i: "c")
+        await until(lambda: gw.events("s") == ids(0, 4))
+        last = [m.delivery.event.progress for m in gw.messages if m.HasField("delivery")][-1]
+        assert last == "p4"
+        await service.stop()
+        await gw.close()
+        await service.puller.append(*(change(i) for i in range(5, 10)))
+        await service.start()
+        async with grpc.aio.insecure_channel(service.target) as channel:
+            again = Gateway(sgrpc.StreamerServiceStub(channel))
+            assert (await again.subscribe(request("s", after=last))).code == ""
+            await appended(service, 10, 11, lambda i: "c")
+            await until(lambda: len(again.events("s")) >= 7)
+            await until(settled(service))
+            await asyncio.sleep(0.1)
+            assert again.events("s") == ids(5, 11)
+            await again.close()
+
+    run(tmp_path, scenario)
+
+
 def test_the_replay_is_paced_by_the_gateway_queue(tmp_path: Path) -> None:
     # 2000 replayed events for a gateway whose queue holds 60 messages: the
     # reader waits for it to drain instead of getting it cut off as lagging.
