@@ -189,8 +189,9 @@ def test_catch_up_from_a_marker_then_live_without_a_gap(tmp_path: Path, batch: b
         }
         # The node's own marker never moved back for the replay.
         assert service.node.progress.marker == "p29"
+        # Its own consumer id: one stream to confirm the marker, one to read.
         assert [s.consumer_id for s in service.puller.subscriptions[1:]] == [
-            "streamer/catch-up-1"]
+            "streamer/catch-up-1"] * 2
         await gw.close()
 
     run(tmp_path, scenario, batch=batch)

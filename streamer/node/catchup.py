@@ -19,7 +19,7 @@ new group for M is made.
 Answers. A request with ``resume_after`` M is answered once the Puller has
 said whether it can replay after M: if M is the marker of the last change
 event live ingest processed, at once (registered live). Otherwise the
-group's reader opens its stream; the first message from the Puller (the
+group's reader opens a stream after M to ask; the first message from the Puller (the
 reference Puller sends a heartbeat as soon as a stream opens) accepts the
 marker, ``INVALID_ARGUMENT`` refuses it. A Puller that sends nothing until
 an event comes (a Syntrix Puller) is taken to accept it when it has not
@@ -68,9 +68,12 @@ Bounds. At most ``max_readers`` groups read at a time (each with a yield to
 the loop between two Puller messages, and a pause while a gateway it sent
 to has its queue past half full: ``StreamerServicer.has_room``; live
 deliveries never wait, and the replay is paced by its gateways instead of
-getting them cut off as lagging); the others keep their opened,
-confirmed stream and wait their turn (gRPC's flow control bounds what a
-waiting stream buffers), and live ingest may attach them meanwhile. Every
+getting them cut off as lagging); the others wait their turn without a
+stream (the one that confirmed the marker is closed again; at most
+``OPENING_LIMIT`` confirmations run at once, and one still waiting for a
+free place when ``confirm_seconds`` have passed is taken as accepted, like
+a silent Puller's), and live ingest or another reader may take them over
+meanwhile. Every
 reader's stream goes over one channel of the catch-up's own, on its own
 connection: the replay never queues in front of live events on live
 ingest's connection.
@@ -113,6 +116,9 @@ DEFAULT_CONFIRM_SECONDS = 1.0
 MOVE_CHUNK = RECLAIM_CHUNK
 # How often a reader paced by a full gateway queue looks again.
 PACE_SECONDS = 0.01
+# Streams open at once to have the Puller confirm markers (a group waiting
+# its turn to read holds none).
+OPENING_LIMIT = 64
 
 # Group states.
 OPENING = "opening"  # the reader has not heard from the Puller yet
@@ -170,6 +176,7 @@ class CatchUp:
         self.groups: list[Group] = []  # every group not closed, oldest first
         self._joinable: dict[str, Group] = {}
         self._slots = asyncio.Semaphore(max_readers)
+        self._opening = asyncio.Semaphore(OPENING_LIMIT)
         self._attached = asyncio.Event()
         self._numbers = itertools.count(1)
         # One channel, on a connection of its own, for every reader (one
@@ -338,49 +345,59 @@ class CatchUp:
             self._refuse(group, f"the catch-up reader failed: {exc!r}")
 
     async def _read(self, group: Group) -> None:
-        """The group's reader: its Puller stream after the group's position,
-        until the group is handed over, closed or refused."""
-        ingest = self.ingest
-        consumer_id = f"{ingest.consumer_id}/catch-up-{group.number}"
-        batched = ingest.batched
-        delay = ingest.backoff[0]
+        """The group's reader: has the Puller confirm the marker (a stream
+        opened and closed again), waits until nothing holds the group and a
+        reading slot is free, then reads after the group's position until
+        the group is handed over, merged, closed or refused."""
+        batched = self.ingest.batched
+        if not group.accepted.done():
+            batched = await self._confirm(group, batched)
+            if not group.accepted.result() or group.state == CLOSED:
+                return
         slot = False
         try:
-            while True:
+            while not slot:
+                # Nothing is delivered before every handler holding the
+                # group has answered.
+                while group.holds:
+                    await group.released.wait()
+                await self._slots.acquire()
+                self.reading += 1
+                slot = not group.holds
+                if not slot:
+                    self.reading -= 1
+                    self._slots.release()
+            if group.state != READY:
+                return  # handed over, merged or closed while it waited
+            group.state = READING
+            if self._joinable.get(group.marker) is group:
+                del self._joinable[group.marker]
+            await self._replay(group, batched)
+        finally:
+            if slot:
+                self.reading -= 1
+                self._slots.release()
+
+    async def _confirm(self, group: Group, batched: bool) -> bool:
+        """Open a stream after the group's marker until the Puller's first
+        message (accepted), ``INVALID_ARGUMENT`` (refused) or the confirm
+        timer (accepted); then close it: a group waiting its turn holds no
+        stream. At most ``OPENING_LIMIT`` such streams are open at once.
+        Returns whether ``SubscribeBatch`` is still to be used."""
+        delay = self.ingest.backoff[0]
+        async with self._opening:
+            while not group.accepted.done():
+                call = self._call(group, batched)
+                read = asyncio.ensure_future(call.read())
                 try:
-                    if self._channel is None:
-                        self._channel = ingest.channel(own_connection=True)
-                    stub = puller_grpc.PullerServiceStub(self._channel)  # type: ignore[no-untyped-call]
-                    request = puller_pb.SubscribeRequest(consumer_id=consumer_id, after=group.last)
-                    call: Any = (
-                        stub.SubscribeBatch(request) if batched else stub.Subscribe(request))
-                    try:
-                        async for message in call:
-                            events = message.events if batched else (message,)
-                            self._accept(group)
-                            while not slot:
-                                # Nothing is delivered before every handler
-                                # holding the group has answered.
-                                while group.holds:
-                                    await group.released.wait()
-                                await self._slots.acquire()
-                                self.reading += 1
-                                slot = not group.holds
-                                if not slot:
-                                    self.reading -= 1
-                                    self._slots.release()
-                            if group.state == READY:
-                                group.state = READING
-                                if self._joinable.get(group.marker) is group:
-                                    del self._joinable[group.marker]
-                            elif group.state != READING:
-                                return
-                            if self._reader_message(group, events):
-                                return
-                            delay = ingest.backoff[0]
-                            await self._room(group)
-                    finally:
-                        call.cancel()
+                    await asyncio.wait((read, group.accepted),
+                                       return_when=asyncio.FIRST_COMPLETED)
+                    if not read.done():
+                        break  # accepted by the timer, or closed
+                    read.result()  # a message (accepted), EOF, or the error
+                    if read.result() is not grpc.aio.EOF:
+                        self._accept(group)
+                        break
                 except grpc.aio.AioRpcError as exc:
                     code = exc.code()
                     if code == grpc.StatusCode.UNIMPLEMENTED and batched:
@@ -388,15 +405,53 @@ class CatchUp:
                         continue
                     if code == grpc.StatusCode.INVALID_ARGUMENT:
                         self._refuse(group, exc.details() or "INVALID_ARGUMENT")
-                        return
+                        break
                     log.warning("catch-up reader %d: puller stream failed (%s: %s)",
                                 group.number, code, exc.details())
+                finally:
+                    read.cancel()
+                    call.cancel()
                 await asyncio.sleep(delay * random.uniform(0.5, 1.5))
-                delay = min(delay * 2, ingest.backoff[1])
-        finally:
-            if slot:
-                self.reading -= 1
-                self._slots.release()
+                delay = min(delay * 2, self.ingest.backoff[1])
+        return batched
+
+    async def _replay(self, group: Group, batched: bool) -> None:
+        """Read and deliver after the group's position (reconnecting after
+        it on a broken stream) until the group is done."""
+        backoff = self.ingest.backoff
+        delay = backoff[0]
+        while True:
+            call = self._call(group, batched)
+            try:
+                async for message in call:
+                    events = message.events if batched else (message,)
+                    if self._reader_message(group, events):
+                        return
+                    delay = backoff[0]
+                    await self._room(group)
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                if code == grpc.StatusCode.UNIMPLEMENTED and batched:
+                    batched = False
+                    continue
+                if code == grpc.StatusCode.INVALID_ARGUMENT:
+                    self._refuse(group, exc.details() or "INVALID_ARGUMENT")
+                    return
+                log.warning("catch-up reader %d: puller stream failed (%s: %s)",
+                            group.number, code, exc.details())
+            finally:
+                call.cancel()
+            await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(delay * 2, backoff[1])
+
+    def _call(self, group: Group, batched: bool) -> Any:
+        """A stream after the group's position, on the catch-up's channel."""
+        if self._channel is None:
+            self._channel = self.ingest.channel(own_connection=True)
+        stub = puller_grpc.PullerServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        request = puller_pb.SubscribeRequest(
+            consumer_id=f"{self.ingest.consumer_id}/catch-up-{group.number}", after=group.last)
+        return stub.SubscribeBatch(request) if batched else stub.Subscribe(request)
 
     def _reader_message(self, group: Group, events: Sequence[puller_pb.PullerEvent]) -> bool:
         """One Puller message of a reading group; True once it is done
