@@ -267,6 +267,27 @@ def test_many_subscriptions_with_many_markers_at_once(tmp_path: Path) -> None:
     run(tmp_path, scenario, max_catchup_readers=2)
 
 
+def test_more_markers_than_confirmations_at_once(tmp_path: Path) -> None:
+    # 150 distinct markers in one batch: at most 64 streams ask the Puller
+    # at once, the others wait for a place (or the confirm timer); each
+    # subscription still gets exactly the events after its own marker.
+    async def scenario(service: Service, stub: sgrpc.StreamerServiceStub) -> None:
+        await appended(service, 0, 199, lambda i: "c")
+        markers = random.Random(3).sample(range(199), 150)
+        gw = Gateway(stub)
+        responses = await gw.subscribe_batch(
+            *(request(f"s{k}", after=f"p{k}") for k in markers))
+        assert all(r.success and r.code == "" for r in responses)
+        await appended(service, 200, 201, lambda i: "c")
+        await until(lambda: all(len(gw.events(f"s{k}")) >= 201 - k for k in markers), 30)
+        await until(settled(service))
+        for k in markers:
+            assert gw.events(f"s{k}") == ids(k + 1, 201), k
+        await gw.close()
+
+    run(tmp_path, scenario)
+
+
 def test_resume_while_live_traffic_flows(tmp_path: Path) -> None:
     async def scenario(service: Service, stub: sgrpc.StreamerServiceStub) -> None:
         service.puller.batch_size = 3
@@ -402,6 +423,36 @@ def test_a_marker_ahead_of_the_live_ingest(tmp_path: Path) -> None:
         await gw.close()
 
     run(tmp_path, scenario)
+
+
+def test_twenty_groups_two_readers_and_live_held_behind(tmp_path: Path) -> None:
+    # Live ingest held behind every marker, two readers for twenty groups:
+    # the readers take over the groups they pass, reach the head, and one
+    # live batch hands whatever is left over to live ingest.
+    async def scenario(service: Service, stub: sgrpc.StreamerServiceStub) -> None:
+        puller = service.puller
+        await appended(service, 0, 2, lambda i: "c")
+        puller.hold(LIVE)
+        await puller.append(*(change(i) for i in range(3, 60)))
+        markers = random.Random(5).sample(range(3, 59), 20)
+        gw = Gateway(stub)
+        responses = await gw.subscribe_batch(*(request(f"s{k}", after=f"p{k}") for k in markers))
+        assert all(r.success and r.code == "" for r in responses)
+        await until(lambda: all(gw.events(f"s{k}") == ids(k + 1, 59) for k in markers))
+        assert service.node.catchup.handoffs == 0
+        assert service.node.catchup.reading <= 2
+        puller.release(LIVE)
+        await appended(service, 60, 61, lambda i: "c")
+        await until(lambda: all(len(gw.events(f"s{k}")) >= 61 - k for k in markers))
+        await until(settled(service))
+        await asyncio.sleep(0.1)
+        for k in markers:
+            assert gw.events(f"s{k}") == ids(k + 1, 61), k
+        catchup = service.node.catchup
+        assert catchup.merges > 0 and catchup.handoffs >= 1
+        await gw.close()
+
+    run(tmp_path, scenario, max_catchup_readers=2)
 
 
 def test_unsubscribe_and_departure_during_catch_up(tmp_path: Path) -> None:

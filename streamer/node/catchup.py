@@ -52,11 +52,12 @@ markers may differ from one Puller stream to another.
   matched a batch): if a group's position is among the batch's change
   events at index k (live just passed the reader, or live was behind the
   marker), the group processes events[k+1:] itself now and attaches; its
-  reader is cancelled.
+  reader is cancelled. Several such groups in one batch merge into the
+  first as they are reached (``_hand_over``).
 - Reader to reader: when a reader processes a message in which another
   group's position is (a group waiting its turn, or a reader behind), that
   group takes the rest of the message and its subscriptions join the
-  reader's group (``_absorb``): readers that meet merge, so a gateway
+  reader's group (``_process``): readers that meet merge, so a gateway
   resuming after many markers does not replay the same events many times.
 - An attached group is matched against every live batch (its deliveries
   after the live ones, per gateway), and between batches its subscriptions
@@ -466,49 +467,54 @@ class CatchUp:
             self._attach(group)
             return True
         last = ""
+        attach = False
         for k, event in enumerate(events):
             if not event.HasField("change_event"):
                 continue
             if event.progress == live and live:
-                events = events[: k + 1]
-                self._deliver(group, events)
-                self._absorb(group, events)
-                group.last = live
-                self._attach(group)
-                return True
+                events, last, attach = events[: k + 1], live, True
+                break
             if event.progress:
                 last = event.progress
-        self._deliver(group, events)
-        self._absorb(group, events)
+        self._process(group, events)
         if last:
             group.last = last
-        return False
+        if attach:
+            self._attach(group)
+        return attach
 
-    def _absorb(self, group: Group, events: Sequence[puller_pb.PullerEvent]) -> None:
-        """``group``'s reader just processed ``events``: every other group
-        whose position is among them (and that is not held, and small enough
-        to move at once) takes the rest of them and joins ``group``, whose
-        reader then carries it; its own reader stops. Readers that meet
-        merge, so many markers do not mean many replays of the same events."""
-        candidates = [
-            g for g in self.groups
-            if g is not group and g.handing_over and len(g.members) <= MOVE_CHUNK
-        ]
-        if not candidates:
-            return
-        index = {e.progress: k for k, e in enumerate(events) if e.HasField("change_event")}
+    def _process(self, group: Group, events: Sequence[puller_pb.PullerEvent]) -> None:
+        """Deliver ``events`` for ``group``, taking over on the way every
+        other group whose position is among them (not held, and together at
+        most ``MOVE_CHUNK`` subscriptions to move now): the events are
+        delivered in segments, and a group taken over at event k has its
+        subscriptions in ``group``'s matcher from event k + 1 on. Readers
+        that meet merge, so a gateway resuming after many markers does not
+        replay the same events many times, and each event is one delivery
+        per gateway."""
+        cuts: list[tuple[int, Group]] = []
+        candidates = [g for g in self.groups if g is not group and g.handing_over]
+        if candidates:
+            index = {e.progress: k for k, e in enumerate(events) if e.HasField("change_event")}
+            budget = MOVE_CHUNK
+            for other in candidates:
+                k = index.get(other.last)
+                if k is not None and len(other.members) <= budget:
+                    budget -= len(other.members)
+                    cuts.append((k, other))
+            cuts.sort(key=lambda cut: cut[0])
+        start = 0
         move = self.subscriptions.move
-        for other in candidates:
-            k = index.get(other.last)
-            if k is None:
-                continue
-            self._deliver(other, events[k + 1:])
+        for k, other in cuts:
+            self._deliver(group, events[start:k + 1])
+            start = k + 1
             for sub_id, request in other.members.items():
                 if move(sub_id, request, other.matcher, group.matcher):
                     group.members[sub_id] = request
             other.members.clear()
             self.merges += 1
             self._close(other)
+        self._deliver(group, events[start:])
 
     def _deliver(self, group: Group, events: Sequence[puller_pb.PullerEvent]) -> None:
         pending, changes = group.matching.match_batch(events)
@@ -560,28 +566,59 @@ class CatchUp:
         """Live ingest matched ``events`` into ``pending``: add the
         deliveries of the attached groups, and hand over the groups whose
         position this batch passes (they process the rest of it)."""
+        extras: list[dict[int, list[bytes]]] = []
+        handing: list[tuple[int, Group]] = []
         index: dict[str, int] | None = None
         for group in self.groups:
             if group.state == ATTACHED:
-                extra, _ = group.matching.match_batch(events)
+                extras.append(group.matching.match_batch(events)[0])
             elif group.handing_over:
                 if index is None:
                     index = {
                         e.progress: k for k, e in enumerate(events) if e.HasField("change_event")
                     }
                 k = index.get(group.last)
-                if k is None:
-                    continue
-                extra, _ = group.matching.match_batch(events[k + 1:])
-                self._attach(group)
-            else:
-                continue
+                if k is not None:
+                    handing.append((k, group))
+        if handing:
+            self._hand_over(events, sorted(handing, key=lambda cut: cut[0]), extras)
+        for extra in extras:
             for owner, messages in extra.items():
                 mine = pending.get(owner)
                 if mine is None:
                     pending[owner] = messages
                 else:
                     mine.extend(messages)
+
+    def _hand_over(
+        self, events: Sequence[puller_pb.PullerEvent], handing: list[tuple[int, Group]],
+        extras: list[dict[int, list[bytes]]],
+    ) -> None:
+        """Groups whose positions live ingest just passed, in the batch's
+        order: the first takes the rest of the batch and the others join it
+        at their own position (as in ``_process``, up to ``MOVE_CHUNK``
+        subscriptions moved now; a larger one goes on its own), so that
+        many groups handed over at once still make one delivery per event
+        and gateway."""
+        first_k, target = handing[0]
+        start, budget = first_k + 1, MOVE_CHUNK
+        move = self.subscriptions.move
+        for k, other in handing[1:]:
+            if len(other.members) > budget:
+                extras.append(other.matching.match_batch(events[k + 1:])[0])
+                self._attach(other)
+                continue
+            budget -= len(other.members)
+            extras.append(target.matching.match_batch(events[start:k + 1])[0])
+            start = k + 1
+            for sub_id, request in other.members.items():
+                if move(sub_id, request, other.matcher, target.matcher):
+                    target.members[sub_id] = request
+            other.members.clear()
+            self.merges += 1
+            self._close(other)
+        extras.append(target.matching.match_batch(events[start:])[0])
+        self._attach(target)
 
     async def run(self) -> None:
         """Move attached groups' subscriptions into the live index, a chunk
