@@ -4,7 +4,10 @@
 (``streamer.node.sessions``) and the subscription set
 (``streamer.node.subscriptions``), protocol messages out through the
 stream's ``GatewayQueue`` (its only writer). ``deliver`` is how the ingest
-hands deliveries to a gateway.
+hands deliveries to a gateway. A subscribe with ``resume_after`` (single or
+in a batch) is answered once the catch-up (``streamer.node.catchup``) has
+the Puller's word on its marker; the stream's later messages wait for it,
+so answers stay one per request and in order.
 
 How a stream ends, and with which status (docs/protocol.md):
 
