@@ -37,6 +37,7 @@ from streamer.node.auth import (
     read_token,
     server_credentials,
 )
+from streamer.node.catchup import DEFAULT_CONFIRM_SECONDS, DEFAULT_MAX_READERS
 from streamer.node.delivery import DEFAULT_CAPACITY, DEFAULT_MAX_BYTES
 from streamer.node.events import LAYOUTS
 from streamer.node.ingest import MARKER_POLICIES
@@ -209,6 +210,14 @@ def build_serve_parser() -> ArgumentParser:
              "the events after it cannot be replayed: fail stops the node (NOT_SERVING, "
              "exit 1) for an operator to decide; resume-from-head continues from the "
              "Puller's live head, logging and counting the loss")
+    opts.add("--max-catchup-readers", integer(1), default=DEFAULT_MAX_READERS, metavar="N",
+             help="subscriptions that resume after a marker (resume_after) catch up from the "
+             "Puller's replay, one Puller stream per marker; at most N of them read at a "
+             "time, the others wait their turn")
+    opts.add("--catchup-confirm-seconds", real(0, above=True), default=DEFAULT_CONFIRM_SECONDS,
+             metavar="SECONDS",
+             help="a Puller that sends nothing until an event comes (a Syntrix Puller) is taken "
+             "to accept a resume_after marker once it has not refused it for this long")
     add_logging_options(opts)
     serve.set_defaults(options=opts)
     return serve
@@ -244,6 +253,8 @@ def serve_config(args: argparse.Namespace) -> NodeConfig:
         server_credentials=server_tls,
         puller_credentials=puller_tls,
         on_marker_refused=args.on_marker_refused,
+        max_catchup_readers=args.max_catchup_readers,
+        catchup_confirm_seconds=args.catchup_confirm_seconds,
     )
 
 

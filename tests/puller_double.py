@@ -6,7 +6,10 @@ change events, gives event ``k`` the marker ``"p{k}"``, honours ``after``
 filters by ``collections``, and serves ``Subscribe`` and (unless built with
 ``batch=False``, like a Syntrix Puller) ``SubscribeBatch``. A marker it does
 not know gets ``INVALID_ARGUMENT``, as a Puller answers a marker too old to
-resume from. Built with ``credentials``, it serves TLS with them.
+resume from, and so does a marker before ``forgotten`` (the events after
+it are past the retention). ``hold(consumer_id)`` stops sending to that
+consumer's streams (a Streamer's live ingest held behind) until
+``release(consumer_id)``. Built with ``credentials``, it serves TLS with them.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ class PullerDouble(pb_grpc.PullerServiceServicer):
         self.batch_size = batch_size
         self.credentials = credentials
         self.subscriptions: list[pb.SubscribeRequest] = []
+        self.forgotten = 0  # events before this index are past the retention
+        self._gates: dict[str, asyncio.Event] = {}
         self._appended = asyncio.Condition()
         self._server: grpc.aio.Server | None = None
         self.port = 0
@@ -61,6 +66,13 @@ class PullerDouble(pb_grpc.PullerServiceServicer):
             self.events.extend(events)
             self._appended.notify_all()
 
+    def hold(self, consumer_id: str) -> None:
+        """Send nothing more to ``consumer_id``'s streams until ``release``."""
+        self._gates.setdefault(consumer_id, asyncio.Event()).clear()
+
+    def release(self, consumer_id: str) -> None:
+        self._gates.setdefault(consumer_id, asyncio.Event()).set()
+
     async def _stream(
         self, request: pb.SubscribeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[list[pb.PullerEvent]]:
@@ -73,6 +85,10 @@ class PullerDouble(pb_grpc.PullerServiceServicer):
                 await context.abort(
                     grpc.StatusCode.INVALID_ARGUMENT, f"unknown marker {request.after!r}"
                 )
+            if position < self.forgotten:
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"marker {request.after!r} is too old"
+                )
         else:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"unknown marker {request.after!r}"
@@ -81,7 +97,10 @@ class PullerDouble(pb_grpc.PullerServiceServicer):
         while True:
             async with self._appended:
                 await self._appended.wait_for(lambda p=position: len(self.events) > p)
-                ready = list(enumerate(self.events[position:], position))
+            gate = self._gates.get(request.consumer_id)
+            if gate is not None:
+                await gate.wait()
+            ready = list(enumerate(self.events[position:], position))
             position += len(ready)
             yield [
                 pb.PullerEvent(change_event=event, progress=f"p{k}")

@@ -44,7 +44,7 @@ def test_help_documents_every_option() -> None:
                    "--auth-token-file", "--max-subscriptions", "--max-filters",
                    "--max-expression-length", "--metrics", "--tls-cert", "--tls-key",
                    "--tls-client-ca", "--puller-tls-ca", "--log-level", "--log-format",
-                   "STREAMER_"):
+                   "--max-catchup-readers", "--catchup-confirm-seconds", "STREAMER_"):
         assert option in out
     assert "(default: None)" not in out
 
@@ -76,6 +76,10 @@ PULLER = ("--puller", "127.0.0.1:1")
      "argument --max-subscriptions: must be at least 1, not -5"),
     (("serve", *PULLER, "--resume-grace", "nan"), {},
      "argument --resume-grace: must be a finite number, not 'nan'"),
+    (("serve", *PULLER, "--max-catchup-readers", "0"), {},
+     "argument --max-catchup-readers: must be at least 1, not 0"),
+    (("serve", *PULLER), {"STREAMER_CATCHUP_CONFIRM_SECONDS": "-1"},
+     "STREAMER_CATCHUP_CONFIRM_SECONDS: must be greater than 0, not -1"),
     (("serve", *PULLER, "--tls-cert", "/nonexistent.pem"), {},
      "argument --tls-cert: /nonexistent.pem: no such file"),
     (("serve",), {}, "--puller is required (or STREAMER_PULLER)"),

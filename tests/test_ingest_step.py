@@ -18,7 +18,7 @@ from reentry import BUSY, Reentry
 from streamer._ext._ingest import Step
 from streamer.errors import IndexBusy
 from streamer.matching import Filter, Matcher
-from streamer.node.ingest import Ingest
+from streamer.node.ingest import Ingest, Matching
 from streamer.node.progress import ProgressStore
 from streamer.node.server import StreamerServicer
 from streamer.node.sessions import Sessions
@@ -86,7 +86,7 @@ puller_events = st.one_of(
 )
 
 
-def counters(i: Ingest) -> tuple[Any, ...]:
+def counters(i: Matching) -> tuple[Any, ...]:
     # Counters: a count of zero equals a missing key (the metrics export both as 0).
     return i.events, i.delivered, i.poison, i.matches
 
@@ -172,3 +172,16 @@ def test_a_finalizer_matching_during_the_compiled_step_gets_index_busy() -> None
     assert counters(fast) == counters(reference)
     assert (IndexBusy, BUSY) in reentry.errors
     assert set(reentry.errors) == set(reentry.unraisable) == {(IndexBusy, BUSY)}
+
+
+@given(st.lists(st.lists(puller_events, max_size=8), max_size=4))
+def test_a_matching_over_another_matcher_does_what_ingest_does(
+    messages: list[list[pb.PullerEvent]],
+) -> None:
+    # A catch-up group's Matching over its own matcher holding the same
+    # subscriptions: the same deliveries and counters as the live ingest.
+    live = ingest(compiled=True)
+    group = Matching(registry().subscriptions.matcher)
+    for events in messages:
+        assert group.match_batch(events) == live.match_batch(events)
+    assert counters(group) == counters(live)

@@ -73,3 +73,33 @@ def test_refusals(batch: bool, method: str, request_: pb.SubscribeRequest, code:
             await puller.stop()
 
     asyncio.run(main())
+
+
+def test_a_held_consumer_gets_nothing_until_released_and_old_markers_are_refused() -> None:
+    async def main() -> None:
+        puller = PullerDouble()
+        target = await puller.start()
+        try:
+            await puller.append(*(change(i) for i in range(3)))
+            puller.hold("slow")
+            async with grpc.aio.insecure_channel(target) as channel:
+                stub = pb_grpc.PullerServiceStub(channel)
+                held = asyncio.create_task(
+                    first(stub.Subscribe(pb.SubscribeRequest(consumer_id="slow", after="p0")), 2))
+                other = stub.Subscribe(pb.SubscribeRequest(consumer_id="fast", after="p0"))
+                assert await asyncio.wait_for(first(other, 2), 10) == [("e1", "p1"), ("e2", "p2")]
+                await asyncio.sleep(0.1)
+                assert not held.done()
+                puller.release("slow")
+                assert await asyncio.wait_for(held, 10) == [("e1", "p1"), ("e2", "p2")]
+                puller.forgotten = 2
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await first(stub.Subscribe(pb.SubscribeRequest(after="p0")), 1)
+                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert "too old" in str(info.value.details())
+                assert await first(stub.Subscribe(pb.SubscribeRequest(after="p1")), 1) == [
+                    ("e2", "p2")]
+        finally:
+            await puller.stop()
+
+    asyncio.run(main())

@@ -84,9 +84,16 @@ async def append(servicer: PullerServicer, *numbers: int, coll: str = "messages"
 
 
 async def take(stream: AsyncIterator[pb.PullerEvent], count: int) -> list[pb.PullerEvent]:
+    """``count`` messages after the heartbeat a stream opened with a marker
+    begins with (skipped)."""
     out: list[pb.PullerEvent] = []
+    first = True
     async with asyncio.timeout(10):
         async for message in stream:
+            if first and not message.HasField("change_event"):
+                first = False
+                continue
+            first = False
             out.append(message)
             if len(out) == count:
                 break
@@ -110,6 +117,25 @@ def test_after_is_exclusive(tmp_path: Path) -> None:
             assert ids(got) == ["ev-8", "ev-9", "ev-10"]
             got = await take(stub.Subscribe(pb.SubscribeRequest(after=servicer.log.marker(0))), 1)
             assert ids(got) == ["ev-1"]
+
+    asyncio.run(main())
+
+
+def test_a_stream_opened_with_a_marker_begins_with_its_heartbeat(tmp_path: Path) -> None:
+    # A consumer knows at once that its marker was accepted (the Streamer's
+    # catch-up answers resuming subscriptions on it), even with nothing new.
+    async def main() -> None:
+        async with puller(tmp_path) as (servicer, stub, _):
+            await append(servicer, 1, 2, 3)
+            for after in (servicer.log.marker(1), servicer.log.marker(3)):
+                async with asyncio.timeout(5):
+                    call = stub.Subscribe(pb.SubscribeRequest(after=after))
+                    assert await call.read() == pb.PullerEvent(progress=after)
+                    call.cancel()
+                    batches = stub.SubscribeBatch(pb.SubscribeRequest(after=after))
+                    batch = await batches.read()
+                    assert list(batch.events) == [pb.PullerEvent(progress=after)]
+                    batches.cancel()
 
     asyncio.run(main())
 
@@ -155,8 +181,12 @@ def test_batches_carry_the_same_sequence(tmp_path: Path) -> None:
             async with asyncio.timeout(10):
                 async for batch in stub.SubscribeBatch(request):
                     batches.append(batch)
-                    if sum(len(b.events) for b in batches) == 1000:
+                    if sum(len(b.events) for b in batches) == 1001:
                         break
+            # The first: the heartbeat a stream opened with a marker begins with.
+            assert batches[0] == pb.PullerEventBatch(
+                events=[pb.PullerEvent(progress=servicer.log.marker(0))])
+            batches = batches[1:]
             assert all(0 < len(b.events) <= BATCH_SIZE for b in batches)
             assert len(batches) < 1000 // 10
             flat = [e for b in batches for e in b.events]
@@ -220,7 +250,7 @@ def test_a_slow_consumer_does_not_hold_a_fast_one(tmp_path: Path) -> None:
             async def reader() -> None:
                 nonlocal received
                 async for batch in fast:
-                    received += len(batch.events)
+                    received += sum(e.HasField("change_event") for e in batch.events)
 
             task = asyncio.create_task(reader())
             for start in range(1, 20_001, 500):

@@ -200,3 +200,38 @@ def test_what_a_gateway_and_the_node_hold_is_bounded_in_bytes() -> None:
     assert subs.unsubscribe(1, "x0")
     assert subs.subscribe(3, request("z0", chat("c"))).success
     assert subs.bytes == 5 * size
+
+
+def test_a_subscription_in_another_matcher_is_accounted_like_a_live_one() -> None:
+    # A catch-up group's matcher (streamer.node.catchup): ids are global,
+    # limits count it, unsubscribe and release find it, and it moves into
+    # the live index as the same subscription.
+    subs = SubscriptionSet(Matcher(), Limits(max_subscriptions=3, max_node_scan_clauses=1))
+    group = Matcher()
+    scan = request("scan", expression="doc.n != 1")
+    assert subs.subscribe(1, request("g", chat("c1")), group).success
+    assert subs.subscribe(1, scan, group).success
+    assert (subs.elsewhere, subs.scan_clauses, subs.owned(1)) == (2, 1, {"g", "scan"})
+    assert subs.matcher_of("g") is group and len(subs.matcher) == 0
+    assert group.match("app", "messages", "m", {"chat_id": "c1"}) == ["g"]
+    # The id is taken wherever it lives; a malformed duplicate is still invalid.
+    assert subs.subscribe(2, request("g", chat("c2"))).code == "already_exists"
+    assert subs.subscribe(2, request("g", expression="doc.")).code == "invalid_argument"
+    # The node's scan clauses count every matcher.
+    refused = subs.subscribe(2, request("scan2", expression="doc.n != 2"))
+    assert refused.code == "resource_exhausted" and "node's scan clauses" in refused.error
+    assert subs.subscribe(1, request("live", chat("c3"))).success
+    assert subs.subscribe(1, request("more", chat("c4"))).code == "resource_exhausted"
+    # Moved: now in the live index, with the same owner, once.
+    assert subs.move("g", request("g", chat("c1")), group)
+    assert not subs.move("g", request("g", chat("c1")), group)
+    assert subs.matcher_of("g") is subs.matcher and "g" not in group
+    assert subs.matcher.match_owned("app", "messages", "m", {"chat_id": "c1"})[0] == ["g"]
+    # Unsubscribe and release remove them from wherever they are.
+    assert subs.unsubscribe(1, "scan")
+    assert (len(group), subs.elsewhere, subs.scan_clauses) == (0, 0, 0)
+    assert subs.subscribe(1, request("back", chat("c5")), group).success
+    gone: list[bool] = []
+    subs.release(1, lambda: gone.append(True))
+    assert gone == [True] and len(group) == 0 and len(subs.matcher) == 0
+    assert (len(subs), subs.elsewhere, subs.bytes) == (0, 0, 0)

@@ -17,6 +17,13 @@ operation), handed to the gateways' queues without waiting, and only then
 is its marker advanced (``streamer.node.progress``). Poison events are counted by
 reason, logged with their id, and skipped; their marker still advances.
 
+The ingest records the marker of the last change event it processed
+(``last_change``; poison included, heartbeats not), and tells the catch-up
+of resuming subscriptions (``streamer.node.catchup``) of every batch it
+matched, so that catch-ups hand over to it without a gap and handed-over
+ones get their deliveries after the live ones. The per-event work is
+``Matching``, which a catch-up group also runs over its own matcher.
+
 The common case of the plain layout (no pre-image, no update description,
 well-formed) runs through the compiled step ``streamer._ext._ingest``; every
 other event takes the Python path here, which is also the reference the
@@ -32,12 +39,13 @@ import time
 from array import array
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import grpc
 
 from streamer._ext._ingest import Step
 from streamer.errors import ResumePointLost
+from streamer.matching import Matcher
 from streamer.node.delivery import fan_out, frame_deliveries, frame_event
 from streamer.node.events import (
     DEFAULT_MAX_DOCUMENT_BYTES,
@@ -56,6 +64,9 @@ from streamer.protocol import puller_v1_pb2_grpc as puller_grpc
 from streamer.transport import KEEPALIVE_OPTIONS
 from streamer.wire import MAX_MESSAGE_BYTES
 
+if TYPE_CHECKING:
+    from streamer.node.catchup import CatchUp
+
 log = logging.getLogger(__name__)
 # gRPC's default receive limit (4 MiB) is below the largest event a Puller
 # may send; one such message would fail the stream at the same marker forever.
@@ -69,45 +80,32 @@ _WIRE = {op: op.value for op in Op}
 _STEP_OPS = (Op.INSERT.name, Op.UPDATE.name, Op.DELETE.name)
 
 
-class Ingest:
+class Matching:
+    """The per-event work over one matcher: transform each event of a Puller
+    message, match it, and frame its deliveries by gateway owner
+    (``match_batch``), with the tallies of what it did.
+
+    ``Ingest`` is the live one, over the live index; a catch-up group
+    (``streamer.node.catchup``) has its own over its group's matcher, so
+    replayed events get exactly the transformation and fan-out live ones get.
+    """
+
     def __init__(
         self,
-        target: str,
-        sessions: Sessions,
-        servicer: StreamerServicer,
-        progress: ProgressStore,
+        matcher: Matcher,
         *,
-        consumer_id: str = "streamer",
         layout: Layout = "plain",
         soft_delete_field: str = "deleted",
-        backoff: tuple[float, float] = (0.1, 5.0),
-        credentials: grpc.ChannelCredentials | None = None,
         compiled: bool = True,
-        on_marker_refused: MarkerPolicy = "fail",
     ) -> None:
-        self.target = target
-        self.credentials = credentials
-        self.sessions = sessions
-        self.matcher = sessions.subscriptions.matcher
-        self.servicer = servicer
-        self.progress = progress
-        self.consumer_id = consumer_id
+        self.matcher = matcher
         self.layout: Layout = layout
         self.soft_delete_field = soft_delete_field
-        self.backoff = backoff
-        self.batched = True
+        self.compiled = compiled
         self.events = Counter[str]()  # by delivered operation, or "heartbeat"
         self.poison = Counter[str]()  # by reason
         self.matches = 0
-        self.deliveries = 0
         self.delivered = Counter[str]()  # deliveries by operation
-        self.reconnects = 0
-        self.markers_refused = 0
-        self.on_marker_refused = on_marker_refused
-        # The marker the Puller refused, while it is still the saved one:
-        # ask for the live head instead (resume-from-head).
-        self._refused = ""
-        self.latency = LatencyHistogram()  # seconds from receipt to enqueued
         # The compiled common case of the plain layout; None: every event
         # through the Python path (the Syntrix layout; the tests' reference).
         self._step = (
@@ -115,91 +113,6 @@ class Ingest:
                  DEFAULT_MAX_DOCUMENT_BYTES)
             if compiled and layout == "plain" else None
         )
-
-    async def run(self) -> None:
-        """Consume the Puller until cancelled, reconnecting as needed."""
-        delay = self.backoff[0]
-        while True:
-            try:
-                async with (
-                    grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
-                    if self.credentials is None
-                    else grpc.aio.secure_channel(
-                        self.target, self.credentials, options=CHANNEL_OPTIONS)
-                ) as channel:
-                    stub = puller_grpc.PullerServiceStub(channel)  # type: ignore[no-untyped-call]
-                    async for events in self._messages(stub):
-                        self.process_batch(events, time.perf_counter())
-                        delay = self.backoff[0]
-            except grpc.aio.AioRpcError as exc:
-                code = exc.code()
-                if code == grpc.StatusCode.UNIMPLEMENTED and self.batched:
-                    log.info("puller has no SubscribeBatch; using Subscribe")
-                    self.batched = False
-                    continue
-                marker = self._after()
-                if code == grpc.StatusCode.INVALID_ARGUMENT and marker:
-                    self.markers_refused += 1
-                    if self.on_marker_refused == "fail":
-                        raise ResumePointLost(
-                            f"the Puller refused marker {marker!r} ({exc.details()}); the "
-                            "events after it cannot be replayed. Restart with "
-                            "--on-marker-refused resume-from-head to continue from the live "
-                            "head, accepting the loss"
-                        ) from None
-                    log.error(
-                        "puller refused marker %r (%s): resuming from the live head; "
-                        "events in between are LOST",
-                        marker, exc.details(),
-                    )
-                    self._refused = marker
-                    continue
-                log.warning("puller stream failed (%s: %s)", code, exc.details())
-            self.reconnects += 1
-            await asyncio.sleep(delay * random.uniform(0.5, 1.5))
-            delay = min(delay * 2, self.backoff[1])
-
-    async def _messages(
-        self, stub: puller_grpc.PullerServiceStub
-    ) -> AsyncIterator[Sequence[puller_pb.PullerEvent]]:
-        """The events of each message from the Puller (several when batched)."""
-        request = puller_pb.SubscribeRequest(consumer_id=self.consumer_id, after=self._after())
-        if self.batched:
-            async for batch in stub.SubscribeBatch(request):
-                yield batch.events
-        else:
-            async for event in stub.Subscribe(request):
-                yield (event,)
-
-    def _after(self) -> str:
-        """The marker to resume after ("" once it was refused and no event
-        has been processed since)."""
-        marker = self.progress.marker
-        return "" if marker == self._refused else marker
-
-    def process(self, event: puller_pb.PullerEvent) -> None:
-        """Match and enqueue one event, then advance the marker."""
-        self.process_batch((event,), time.perf_counter())
-
-    def process_batch(self, events: Sequence[puller_pb.PullerEvent], received: float) -> None:
-        """Match the events of one Puller message, enqueue their deliveries,
-        then advance the marker to the last one (never raises for bad input).
-
-        Each gateway's deliveries of the whole message are appended to its
-        queue at once, in order, so the per-delivery cost is a list append.
-        ``received`` is the ``perf_counter`` time the message arrived: the
-        ingest→enqueue latency of each event runs from there to that append.
-        """
-        pending, changes = self.match_batch(events)
-        by_owner, deliver = self.sessions.by_owner, self.servicer.deliver
-        for owner, messages in pending.items():
-            session = by_owner[owner]
-            if session is not None and deliver(session, messages):
-                self.deliveries += len(messages)
-        if changes:
-            self.latency.observe(time.perf_counter() - received, changes)
-        if events:
-            self.progress.advance(events[-1].progress)
 
     def match_batch(
         self, events: Sequence[puller_pb.PullerEvent]
@@ -288,3 +201,149 @@ class Ingest:
             )
             self.delivered[_NAME[op]] += frame_deliveries(
                 sub_ids, sub_owners.tobytes(), event, pending)
+
+
+class Ingest(Matching):
+    def __init__(
+        self,
+        target: str,
+        sessions: Sessions,
+        servicer: StreamerServicer,
+        progress: ProgressStore,
+        *,
+        consumer_id: str = "streamer",
+        layout: Layout = "plain",
+        soft_delete_field: str = "deleted",
+        backoff: tuple[float, float] = (0.1, 5.0),
+        credentials: grpc.ChannelCredentials | None = None,
+        compiled: bool = True,
+        on_marker_refused: MarkerPolicy = "fail",
+    ) -> None:
+        super().__init__(
+            sessions.subscriptions.matcher, layout=layout,
+            soft_delete_field=soft_delete_field, compiled=compiled,
+        )
+        self.target = target
+        self.credentials = credentials
+        self.sessions = sessions
+        self.servicer = servicer
+        self.progress = progress
+        self.consumer_id = consumer_id
+        self.backoff = backoff
+        self.batched = True
+        self.deliveries = 0
+        self.reconnects = 0
+        self.markers_refused = 0
+        self.on_marker_refused = on_marker_refused
+        # The marker the Puller refused, while it is still the saved one:
+        # ask for the live head instead (resume-from-head).
+        self._refused = ""
+        self.latency = LatencyHistogram()  # seconds from receipt to enqueued
+        # The marker of the last change event processed (poison included;
+        # heartbeats not: only change events' markers are comparable across
+        # two Puller streams). Catch-up readers hand over to live ingest there.
+        self.last_change = ""
+        # Resuming subscriptions (``streamer.node.catchup``), told of every
+        # live batch; None: resume_after is not acted upon.
+        self.catchup: CatchUp | None = None
+
+    async def run(self) -> None:
+        """Consume the Puller until cancelled, reconnecting as needed."""
+        delay = self.backoff[0]
+        while True:
+            try:
+                async with self.channel() as channel:
+                    stub = puller_grpc.PullerServiceStub(channel)  # type: ignore[no-untyped-call]
+                    async for events in self._messages(stub):
+                        self.process_batch(events, time.perf_counter())
+                        delay = self.backoff[0]
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                if code == grpc.StatusCode.UNIMPLEMENTED and self.batched:
+                    log.info("puller has no SubscribeBatch; using Subscribe")
+                    self.batched = False
+                    continue
+                marker = self._after()
+                if code == grpc.StatusCode.INVALID_ARGUMENT and marker:
+                    self.markers_refused += 1
+                    if self.on_marker_refused == "fail":
+                        raise ResumePointLost(
+                            f"the Puller refused marker {marker!r} ({exc.details()}); the "
+                            "events after it cannot be replayed. Restart with "
+                            "--on-marker-refused resume-from-head to continue from the live "
+                            "head, accepting the loss"
+                        ) from None
+                    log.error(
+                        "puller refused marker %r (%s): resuming from the live head; "
+                        "events in between are LOST",
+                        marker, exc.details(),
+                    )
+                    self._refused = marker
+                    continue
+                log.warning("puller stream failed (%s: %s)", code, exc.details())
+            self.reconnects += 1
+            await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(delay * 2, self.backoff[1])
+
+    def channel(self, *, own_connection: bool = False) -> grpc.aio.Channel:
+        """A new channel to the Puller. ``own_connection``: on a connection
+        of its own, not shared with live ingest's (a catch-up reader: its
+        replay then never queues in front of live events on one TCP
+        connection)."""
+        options = CHANNEL_OPTIONS + (
+            (("grpc.use_local_subchannel_pool", 1),) if own_connection else ())
+        if self.credentials is None:
+            return grpc.aio.insecure_channel(self.target, options=options)
+        return grpc.aio.secure_channel(self.target, self.credentials, options=options)
+
+    async def _messages(
+        self, stub: puller_grpc.PullerServiceStub
+    ) -> AsyncIterator[Sequence[puller_pb.PullerEvent]]:
+        """The events of each message from the Puller (several when batched)."""
+        request = puller_pb.SubscribeRequest(consumer_id=self.consumer_id, after=self._after())
+        if self.batched:
+            async for batch in stub.SubscribeBatch(request):
+                yield batch.events
+        else:
+            async for event in stub.Subscribe(request):
+                yield (event,)
+
+    def _after(self) -> str:
+        """The marker to resume after ("" once it was refused and no event
+        has been processed since)."""
+        marker = self.progress.marker
+        return "" if marker == self._refused else marker
+
+    def process(self, event: puller_pb.PullerEvent) -> None:
+        """Match and enqueue one event, then advance the marker."""
+        self.process_batch((event,), time.perf_counter())
+
+    def process_batch(self, events: Sequence[puller_pb.PullerEvent], received: float) -> None:
+        """Match the events of one Puller message, enqueue their deliveries,
+        then advance the marker to the last one (never raises for bad input).
+
+        Each gateway's deliveries of the whole message are appended to its
+        queue at once, in order, so the per-delivery cost is a list append.
+        ``received`` is the ``perf_counter`` time the message arrived: the
+        ingest→enqueue latency of each event runs from there to that append.
+        """
+        pending, changes = self.match_batch(events)
+        if events:
+            for event in reversed(events):
+                if event.HasField("change_event"):
+                    self.last_change = event.progress
+                    break
+            catchup = self.catchup
+            if catchup is not None and catchup.groups:
+                # Resuming subscriptions reached by this batch: their
+                # deliveries follow the live ones, per gateway.
+                catchup.on_live(events, pending)
+        by_owner, deliver = self.sessions.by_owner, self.servicer.deliver
+        for owner, messages in pending.items():
+            session = by_owner[owner]
+            if session is not None and deliver(session, messages):
+                self.deliveries += len(messages)
+        if changes:
+            self.latency.observe(time.perf_counter() - received, changes)
+        if events:
+            self.progress.advance(events[-1].progress)

@@ -253,6 +253,69 @@ class StreamerCollector(Collector):
         kinds.add_metric(["scan"], stats["scan_clauses"])
         yield kinds
 
+        catchup = ingest.catchup
+        if catchup is not None:
+            yield GaugeMetricFamily(
+                "streamer_catchup_readers",
+                "Catch-up readers (one Puller stream per group of subscriptions resuming "
+                "after the same marker) open now, reading or waiting their turn.",
+                value=catchup.readers,
+            )
+            yield GaugeMetricFamily(
+                "streamer_catchup_readers_reading",
+                "Catch-up readers delivering the Puller's replay now (at most "
+                "--max-catchup-readers).",
+                value=catchup.reading,
+            )
+            yield GaugeMetricFamily(
+                "streamer_catchup_subscriptions",
+                "Subscriptions resuming after a marker that are not in the live index yet "
+                "(catching up, or handed over and waiting to be moved into it).",
+                value=catchup.catching_up,
+            )
+            yield CounterMetricFamily(
+                "streamer_catchup_events_replayed",
+                "Change events the catch-up readers processed from the Puller's replay.",
+                value=catchup.replayed,
+            )
+            yield CounterMetricFamily(
+                "streamer_catchup_resyncs",
+                "Resuming subscriptions that continue from the live head instead: answered "
+                "resync_required (the Puller refused the marker), or refused later (logged "
+                "at ERROR, also in streamer_catchup_late_refusals_total).",
+                value=catchup.resyncs,
+            )
+            yield CounterMetricFamily(
+                "streamer_catchup_late_refusals",
+                "Catch-up groups whose marker the Puller refused after their subscriptions "
+                "were answered (a silent Puller, or a replay past the Puller's retention), "
+                "or whose reader failed: their subscriptions lost the events in between.",
+                value=catchup.late_refusals,
+            )
+            yield CounterMetricFamily(
+                "streamer_catchup_handoffs",
+                "Catch-up groups handed over to live ingest without a gap.",
+                value=catchup.handoffs,
+            )
+            yield CounterMetricFamily(
+                "streamer_catchup_merges",
+                "Catch-up groups taken over by another group's reader that passed their "
+                "marker (their own reader stopped).",
+                value=catchup.merges,
+            )
+            yield CounterMetricFamily(
+                "streamer_catchup_paced",
+                "Times a catch-up reader waited for a gateway's queue to drain below half "
+                "before reading on (the replay is paced by its gateways).",
+                value=catchup.paced,
+            )
+            yield CounterMetricFamily(
+                "streamer_catchup_reader_failures",
+                "Catch-up readers that failed with an unexpected error (logged with a "
+                "traceback; their subscriptions continue from the live head).",
+                value=catchup.reader_failures,
+            )
+
         yield GaugeMetricFamily(
             "streamer_progress_marker_age_seconds",
             "Seconds since the Puller progress marker last advanced (since start if it "

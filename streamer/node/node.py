@@ -8,8 +8,8 @@ serve``, the tests and the demo all run the service through this object.
 
 Supervision. The background tasks (ingest behind the restart window, the
 progress writer, the session sweeper and stall watchdog, the reclaimer of
-departed gateways' subscriptions, the pause log) run for the node's whole
-life. One
+departed gateways' subscriptions, the catch-up mover of resuming
+subscriptions, the pause log) run for the node's whole life. One
 that ends early, with an error or without, is not restarted: the node logs
 it (with its traceback unless it is one of the package's own, explained
 errors), turns health NOT_SERVING at once, records it in ``failure`` and
@@ -17,6 +17,12 @@ shuts down as on SIGTERM; ``streamer serve`` then exits 1 and the process
 supervisor (systemd, Kubernetes) starts a fresh process, which resumes
 after the saved marker. Restarting a task in place would hide a bug behind
 a loop and keep serving from state the failure may have left half-updated.
+
+The catch-up readers of resuming subscriptions (``streamer.node.catchup``)
+come and go with their groups; the catch-up supervises them: a reader that
+fails is logged with its traceback and counted, and its subscriptions
+continue from the live head (``resync_required`` if not answered yet); the
+node keeps serving. Stopping the node stops every reader.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from streamer.errors import StreamerError
 from streamer.matching import Matcher
 from streamer.node.auth import TokenAuth
+from streamer.node.catchup import DEFAULT_CONFIRM_SECONDS, DEFAULT_MAX_READERS, CatchUp
 from streamer.node.delivery import DEFAULT_CAPACITY, DEFAULT_MAX_BYTES
 from streamer.node.events import Layout
 from streamer.node.ingest import Ingest, MarkerPolicy
@@ -85,6 +92,10 @@ class NodeConfig:
     on_marker_refused: MarkerPolicy = "fail"
     # First and longest wait between Puller reconnects (jittered, doubling).
     puller_backoff: tuple[float, float] = (0.1, 5.0)
+    # Resuming subscriptions (streamer.node.catchup): groups read from the
+    # Puller at once, and how long a silent Puller takes to accept a marker.
+    max_catchup_readers: int = DEFAULT_MAX_READERS
+    catchup_confirm_seconds: float = DEFAULT_CONFIRM_SECONDS
 
 
 class StreamerNode:
@@ -108,6 +119,11 @@ class StreamerNode:
             credentials=config.puller_credentials, on_marker_refused=config.on_marker_refused,
             backoff=config.puller_backoff,
         )
+        self.catchup = CatchUp(
+            self.ingest, max_readers=config.max_catchup_readers,
+            confirm_seconds=config.catchup_confirm_seconds,
+        )
+        self.ingest.catchup = self.servicer.catchup = self.catchup
         interceptors = [TokenAuth(config.auth_token)] if config.auth_token is not None else []
         self._server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
         add_to_server(self.servicer, self._server)
@@ -167,6 +183,7 @@ class StreamerNode:
         self._spawn("progress", self.progress.run())
         self._spawn("sweeper", self._sweep())
         self._spawn("reclaimer", self.subscriptions.reclaim())
+        self._spawn("catch-up", self.catchup.run())
         self._spawn("pauses", self.pauses.run())
 
     def request_stop(self) -> None:

@@ -4,7 +4,10 @@
 (``streamer.node.sessions``) and the subscription set
 (``streamer.node.subscriptions``), protocol messages out through the
 stream's ``GatewayQueue`` (its only writer). ``deliver`` is how the ingest
-hands deliveries to a gateway.
+hands deliveries to a gateway. A subscribe with ``resume_after`` (single or
+in a batch) is answered once the catch-up (``streamer.node.catchup``) has
+the Puller's word on its marker; the stream's later messages wait for it,
+so answers stay one per request and in order.
 
 How a stream ends, and with which status (docs/protocol.md):
 
@@ -46,6 +49,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -68,6 +72,9 @@ from streamer.protocol.streamer_v1_pb2 import (
     SubscribeRequest,
     SubscribeResponse,
 )
+
+if TYPE_CHECKING:
+    from streamer.node.catchup import CatchUp, Group
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "syntrix.streamer.v1.StreamerService"
@@ -130,6 +137,9 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
         self.documents_omitted = 0
         self.deliveries_split = 0
         self.shutting_down = False
+        # Acts on SubscribeRequest.resume_after (streamer.node.catchup);
+        # None: resume_after is ignored and every subscription starts live.
+        self.catchup: CatchUp | None = None
         self._idle = asyncio.Event()  # set while no stream handler runs
         self._idle.set()
 
@@ -151,6 +161,19 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
             self._cut_off(stream, f"more than {self.queue_capacity} messages or "
                           f"{self.queue_bytes} bytes queued")
         return False
+
+    def has_room(self, session: Session) -> bool:
+        """Whether a catch-up (``streamer.node.catchup``) may queue more for
+        this gateway now: its queue is under half its message bound and
+        under its low watermark of bytes, or the stream is gone. Live
+        deliveries never wait; replayed ones do, rather than cut a gateway
+        off for a burst the Streamer chose to send."""
+        stream = self.streams.get(session.key)
+        if stream is None:
+            return True
+        queue = stream.queue
+        return queue.closed or (
+            len(queue) <= queue.capacity // 2 and queue.bytes <= queue.low_bytes)
 
     def _shed(self) -> None:
         """All queues together hold more than the node's budget: cut off the
@@ -381,8 +404,12 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
             kind = message.WhichOneof("payload")
             if kind == "subscribe":
                 sessions.touch(session)
-                response = subscriptions.subscribe(session.owner, message.subscribe)
-                self._send(stream, StreamerMessage(subscribe_response=response))
+                request = message.subscribe
+                if request.resume_after and self.catchup is not None:
+                    await self._subscribe_resuming(stream, request)
+                else:
+                    response = subscriptions.subscribe(session.owner, request)
+                    self._send(stream, StreamerMessage(subscribe_response=response))
             elif kind == "subscribe_batch":
                 sessions.touch(session)
                 await self._subscribe_batch(stream, message.subscribe_batch.requests)
@@ -399,6 +426,25 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
                 sessions.touch(session)
                 log.warning("gateway %s sent an empty message", session.gateway_id or session.key)
 
+    async def _subscribe_resuming(self, stream: _Stream, request: SubscribeRequest) -> None:
+        """A subscribe with ``resume_after``: answered once the Puller has
+        accepted or refused the marker (``streamer.node.catchup``)."""
+        catchup = self.catchup
+        assert catchup is not None
+        owner = stream.session.owner
+        if request.resume_after == catchup.ingest.last_change:
+            # Live ingest is at the marker: a plain subscription, at once.
+            response = self.subscriptions.subscribe(owner, request)
+            self._send(stream, StreamerMessage(subscribe_response=response))
+            return
+        groups = catchup.hold((request.resume_after,))
+        try:
+            await catchup.confirmed(groups.values())
+            response = catchup.subscribe(owner, request, groups[request.resume_after])
+            self._send(stream, StreamerMessage(subscribe_response=response))
+        finally:
+            catchup.release(groups.values())
+
     async def _subscribe_batch(
         self, stream: _Stream, requests: Sequence[SubscribeRequest]
     ) -> None:
@@ -406,18 +452,50 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
         one ``subscribe_batch_response`` (several in a row, in order, when
         one would be larger than the gateway receives).
 
-        Registered in chunks with a yield to the event loop between them: a
-        batch can hold a hundred thousand requests, and ingest and the
-        other streams' writers must not wait for all of them.
+        Requests with ``resume_after`` first wait for the Puller to accept or
+        refuse their markers (all of the batch's markers at once); then the
+        batch is registered in order. Registered in chunks with a yield to
+        the event loop between them: a batch can hold a hundred thousand
+        requests, and ingest and the other streams' writers must not wait
+        for all of them.
         """
+        catchup = self.catchup
+        groups = (
+            catchup.hold({r.resume_after for r in requests if r.resume_after})
+            if catchup is not None else {}
+        )
+        try:
+            if groups:
+                assert catchup is not None
+                await catchup.confirmed(groups.values())
+                if stream.cut_off.is_set():
+                    return
+            await self._register_batch(stream, requests, groups)
+        finally:
+            if groups:
+                assert catchup is not None
+                catchup.release(groups.values())
+
+    async def _register_batch(
+        self, stream: _Stream, requests: Sequence[SubscribeRequest], groups: dict[str, Group]
+    ) -> None:
         subscribe, owner = self.subscriptions.subscribe, stream.session.owner
+        catchup = self.catchup
         responses: list[SubscribeResponse] = []
         for start in range(0, len(requests), BATCH_CHUNK):
             if start:
                 await asyncio.sleep(0)
                 if stream.cut_off.is_set():
                     return
-            responses.extend(subscribe(owner, r) for r in requests[start:start + BATCH_CHUNK])
+            if not groups:
+                responses.extend(subscribe(owner, r) for r in requests[start:start + BATCH_CHUNK])
+                continue
+            assert catchup is not None
+            for r in requests[start:start + BATCH_CHUNK]:
+                responses.append(
+                    catchup.subscribe(owner, r, groups[r.resume_after]) if r.resume_after
+                    else subscribe(owner, r)
+                )
         self.batch_subscribes += len(requests)
         limit = stream.queue.delivery_limit
         message = _batch_response(responses)

@@ -19,6 +19,15 @@ ids may be taken by anyone), and the index entries are removed in chunks by
 ``reclaim``, so a gateway with 100 000 subscriptions leaving never stalls
 the event loop. The owner's number is handed back only when its last
 subscription is gone.
+
+A subscription lives in exactly one matcher: the live index (``matcher``)
+or, while it catches up after a ``resume_after`` marker, the matcher of its
+catch-up group (``streamer.node.catchup``). ``subscribe`` registers a
+request into a given matcher and ``move`` takes one from its group's
+matcher into the live one; ``_where`` (the subscriptions outside the live
+index, and their matcher) is the one record of where each lives, so the
+limits, unsubscribe and the release of a departed owner treat them all
+alike wherever they are.
 """
 
 from __future__ import annotations
@@ -80,6 +89,10 @@ class SubscriptionSet:
         self._scan_of: dict[str, int] = {}  # scan clauses of each scan subscription
         self._bytes: dict[int, int] = {}  # request bytes held, by owner
         self.bytes = 0  # request bytes held by the whole node
+        self.scan_clauses = 0  # scan clauses held by the whole node, in every matcher
+        # The subscriptions outside the live index, and the matcher each is
+        # in (a catch-up group's); absent: the live index.
+        self._where: dict[str, Matcher] = {}
         self._gone: dict[int, Callable[[], None]] = {}  # owner → called when reclaimed
         self._pending = asyncio.Event()
 
@@ -88,6 +101,11 @@ class SubscriptionSet:
 
     def __contains__(self, sub_id: object) -> bool:
         return sub_id in self._held
+
+    @property
+    def elsewhere(self) -> int:
+        """How many subscriptions are outside the live index (catching up)."""
+        return len(self._where)
 
     def owned(self, owner: int) -> frozenset[str]:
         """The subscriptions ``owner`` holds (empty once it is released)."""
@@ -106,15 +124,24 @@ class SubscriptionSet:
         gone = self._gone
         return {s for s, held in self._held.items() if held & _OWNER not in gone}
 
-    def subscribe(self, owner: int, request: SubscribeRequest) -> SubscribeResponse:
-        """Register one subscription for ``owner``; always answers, never raises."""
+    def matcher_of(self, sub_id: str) -> Matcher | None:
+        """The matcher ``sub_id`` is in (None if it is not held)."""
+        if sub_id not in self._held:
+            return None
+        return self._where.get(sub_id, self.matcher)
+
+    def subscribe(
+        self, owner: int, request: SubscribeRequest, matcher: Matcher | None = None
+    ) -> SubscribeResponse:
+        """Register one subscription for ``owner`` into ``matcher`` (default:
+        the live index); always answers, never raises."""
         sub_id = request.subscription_id or str(uuid.uuid4())
         size = request.ByteSize()
         refusal = self._check_limits(owner, request, size)
         if refusal is not None:
             return _refused(sub_id, RESOURCE_EXHAUSTED, refusal)
         # Converted once, after the byte limits bound the work.
-        filters = [Filter(f.field, f.op, _value(f.value)) for f in request.filters]
+        filters = _filters(request)
         values = sum(_list_values(f.value) for f in filters if type(f.value) is list)
         if values > self.limits.max_list_values:
             return _refused(sub_id, RESOURCE_EXHAUSTED, (
@@ -125,11 +152,17 @@ class SubscriptionSet:
             # Its owner left and the id is free: a reconnecting gateway takes
             # its ids back before the release reaches them.
             self._remove(sub_id)
-        matcher = self.matcher
-        index = matcher.index
+            previous = None
+        target = self.matcher if matcher is None else matcher
+        if previous is not None:
+            # Ids are global across matchers: adding it where it is raises
+            # DuplicateSubscription, or InvalidSubscription first if the
+            # request is also malformed, as for the live index alone.
+            target = self._where.get(sub_id, self.matcher)
+        index = target.index
         scan_before = index.scan_clauses
         try:
-            matcher.add(
+            target.add(
                 sub_id, request.database, request.collection, filters=filters,
                 expression=request.expression or None, owner=owner,
             )
@@ -139,17 +172,45 @@ class SubscriptionSet:
             return _refused(sub_id, INVALID_ARGUMENT, str(exc))
         scan = index.scan_clauses - scan_before
         if scan:
-            refusal = self._check_scan(owner, scan, index.scan_clauses)
+            refusal = self._check_scan(owner, scan, self.scan_clauses + scan)
             if refusal is not None:
-                matcher.remove(sub_id)
+                target.remove(sub_id)
                 return _refused(sub_id, RESOURCE_EXHAUSTED, refusal)
             self._scan[owner] = self._scan.get(owner, 0) + scan
             self._scan_of[sub_id] = scan
+            self.scan_clauses += scan
+        if target is not self.matcher:
+            self._where[sub_id] = target
         self._held[sub_id] = size << 32 | owner
         self._owned.setdefault(owner, set()).add(sub_id)
         self._bytes[owner] = self._bytes.get(owner, 0) + size
         self.bytes += size
         return SubscribeResponse(subscription_id=sub_id, success=True)
+
+    def move(
+        self, sub_id: str, request: SubscribeRequest, source: Matcher,
+        target: Matcher | None = None,
+    ) -> bool:
+        """Move ``sub_id`` (registered from ``request``) from ``source`` into
+        ``target`` (default: the live index), for the same owner; False
+        (nothing done) if it is not in ``source`` any more (removed, or
+        registered again elsewhere)."""
+        if self._where.get(sub_id) is not source:
+            return False
+        owner = self._held[sub_id] & _OWNER
+        source.remove(sub_id)
+        if target is None or target is self.matcher:
+            target = self.matcher
+            del self._where[sub_id]
+        else:
+            self._where[sub_id] = target
+        # The same request compiled into the same clauses before: it cannot
+        # be refused now, and its scan clauses are already counted.
+        target.add(
+            sub_id, request.database, request.collection, filters=_filters(request),
+            expression=request.expression or None, owner=owner,
+        )
+        return True
 
     def unsubscribe(self, owner: int, sub_id: str) -> bool:
         """Remove one of ``owner``'s own subscriptions; others are ignored."""
@@ -199,9 +260,10 @@ class SubscriptionSet:
         scan = self._scan_of.pop(sub_id, 0)
         if scan:
             self._scan[owner] -= scan
+            self.scan_clauses -= scan
         self._bytes[owner] -= size
         self.bytes -= size
-        self.matcher.remove(sub_id)
+        self._where.pop(sub_id, self.matcher).remove(sub_id)
 
     def _check_limits(self, owner: int, request: SubscribeRequest, size: int) -> str | None:
         limits = self.limits
@@ -249,6 +311,10 @@ class SubscriptionSet:
 
 def _refused(sub_id: str, code: str, error: str) -> SubscribeResponse:
     return SubscribeResponse(subscription_id=sub_id, success=False, error=error, code=code)
+
+
+def _filters(request: SubscribeRequest) -> list[Filter]:
+    return [Filter(f.field, f.op, _value(f.value)) for f in request.filters]
 
 
 def _list_values(values: list[Any]) -> int:

@@ -15,8 +15,10 @@ larger: reads stop there) as one message, never waiting on a timer;
 filters on the server. While a stream has sent nothing for ``heartbeat``
 seconds it gets a heartbeat (a ``PullerEvent`` without ``change_event``)
 with the marker of its position, so a consumer whose filter skips
-everything still advances. A marker the log cannot resume after is
-``INVALID_ARGUMENT`` with the log's explanation.
+everything still advances. A stream opened with a marker gets a heartbeat
+with the marker of that position as soon as it opens, so the consumer
+knows at once that the marker was accepted. A marker the log cannot resume
+after is ``INVALID_ARGUMENT`` with the log's explanation.
 
 Responses are framed by hand (``streamer.wire``) from the bytes the log
 already holds: each record's ``PullerEvent`` is written once, when the first
@@ -139,6 +141,10 @@ class PullerServicer(pb_grpc.PullerServiceServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             sent_at = loop.time()
             self._sent[stream] = position
+            if request.after:
+                # At once, so a consumer knows its marker was accepted
+                # without waiting for an event (a Streamer's catch-up).
+                yield [heartbeat(marker(position))]
             while True:
                 appended = self._appended
                 try:
