@@ -217,8 +217,8 @@ class StreamerClient:
         self._deliveries: asyncio.Queue[EventDelivery | None] = asyncio.Queue()
         # Resuming (docs/protocol.md, Resuming): per subscription, the marker
         # of the last event delivered for it; per stream, the marker of its
-        # last delivery and how many came; per subscription answered as live
-        # on this stream, how many had come by then.
+        # last delivery to a live subscription and how many such came; per
+        # subscription answered as live on this stream, how many by then.
         self._markers: dict[str, str] = {}
         self._stream_marker = ""
         self._stream_deliveries = 0
@@ -585,30 +585,41 @@ class StreamerClient:
         raise ConnectionError("the server ended the stream")
 
     def _delivered(self, deliveries: Sequence[EventDelivery]) -> None:
-        """Each named subscription's marker moves to its delivery's."""
-        markers, requests = self._markers, self._requests
+        """Each named subscription's marker moves to its delivery's; one
+        that names a live subscription is the stream's newest live marker
+        (a catch-up delivery, of an older event, names only resuming ones:
+        the server never mixes the two in one delivery)."""
+        markers, requests, live = self._markers, self._requests, self._live_since
         for delivery in deliveries:
             progress = delivery.event.progress
-            if progress:
-                for sub_id in delivery.subscription_ids:
-                    if sub_id in requests:
-                        markers[sub_id] = progress
+            if not progress:
+                continue
+            ids = delivery.subscription_ids
+            for sub_id in ids:
+                if sub_id in requests:
+                    markers[sub_id] = progress
+            if live and any(sub_id in live for sub_id in ids):
                 self._stream_marker = progress
-        self._stream_deliveries += len(deliveries)
+                self._stream_deliveries += 1
 
     def _stream_ended(self) -> None:
-        """Set what each subscription resumes after on the next stream:
-        the marker of its own last delivery; for one answered as live on the
-        stream that ended and silent since, the marker of a delivery that
-        came after its answer (it was live then, so every event before that
-        one that matched it was delivered to it, in order); else what it
-        last asked for (still catching up, or never live: "")."""
+        """Set what each subscription resumes after on the next stream.
+
+        One answered as live on the stream that ended, with a live delivery
+        after its answer: the stream's last live delivery (it was live, so
+        every event before that one that matched it came to it, in order).
+        All of those share that one marker, which the server replays once.
+        Else the marker of its own last delivery; else what it last asked
+        for (still catching up, or never live: "").
+        """
+        stream_marker, count = self._stream_marker, self._stream_deliveries
         for sub_id, request in self._requests.items():
+            if self._live_since.get(sub_id, count) < count:
+                request.resume_after = stream_marker
+                continue
             own = self._markers.get(sub_id)
             if own:
                 request.resume_after = own
-            elif self._live_since.get(sub_id, self._stream_deliveries) < self._stream_deliveries:
-                request.resume_after = self._stream_marker
         self._live_since.clear()
         self._stream_marker = ""
         self._stream_deliveries = 0
