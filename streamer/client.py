@@ -90,6 +90,7 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 # receive limit, and small enough that the server answers it in a few ms.
 BATCH_REQUESTS = 1000
 BATCH_BYTES = 48 << 10
+RESYNC_REQUIRED = "resync_required"
 _FATAL = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
 _INT64 = (-(2**63), 2**63 - 1)
 
@@ -122,6 +123,7 @@ class Subscription:
     expression: str = ""
     database: str = ""
     subscription_id: str | None = None
+    resume_after: str = ""
 
 
 class StreamerClient:
@@ -158,6 +160,7 @@ class StreamerClient:
         backoff: tuple[float, float] = (0.1, 5.0),
         connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
         on_rejected: Callable[[SubscriptionRejected], object] | None = None,
+        on_resync: Callable[[str], object] | None = None,
         channel_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         if not gateway_id:
@@ -180,6 +183,7 @@ class StreamerClient:
         self.backoff = backoff
         self.connect_timeout = connect_timeout
         self.on_rejected = on_rejected
+        self.on_resync = on_resync
         self._tls = tls
         # Deliveries of large documents may exceed gRPC's default 4 MiB; the
         # Hello tells the server how much this client receives.
@@ -211,6 +215,14 @@ class StreamerClient:
         # slower than the delivery rate grows this queue instead; the
         # server's own bound (docs/delivery.md, Backpressure) does not see it.
         self._deliveries: asyncio.Queue[EventDelivery | None] = asyncio.Queue()
+        # Resuming (docs/protocol.md, Resuming): per subscription, the marker
+        # of the last event delivered for it; per stream, the marker of its
+        # last delivery to a live subscription and how many such came; per
+        # subscription answered as live on this stream, how many by then.
+        self._markers: dict[str, str] = {}
+        self._stream_marker = ""
+        self._stream_deliveries = 0
+        self._live_since: dict[str, int] = {}
         self._connected = asyncio.Event()
         self._last_ack = 0.0
         self._acked = asyncio.Event()
@@ -287,6 +299,7 @@ class StreamerClient:
         expression: str = "",
         database: str = "",
         subscription_id: str | None = None,
+        resume_after: str = "",
         timeout: float | None = None,
     ) -> str:
         """Register a subscription and return its id once the server accepted it.
@@ -299,11 +312,16 @@ class StreamerClient:
         ``TypeError`` for a filter value with no protocol ``Value``.
         ``database`` is sent as given: the server has no default database,
         so ``""`` matches only events whose database is ``""``.
+        ``resume_after`` (a delivery's ``event.progress``, e.g. one the
+        gateway saved from ``marker()`` before it restarted) asks for every
+        matching event after it first; the client keeps track of it from
+        then on. When the server can no longer replay from there the
+        subscription starts live and ``on_resync`` is called with its id.
         """
         self._check_open()
         (request,) = self._requests_of([Subscription(
             collection, filters=tuple(filters), expression=expression, database=database,
-            subscription_id=subscription_id)])
+            subscription_id=subscription_id, resume_after=resume_after)])
         answers = self._register([request])
         try:
             async with asyncio.timeout(timeout):
@@ -363,7 +381,7 @@ class StreamerClient:
             requests.append(SubscribeRequest(
                 subscription_id=sub_id, collection=spec.collection, database=spec.database,
                 filters=[_filter(i, f) for i, f in enumerate(spec.filters, 1)],
-                expression=spec.expression,
+                expression=spec.expression, resume_after=spec.resume_after,
             ))
         return requests
 
@@ -403,9 +421,21 @@ class StreamerClient:
         entry = self._waiters.get(subscription_id)
         if entry is not None:
             await asyncio.wait([entry[0].future])  # never cancels it, never raises its error
+        self._forget(subscription_id)
         if self._requests.pop(subscription_id, None) is not None and subscription_id in self._sent:
             self._send(GatewayMessage(unsubscribe=UnsubscribeRequest(
                 subscription_id=subscription_id)))
+
+    def marker(self, subscription_id: str) -> str:
+        """The ``progress`` of the last event delivered for a subscription
+        ("" before the first): what it resumes after when the stream breaks,
+        and what a gateway that restarts can pass to ``subscribe(...,
+        resume_after=...)``."""
+        return self._markers.get(subscription_id, "")
+
+    def _forget(self, subscription_id: str) -> None:
+        self._markers.pop(subscription_id, None)
+        self._live_since.pop(subscription_id, None)
 
     async def deliveries(self) -> AsyncIterator[EventDelivery]:
         """Every delivery, batches flattened, in the order received.
@@ -530,6 +560,7 @@ class StreamerClient:
             finally:
                 self._opened = self._opened or opened.is_set()
                 self._connected.clear()
+                self._stream_ended()
                 self._outbox = None
                 call.cancel()
                 for task in tasks:
@@ -543,13 +574,55 @@ class StreamerClient:
             opened.set()  # an answer proves a Streamer is at the address
             kind = message.WhichOneof("payload")
             if kind == "delivery":
+                self._delivered((message.delivery,))
                 self._deliveries.put_nowait(message.delivery)
             elif kind == "batch":
+                self._delivered(message.batch.deliveries)
                 for delivery in message.batch.deliveries:
                     self._deliveries.put_nowait(delivery)
             else:
                 self._control(message, kind)
         raise ConnectionError("the server ended the stream")
+
+    def _delivered(self, deliveries: Sequence[EventDelivery]) -> None:
+        """Each named subscription's marker moves to its delivery's; one
+        that names a live subscription is the stream's newest live marker
+        (a catch-up delivery, of an older event, names only resuming ones:
+        the server never mixes the two in one delivery)."""
+        markers, requests, live = self._markers, self._requests, self._live_since
+        for delivery in deliveries:
+            progress = delivery.event.progress
+            if not progress:
+                continue
+            ids = delivery.subscription_ids
+            for sub_id in ids:
+                if sub_id in requests:
+                    markers[sub_id] = progress
+            if live and any(sub_id in live for sub_id in ids):
+                self._stream_marker = progress
+                self._stream_deliveries += 1
+
+    def _stream_ended(self) -> None:
+        """Set what each subscription resumes after on the next stream.
+
+        One answered as live on the stream that ended, with a live delivery
+        after its answer: the stream's last live delivery (it was live, so
+        every event before that one that matched it came to it, in order).
+        All of those share that one marker, which the server replays once.
+        Else the marker of its own last delivery; else what it last asked
+        for (still catching up, or never live: "").
+        """
+        stream_marker, count = self._stream_marker, self._stream_deliveries
+        for sub_id, request in self._requests.items():
+            if self._live_since.get(sub_id, count) < count:
+                request.resume_after = stream_marker
+                continue
+            own = self._markers.get(sub_id)
+            if own:
+                request.resume_after = own
+        self._live_since.clear()
+        self._stream_marker = ""
+        self._stream_deliveries = 0
 
     def _control(self, message: StreamerMessage, kind: str | None) -> None:
         """A message that is not a delivery: acks and subscribe answers."""
@@ -572,7 +645,29 @@ class StreamerClient:
             return
         if not response.success:
             self._requests.pop(sub_id, None)
+            self._forget(sub_id)
+        else:
+            request = self._requests.get(sub_id)
+            if response.code == RESYNC_REQUIRED:
+                self._resync(sub_id, request)
+            elif request is not None and not request.resume_after:
+                self._live_since[sub_id] = self._stream_deliveries
         entry[0].answer(entry[1], response)
+
+    def _resync(self, sub_id: str, request: SubscribeRequest | None) -> None:
+        """The server could not replay after the subscription's marker: it
+        is live from now, and whatever was missed is the gateway's to redo."""
+        log.warning("subscription %s resumes from the live head: the Puller can no longer "
+                    "replay after its marker (resync_required)", sub_id)
+        self._forget(sub_id)
+        if request is not None:
+            request.resume_after = ""
+            self._live_since[sub_id] = self._stream_deliveries
+        if self.on_resync is not None:
+            try:
+                self.on_resync(sub_id)
+            except Exception:
+                log.exception("on_resync callback failed")
 
     @staticmethod
     async def _write(

@@ -35,6 +35,7 @@ from streamer.protocol.streamer_v1_pb2 import (
     EventDelivery,
     GatewayMessage,
     HeartbeatAck,
+    StreamerEvent,
     StreamerMessage,
     SubscribeBatchResponse,
     SubscribeRequest,
@@ -579,6 +580,129 @@ def test_missing_acks_mean_a_dead_stream(caplog: pytest.LogCaptureFixture) -> No
     messages = [r.getMessage() for r in caplog.records]
     assert "ignoring a response for unknown subscription 'ghost'" in messages
     assert any(m.startswith("stream to streamer") and "no heartbeat ack" in m for m in messages)
+
+
+class ResumingStreamer:
+    """A Streamer that records each stream's subscribe requests with their
+    ``resume_after``, answers them (``resync_required`` for the ids in
+    ``resync``), acknowledges heartbeats, and sends what a test puts on the
+    current stream; ``drop()`` ends that stream with ``UNAVAILABLE``. It
+    stands for the server side of resuming, which we check here only from
+    the client's side of the protocol."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, str]] = []  # per stream: id -> resume_after
+        self.resync: set[str] = set()
+        self._outbox: asyncio.Queue[StreamerMessage | None] | None = None
+
+    def deliver(self, progress: str, *sub_ids: str) -> None:
+        assert self._outbox is not None
+        self._outbox.put_nowait(StreamerMessage(delivery=EventDelivery(
+            subscription_ids=sub_ids, event=StreamerEvent(event_id=progress, progress=progress))))
+
+    def drop(self) -> None:
+        assert self._outbox is not None
+        self._outbox.put_nowait(None)
+
+    async def stream(
+        self, requests: AsyncIterator[GatewayMessage], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[StreamerMessage]:
+        seen: dict[str, str] = {}
+        self.requests.append(seen)
+        outbox: asyncio.Queue[StreamerMessage | None] = asyncio.Queue()
+        self._outbox = outbox
+
+        async def read() -> None:
+            async for message in requests:
+                kind = message.WhichOneof("payload")
+                if kind == "heartbeat":
+                    outbox.put_nowait(StreamerMessage(heartbeat_ack=HeartbeatAck(
+                        timestamp=message.heartbeat.timestamp)))
+                elif kind in ("subscribe", "subscribe_batch"):
+                    batch = (list(message.subscribe_batch.requests)
+                             if kind == "subscribe_batch" else [message.subscribe])
+                    responses = []
+                    for request in batch:
+                        seen[request.subscription_id] = request.resume_after
+                        responses.append(SubscribeResponse(
+                            subscription_id=request.subscription_id, success=True,
+                            code="resync_required" if request.subscription_id in self.resync
+                            else ""))
+                    outbox.put_nowait(
+                        StreamerMessage(subscribe_response=responses[0])
+                        if kind == "subscribe" else StreamerMessage(
+                            subscribe_batch_response=SubscribeBatchResponse(
+                                responses=responses)))
+
+        reader = asyncio.create_task(read())
+        try:
+            while (message := await outbox.get()) is not None:
+                yield message
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "dropped by the test")
+        finally:
+            reader.cancel()
+
+    async def __aenter__(self) -> str:
+        self._server = grpc.aio.server()
+        handler = grpc.stream_stream_rpc_method_handler(
+            self.stream, request_deserializer=GatewayMessage.FromString,
+            response_serializer=StreamerMessage.SerializeToString,
+        )
+        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            "syntrix.streamer.v1.StreamerService", {"Stream": handler}),))
+        port = self._server.add_insecure_port("127.0.0.1:0")
+        await self._server.start()
+        return f"127.0.0.1:{port}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._server.stop(None)
+
+
+def test_reconnects_resume_each_subscription_after_its_last_delivery() -> None:
+    async def scenario() -> None:
+        peer = ResumingStreamer()
+        resynced: list[str] = []
+        async with peer as target, StreamerClient(
+            target, gateway_id="gw", on_resync=resynced.append, **FAST
+        ) as client:
+            await until(lambda: client.connected)
+            assert await client.subscribe_many([
+                Subscription("m", subscription_id=i) for i in ("a", "b", "c")
+            ]) == ["a", "b", "c"]
+            # Saved from an earlier run of the gateway.
+            assert await client.subscribe("m", subscription_id="saved",
+                                          resume_after="p0") == "saved"
+            peer.deliver("p1", "a")
+            peer.deliver("p2", "b", "nobody")
+            await until(lambda: client.marker("b") == "p2")
+            assert (client.marker("a"), client.marker("c"), client.marker("nobody")) == (
+                "p1", "", "")
+            peer.deliver("p1b", "saved")  # a replayed event of the resuming one
+            await until(lambda: client.marker("saved") == "p1b")
+            # Answered after the last delivery: nothing says it was live then.
+            assert await client.subscribe("m", subscription_id="late") == "late"
+            peer.resync = {"a"}
+            peer.drop()
+            await until(lambda: len(peer.requests) == 2 and client.connected)
+            # a, b and c, live since before p2, after the stream's last live
+            # delivery, p2 (not after p1b, an older event replayed to the
+            # resuming one): one marker for all of them; saved after its own
+            # last delivery; late, answered after p2, from the live head.
+            assert peer.requests[1] == {
+                "a": "p2", "b": "p2", "c": "p2", "saved": "p1b", "late": ""}
+            assert resynced == ["a"] and client.marker("a") == ""
+            peer.resync = set()
+            peer.deliver("p3", "late")
+            await until(lambda: client.marker("late") == "p3")
+            await client.unsubscribe("b")
+            peer.drop()
+            await until(lambda: len(peer.requests) == 3 and client.connected)
+            # a restarted live at its resync and late was answered live: both
+            # after p3. c, resumed on the second stream and silent there,
+            # keeps p2; so does saved its p1b.
+            assert peer.requests[2] == {"a": "p3", "c": "p2", "saved": "p1b", "late": "p3"}
+
+    run(scenario)
 
 
 # The README's client example, verbatim but for the address.
