@@ -13,8 +13,12 @@ over the deliveries::
         async for delivery in client.deliveries():
             ...
 
-Delivery is at-least-once: events around a reconnect can arrive twice and
-the client does not deduplicate. Wrong credentials (``UNAUTHENTICATED``,
+After a reconnect every subscription resumes after the marker of the last
+event it received (``resume_after``; docs/protocol.md): the server replays
+what it missed, strictly after that marker, then continues live, so
+nothing is lost that the Puller still has (but for the one window the
+README's client section names) and nothing is delivered twice by the
+resume itself. Wrong credentials (``UNAUTHENTICATED``,
 ``PERMISSION_DENIED``) are not retried: the client fails with
 ``AccessDenied``, raised by ``subscribe()`` and at the end of
 ``deliveries()``. Neither is an address that never answers: when no stream
@@ -132,6 +136,9 @@ class StreamerClient:
     ``batch`` sends ``Hello{batch_delivery}`` so the server may pack
     deliveries (``max_batch`` per message, 0: the server's default); with
     ``batch=False`` no Hello is sent, as a plain Syntrix gateway does.
+    ``resume`` re-subscribes after a reconnect with ``resume_after`` (see
+    the module docstring); ``resume=False`` re-subscribes from the live
+    head, as a Syntrix gateway does.
     ``ack_timeout`` (default three heartbeat intervals) is how long the
     stream may go without a heartbeat ack (or, right after connecting,
     without the answers to the re-subscriptions) before it is declared dead.
@@ -154,6 +161,7 @@ class StreamerClient:
         token: str | None = None,
         tls: grpc.ChannelCredentials | None = None,
         batch: bool = True,
+        resume: bool = True,
         max_batch: int = 0,
         heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
         ack_timeout: float | None = None,
@@ -177,6 +185,7 @@ class StreamerClient:
         self.target = target
         self.gateway_id = gateway_id
         self.batch = batch
+        self.resume = resume
         self.max_batch = max_batch
         self.heartbeat_interval = heartbeat_interval
         self.ack_timeout = 3 * heartbeat_interval if ack_timeout is None else ack_timeout
@@ -613,7 +622,7 @@ class StreamerClient:
         for (still catching up, or never live: "").
         """
         stream_marker, count = self._stream_marker, self._stream_deliveries
-        for sub_id, request in self._requests.items():
+        for sub_id, request in self._requests.items() if self.resume else ():
             if self._live_since.get(sub_id, count) < count:
                 request.resume_after = stream_marker
                 continue

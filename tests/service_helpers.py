@@ -117,6 +117,10 @@ class Service:
             puller="", state_dir=state_dir, session_ttl=session_ttl, auth_token=token,
             document_layout=layout, gateway_queue=queue_capacity, resume_grace=resume_grace,
             drain_seconds=0, puller_backoff=(0.01, 0.05),
+            # The double, like a Syntrix Puller, says nothing until an event
+            # comes: a resuming client's marker is taken as accepted after
+            # this (the reference Puller confirms at once).
+            catchup_confirm_seconds=0.2,
         )
         self.puller = PullerDouble()
         self.port = 0

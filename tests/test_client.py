@@ -276,6 +276,45 @@ def test_subscribe_many_answers_each_in_order_and_reconnects_register_in_batches
     run(scenario)
 
 
+def test_a_resuming_client_gets_every_event_across_a_streamer_restart(tmp_path: Path) -> None:
+    # Events appended while the Streamer is down, and those it replays after
+    # its saved marker, reach each subscription exactly once and in order:
+    # the client re-subscribes after the last delivery it received.
+    async def scenario() -> None:
+        async with Service(tmp_path) as svc, StreamerClient(
+            svc.target, gateway_id="gw", **FAST
+        ) as client:
+            got: dict[str, list[str]] = {"a": [], "b": []}
+
+            async def collect() -> None:
+                async for delivery in client.deliveries():
+                    for sub_id in delivery.subscription_ids:
+                        got[sub_id].append(delivery.event.event_id)
+
+            collector = asyncio.create_task(collect())
+            assert await client.subscribe_many([
+                Subscription("messages", database="app", filters=chat(c), subscription_id=c)
+                for c in ("a", "b")]) == ["a", "b"]
+            chats = ["a", "b", "a", "a", "b", "a", "b", "b", "a", "b", "a", "a"]
+            await svc.puller.append(*(change(i, chat=c) for i, c in enumerate(chats[:4])))
+            await until(lambda: len(got["a"]) == 3)
+            await svc.stop()
+            await until(lambda: not client.connected)
+            await svc.puller.append(*(change(i, chat=c) for i, c in enumerate(chats[4:8], 4)))
+            await svc.start()  # same port, empty index
+            await until(lambda: client.connected)
+            await svc.puller.append(*(change(i, chat=c) for i, c in enumerate(chats[8:], 8)))
+            for c in ("a", "b"):
+                expected = [f"e{i}" for i, x in enumerate(chats) if x == c]
+                await until(lambda c=c, n=len(expected): len(got[c]) >= n)  # type: ignore[misc]
+                await asyncio.sleep(0.1)  # a duplicate would come by now
+                assert got[c] == expected
+            assert client.marker("a") == "p11"  # the double's marker of event 11
+            collector.cancel()
+
+    run(scenario)
+
+
 def test_subscribe_waits_for_the_connection(tmp_path: Path) -> None:
     async def scenario() -> None:
         svc = Service(tmp_path)
