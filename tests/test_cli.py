@@ -326,7 +326,38 @@ def test_restart_window_waits_the_grace_for_gateways_without_hello(tmp_path: Pat
                     break
                 await asyncio.sleep(0.01)
             assert serve.puller.subscriptions[0].after == "p0"
-            assert "grace elapsed; not back: only gateways without Hello" in serve.log()
+            assert ("grace elapsed; not back: none with Hello; gateways without Hello "
+                    "re-subscribed and quiet: 0 of 1") in serve.log()
+
+    asyncio.run(main())
+
+
+def test_restart_window_closes_once_the_plain_gateways_resubscribed_and_went_quiet(
+    tmp_path: Path,
+) -> None:
+    # One plain gateway before the restart: the window holds ingest until
+    # one plain gateway has re-subscribed and been quiet for a second, not
+    # for the whole grace (a minute).
+    _saved(tmp_path / "state", "p0", [], 1)
+
+    async def main() -> None:
+        async with serving(tmp_path, "--resume-grace", "60") as serve:
+            await serve.puller.append(*(pb.ChangeEvent(
+                event_id=f"e{i}", database="app", mgo_coll="messages", mgo_doc_id=f"m{i}",
+                op_type="insert", full_doc=orjson.dumps({"chat": "c"})) for i in range(3)))
+            async with grpc.aio.insecure_channel(serve.address) as channel:
+                await asyncio.wait_for(channel.channel_ready(), 30)
+                call = sgrpc.StreamerServiceStub(channel).Stream()
+                await call.write(GatewayMessage(subscribe=SubscribeRequest(
+                    subscription_id="s", database="app", collection="messages")))
+                assert (await call.read()).subscribe_response.success
+                await asyncio.sleep(0.5)
+                assert not serve.puller.subscriptions, "ingest started before it went quiet"
+                got = [(await asyncio.wait_for(call.read(), 30)).delivery.event.event_id
+                       for _ in range(2)]
+                assert got == ["e1", "e2"]  # everything after the saved marker
+                call.cancel()
+            assert "restart window: every known gateway re-registered" in serve.log()
 
     asyncio.run(main())
 

@@ -291,8 +291,10 @@ class StreamerNode:
                 log.info("restart window: every known gateway re-registered")
             else:
                 log.info(
-                    "restart window: grace elapsed; not back: %s",
-                    ", ".join(sorted(window.pending)) or "only gateways without Hello",
+                    "restart window: grace elapsed; not back: %s; gateways without Hello "
+                    "re-subscribed and quiet: %d of %d",
+                    ", ".join(sorted(window.pending)) or "none with Hello",
+                    window.plain_back, saved.gateways.others,
                 )
             sessions.window = None
         sessions.on_known = progress.set_gateways

@@ -403,7 +403,7 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
                            f"message {number} is not a GatewayMessage ({exc})") from None
             kind = message.WhichOneof("payload")
             if kind == "subscribe":
-                sessions.touch(session)
+                sessions.subscribed(session)
                 request = message.subscribe
                 if request.resume_after and self.catchup is not None:
                     await self._subscribe_resuming(stream, request)
@@ -411,7 +411,7 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
                     response = subscriptions.subscribe(session.owner, request)
                     self._send(stream, StreamerMessage(subscribe_response=response))
             elif kind == "subscribe_batch":
-                sessions.touch(session)
+                sessions.subscribed(session)
                 await self._subscribe_batch(stream, message.subscribe_batch.requests)
             elif kind == "unsubscribe":
                 sessions.touch(session)

@@ -33,6 +33,7 @@ because messages on one stream are processed in order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import itertools
 import time
@@ -67,17 +68,51 @@ def proof_of(instance: str) -> str:
     return hashlib.sha256(instance.encode()).hexdigest() if instance else ""
 
 
+# A plain gateway that has subscribed since the restart and not for this
+# long has re-registered (Syntrix gateways re-send all their subscriptions
+# at once after a reconnect).
+PLAIN_QUIET_SECONDS = 1.0
+
+
 class RestartWindow:
     """After a restart: waits until every gateway known before it has
     re-registered, so the replay after the saved marker is matched against
-    their subscriptions."""
+    their subscriptions.
 
-    def __init__(self, known: KnownGateways) -> None:
+    A gateway that said Hello proves it with its first heartbeat after its
+    re-subscriptions. Plain gateways cannot: the window counts as many
+    plain sessions as there were before the restart that have subscribed
+    and then been quiet for ``quiet`` seconds (a plain gateway that never
+    re-subscribes keeps the window open until the grace ends)."""
+
+    def __init__(
+        self,
+        known: KnownGateways,
+        *,
+        quiet: float = PLAIN_QUIET_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.known = known
         self.pending = set(known.ids)
+        self.quiet = quiet
+        self.clock = clock
         self._proofs = dict(known.proofs)
+        self._plain: dict[int, float] = {}  # plain session key -> its last subscribe
         self._complete = asyncio.Event()
         self._check()
+
+    def subscribed(self, session: Session) -> None:
+        if not session.hello:
+            self._plain[session.key] = self.clock()
+
+    def left(self, session: Session) -> None:
+        self._plain.pop(session.key, None)
+
+    @property
+    def plain_back(self) -> int:
+        """Plain sessions that re-subscribed and have been quiet since."""
+        now = self.clock()
+        return sum(1 for t in self._plain.values() if now - t >= self.quiet)
 
     def heartbeat(self, session: Session) -> None:
         if not session.hello or session.gateway_id not in self.pending:
@@ -89,21 +124,22 @@ class RestartWindow:
         self._check()
 
     def _check(self) -> None:
-        # Plain gateways never prove re-registration: only the grace ends
-        # the window for them.
-        if not self.pending and not self.known.others:
+        if not self.pending and self.plain_back >= self.known.others:
             self._complete.set()
 
     async def wait(self, grace: float) -> bool:
         """Wait up to ``grace`` seconds; True if every known gateway is back."""
-        if self._complete.is_set():
-            return True
         # Not asyncio.wait_for: on Python 3.11 it swallows a cancellation
         # that lands as the window closes, and the node would go on into
         # ingest instead of stopping.
         try:
             async with asyncio.timeout(grace):
-                await self._complete.wait()
+                while not self._complete.is_set():
+                    # Quiet is a matter of time passing: looked at in steps.
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(min(0.1, self.quiet)):
+                            await self._complete.wait()
+                    self._check()
         except TimeoutError:
             return False
         return True
@@ -207,11 +243,20 @@ class Sessions:
         if self.window is not None:
             self.window.heartbeat(session)
 
+    def subscribed(self, session: Session) -> None:
+        """``session`` sent a subscribe: it counts as active, and a plain
+        gateway re-registering after a restart is seen doing it."""
+        self.touch(session)
+        if self.window is not None:
+            self.window.subscribed(session)
+
     def disconnect(self, session: Session) -> int:
         """End a session; its subscriptions stop counting at once and leave
         the index in the background. Returns how many it held."""
         if self._sessions.pop(session.key, None) is None:
             return 0
+        if self.window is not None:
+            self.window.left(session)
         owner = session.owner
         self.by_owner[owner] = None
         self._reserved.add(owner)
