@@ -150,12 +150,12 @@ class Gateways:
             return
         kind = message.WhichOneof("payload")
         if kind == "subscribe":
-            sessions.touch(session)
+            sessions.subscribed(session)
             self.send(stream, StreamerMessage(
                 subscribe_response=self.subscribe(session, message.subscribe)))
         elif kind == "subscribe_batch":
             # Each request exactly as a single subscribe, in order.
-            sessions.touch(session)
+            sessions.subscribed(session)
             responses = [self.subscribe(session, r) for r in message.subscribe_batch.requests]
             self.send(stream, StreamerMessage(
                 subscribe_batch_response=SubscribeBatchResponse(responses=responses)))

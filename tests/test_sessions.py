@@ -166,13 +166,37 @@ def test_a_stranger_cannot_end_the_restart_window_for_a_known_gateway() -> None:
     assert asyncio.run(main()) == set()
 
 
-def test_restart_window_waits_the_whole_grace_for_plain_gateways() -> None:
+def test_restart_window_waits_the_whole_grace_for_plain_gateways_not_back() -> None:
     async def main() -> bool:
         window = RestartWindow(KnownGateways(frozenset(), 1))
         return await window.wait(0.05)
 
     assert asyncio.run(main()) is False
     assert asyncio.run(RestartWindow(KnownGateways()).wait(0)) is True
+
+
+def test_restart_window_counts_plain_gateways_that_resubscribed_and_went_quiet() -> None:
+    async def main() -> None:
+        now = [100.0]
+        s = Sessions(SubscriptionSet(Matcher()), clock=lambda: now[0])
+        window = s.window = RestartWindow(
+            KnownGateways(frozenset(), 2), quiet=1.0, clock=lambda: now[0])
+        first, second, gone = s.connect(), s.connect(), s.connect()
+        for session in (first, second, gone):
+            s.subscribed(session)
+        s.disconnect(gone)  # a stream that ended does not count
+        now[0] += 0.5
+        s.subscribed(second)  # still re-subscribing
+        now[0] += 0.6
+        assert window.plain_back == 1
+        waiter = asyncio.create_task(window.wait(5))
+        await asyncio.sleep(0.15)
+        assert not waiter.done()
+        now[0] += 0.5
+        assert window.plain_back == 2
+        assert await asyncio.wait_for(waiter, 1) is True
+
+    asyncio.run(main())
 
 
 def test_waiting_for_the_restart_window_ends_when_cancelled_as_it_closes() -> None:
