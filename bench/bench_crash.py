@@ -15,7 +15,10 @@ random moment ``DELAY`` seconds (uniform) after events flow again: ``kill
 -9`` of the Streamer, restarted at once on the same port and state
 directory (its saved marker is read first: the point its replay starts
 from), or of the Puller, restarted on the same log. At the end the Puller
-is stopped, the Streamer catches up with its log, and the gateways stop.
+is stopped, the Streamer catches up with its log, the Puller serves that
+log again without producing until no subscription is catching up from it
+(the gateways' clients resume after their last delivery, see
+``StreamerClient``), and the gateways stop.
 
 The check (the demo's verification, allowing what a crash may cost): every
 event of the log is transformed and matched as the ingest does
@@ -70,7 +73,7 @@ from reliability import (
     work_dir,
 )
 
-from streamer.tools.measure import free_port
+from streamer.tools.measure import free_port, scrape
 
 N = count("STREAMER_BENCH_CRASH_N", 20_000, 2_000)
 GATEWAYS = count("STREAMER_BENCH_CRASH_GATEWAYS", 4, 2)
@@ -149,6 +152,15 @@ class Pipeline:
                         "--cycle", str(CYCLE)))
         self.runs["puller"] += 1
 
+    def catching_up(self) -> bool:
+        """Whether some subscription is still catching up (the Streamer's
+        ``streamer_catchup_subscriptions``); True while it cannot be read."""
+        try:
+            samples = scrape(f"127.0.0.1:{self.metrics}", timeout=5)
+        except OSError:
+            return True
+        return sum(samples.get("streamer_catchup_subscriptions", {}).values()) > 0
+
     def saved(self) -> int:
         """The position of the Streamer's saved marker (-1 while unreadable)."""
         try:
@@ -202,11 +214,20 @@ class Pipeline:
         replay_log = ReplayLog(self.log_dir)
         self.last_logged = replay_log.last_position
         replay_log.close()
+        # Subscriptions that resumed after a restart may still be catching
+        # up from the Puller's replay: it serves its log again, producing
+        # nothing (an empty replay file), until none is.
+        empty = self.log_dir.parent / "empty.jsonl"
+        empty.write_text("")
+        self.puller = self.children.start("puller-final", [
+            "-m", "streamer", "puller", "--replay", str(empty), "--log-dir", str(self.log_dir),
+            "--listen", f"127.0.0.1:{self.puller_port}", "--log-level", "WARNING"])
         processed, since = self.saved(), time.monotonic()
         while processed < self.last_logged and time.monotonic() - since < 5.0:
             time.sleep(0.1)
             if self.saved() != processed:
                 processed, since = self.saved(), time.monotonic()
+        wait_for("the catch-ups", lambda: not self.catching_up(), 120, [self.streamer])
         totals, since = -1, time.monotonic()
         while time.monotonic() - since < 3.0:  # until the gateways receive nothing more
             time.sleep(0.5)
@@ -217,6 +238,7 @@ class Pipeline:
             self.children.stop(gateway.proc, timeout=60)
             gateway.reader.join(10)
         self.children.stop(self.streamer)
+        self.children.stop(self.puller)  # it holds the log, which the check reads
         return processed
 
 
