@@ -527,7 +527,33 @@ def test_close_ends_deliveries_and_pending_calls(tmp_path: Path) -> None:
     run(scenario)
 
 
-class StuckStreamer:
+class DoubleServer:
+    """A scripted ``StreamerService`` on loopback (a peer we cannot build
+    from the real one): ``async with`` serves ``stream`` and gives its
+    address."""
+
+    def stream(
+        self, requests: AsyncIterator[GatewayMessage], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[StreamerMessage]:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> str:
+        self._server = grpc.aio.server()
+        handler = grpc.stream_stream_rpc_method_handler(
+            self.stream, request_deserializer=GatewayMessage.FromString,
+            response_serializer=StreamerMessage.SerializeToString,
+        )
+        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            "syntrix.streamer.v1.StreamerService", {"Stream": handler}),))
+        port = self._server.add_insecure_port("127.0.0.1:0")
+        await self._server.start()
+        return f"127.0.0.1:{port}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._server.stop(None)
+
+
+class StuckStreamer(DoubleServer):
     """A Streamer that answers subscriptions but acknowledges only the first
     heartbeat of each stream (a stuck peer, which we cannot build from the
     real one). It records each stream's messages; on the first stream it
@@ -573,20 +599,6 @@ class StuckStreamer:
                 yield StreamerMessage(subscribe_batch_response=SubscribeBatchResponse(
                     responses=responses))
 
-    async def __aenter__(self) -> str:
-        self._server = grpc.aio.server()
-        handler = grpc.stream_stream_rpc_method_handler(
-            self.stream, request_deserializer=GatewayMessage.FromString,
-            response_serializer=StreamerMessage.SerializeToString,
-        )
-        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-            "syntrix.streamer.v1.StreamerService", {"Stream": handler}),))
-        port = self._server.add_insecure_port("127.0.0.1:0")
-        await self._server.start()
-        return f"127.0.0.1:{port}"
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self._server.stop(grace=0)
 
 
 def test_missing_acks_mean_a_dead_stream(caplog: pytest.LogCaptureFixture) -> None:
@@ -620,7 +632,7 @@ def test_missing_acks_mean_a_dead_stream(caplog: pytest.LogCaptureFixture) -> No
     assert any(m.startswith("stream to streamer") and "no heartbeat ack" in m for m in messages)
 
 
-class ResumingStreamer:
+class ResumingStreamer(DoubleServer):
     """A Streamer that records each stream's subscribe requests with their
     ``resume_after``, answers them (``resync_required`` for the ids in
     ``resync``), acknowledges heartbeats, and sends what a test puts on the
@@ -680,20 +692,6 @@ class ResumingStreamer:
         finally:
             reader.cancel()
 
-    async def __aenter__(self) -> str:
-        self._server = grpc.aio.server()
-        handler = grpc.stream_stream_rpc_method_handler(
-            self.stream, request_deserializer=GatewayMessage.FromString,
-            response_serializer=StreamerMessage.SerializeToString,
-        )
-        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-            "syntrix.streamer.v1.StreamerService", {"Stream": handler}),))
-        port = self._server.add_insecure_port("127.0.0.1:0")
-        await self._server.start()
-        return f"127.0.0.1:{port}"
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self._server.stop(None)
 
 
 def test_reconnects_resume_each_subscription_after_its_last_delivery() -> None:

@@ -400,15 +400,12 @@ class CatchUp:
                         self._accept(group)
                         break
                 except grpc.aio.AioRpcError as exc:
-                    code = exc.code()
-                    if code == grpc.StatusCode.UNIMPLEMENTED and batched:
+                    outcome = self._failed(group, exc, batched)
+                    if outcome == "unbatched":
                         batched = False
                         continue
-                    if code == grpc.StatusCode.INVALID_ARGUMENT:
-                        self._refuse(group, exc.details() or "INVALID_ARGUMENT")
+                    if outcome == "refused":
                         break
-                    log.warning("catch-up reader %d: puller stream failed (%s: %s)",
-                                group.number, code, exc.details())
                 finally:
                     read.cancel()
                     call.cancel()
@@ -431,19 +428,31 @@ class CatchUp:
                     delay = backoff[0]
                     await self._room(group)
             except grpc.aio.AioRpcError as exc:
-                code = exc.code()
-                if code == grpc.StatusCode.UNIMPLEMENTED and batched:
+                outcome = self._failed(group, exc, batched)
+                if outcome == "unbatched":
                     batched = False
                     continue
-                if code == grpc.StatusCode.INVALID_ARGUMENT:
-                    self._refuse(group, exc.details() or "INVALID_ARGUMENT")
+                if outcome == "refused":
                     return
-                log.warning("catch-up reader %d: puller stream failed (%s: %s)",
-                            group.number, code, exc.details())
             finally:
                 call.cancel()
             await asyncio.sleep(delay * random.uniform(0.5, 1.5))
             delay = min(delay * 2, backoff[1])
+
+    def _failed(self, group: Group, exc: grpc.aio.AioRpcError, batched: bool) -> str:
+        """What a reader does after its Puller stream failed: "unbatched"
+        (a Syntrix Puller: ask again with ``Subscribe``), "refused" (the
+        marker: the group goes live, see ``_refuse``), or "retry" (after a
+        backoff)."""
+        code = exc.code()
+        if code == grpc.StatusCode.UNIMPLEMENTED and batched:
+            return "unbatched"
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            self._refuse(group, exc.details() or "INVALID_ARGUMENT")
+            return "refused"
+        log.warning("catch-up reader %d: puller stream failed (%s: %s)",
+                    group.number, code, exc.details())
+        return "retry"
 
     def _call(self, group: Group, batched: bool) -> Any:
         """A stream after the group's position, on the catch-up's channel."""
