@@ -395,7 +395,7 @@ class CatchUp:
                                        return_when=asyncio.FIRST_COMPLETED)
                     if not read.done():
                         break  # accepted by the timer, or closed
-                    read.result()  # a message (accepted), EOF, or the error
+                    # A message (accepted), EOF, or the error raised here.
                     if read.result() is not grpc.aio.EOF:
                         self._accept(group)
                         break
