@@ -614,12 +614,13 @@ class StreamerClient:
     def _stream_ended(self) -> None:
         """Set what each subscription resumes after on the next stream.
 
-        One answered as live on the stream that ended, with a live delivery
-        after its answer: the stream's last live delivery (it was live, so
-        every event before that one that matched it came to it, in order).
-        All of those share that one marker, which the server replays once.
-        Else the marker of its own last delivery; else what it last asked
-        for (still catching up, or never live: "").
+        One live on the stream that ended (answered as live, or named by
+        ``caught_up``), with a live delivery after that: the stream's last
+        live delivery (it was live, so every event before that one that
+        matched it came to it, in order). All of those share that one
+        marker, which the server replays once. Else the marker of its own
+        last delivery; else its ``live_after``, or what it last asked for
+        (still catching up; "" from a server that sends no ``live_after``).
         """
         stream_marker, count = self._stream_marker, self._stream_deliveries
         for sub_id, request in self._requests.items() if self.resume else ():
@@ -641,12 +642,22 @@ class StreamerClient:
         elif kind == "subscribe_response":
             self._answer(message.subscribe_response)
         elif kind == "subscribe_batch_response":
-            for response in message.subscribe_batch_response.responses:
-                self._answer(response)
+            batch = message.subscribe_batch_response
+            for response in batch.responses:
+                self._answer(response, batch.live_after)
+        elif kind == "caught_up":
+            count, live = self._stream_deliveries, self._live_since
+            for sub_id in message.caught_up.subscription_ids:
+                if sub_id in self._requests:
+                    live[sub_id] = count
         else:
             log.warning("streamer %s sent a message of unknown kind %r", self.target, kind)
 
-    def _answer(self, response: SubscribeResponse) -> None:
+    def _answer(self, response: SubscribeResponse, batch_live_after: str = "") -> None:
+        """A subscribe answered. One registered live (a plain request, or a
+        resuming one answered with ``live_after``) counts as live on this
+        stream from here, and resumes after ``live_after`` until it has a
+        marker of its own."""
         sub_id = response.subscription_id
         entry = self._waiters.pop(sub_id, None)
         if entry is None:
@@ -658,19 +669,24 @@ class StreamerClient:
         else:
             request = self._requests.get(sub_id)
             if response.code == RESYNC_REQUIRED:
-                self._resync(sub_id, request)
-            elif request is not None and not request.resume_after:
-                self._live_since[sub_id] = self._stream_deliveries
+                self._resync(sub_id, request, response.live_after)
+            elif request is not None:
+                live_after = response.live_after or (
+                    "" if request.resume_after else batch_live_after)
+                if live_after or not request.resume_after:
+                    self._live_since[sub_id] = self._stream_deliveries
+                    if live_after and self.resume:
+                        request.resume_after = live_after
         entry[0].answer(entry[1], response)
 
-    def _resync(self, sub_id: str, request: SubscribeRequest | None) -> None:
+    def _resync(self, sub_id: str, request: SubscribeRequest | None, live_after: str) -> None:
         """The server could not replay after the subscription's marker: it
         is live from now, and whatever was missed is the gateway's to redo."""
         log.warning("subscription %s resumes from the live head: the Puller can no longer "
                     "replay after its marker (resync_required)", sub_id)
         self._forget(sub_id)
         if request is not None:
-            request.resume_after = ""
+            request.resume_after = live_after if self.resume else ""
             self._live_since[sub_id] = self._stream_deliveries
         if self.on_resync is not None:
             try:
@@ -694,7 +710,8 @@ class StreamerClient:
         if self.batch:
             self._send(GatewayMessage(hello=Hello(
                 gateway_id=self.gateway_id, batch_delivery=True, max_batch=self.max_batch,
-                instance=self._instance, max_message_bytes=MAX_MESSAGE_BYTES)))
+                instance=self._instance, max_message_bytes=MAX_MESSAGE_BYTES,
+                resumes=self.resume)))
         # What the last stream left unanswered goes again, in subscribe order.
         self._unsent = list(self._requests.values())
         ids = [i for i in self._requests if i not in self._waiters]  # else a call awaits it

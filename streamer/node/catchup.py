@@ -227,7 +227,7 @@ class CatchUp:
     async def confirmed(self, groups: Iterable[Group]) -> None:
         """Until the Puller accepted or refused each group's marker (or
         live ingest is at it)."""
-        last = self.ingest.last_change
+        last = self.ingest.position
         waiting = [g.accepted for g in groups if not g.accepted.done() and g.marker != last]
         if waiting:
             # asyncio.wait, not gather: a cancelled handler must not cancel
@@ -239,10 +239,15 @@ class CatchUp:
     ) -> SubscribeResponse:
         """Register a request resuming after ``group.marker`` (held and
         confirmed): live if live ingest is at the marker, live with
-        ``resync_required`` if the Puller refused it, else into the group."""
+        ``resync_required`` if the Puller refused it (both answered with
+        ``live_after``), else into the group."""
         subscriptions = self.subscriptions
-        if request.resume_after == self.ingest.last_change:
-            return subscriptions.subscribe(owner, request)
+        position = self.ingest.position
+        if request.resume_after == position:
+            response = subscriptions.subscribe(owner, request)
+            if response.success:
+                response.live_after = position
+            return response
         if group.refused or group.state in (ATTACHED, CLOSED):
             # ATTACHED/CLOSED without a refusal cannot happen while held;
             # registered live, the subscription misses nothing it is told of.
@@ -250,6 +255,7 @@ class CatchUp:
             if response.success:
                 self.resyncs += 1
                 response.code = RESYNC_REQUIRED
+                response.live_after = position
             return response
         response = subscriptions.subscribe(owner, request, group.matcher)
         if response.success:
@@ -276,7 +282,7 @@ class CatchUp:
         group = Group(next(self._numbers), marker, matching)
         self.groups.append(group)
         self._joinable[marker] = group
-        if marker == ingest.last_change:
+        if marker == ingest.position:
             # Live ingest processed it: the Puller knows it. The reader
             # starts only if a subscription joins (live moved on meanwhile).
             self._accept(group)
@@ -316,9 +322,7 @@ class CatchUp:
         group.refused = why
         members = list(group.members.items())
         self._close(group)
-        moved = 0
-        for sub_id, request in members:
-            moved += self.subscriptions.move(sub_id, request, group.matcher)
+        moved = self._go_live(members, group.matcher)
         if moved:
             self.late_refusals += 1
             self.resyncs += moved
@@ -471,7 +475,7 @@ class CatchUp:
         if not len(group.matcher):
             self._close(group)
             return True
-        live = self.ingest.last_change
+        live = self.ingest.position
         if group.last == live:
             self._attach(group)
             return True
@@ -654,12 +658,28 @@ class CatchUp:
                 self._channel = None
 
     def _move_chunk(self, group: Group) -> None:
-        members, move = group.members, self.subscriptions.move
-        for _ in range(min(MOVE_CHUNK, len(members))):
-            sub_id, request = members.popitem()
-            move(sub_id, request, group.matcher)
+        members = group.members
+        self._go_live(
+            [members.popitem() for _ in range(min(MOVE_CHUNK, len(members)))], group.matcher)
         if not members:
             self._close(group)
+
+    def _go_live(self, members: list[tuple[str, SubscribeRequest]], source: Matcher) -> int:
+        """Move ``members`` from ``source`` into the live index and tell
+        their gateways (``CaughtUp``, after every delivery from ``source``):
+        from here on their deliveries are live ones. Returns how many moved."""
+        move, owner_of = self.subscriptions.move, self.subscriptions.owner_of
+        live: dict[int, list[str]] = {}
+        moved = 0
+        for sub_id, request in members:
+            if move(sub_id, request, source):
+                moved += 1
+                owner = owner_of(sub_id)
+                if owner is not None:
+                    live.setdefault(owner, []).append(sub_id)
+        if live:
+            self.ingest.servicer.caught_up(live)
+        return moved
 
 
 def _matching(ingest: Ingest) -> Matching:

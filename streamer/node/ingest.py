@@ -308,6 +308,16 @@ class Ingest(Matching):
             async for event in stub.Subscribe(request):
                 yield (event,)
 
+    @property
+    def position(self) -> str:
+        """A marker live ingest has matched every event after, against
+        every subscription in the live index from now on: the marker of the
+        last change event processed, or before the first one, the marker it
+        resumes after ("" from the live head). A subscription registered
+        live now misses nothing after it (``SubscribeResponse.live_after``),
+        and one resuming after it is live at once."""
+        return self.last_change or self._after()
+
     def _after(self) -> str:
         """The marker to resume after ("" once it was refused and no event
         has been processed since)."""

@@ -4,10 +4,16 @@
 (``streamer.node.sessions``) and the subscription set
 (``streamer.node.subscriptions``), protocol messages out through the
 stream's ``GatewayQueue`` (its only writer). ``deliver`` is how the ingest
-hands deliveries to a gateway. A subscribe with ``resume_after`` (single or
-in a batch) is answered once the catch-up (``streamer.node.catchup``) has
-the Puller's word on its marker; the stream's later messages wait for it,
-so answers stay one per request and in order.
+hands deliveries to a gateway. A stream's registrations (subscribes,
+unsubscribes) are handled in order by its registrar, apart from its
+heartbeats, which are acknowledged as they come. A subscribe with
+``resume_after`` (single or in a batch) is answered once the catch-up
+(``streamer.node.catchup``) has the Puller's word on its marker; the
+stream's later registrations wait for it, so answers stay one per request
+and in order. A gateway whose Hello says ``resumes`` also learns, with each
+answer, the marker its live subscriptions have every event after
+(``live_after``), and when resumed subscriptions become live
+(``caught_up``): what it needs to resume each after a marker of its own.
 
 How a stream ends, and with which status (docs/protocol.md):
 
@@ -63,6 +69,7 @@ from streamer.node.delivery import (
 from streamer.node.sessions import IdentityTaken, Session, Sessions
 from streamer.protocol import streamer_v1_pb2_grpc
 from streamer.protocol.streamer_v1_pb2 import (
+    CaughtUp,
     EventDelivery,
     GatewayMessage,
     HeartbeatAck,
@@ -86,6 +93,10 @@ DEFAULT_STALL_SECONDS = 30.0
 DEFAULT_NODE_QUEUE_BYTES = 1 << 30
 # Requests of a subscribe_batch registered between two yields to the loop.
 BATCH_CHUNK = 1000
+# Registration messages (subscribe, subscribe_batch, unsubscribe, heartbeat)
+# read ahead of a stream's registrar; a gateway that sends more waits (gRPC
+# flow control), as it did when they were handled as read.
+REGISTRATION_BACKLOG = 8
 
 
 class _End(Exception):
@@ -388,43 +399,83 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
         )
 
     async def _read(self, stream: _Stream, messages: AsyncIterator[bytes]) -> None:
-        sessions, subscriptions = self.sessions, self.subscriptions
-        session = stream.session
+        """Read the gateway's messages: heartbeats are acknowledged and Hello
+        applied at once; registrations (subscribes, unsubscribes, and the
+        restart window's proof a heartbeat gives) go to the stream's
+        registrar in order, up to ``REGISTRATION_BACKLOG`` messages ahead
+        of it. A resuming subscribe waiting for the Puller's word on its
+        marker then holds later registrations, never the acks."""
+        sessions, session = self.sessions, stream.session
+        work: asyncio.Queue[GatewayMessage | None] = asyncio.Queue(REGISTRATION_BACKLOG)
+        registrar = asyncio.create_task(self._register(stream, work))
+        registrar.add_done_callback(lambda task: self._registrar_done(stream, task))
         number = 0
-        async for raw in messages:
-            number += 1
-            try:
-                message = GatewayMessage.FromString(raw)
-            except DecodeError as exc:
-                self.undecodable += 1
-                log.warning("gateway stream %d (%s): message %d does not decode (%s)",
-                            session.key, session.gateway_id or stream.peer, number, exc)
-                raise _End(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"message {number} is not a GatewayMessage ({exc})") from None
+        try:
+            async for raw in messages:
+                number += 1
+                try:
+                    message = GatewayMessage.FromString(raw)
+                except DecodeError as exc:
+                    self.undecodable += 1
+                    log.warning("gateway stream %d (%s): message %d does not decode (%s)",
+                                session.key, session.gateway_id or stream.peer, number, exc)
+                    raise _End(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"message {number} is not a GatewayMessage ({exc})") from None
+                kind = message.WhichOneof("payload")
+                if kind in ("subscribe", "subscribe_batch"):
+                    sessions.subscribed(session)
+                elif kind == "hello":
+                    self._hello(stream, message)
+                    continue
+                else:
+                    sessions.touch(session)
+                    if kind == "heartbeat":
+                        ack = HeartbeatAck(timestamp=message.heartbeat.timestamp)
+                        self._send(stream, StreamerMessage(heartbeat_ack=ack))
+                    elif kind != "unsubscribe":
+                        log.warning("gateway %s sent an empty message",
+                                    session.gateway_id or session.key)
+                        continue
+                await work.put(message)
+            # The gateway closed its side: what it sent before is answered.
+            await work.put(None)
+            await registrar
+        finally:
+            registrar.cancel()
+
+    async def _register(
+        self, stream: _Stream, work: asyncio.Queue[GatewayMessage | None]
+    ) -> None:
+        """The stream's registrar: its subscribes, unsubscribes and restart-
+        window proofs, one at a time in the order they came."""
+        sessions, subscriptions, session = self.sessions, self.subscriptions, stream.session
+        while (message := await work.get()) is not None:
             kind = message.WhichOneof("payload")
             if kind == "subscribe":
-                sessions.subscribed(session)
                 request = message.subscribe
                 if request.resume_after and self.catchup is not None:
                     await self._subscribe_resuming(stream, request)
                 else:
                     response = subscriptions.subscribe(session.owner, request)
+                    if response.success and session.resumes and self.catchup is not None:
+                        response.live_after = self.catchup.ingest.position
                     self._send(stream, StreamerMessage(subscribe_response=response))
             elif kind == "subscribe_batch":
-                sessions.subscribed(session)
                 await self._subscribe_batch(stream, message.subscribe_batch.requests)
             elif kind == "unsubscribe":
-                sessions.touch(session)
                 subscriptions.unsubscribe(session.owner, message.unsubscribe.subscription_id)
-            elif kind == "heartbeat":
-                sessions.heartbeat(session, message.heartbeat.gateway_id)
-                ack = HeartbeatAck(timestamp=message.heartbeat.timestamp)
-                self._send(stream, StreamerMessage(heartbeat_ack=ack))
-            elif kind == "hello":
-                self._hello(stream, message)
             else:
-                sessions.touch(session)
-                log.warning("gateway %s sent an empty message", session.gateway_id or session.key)
+                # After every registration sent before it (the restart window).
+                sessions.heartbeat(session, message.heartbeat.gateway_id)
+
+    def _registrar_done(self, stream: _Stream, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("gateway stream %d (%s): registering its subscriptions failed",
+                  stream.session.key, stream.session.gateway_id or stream.peer,
+                  exc_info=task.exception())
+        self._end(stream.session, grpc.StatusCode.INTERNAL,
+                  "the Streamer failed to register a subscription (a bug; see its log)")
 
     async def _subscribe_resuming(self, stream: _Stream, request: SubscribeRequest) -> None:
         """A subscribe with ``resume_after``: answered once the Puller has
@@ -432,11 +483,6 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
         catchup = self.catchup
         assert catchup is not None
         owner = stream.session.owner
-        if request.resume_after == catchup.ingest.last_change:
-            # Live ingest is at the marker: a plain subscription, at once.
-            response = self.subscriptions.subscribe(owner, request)
-            self._send(stream, StreamerMessage(subscribe_response=response))
-            return
         groups = catchup.hold((request.resume_after,))
         try:
             await catchup.confirmed(groups.values())
@@ -444,6 +490,28 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
             self._send(stream, StreamerMessage(subscribe_response=response))
         finally:
             catchup.release(groups.values())
+
+    def caught_up(self, live: dict[int, list[str]]) -> None:
+        """Tell each resuming gateway which of its subscriptions just moved
+        from catch-up into the live index (``CaughtUp``, in as many messages
+        as its receive limit needs)."""
+        by_owner = self.sessions.by_owner
+        for owner, ids in live.items():
+            session = by_owner[owner]
+            stream = None if session is None else self.streams.get(session.key)
+            if stream is None or not stream.session.resumes:
+                continue
+            limit = stream.queue.delivery_limit - 16
+            part: list[str] = []
+            size = 0
+            for sub_id in ids:
+                cost = len(sub_id.encode()) + 4  # its tag and length in the message
+                if part and size + cost > limit:
+                    self._send_bytes(stream, _caught_up(part))
+                    part, size = [], 0
+                part.append(sub_id)
+                size += cost
+            self._send_bytes(stream, _caught_up(part))
 
     async def _subscribe_batch(
         self, stream: _Stream, requests: Sequence[SubscribeRequest]
@@ -481,6 +549,9 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
     ) -> None:
         subscribe, owner = self.subscriptions.subscribe, stream.session.owner
         catchup = self.catchup
+        # Taken before the first registration: it holds for all of them.
+        live_after = (
+            catchup.ingest.position if catchup is not None and stream.session.resumes else "")
         responses: list[SubscribeResponse] = []
         for start in range(0, len(requests), BATCH_CHUNK):
             if start:
@@ -498,7 +569,7 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
                 )
         self.batch_subscribes += len(requests)
         limit = stream.queue.delivery_limit
-        message = _batch_response(responses)
+        message = _batch_response(responses, live_after)
         if len(message) <= limit:
             self._send_bytes(stream, message)
             return
@@ -509,16 +580,17 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
         for response in responses:
             cost = response.ByteSize() + 4
             if part and size + cost > limit - 16:
-                self._send_bytes(stream, _batch_response(part))
+                self._send_bytes(stream, _batch_response(part, live_after))
                 part, size = [], 0
             part.append(response)
             size += cost
-        self._send_bytes(stream, _batch_response(part))
+        self._send_bytes(stream, _batch_response(part, live_after))
 
     def _hello(self, stream: _Stream, message: GatewayMessage) -> None:
         hello, session, queue = message.hello, stream.session, stream.queue
         try:
-            replaced = self.sessions.hello(session, hello.gateway_id, hello.instance)
+            replaced = self.sessions.hello(
+                session, hello.gateway_id, hello.instance, resumes=hello.resumes)
         except IdentityTaken as exc:
             log.warning("gateway stream %d (%s) refused: %s", session.key, stream.peer, exc)
             raise _End(grpc.StatusCode.ALREADY_EXISTS, str(exc)) from None
@@ -544,10 +616,15 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
                           f"{self.queue_bytes} bytes queued")
 
 
-def _batch_response(responses: list[SubscribeResponse]) -> bytes:
+def _batch_response(responses: list[SubscribeResponse], live_after: str) -> bytes:
     return StreamerMessage(
-        subscribe_batch_response=SubscribeBatchResponse(responses=responses)
+        subscribe_batch_response=SubscribeBatchResponse(
+            responses=responses, live_after=live_after)
     ).SerializeToString()
+
+
+def _caught_up(ids: list[str]) -> bytes:
+    return StreamerMessage(caught_up=CaughtUp(subscription_ids=ids)).SerializeToString()
 
 
 def _delivery(ids: list[str], event: StreamerEvent) -> bytes:

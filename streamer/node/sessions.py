@@ -27,7 +27,10 @@ It also knows which gateways are connected (``KnownGateways``, persisted
 next to the progress marker) and, after a restart, which of those have
 re-registered (``RestartWindow``): a gateway that said ``Hello`` proves it
 has re-sent its subscriptions with the first ``Heartbeat`` that follows,
-because messages on one stream are processed in order.
+because a stream's registrations are processed in order and the proof is
+taken after those before it. A gateway whose Hello says ``resumes``
+re-subscribes after its own markers and misses nothing when ingest runs
+before it is back: it is not among the known gateways.
 """
 
 from __future__ import annotations
@@ -156,6 +159,9 @@ class Session:
     owner: int = 0
     gateway_id: str = ""
     hello: bool = False  # said Hello: speaks the restart-window protocol
+    # Its Hello says it resumes every subscription after its own marker
+    # (``resume_after``): the restart window does not wait for it.
+    resumes: bool = False
     proof: str = ""  # digest of the Hello instance
     principal: str = ""  # the client certificate's identity under mutual TLS
     last_seen: float = 0.0
@@ -211,7 +217,9 @@ class Sessions:
         if session.key in self._sessions:
             self._sessions.move_to_end(session.key)
 
-    def hello(self, session: Session, gateway_id: str, instance: str) -> list[Session]:
+    def hello(
+        self, session: Session, gateway_id: str, instance: str, *, resumes: bool = False
+    ) -> list[Session]:
         """Name the session; returns the older sessions of the same gateway
         that it replaces, now disconnected. Raises ``IdentityTaken`` when a
         live session of another gateway holds ``gateway_id``."""
@@ -230,9 +238,8 @@ class Sessions:
                 )
         for old in older:
             self.disconnect(old)
-        session.gateway_id, session.proof = gateway_id, proof
-        if not session.hello:
-            session.hello = True
+        session.gateway_id, session.proof, session.resumes = gateway_id, proof, resumes
+        session.hello = True
         self._known_changed()
         return older
 
@@ -282,7 +289,9 @@ class Sessions:
         return out
 
     def _known_changed(self) -> None:
-        sessions = list(self._sessions.values())
+        # A resuming gateway misses nothing when ingest starts before it is
+        # back: the restart window need not know it.
+        sessions = [s for s in self._sessions.values() if not s.resumes]
         named = [s for s in sessions if s.hello]
         known = KnownGateways(
             frozenset(s.gateway_id for s in named),

@@ -55,18 +55,20 @@ class GatewayMessage(_message.Message):
     def __init__(self, subscribe: _Optional[_Union[SubscribeRequest, _Mapping]] = ..., unsubscribe: _Optional[_Union[UnsubscribeRequest, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., subscribe_batch: _Optional[_Union[SubscribeBatch, _Mapping]] = ...) -> None: ...
 
 class StreamerMessage(_message.Message):
-    __slots__ = ("delivery", "heartbeat_ack", "subscribe_response", "batch", "subscribe_batch_response")
+    __slots__ = ("delivery", "heartbeat_ack", "subscribe_response", "batch", "subscribe_batch_response", "caught_up")
     DELIVERY_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_ACK_FIELD_NUMBER: _ClassVar[int]
     SUBSCRIBE_RESPONSE_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
     SUBSCRIBE_BATCH_RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    CAUGHT_UP_FIELD_NUMBER: _ClassVar[int]
     delivery: EventDelivery
     heartbeat_ack: HeartbeatAck
     subscribe_response: SubscribeResponse
     batch: DeliveryBatch
     subscribe_batch_response: SubscribeBatchResponse
-    def __init__(self, delivery: _Optional[_Union[EventDelivery, _Mapping]] = ..., heartbeat_ack: _Optional[_Union[HeartbeatAck, _Mapping]] = ..., subscribe_response: _Optional[_Union[SubscribeResponse, _Mapping]] = ..., batch: _Optional[_Union[DeliveryBatch, _Mapping]] = ..., subscribe_batch_response: _Optional[_Union[SubscribeBatchResponse, _Mapping]] = ...) -> None: ...
+    caught_up: CaughtUp
+    def __init__(self, delivery: _Optional[_Union[EventDelivery, _Mapping]] = ..., heartbeat_ack: _Optional[_Union[HeartbeatAck, _Mapping]] = ..., subscribe_response: _Optional[_Union[SubscribeResponse, _Mapping]] = ..., batch: _Optional[_Union[DeliveryBatch, _Mapping]] = ..., subscribe_batch_response: _Optional[_Union[SubscribeBatchResponse, _Mapping]] = ..., caught_up: _Optional[_Union[CaughtUp, _Mapping]] = ...) -> None: ...
 
 class SubscribeRequest(_message.Message):
     __slots__ = ("subscription_id", "collection", "filters", "database", "expression", "resume_after")
@@ -135,16 +137,18 @@ class HeartbeatAck(_message.Message):
     def __init__(self, timestamp: _Optional[int] = ...) -> None: ...
 
 class SubscribeResponse(_message.Message):
-    __slots__ = ("subscription_id", "success", "error", "code")
+    __slots__ = ("subscription_id", "success", "error", "code", "live_after")
     SUBSCRIPTION_ID_FIELD_NUMBER: _ClassVar[int]
     SUCCESS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
+    LIVE_AFTER_FIELD_NUMBER: _ClassVar[int]
     subscription_id: str
     success: bool
     error: str
     code: str
-    def __init__(self, subscription_id: _Optional[str] = ..., success: _Optional[bool] = ..., error: _Optional[str] = ..., code: _Optional[str] = ...) -> None: ...
+    live_after: str
+    def __init__(self, subscription_id: _Optional[str] = ..., success: _Optional[bool] = ..., error: _Optional[str] = ..., code: _Optional[str] = ..., live_after: _Optional[str] = ...) -> None: ...
 
 class EventDelivery(_message.Message):
     __slots__ = ("subscription_ids", "event")
@@ -155,18 +159,20 @@ class EventDelivery(_message.Message):
     def __init__(self, subscription_ids: _Optional[_Iterable[str]] = ..., event: _Optional[_Union[StreamerEvent, _Mapping]] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("gateway_id", "batch_delivery", "max_batch", "instance", "max_message_bytes")
+    __slots__ = ("gateway_id", "batch_delivery", "max_batch", "instance", "max_message_bytes", "resumes")
     GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
     BATCH_DELIVERY_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RESUMES_FIELD_NUMBER: _ClassVar[int]
     gateway_id: str
     batch_delivery: bool
     max_batch: int
     instance: str
     max_message_bytes: int
-    def __init__(self, gateway_id: _Optional[str] = ..., batch_delivery: _Optional[bool] = ..., max_batch: _Optional[int] = ..., instance: _Optional[str] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
+    resumes: bool
+    def __init__(self, gateway_id: _Optional[str] = ..., batch_delivery: _Optional[bool] = ..., max_batch: _Optional[int] = ..., instance: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., resumes: _Optional[bool] = ...) -> None: ...
 
 class DeliveryBatch(_message.Message):
     __slots__ = ("deliveries",)
@@ -181,7 +187,15 @@ class SubscribeBatch(_message.Message):
     def __init__(self, requests: _Optional[_Iterable[_Union[SubscribeRequest, _Mapping]]] = ...) -> None: ...
 
 class SubscribeBatchResponse(_message.Message):
-    __slots__ = ("responses",)
+    __slots__ = ("responses", "live_after")
     RESPONSES_FIELD_NUMBER: _ClassVar[int]
+    LIVE_AFTER_FIELD_NUMBER: _ClassVar[int]
     responses: _containers.RepeatedCompositeFieldContainer[SubscribeResponse]
-    def __init__(self, responses: _Optional[_Iterable[_Union[SubscribeResponse, _Mapping]]] = ...) -> None: ...
+    live_after: str
+    def __init__(self, responses: _Optional[_Iterable[_Union[SubscribeResponse, _Mapping]]] = ..., live_after: _Optional[str] = ...) -> None: ...
+
+class CaughtUp(_message.Message):
+    __slots__ = ("subscription_ids",)
+    SUBSCRIPTION_IDS_FIELD_NUMBER: _ClassVar[int]
+    subscription_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, subscription_ids: _Optional[_Iterable[str]] = ...) -> None: ...
