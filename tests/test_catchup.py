@@ -26,6 +26,7 @@ from streamer.protocol import streamer_v1_pb2_grpc as sgrpc
 from streamer.protocol.streamer_v1_pb2 import (
     Filter,
     GatewayMessage,
+    Heartbeat,
     Hello,
     StreamerMessage,
     SubscribeBatch,
@@ -103,6 +104,21 @@ class Gateway:
                         out.append(d.event.event_id)
         return out
 
+    def kinds(self) -> list[str]:
+        """What each message was, in order (``delivery:<sub ids>``,
+        ``caught_up:<sub ids>``, the payload's name otherwise)."""
+        out: list[str] = []
+        for m in self.messages:
+            kind = m.WhichOneof("payload")
+            if kind in ("delivery", "batch"):
+                for d in m.batch.deliveries if kind == "batch" else [m.delivery]:
+                    out.append(f"delivery:{','.join(d.subscription_ids)}:{d.event.event_id}")
+            elif kind == "caught_up":
+                out.append(f"caught_up:{','.join(m.caught_up.subscription_ids)}")
+            else:
+                out.append(str(kind))
+        return out
+
     async def subscribe(self, req: SubscribeRequest) -> SubscribeResponse:
         before = len(self.responses())
         await self.call.write(GatewayMessage(subscribe=req))
@@ -129,7 +145,7 @@ def run(tmp_path: Path, scenario: Scenario, *, batch: bool = True, **config: Any
         service = Service(tmp_path / "state")
         service.puller = PullerDouble(batch=batch)
         service.config = dataclasses.replace(
-            service.config, catchup_confirm_seconds=0.3, **config)
+            service.config, **{"catchup_confirm_seconds": 0.3, **config})
         async with service:
             async with grpc.aio.insecure_channel(service.target) as channel:
                 await asyncio.wait_for(scenario(service, sgrpc.StreamerServiceStub(channel)), 60)
@@ -584,3 +600,68 @@ def test_the_reference_puller_accepts_a_marker_at_once(tmp_path: Path) -> None:
             log.close()
 
     asyncio.run(main())
+
+
+def test_a_resuming_gateway_learns_live_after_and_caught_up(tmp_path: Path) -> None:
+    # Hello.resumes: every answer that registers live says after which
+    # marker (live_after), and resumed subscriptions are named by a
+    # caught_up once they are live: after their last replayed delivery,
+    # before their first live one. Without it, neither is sent.
+    async def scenario(service: Service, stub: sgrpc.StreamerServiceStub) -> None:
+        await appended(service, 0, 19, lambda i: "c")
+        gw = Gateway(stub)
+        await gw.call.write(GatewayMessage(hello=Hello(gateway_id="gw", resumes=True)))
+        plain = await gw.subscribe(request("a"))
+        assert (plain.success, plain.live_after) == (True, "p19")
+        await gw.call.write(GatewayMessage(subscribe_batch=SubscribeBatch(
+            requests=[request("b"), request("s", after="p9"), request("t", after="p19")])))
+        await until(lambda: any(m.HasField("subscribe_batch_response") for m in gw.messages))
+        batch = next(m for m in gw.messages if m.HasField("subscribe_batch_response"))
+        answers = batch.subscribe_batch_response
+        assert answers.live_after == "p19"
+        # Resuming at the live marker: live at once, and said so; resuming
+        # from a replay: live later (caught_up).
+        assert [(r.subscription_id, r.live_after) for r in answers.responses] == [
+            ("b", ""), ("s", ""), ("t", "p19")]
+        await until(settled(service))
+        await appended(service, 20, 21, lambda i: "c")
+        await until(lambda: gw.events("s") == ids(10, 21))
+        kinds = gw.kinds()
+        caught_up = kinds.index("caught_up:s")
+        assert kinds[caught_up - 1] == "delivery:s:e19"  # the last replayed
+        assert kinds[caught_up + 1:] == ["delivery:a,b,t,s:e20", "delivery:a,b,t,s:e21"]
+        await gw.close()
+
+        other = Gateway(stub)
+        await other.call.write(GatewayMessage(hello=Hello(gateway_id="other")))
+        assert (await other.subscribe(request("x"))).live_after == ""
+        assert (await other.subscribe(request("y", after="p15"))).success
+        await until(settled(service))
+        await appended(service, 22, 22, lambda i: "c")
+        await until(lambda: other.events("y") == ids(16, 22))
+        assert not any(k.startswith("caught_up") for k in other.kinds())
+        await other.close()
+
+    run(tmp_path, scenario)
+
+
+def test_heartbeats_are_acked_while_a_resuming_subscribe_waits(tmp_path: Path) -> None:
+    # A silent Puller: the marker is accepted only when the confirm timer
+    # runs out. Meanwhile the stream's heartbeats are acked; its later
+    # registrations (an unsubscribe of the waiting one) keep their order.
+    async def scenario(service: Service, stub: sgrpc.StreamerServiceStub) -> None:
+        await appended(service, 0, 9, lambda i: "c")
+        service.puller.hold("streamer/catch-up-1")
+        gw = Gateway(stub)
+        await gw.call.write(GatewayMessage(subscribe=request("s", after="p4")))
+        await gw.call.write(GatewayMessage(heartbeat=Heartbeat(gateway_id="gw", timestamp=7)))
+        await gw.call.write(GatewayMessage(
+            unsubscribe=UnsubscribeRequest(subscription_id="s")))
+        await until(lambda: "heartbeat_ack" in gw.kinds(), 1.5)
+        assert gw.responses() == []  # the confirm timer is 3 s
+        await until(lambda: len(gw.responses()) == 1, 10)
+        assert gw.kinds() == ["heartbeat_ack", "subscribe_response"]
+        await until(lambda: "s" not in service.subscriptions)
+        await gw.close()
+
+    run(tmp_path, scenario, catchup_confirm_seconds=3.0)

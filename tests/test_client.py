@@ -32,6 +32,7 @@ from streamer.matching.matcher import Filter
 from streamer.protocol import puller_v1_pb2 as pb
 from streamer.protocol import streamer_v1_pb2_grpc as sgrpc
 from streamer.protocol.streamer_v1_pb2 import (
+    CaughtUp,
     EventDelivery,
     GatewayMessage,
     HeartbeatAck,
@@ -636,14 +637,23 @@ class ResumingStreamer(DoubleServer):
     """A Streamer that records each stream's subscribe requests with their
     ``resume_after``, answers them (``resync_required`` for the ids in
     ``resync``), acknowledges heartbeats, and sends what a test puts on the
-    current stream; ``drop()`` ends that stream with ``UNAVAILABLE``. It
-    stands for the server side of resuming, which we check here only from
-    the client's side of the protocol."""
+    current stream; ``drop()`` ends that stream with ``UNAVAILABLE``. With a
+    ``position`` (live ingest's marker) it answers as a Streamer does a
+    gateway whose Hello says ``resumes``: ``live_after`` for what registers
+    live (plain requests, per batch; resuming ones at the position), and
+    ``caught_up()`` sends what the catch-up sends. It stands for the server
+    side of resuming, which we check here only from the client's side of
+    the protocol."""
 
     def __init__(self) -> None:
         self.requests: list[dict[str, str]] = []  # per stream: id -> resume_after
         self.resync: set[str] = set()
+        self.position = ""
         self._outbox: asyncio.Queue[StreamerMessage | None] | None = None
+
+    def caught_up(self, *sub_ids: str) -> None:
+        assert self._outbox is not None
+        self._outbox.put_nowait(StreamerMessage(caught_up=CaughtUp(subscription_ids=sub_ids)))
 
     def deliver(self, progress: str, *sub_ids: str) -> None:
         assert self._outbox is not None
@@ -674,15 +684,18 @@ class ResumingStreamer(DoubleServer):
                     responses = []
                     for request in batch:
                         seen[request.subscription_id] = request.resume_after
+                        resync = request.subscription_id in self.resync
+                        live = resync or request.resume_after in ("", self.position)
                         responses.append(SubscribeResponse(
                             subscription_id=request.subscription_id, success=True,
-                            code="resync_required" if request.subscription_id in self.resync
-                            else ""))
+                            code="resync_required" if resync else "",
+                            live_after=self.position if live and (
+                                request.resume_after or kind == "subscribe") else ""))
                     outbox.put_nowait(
                         StreamerMessage(subscribe_response=responses[0])
                         if kind == "subscribe" else StreamerMessage(
                             subscribe_batch_response=SubscribeBatchResponse(
-                                responses=responses)))
+                                responses=responses, live_after=self.position)))
 
         reader = asyncio.create_task(read())
         try:
@@ -737,6 +750,41 @@ def test_reconnects_resume_each_subscription_after_its_last_delivery() -> None:
             # after p3. c, resumed on the second stream and silent there,
             # keeps p2; so does saved its p1b.
             assert peer.requests[2] == {"a": "p3", "c": "p2", "saved": "p1b", "late": "p3"}
+
+    run(scenario)
+
+
+def test_live_after_and_caught_up_give_every_subscription_a_resume_point() -> None:
+    # A Streamer that says live_after and caught_up (Hello.resumes): a
+    # subscription without a delivery resumes after its live_after, not from
+    # the live head; resumed ones, once caught up, share the stream's marker.
+    async def scenario() -> None:
+        peer = ResumingStreamer()
+        peer.position = "p5"
+        async with peer as target, StreamerClient(target, gateway_id="gw", **FAST) as client:
+            await until(lambda: client.connected)
+            assert await client.subscribe_many([
+                Subscription("m", subscription_id=i) for i in ("a", "b")]) == ["a", "b"]
+            assert await client.subscribe("m", subscription_id="c") == "c"
+            assert await client.subscribe("m", subscription_id="r", resume_after="p1") == "r"
+            peer.drop()
+            await until(lambda: len(peer.requests) == 2 and client.connected)
+            assert peer.requests[1] == {"a": "p5", "b": "p5", "c": "p5", "r": "p1"}
+            # a, b and c resumed at the position: live at once. r catches up.
+            peer.deliver("p2", "r")
+            peer.deliver("p6", "a")  # live, but r is not live yet
+            peer.caught_up("r")
+            peer.deliver("p7", "b")
+            await until(lambda: client.marker("b") == "p7")
+            peer.drop()
+            await until(lambda: len(peer.requests) == 3 and client.connected)
+            assert peer.requests[2] == {"a": "p7", "b": "p7", "c": "p7", "r": "p7"}
+            # Without a live delivery after caught_up, r keeps its own marker.
+            peer.deliver("p3", "r")
+            peer.caught_up("r")
+            peer.drop()
+            await until(lambda: len(peer.requests) == 4 and client.connected)
+            assert peer.requests[3]["r"] == "p3"
 
     run(scenario)
 

@@ -89,6 +89,17 @@ def test_known_gateways_follow_hello_and_disconnect() -> None:
     ]
 
 
+def test_a_resuming_gateway_is_not_known_to_the_restart_window() -> None:
+    # It re-subscribes after its own markers: ingest may start before it
+    # is back, so a restart never waits for it.
+    s = sessions()
+    a, b = s.connect(), s.connect()
+    s.hello(a, "gw-a", "secret-a", resumes=True)
+    s.hello(b, "gw-b", "secret-b")
+    assert s.known == KnownGateways(
+        frozenset({"gw-b"}), 0, frozenset({("gw-b", proof_of("secret-b"))}))
+
+
 def test_a_new_stream_of_the_same_gateway_replaces_the_stale_one() -> None:
     s = sessions()
     stale, other = s.connect(), s.connect()
