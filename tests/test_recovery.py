@@ -18,6 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from types import TracebackType
@@ -315,6 +319,71 @@ def test_a_puller_restart_mid_stream_leaves_no_gap(tmp_path: Path) -> None:
             assert "puller stream failed" in serve.log()
 
     run(scenario)
+
+
+# A gateway process: one resuming StreamerClient subscribed to the whole
+# collection, writing each delivered event id to a file as it comes.
+SLOW_GATEWAY = """
+import asyncio, sys
+from streamer.client import StreamerClient
+
+async def main():
+    async with StreamerClient(sys.argv[1], gateway_id="gw-slow", heartbeat_interval=0.2,
+                              ack_timeout=3.0, backoff=(0.02, 0.1)) as client:
+        await client.subscribe("messages", database="app", subscription_id="all", timeout=30)
+        with open(sys.argv[2], "a", buffering=1) as out:
+            out.write("ready\\n")
+            async for delivery in client.deliveries():
+                out.write(delivery.event.event_id + "\\n")
+
+asyncio.run(main())
+"""
+
+
+def test_a_gateway_cut_off_for_not_reading_resumes_without_a_gap(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        # The gateway process is stopped (SIGSTOP) while 64 KiB documents
+        # flow: its writes block, the stall watchdog cuts it off. Continued,
+        # it reconnects and resumes after its last delivery: every event,
+        # once, in order.
+        async with ServeProcess(tmp_path, "--stall-seconds", "0.5") as serve:
+            puller = serve.puller
+            await until(lambda: len(puller.subscriptions) == 1, 30)
+            received = tmp_path / "received.txt"
+            script = tmp_path / "gateway.py"
+            script.write_text(SLOW_GATEWAY)
+            gateway = subprocess.Popen([sys.executable, str(script), serve.address, str(received)])
+            pad = "x" * (64 << 10)
+
+            async def produce(first: int, last: int) -> None:
+                for k in range(first, last):
+                    e = event(k)
+                    e.full_doc = orjson.dumps({"chat": f"c{k % CHATS}", "k": k, "pad": pad})
+                    await puller.append(e)
+                    await asyncio.sleep(0.002)
+
+            def lines() -> list[str]:
+                return received.read_text().split() if received.exists() else []
+
+            try:
+                await until(lambda: lines() == ["ready"], 30)
+                await produce(0, 20)
+                await until(lambda: lines()[-1:] == ["e19"], 30)
+                os.kill(gateway.pid, signal.SIGSTOP)
+                await produce(20, 400)  # 25 MiB for the stopped gateway
+                await until(lambda: "not reading" in serve.log(), 30)
+                os.kill(gateway.pid, signal.SIGCONT)
+                await produce(400, 450)
+                await until(lambda: lines()[-1:] == ["e449"], 30)
+                assert lines() == ["ready"] + [f"e{k}" for k in range(450)]
+            finally:
+                gateway.kill()
+                gateway.wait(10)
+            log = serve.log()
+            assert "RESOURCE_EXHAUSTED: gateway lagging: not reading" in log
+            assert "handed over to live ingest" in log  # it resumed from the replay
+
+    run(scenario, timeout=90)
 
 
 def test_sigterm_while_events_flow_exits_0_with_the_marker_flushed(tmp_path: Path) -> None:
