@@ -14,7 +14,11 @@ Then ``KILLS`` times each, alternating (the Streamer first), at a seeded
 random moment ``DELAY`` seconds (uniform) after events flow again: ``kill
 -9`` of the Streamer, restarted at once on the same port and state
 directory (its saved marker is read first: the point its replay starts
-from), or of the Puller, restarted on the same log. At the end the Puller
+from), or of the Puller, restarted on the same log. After each of the
+first ``STALLS`` Puller restarts, one gateway process (seeded choice) is
+stopped with SIGSTOP until the Streamer cuts it off for not reading
+(``--stall-seconds STALL_SECONDS``), then continued: its client reconnects
+and resumes after its markers. At the end the Puller
 is stopped, the Streamer catches up with its log, the Puller serves that
 log again without producing until no subscription is catching up from it
 (the gateways' clients resume after their last delivery, see
@@ -38,15 +42,18 @@ must deliveries of events or to subscriptions not expected.
 Sizes (``STREAMER_BENCH_CRASH_*``; quick sizes with
 ``STREAMER_RELIABILITY_QUICK=1``): ``N`` 20000 (2000), ``GATEWAYS`` 4 (2),
 ``RATE`` 2000 (500), ``KILLS`` 10 (2) of each, ``DELAY`` 1-6 s (1-3),
-``SEED`` 1. Figures: ``bench/results/crash.json``.
+``SEED`` 1, ``STALLS`` 3 (0), ``STALL_SECONDS`` 2 (1). Figures:
+``bench/results/crash.json``.
 """
 
 from __future__ import annotations
 
 import bisect
 import json
+import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -81,6 +88,10 @@ RATE = size("STREAMER_BENCH_CRASH_RATE", 2000, 500)
 KILLS = count("STREAMER_BENCH_CRASH_KILLS", 10, 2)
 DELAY = (size("STREAMER_BENCH_CRASH_DELAY_MIN", 1, 1), size("STREAMER_BENCH_CRASH_DELAY_MAX", 6, 3))
 SEED = count("STREAMER_BENCH_CRASH_SEED", 1, 1)
+# At the quick sizes a stopped gateway takes minutes to fill its transport's
+# buffers (megabytes) before any write blocks: no stalls there.
+STALLS = count("STREAMER_BENCH_CRASH_STALLS", 3, 0)
+STALL_SECONDS = size("STREAMER_BENCH_CRASH_STALL_SECONDS", 2, 1)  # the Streamer's --stall-seconds
 # Long enough for every gateway to reconnect and re-subscribe its share
 # (docs/delivery.md, Restart window: a few thousand per second).
 GRACE = max(60.0, N / 300)
@@ -142,7 +153,8 @@ class Pipeline:
         self.streamer = self.children.start(
             f"streamer-{self.runs['streamer']}",
             serve_argv(self.port, self.puller_port, self.state, self.metrics,
-                       "--resume-grace", f"{GRACE:g}", "--log-level", "INFO"))
+                       "--resume-grace", f"{GRACE:g}", "--stall-seconds", f"{STALL_SECONDS:g}",
+                       "--log-level", "INFO"))
         self.runs["streamer"] += 1
 
     def start_puller(self) -> None:
@@ -151,6 +163,34 @@ class Pipeline:
             puller_argv(self.puller_port, self.log_dir, RATE, "--seed", str(SEED),
                         "--cycle", str(CYCLE)))
         self.runs["puller"] += 1
+
+    def cut_offs(self) -> float:
+        """Gateways the Streamer cut off as lagging so far (-1 while its
+        metrics cannot be read)."""
+        try:
+            samples = scrape(f"127.0.0.1:{self.metrics}", timeout=5)
+        except OSError:
+            return -1
+        return sum(samples.get("streamer_lagging_cutoffs_total", {}).values())
+
+    def stall(self, gateway: Gateway) -> dict[str, float]:
+        """Stop a gateway process (SIGSTOP) until the Streamer cuts it off
+        for not reading, continue it, and wait until it receives again."""
+        assert self.streamer is not None
+        before = self.cut_offs()
+        stopped = time.monotonic()
+        os.kill(gateway.proc.pid, signal.SIGSTOP)
+        try:
+            wait_for("the stopped gateway's cut-off", lambda: self.cut_offs() > before,
+                     RECOVERY_TIMEOUT, [self.streamer])
+        finally:
+            os.kill(gateway.proc.pid, signal.SIGCONT)
+        continued = time.monotonic()
+        total = gateway.total
+        wait_for("the gateway receiving again", lambda: gateway.total > total,
+                 RECOVERY_TIMEOUT, [self.streamer, gateway.proc])
+        return {"cut_off_s": continued - stopped,
+                "recovery_s": time.monotonic() - continued}
 
     def catching_up(self) -> bool:
         """Whether some subscription is still catching up (the Streamer's
@@ -385,8 +425,10 @@ def run(tmp_path: Path) -> dict[str, Any]:
     figures: dict[str, Any] = {
         "meta": machine(),
         "config": {"n": N, "gateways": GATEWAYS, "rate": RATE, "kills_each": KILLS,
-                   "delay_s": list(DELAY), "seed": SEED, "resume_grace": GRACE},
+                   "delay_s": list(DELAY), "seed": SEED, "resume_grace": GRACE,
+                   "stalls": STALLS, "stall_seconds": STALL_SECONDS},
         "kills": [],
+        "stalls": [],
     }
     work = work_dir(tmp_path)
     pipeline = Pipeline(work)
@@ -418,6 +460,10 @@ def run(tmp_path: Path) -> dict[str, Any]:
             kill["saved_position"] = reached = pipeline.saved()
             kill["recovery_s"] = pipeline.flowing(reached, since=killed)
             figures["kills"].append(kill)
+            if victim == "puller" and len(figures["stalls"]) < STALLS:
+                time.sleep(rng.uniform(*DELAY))
+                g = rng.randrange(GATEWAYS)
+                figures["stalls"].append({"gateway": g, **pipeline.stall(pipeline.gateways[g])})
         last = pipeline.finish()
         figures["run_s"] = time.monotonic() - started
         figures["events"] = last
@@ -460,9 +506,12 @@ def render(figures: dict[str, Any]) -> list[str]:
     def victims(name: str) -> Iterator[dict[str, Any]]:
         return (k for k in kills if k["victim"] == name)
 
+    stalls = figures["stalls"]
     rows = [[
         f"{c['kills_each']} x Streamer, {c['kills_each']} x Puller, alternating, "
-        f"{c['delay_s'][0]:g}-{c['delay_s'][1]:g} s after events flow again (seed {c['seed']})",
+        f"{c['delay_s'][0]:g}-{c['delay_s'][1]:g} s after events flow again (seed {c['seed']}); "
+        f"{len(stalls)} x a gateway stopped (SIGSTOP) until cut off for not reading "
+        f"(--stall-seconds {c['stall_seconds']:g})",
         f"{figures['events']:,} events at {c['rate']:g}/s, {c['n']:,} subscriptions on "
         f"{c['gateways']} gateways, {figures['run_s']:.0f} s",
         f"{o['deliveries']:,} of {o['expected']:,} expected",
@@ -482,6 +531,10 @@ def render(figures: dict[str, Any]) -> list[str]:
         "recovery (kill to the saved marker moving again), s: " + "; ".join(
             f"{name} min {min(v):.1f} / median {sorted(v)[len(v) // 2]:.1f} / max {max(v):.1f}"
             for name, v in recoveries.items() if v),
+        ("gateway stops: cut off after " + ", ".join(
+            f"{st['cut_off_s']:.1f}" for st in stalls) + " s; receiving again "
+         + ", ".join(f"{st['recovery_s']:.1f}" for st in stalls) + " s after SIGCONT")
+        if stalls else "gateway stops: none",
         f"restart windows: {dict(figures['windows'])}; verified in {figures['verify_s']:.0f} s",
         f"Streamer logs: {sum(figures['streamer_log_errors'].values())} ERROR line(s)"
         + "".join(f"\n  {n} x {message}" for message, n in figures["streamer_log_errors"].items()),
@@ -498,6 +551,7 @@ def test_crash(benchmark: Any, bench_report: list[str], tmp_path: Path) -> None:
     record("crash", bench_report, figures, render(figures), benchmark)
     outcome = figures["outcome"]
     assert len(figures["kills"]) == 2 * KILLS
+    assert len(figures["stalls"]) == min(STALLS, KILLS)
     assert outcome["deliveries"] > 0
     assert outcome["missing"] == 0, outcome["examples"]
     assert outcome["unexplained_jumps"] == 0, outcome["examples"]

@@ -14,11 +14,11 @@ over the deliveries::
             ...
 
 After a reconnect every subscription resumes after the marker of the last
-event it received (``resume_after``; docs/protocol.md): the server replays
-what it missed, strictly after that marker, then continues live, so
-nothing is lost that the Puller still has (but for the one window the
-README's client section names) and nothing is delivered twice by the
-resume itself. Wrong credentials (``UNAUTHENTICATED``,
+event it received (``resume_after``; docs/protocol.md), or, without one,
+after the marker the server answered it with (``live_after``): the server
+replays what it missed, strictly after that marker, then continues live,
+so nothing is lost that the Puller still has and nothing is delivered
+twice by the resume itself. Wrong credentials (``UNAUTHENTICATED``,
 ``PERMISSION_DENIED``) are not retried: the client fails with
 ``AccessDenied``, raised by ``subscribe()`` and at the end of
 ``deliveries()``. Neither is an address that never answers: when no stream
@@ -137,8 +137,10 @@ class StreamerClient:
     deliveries (``max_batch`` per message, 0: the server's default); with
     ``batch=False`` no Hello is sent, as a plain Syntrix gateway does.
     ``resume`` re-subscribes after a reconnect with ``resume_after`` (see
-    the module docstring); ``resume=False`` re-subscribes from the live
-    head, as a Syntrix gateway does.
+    the module docstring; with ``batch``, the Hello says so, and the server
+    then neither holds its restart window for this gateway nor leaves a
+    subscription without a marker); ``resume=False`` re-subscribes from
+    the live head, as a Syntrix gateway does.
     ``ack_timeout`` (default three heartbeat intervals) is how long the
     stream may go without a heartbeat ack (or, right after connecting,
     without the answers to the re-subscriptions) before it is declared dead.
