@@ -665,3 +665,26 @@ def test_heartbeats_are_acked_while_a_resuming_subscribe_waits(tmp_path: Path) -
         await gw.close()
 
     run(tmp_path, scenario, catchup_confirm_seconds=3.0)
+
+
+def test_consecutive_batches_after_one_marker_make_one_replay(tmp_path: Path) -> None:
+    # A gateway re-registering sends its subscriptions with one marker in
+    # many subscribe_batches, one after the other: they join one group,
+    # whose reader replays the events after the marker once.
+    async def scenario(service: Service, stub: sgrpc.StreamerServiceStub) -> None:
+        await appended(service, 0, 99, lambda i: "c")
+        gw = Gateway(stub)
+        for b in range(5):
+            responses = await gw.subscribe_batch(
+                *(request(f"s{b}-{i}", after="p49") for i in range(20)))
+            assert all(r.success and r.code == "" for r in responses)
+        await until(settled(service))
+        subs = [f"s{b}-{i}" for b in range(5) for i in range(20)]
+        await until(lambda: all(len(gw.events(sub)) >= 50 for sub in subs))
+        for sub in subs:
+            assert gw.events(sub) == ids(50, 99)
+        catchup = service.node.catchup
+        assert (catchup.replayed, catchup.handoffs, catchup.merges) == (50, 1, 0)
+        await gw.close()
+
+    run(tmp_path, scenario)

@@ -14,7 +14,10 @@ Groups. The subscriptions resuming after the same marker M form a group
 with its own ``Matcher`` and its own ``Matching`` (the live ingest's
 transformation and fan-out, over that matcher). A group is *joinable*
 until its reader starts delivering; a request for M then joins it, else a
-new group for M is made.
+new group for M is made. The reader starts delivering only once no
+request has joined for ``GATHER_SECONDS`` (at most ``GATHER_MAX`` after
+the group was made), so that the many consecutive ``subscribe_batch``es of
+a gateway re-registering after one marker make one group, one replay.
 
 Answers. A request with ``resume_after`` M is answered once the Puller has
 said whether it can replay after M: if M is the marker of the last change
@@ -120,6 +123,12 @@ PACE_SECONDS = 0.01
 # Streams open at once to have the Puller confirm markers (a group waiting
 # its turn to read holds none).
 OPENING_LIMIT = 64
+# A group starts reading only once no handler has joined it for this long
+# (at most GATHER_MAX after it was made): a gateway re-registering sends its
+# subscriptions with one marker in many consecutive subscribe_batches, and
+# each must join the one group instead of starting a replay of its own.
+GATHER_SECONDS = 0.25
+GATHER_MAX = 5.0
 
 # Group states.
 OPENING = "opening"  # the reader has not heard from the Puller yet
@@ -146,6 +155,8 @@ class Group:
         self.holds = 0  # handlers that have not answered yet
         self.released = asyncio.Event()
         self.released.set()
+        loop = asyncio.get_running_loop()
+        self.made = self.last_release = loop.time()
         self.reader: asyncio.Task[None] | None = None
         self.replayed = 0
         self.sent_to: set[int] = set()  # owners its reader delivered to since it last paced
@@ -266,8 +277,10 @@ class CatchUp:
 
     def release(self, groups: Iterable[Group]) -> None:
         """The handler holding ``groups`` has queued its responses."""
+        now = asyncio.get_running_loop().time()
         for group in groups:
             group.holds -= 1
+            group.last_release = now
             if group.holds:
                 continue
             group.released.set()
@@ -359,6 +372,7 @@ class CatchUp:
             batched = await self._confirm(group, batched)
             if not group.accepted.result() or group.state == CLOSED:
                 return
+        await self._gathered(group)
         slot = False
         try:
             while not slot:
@@ -382,6 +396,20 @@ class CatchUp:
             if slot:
                 self.reading -= 1
                 self._slots.release()
+
+    @staticmethod
+    async def _gathered(group: Group) -> None:
+        """Until no handler has held the group for ``GATHER_SECONDS`` (at
+        most ``GATHER_MAX`` after it was made)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            while group.holds:
+                await group.released.wait()
+            now = loop.time()
+            wait = min(group.last_release + GATHER_SECONDS, group.made + GATHER_MAX) - now
+            if wait <= 0:
+                return
+            await asyncio.sleep(wait)
 
     async def _confirm(self, group: Group, batched: bool) -> bool:
         """Open a stream after the group's marker until the Puller's first
