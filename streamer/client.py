@@ -648,9 +648,15 @@ class StreamerClient:
             for response in batch.responses:
                 self._answer(response, batch.live_after)
         elif kind == "caught_up":
+            caught_up = message.caught_up
             count, live = self._stream_deliveries, self._live_since
-            for sub_id in message.caught_up.subscription_ids:
-                if sub_id in self._requests:
+            for sub_id in caught_up.subscription_ids:
+                request = self._requests.get(sub_id)
+                if request is None:
+                    continue
+                if caught_up.resync_required:
+                    self._resync(sub_id, request, "")
+                else:
                     live[sub_id] = count
         else:
             log.warning("streamer %s sent a message of unknown kind %r", self.target, kind)
@@ -682,8 +688,9 @@ class StreamerClient:
         entry[0].answer(entry[1], response)
 
     def _resync(self, sub_id: str, request: SubscribeRequest | None, live_after: str) -> None:
-        """The server could not replay after the subscription's marker: it
-        is live from now, and whatever was missed is the gateway's to redo."""
+        """The server could not replay after the subscription's marker (when
+        answering it, or later: ``CaughtUp.resync_required``): it is live
+        from now, and whatever was missed is the gateway's to redo."""
         log.warning("subscription %s resumes from the live head: the Puller can no longer "
                     "replay after its marker (resync_required)", sub_id)
         self._forget(sub_id)

@@ -537,6 +537,7 @@ def test_a_silent_puller_that_refuses_later_continues_from_the_live_head(
         await appended(service, 0, 9, lambda i: "c")
         service.puller.hold("streamer/catch-up-1")
         gw = Gateway(stub)
+        await gw.call.write(GatewayMessage(hello=Hello(gateway_id="gw", resumes=True)))
         response = await gw.subscribe(request("s", after="p4"))
         assert (response.success, response.code) == (True, "")
         assert service.subscriptions.matcher_of("s") is not service.node.matcher
@@ -553,6 +554,10 @@ def test_a_silent_puller_that_refuses_later_continues_from_the_live_head(
         assert (got["streamer_catchup_late_refusals_total"],
                 got["streamer_catchup_resyncs_total"]) == (1, 1)
         assert "events in between are LOST" in caplog.text
+        # The gateway is told: it must resync the subscription.
+        await until(lambda: any(m.HasField("caught_up") for m in gw.messages))
+        [told] = [m.caught_up for m in gw.messages if m.HasField("caught_up")]
+        assert (list(told.subscription_ids), told.resync_required) == (["s"], True)
         await until(lambda: len(service.puller.subscriptions) >= 2)  # live ingest is back
         await appended(service, 10, 11, lambda i: "c")
         await until(lambda: gw.events("s") == ids(10, 11))

@@ -651,9 +651,10 @@ class ResumingStreamer(DoubleServer):
         self.position = ""
         self._outbox: asyncio.Queue[StreamerMessage | None] | None = None
 
-    def caught_up(self, *sub_ids: str) -> None:
+    def caught_up(self, *sub_ids: str, resync: bool = False) -> None:
         assert self._outbox is not None
-        self._outbox.put_nowait(StreamerMessage(caught_up=CaughtUp(subscription_ids=sub_ids)))
+        self._outbox.put_nowait(StreamerMessage(caught_up=CaughtUp(
+            subscription_ids=sub_ids, resync_required=resync)))
 
     def deliver(self, progress: str, *sub_ids: str) -> None:
         assert self._outbox is not None
@@ -761,7 +762,10 @@ def test_live_after_and_caught_up_give_every_subscription_a_resume_point() -> No
     async def scenario() -> None:
         peer = ResumingStreamer()
         peer.position = "p5"
-        async with peer as target, StreamerClient(target, gateway_id="gw", **FAST) as client:
+        resynced: list[str] = []
+        async with peer as target, StreamerClient(
+            target, gateway_id="gw", on_resync=resynced.append, **FAST
+        ) as client:
             await until(lambda: client.connected)
             assert await client.subscribe_many([
                 Subscription("m", subscription_id=i) for i in ("a", "b")]) == ["a", "b"]
@@ -785,6 +789,10 @@ def test_live_after_and_caught_up_give_every_subscription_a_resume_point() -> No
             peer.drop()
             await until(lambda: len(peer.requests) == 4 and client.connected)
             assert peer.requests[3]["r"] == "p3"
+            # A late refusal: r is live from the head, and the gateway must resync it.
+            peer.caught_up("r", resync=True)
+            await until(lambda: resynced == ["r"])
+            assert client.marker("r") == ""
 
     run(scenario)
 

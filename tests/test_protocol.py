@@ -61,7 +61,7 @@ def _numbers(message: type) -> dict[str, int]:
         (streamer_v1_pb2.DeliveryBatch, {"deliveries": 1}),
         (streamer_v1_pb2.SubscribeBatch, {"requests": 1}),
         (streamer_v1_pb2.SubscribeBatchResponse, {"responses": 1, "live_after": 2}),
-        (streamer_v1_pb2.CaughtUp, {"subscription_ids": 1}),
+        (streamer_v1_pb2.CaughtUp, {"subscription_ids": 1, "resync_required": 2}),
         (puller_v1_pb2.SubscribeRequest, {
             "consumer_id": 1, "after": 2, "coalesce_on_catch_up": 3, "collections": 4}),
         (puller_v1_pb2.PullerEvent, {"change_event": 1, "progress": 2}),

@@ -29,8 +29,9 @@ an event comes (a Syntrix Puller) is taken to accept it when it has not
 refused it within ``confirm_seconds``; a refusal after that, or in the
 middle of a catch-up (the replay fell behind the Puller's retention), is
 logged at ERROR, counted (``late_refusals``, ``resyncs``), and the group's
-subscriptions continue from the live head: their gateway is not told, and
-the events in between are lost for them. A refused marker before the
+subscriptions continue from the live head, and the events in between are
+lost for them: a gateway whose Hello says ``resumes`` is told so
+(``CaughtUp.resync_required``), others are not. A refused marker before the
 answer: the subscriptions are registered live and answered
 ``success=true, code="resync_required"``.
 
@@ -335,14 +336,14 @@ class CatchUp:
         group.refused = why
         members = list(group.members.items())
         self._close(group)
-        moved = self._go_live(members, group.matcher)
+        moved = self._go_live(members, group.matcher, resync=True)
         if moved:
             self.late_refusals += 1
             self.resyncs += moved
             log.error(
                 "catch-up after marker %r refused after it was accepted (%s): %d resuming "
                 "subscription(s) continue from the live head; events in between are LOST "
-                "for them", group.marker, why, moved,
+                "for them (their gateways are told to resync them)", group.marker, why, moved,
             )
         else:
             log.warning(
@@ -692,10 +693,14 @@ class CatchUp:
         if not members:
             self._close(group)
 
-    def _go_live(self, members: list[tuple[str, SubscribeRequest]], source: Matcher) -> int:
+    def _go_live(
+        self, members: list[tuple[str, SubscribeRequest]], source: Matcher, *,
+        resync: bool = False,
+    ) -> int:
         """Move ``members`` from ``source`` into the live index and tell
         their gateways (``CaughtUp``, after every delivery from ``source``):
-        from here on their deliveries are live ones. Returns how many moved."""
+        from here on their deliveries are live ones; ``resync``: and the
+        events in between are lost for them. Returns how many moved."""
         move, owner_of = self.subscriptions.move, self.subscriptions.owner_of
         live: dict[int, list[str]] = {}
         moved = 0
@@ -706,7 +711,7 @@ class CatchUp:
                 if owner is not None:
                     live.setdefault(owner, []).append(sub_id)
         if live:
-            self.ingest.servicer.caught_up(live)
+            self.ingest.servicer.caught_up(live, resync=resync)
         return moved
 
 

@@ -491,10 +491,11 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
         finally:
             catchup.release(groups.values())
 
-    def caught_up(self, live: dict[int, list[str]]) -> None:
+    def caught_up(self, live: dict[int, list[str]], *, resync: bool = False) -> None:
         """Tell each resuming gateway which of its subscriptions just moved
         from catch-up into the live index (``CaughtUp``, in as many messages
-        as its receive limit needs)."""
+        as its receive limit needs); ``resync``: after a late refusal, the
+        events in between are lost for them."""
         by_owner = self.sessions.by_owner
         for owner, ids in live.items():
             session = by_owner[owner]
@@ -507,11 +508,11 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
             for sub_id in ids:
                 cost = len(sub_id.encode()) + 4  # its tag and length in the message
                 if part and size + cost > limit:
-                    self._send_bytes(stream, _caught_up(part))
+                    self._send_bytes(stream, _caught_up(part, resync))
                     part, size = [], 0
                 part.append(sub_id)
                 size += cost
-            self._send_bytes(stream, _caught_up(part))
+            self._send_bytes(stream, _caught_up(part, resync))
 
     async def _subscribe_batch(
         self, stream: _Stream, requests: Sequence[SubscribeRequest]
@@ -623,8 +624,9 @@ def _batch_response(responses: list[SubscribeResponse], live_after: str) -> byte
     ).SerializeToString()
 
 
-def _caught_up(ids: list[str]) -> bytes:
-    return StreamerMessage(caught_up=CaughtUp(subscription_ids=ids)).SerializeToString()
+def _caught_up(ids: list[str], resync: bool) -> bytes:
+    return StreamerMessage(
+        caught_up=CaughtUp(subscription_ids=ids, resync_required=resync)).SerializeToString()
 
 
 def _delivery(ids: list[str], event: StreamerEvent) -> bytes:

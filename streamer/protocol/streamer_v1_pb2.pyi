@@ -195,7 +195,9 @@ class SubscribeBatchResponse(_message.Message):
     def __init__(self, responses: _Optional[_Iterable[_Union[SubscribeResponse, _Mapping]]] = ..., live_after: _Optional[str] = ...) -> None: ...
 
 class CaughtUp(_message.Message):
-    __slots__ = ("subscription_ids",)
+    __slots__ = ("subscription_ids", "resync_required")
     SUBSCRIPTION_IDS_FIELD_NUMBER: _ClassVar[int]
+    RESYNC_REQUIRED_FIELD_NUMBER: _ClassVar[int]
     subscription_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, subscription_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    resync_required: bool
+    def __init__(self, subscription_ids: _Optional[_Iterable[str]] = ..., resync_required: _Optional[bool] = ...) -> None: ...
