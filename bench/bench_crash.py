@@ -16,8 +16,9 @@ random moment ``DELAY`` seconds (uniform) after events flow again: ``kill
 directory (its saved marker is read first: the point its replay starts
 from), or of the Puller, restarted on the same log. After each of the
 first ``STALLS`` Puller restarts, one gateway process (seeded choice) is
-stopped with SIGSTOP until the Streamer cuts it off for not reading
-(``--stall-seconds STALL_SECONDS``), then continued: its client reconnects
+stopped with SIGSTOP until the Streamer ends its stream (cut off for not
+reading: ``--stall-seconds STALL_SECONDS``, or the connection lost to gRPC
+keepalive, whichever comes first), then continued: its client reconnects
 and resumes after its markers. At the end the Puller
 is stopped, the Streamer catches up with its log, the Puller serves that
 log again without producing until no subscription is catching up from it
@@ -52,6 +53,7 @@ import bisect
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -164,24 +166,25 @@ class Pipeline:
                         "--cycle", str(CYCLE)))
         self.runs["puller"] += 1
 
-    def cut_offs(self) -> float:
-        """Gateways the Streamer cut off as lagging so far (-1 while its
-        metrics cannot be read)."""
-        try:
-            samples = scrape(f"127.0.0.1:{self.metrics}", timeout=5)
-        except OSError:
-            return -1
-        return sum(samples.get("streamer_lagging_cutoffs_total", {}).values())
+    def ends(self, gateway: int) -> list[str]:
+        """Why each stream of gateway ``gw-<gateway>`` on the current
+        Streamer ended so far, from its log."""
+        log = self.work / f"streamer-{self.runs['streamer'] - 1}.log"
+        text = log.read_text(errors="replace") if log.exists() else ""
+        return re.findall(rf"gateway stream \d+ ended \(gw-{gateway} at [^)]*\): ([^;]*);", text)
 
-    def stall(self, gateway: Gateway) -> dict[str, float]:
-        """Stop a gateway process (SIGSTOP) until the Streamer cuts it off
-        for not reading, continue it, and wait until it receives again."""
+    def stall(self, k: int) -> dict[str, Any]:
+        """Stop gateway ``k``'s process (SIGSTOP) until the Streamer ends its
+        stream (cut off for not reading, or its connection lost to gRPC
+        keepalive, whichever comes first), continue it, and wait until it
+        receives again."""
         assert self.streamer is not None
-        before = self.cut_offs()
+        gateway = self.gateways[k]
+        before = len(self.ends(k))
         stopped = time.monotonic()
         os.kill(gateway.proc.pid, signal.SIGSTOP)
         try:
-            wait_for("the stopped gateway's cut-off", lambda: self.cut_offs() > before,
+            wait_for("the stopped gateway's stream to end", lambda: len(self.ends(k)) > before,
                      RECOVERY_TIMEOUT, [self.streamer])
         finally:
             os.kill(gateway.proc.pid, signal.SIGCONT)
@@ -189,8 +192,8 @@ class Pipeline:
         total = gateway.total
         wait_for("the gateway receiving again", lambda: gateway.total > total,
                  RECOVERY_TIMEOUT, [self.streamer, gateway.proc])
-        return {"cut_off_s": continued - stopped,
-                "recovery_s": time.monotonic() - continued}
+        return {"gateway": k, "ended_after_s": continued - stopped,
+                "why": self.ends(k)[before], "recovery_s": time.monotonic() - continued}
 
     def catching_up(self) -> bool:
         """Whether some subscription is still catching up (the Streamer's
@@ -462,8 +465,7 @@ def run(tmp_path: Path) -> dict[str, Any]:
             figures["kills"].append(kill)
             if victim == "puller" and len(figures["stalls"]) < STALLS:
                 time.sleep(rng.uniform(*DELAY))
-                g = rng.randrange(GATEWAYS)
-                figures["stalls"].append({"gateway": g, **pipeline.stall(pipeline.gateways[g])})
+                figures["stalls"].append(pipeline.stall(rng.randrange(GATEWAYS)))
         last = pipeline.finish()
         figures["run_s"] = time.monotonic() - started
         figures["events"] = last
@@ -510,7 +512,7 @@ def render(figures: dict[str, Any]) -> list[str]:
     rows = [[
         f"{c['kills_each']} x Streamer, {c['kills_each']} x Puller, alternating, "
         f"{c['delay_s'][0]:g}-{c['delay_s'][1]:g} s after events flow again (seed {c['seed']}); "
-        f"{len(stalls)} x a gateway stopped (SIGSTOP) until cut off for not reading "
+        f"{len(stalls)} x a gateway stopped (SIGSTOP) until its stream ended "
         f"(--stall-seconds {c['stall_seconds']:g})",
         f"{figures['events']:,} events at {c['rate']:g}/s, {c['n']:,} subscriptions on "
         f"{c['gateways']} gateways, {figures['run_s']:.0f} s",
@@ -531,10 +533,9 @@ def render(figures: dict[str, Any]) -> list[str]:
         "recovery (kill to the saved marker moving again), s: " + "; ".join(
             f"{name} min {min(v):.1f} / median {sorted(v)[len(v) // 2]:.1f} / max {max(v):.1f}"
             for name, v in recoveries.items() if v),
-        ("gateway stops: cut off after " + ", ".join(
-            f"{st['cut_off_s']:.1f}" for st in stalls) + " s; receiving again "
-         + ", ".join(f"{st['recovery_s']:.1f}" for st in stalls) + " s after SIGCONT")
-        if stalls else "gateway stops: none",
+        *(f"gateway gw-{st['gateway']} stopped: its stream ended after "
+          f"{st['ended_after_s']:.1f} s ({st['why']}); receiving again "
+          f"{st['recovery_s']:.1f} s after SIGCONT" for st in stalls),
         f"restart windows: {dict(figures['windows'])}; verified in {figures['verify_s']:.0f} s",
         f"Streamer logs: {sum(figures['streamer_log_errors'].values())} ERROR line(s)"
         + "".join(f"\n  {n} x {message}" for message, n in figures["streamer_log_errors"].items()),
