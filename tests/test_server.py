@@ -14,7 +14,13 @@ import pytest
 
 from streamer.matching.matcher import Matcher
 from streamer.node.delivery import delivery_message, event_field, subscription_field
-from streamer.node.server import StreamerServicer, add_to_server
+from streamer.node.server import (
+    REGISTRATION_BACKLOG,
+    REGISTRATION_BACKLOG_BYTES,
+    StreamerServicer,
+    _Backlog,
+    add_to_server,
+)
 from streamer.node.sessions import Sessions
 from streamer.node.subscriptions import SubscriptionSet
 from streamer.protocol import streamer_v1_pb2_grpc as pb_grpc
@@ -558,3 +564,28 @@ def test_all_queues_together_are_bounded_the_largest_is_cut_off() -> None:
         small.cancel()
 
     run(scenario, node_queue_bytes=3_500_000)
+
+
+def test_the_registration_backlog_is_bounded_by_count_and_bytes() -> None:
+    # What a stream reads ahead of its registrar: a gateway that sends more
+    # waits for it, by messages and by bytes; one message always fits.
+    async def scenario() -> None:
+        backlog = _Backlog()
+        message = GatewayMessage(heartbeat=Heartbeat(gateway_id="gw"))
+        await backlog.put(message, REGISTRATION_BACKLOG_BYTES * 2)  # alone: admitted
+        blocked = asyncio.create_task(backlog.put(message, 1))
+        await asyncio.sleep(0.01)
+        assert not blocked.done()
+        assert await backlog.get() is message
+        await asyncio.wait_for(blocked, 1)
+        for _ in range(REGISTRATION_BACKLOG - 1):
+            await backlog.put(message, 1)
+        blocked = asyncio.create_task(backlog.put(None, 0))
+        await asyncio.sleep(0.01)
+        assert not blocked.done() and backlog.bytes == REGISTRATION_BACKLOG
+        for _ in range(REGISTRATION_BACKLOG):
+            assert await backlog.get() is message
+        await asyncio.wait_for(blocked, 1)
+        assert await backlog.get() is None and backlog.bytes == 0
+
+    asyncio.run(scenario())

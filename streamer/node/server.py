@@ -54,6 +54,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING
 
@@ -94,9 +95,11 @@ DEFAULT_NODE_QUEUE_BYTES = 1 << 30
 # Requests of a subscribe_batch registered between two yields to the loop.
 BATCH_CHUNK = 1000
 # Registration messages (subscribe, subscribe_batch, unsubscribe, heartbeat)
-# read ahead of a stream's registrar; a gateway that sends more waits (gRPC
-# flow control), as it did when they were handled as read.
-REGISTRATION_BACKLOG = 8
+# read ahead of a stream's registrar, by count and by their bytes on the
+# wire (one message is always admitted); a gateway that sends more waits
+# (gRPC flow control), as it did when they were handled as read.
+REGISTRATION_BACKLOG = 64
+REGISTRATION_BACKLOG_BYTES = 4 << 20
 
 
 class _End(Exception):
@@ -119,6 +122,35 @@ class _Stream:
         self.peer = peer
         self.cut_off = asyncio.Event()
         self.reason: tuple[grpc.StatusCode, str] = (grpc.StatusCode.OK, "")
+
+
+class _Backlog:
+    """A stream's registration messages waiting for its registrar, in order
+    (None: the gateway closed its side), bounded by count and bytes."""
+
+    def __init__(self) -> None:
+        self._items: deque[tuple[GatewayMessage | None, int]] = deque()
+        self.bytes = 0
+        self._ready = asyncio.Event()
+        self._room = asyncio.Event()
+
+    async def put(self, message: GatewayMessage | None, size: int) -> None:
+        while self._items and (len(self._items) >= REGISTRATION_BACKLOG
+                               or self.bytes + size > REGISTRATION_BACKLOG_BYTES):
+            self._room.clear()
+            await self._room.wait()
+        self._items.append((message, size))
+        self.bytes += size
+        self._ready.set()
+
+    async def get(self) -> GatewayMessage | None:
+        while not self._items:
+            self._ready.clear()
+            await self._ready.wait()
+        message, size = self._items.popleft()
+        self.bytes -= size
+        self._room.set()
+        return message
 
 
 class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
@@ -402,11 +434,12 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
         """Read the gateway's messages: heartbeats are acknowledged and Hello
         applied at once; registrations (subscribes, unsubscribes, and the
         restart window's proof a heartbeat gives) go to the stream's
-        registrar in order, up to ``REGISTRATION_BACKLOG`` messages ahead
-        of it. A resuming subscribe waiting for the Puller's word on its
-        marker then holds later registrations, never the acks."""
+        registrar in order, up to ``REGISTRATION_BACKLOG`` messages or
+        ``REGISTRATION_BACKLOG_BYTES`` ahead of it. A resuming subscribe
+        waiting for the Puller's word on its marker then holds later
+        registrations, never the acks."""
         sessions, session = self.sessions, stream.session
-        work: asyncio.Queue[GatewayMessage | None] = asyncio.Queue(REGISTRATION_BACKLOG)
+        work = _Backlog()
         registrar = asyncio.create_task(self._register(stream, work))
         registrar.add_done_callback(lambda task: self._registrar_done(stream, task))
         number = 0
@@ -436,16 +469,14 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
                         log.warning("gateway %s sent an empty message",
                                     session.gateway_id or session.key)
                         continue
-                await work.put(message)
+                await work.put(message, len(raw))
             # The gateway closed its side: what it sent before is answered.
-            await work.put(None)
+            await work.put(None, 0)
             await registrar
         finally:
             registrar.cancel()
 
-    async def _register(
-        self, stream: _Stream, work: asyncio.Queue[GatewayMessage | None]
-    ) -> None:
+    async def _register(self, stream: _Stream, work: _Backlog) -> None:
         """The stream's registrar: its subscribes, unsubscribes and restart-
         window proofs, one at a time in the order they came."""
         sessions, subscriptions, session = self.sessions, self.subscriptions, stream.session
