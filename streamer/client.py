@@ -229,11 +229,18 @@ class StreamerClient:
         # Resuming (docs/protocol.md, Resuming): per subscription, the marker
         # of the last event delivered for it; per stream, the marker of its
         # last delivery to a live subscription and how many such came; per
-        # subscription answered as live on this stream, how many by then.
+        # subscription answered as live on this stream, how many by then;
+        # per subscription catching up on this stream, its catch-up group,
+        # and per group its last progress (marker, and the message's number
+        # on the stream) and the group it merged into.
         self._markers: dict[str, str] = {}
         self._stream_marker = ""
         self._stream_deliveries = 0
         self._live_since: dict[str, int] = {}
+        self._group_of: dict[str, int] = {}
+        self._progress: dict[int, tuple[str, int]] = {}
+        self._merged: dict[int, int] = {}
+        self._progress_count = 0
         self._connected = asyncio.Event()
         self._last_ack = 0.0
         self._acked = asyncio.Event()
@@ -438,8 +445,11 @@ class StreamerClient:
                 subscription_id=subscription_id)))
 
     def marker(self, subscription_id: str) -> str:
-        """The ``progress`` of the last event delivered for a subscription
-        ("" before the first): what it resumes after when the stream breaks,
+        """The marker a subscription has received every matching event up
+        to: the ``progress`` of its last delivery, or a later one the server
+        vouched for (its answer's ``live_after``; after a broken stream, the
+        stream's last live delivery or its catch-up group's progress); ""
+        while it has none. What it resumes after when the stream breaks,
         and what a gateway that restarts can pass to ``subscribe(...,
         resume_after=...)``."""
         return self._markers.get(subscription_id, "")
@@ -620,21 +630,43 @@ class StreamerClient:
         ``caught_up``), with a live delivery after that: the stream's last
         live delivery (it was live, so every event before that one that
         matched it came to it, in order). All of those share that one
-        marker, which the server replays once. Else the marker of its own
-        last delivery; else its ``live_after``, or what it last asked for
-        (still catching up; "" from a server that sends no ``live_after``).
+        marker, which the server replays once. One still catching up: its
+        group's last ``catchup_progress``, shared by the whole group (its
+        deliveries after that progress, at most one Puller message's, may
+        come again). Else ``marker(id)``: its own last delivery or its
+        ``live_after`` ("" from a server that sends no ``live_after``: then
+        what it last asked for). The choice becomes ``marker(id)``.
         """
         stream_marker, count = self._stream_marker, self._stream_deliveries
+        markers = self._markers
         for sub_id, request in self._requests.items() if self.resume else ():
             if self._live_since.get(sub_id, count) < count:
-                request.resume_after = stream_marker
-                continue
-            own = self._markers.get(sub_id)
-            if own:
-                request.resume_after = own
+                marker = stream_marker
+            else:
+                group = self._group_of.get(sub_id)
+                marker = (self._group_progress(group) if group is not None else "") or (
+                    markers.get(sub_id, ""))
+            if marker:
+                request.resume_after = markers[sub_id] = marker
         self._live_since.clear()
+        self._group_of.clear()
+        self._progress.clear()
+        self._merged.clear()
+        self._progress_count = 0
         self._stream_marker = ""
         self._stream_deliveries = 0
+
+    def _group_progress(self, group: int) -> str:
+        """The newest progress of a catch-up group, following its merges
+        (the group it merged into covers its subscriptions from the merge
+        on); "" if none came."""
+        marker, number = self._progress.get(group, ("", -1))
+        while group in self._merged:
+            group = self._merged[group]
+            newer, later = self._progress.get(group, ("", -1))
+            if later > number:
+                marker, number = newer, later
+        return marker
 
     def _control(self, message: StreamerMessage, kind: str | None) -> None:
         """A message that is not a delivery: acks and subscribe answers."""
@@ -647,6 +679,12 @@ class StreamerClient:
             batch = message.subscribe_batch_response
             for response in batch.responses:
                 self._answer(response, batch.live_after)
+        elif kind == "catchup_progress":
+            progress = message.catchup_progress
+            self._progress_count += 1
+            self._progress[progress.group] = (progress.marker, self._progress_count)
+            if progress.merged_into:
+                self._merged[progress.group] = progress.merged_into
         elif kind == "caught_up":
             caught_up = message.caught_up
             count, live = self._stream_deliveries, self._live_since
@@ -684,7 +722,9 @@ class StreamerClient:
                 if live_after or not request.resume_after:
                     self._live_since[sub_id] = self._stream_deliveries
                     if live_after and self.resume:
-                        request.resume_after = live_after
+                        request.resume_after = self._markers[sub_id] = live_after
+                elif response.catchup_group:
+                    self._group_of[sub_id] = response.catchup_group
         entry[0].answer(entry[1], response)
 
     def _resync(self, sub_id: str, request: SubscribeRequest | None, live_after: str) -> None:

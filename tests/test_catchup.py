@@ -115,6 +115,9 @@ class Gateway:
                     out.append(f"delivery:{','.join(d.subscription_ids)}:{d.event.event_id}")
             elif kind == "caught_up":
                 out.append(f"caught_up:{','.join(m.caught_up.subscription_ids)}")
+            elif kind == "catchup_progress":
+                p = m.catchup_progress
+                out.append(f"progress:{p.group}:{p.marker}:{p.merged_into}")
             else:
                 out.append(str(kind))
         return out
@@ -625,15 +628,18 @@ def test_a_resuming_gateway_learns_live_after_and_caught_up(tmp_path: Path) -> N
         answers = batch.subscribe_batch_response
         assert answers.live_after == "p19"
         # Resuming at the live marker: live at once, and said so; resuming
-        # from a replay: live later (caught_up).
-        assert [(r.subscription_id, r.live_after) for r in answers.responses] == [
-            ("b", ""), ("s", ""), ("t", "p19")]
+        # from a replay: in a catch-up group, live later (caught_up).
+        assert [(r.subscription_id, r.live_after, bool(r.catchup_group))
+                for r in answers.responses] == [
+            ("b", "", False), ("s", "", True), ("t", "p19", False)]
+        group = answers.responses[1].catchup_group
         await until(settled(service))
         await appended(service, 20, 21, lambda i: "c")
         await until(lambda: gw.events("s") == ids(10, 21))
         kinds = gw.kinds()
         caught_up = kinds.index("caught_up:s")
-        assert kinds[caught_up - 1] == "delivery:s:e19"  # the last replayed
+        # The last replayed delivery, then the group's progress up to it.
+        assert kinds[caught_up - 2:caught_up] == ["delivery:s:e19", f"progress:{group}:p19:0"]
         assert kinds[caught_up + 1:] == ["delivery:a,b,t,s:e20", "delivery:a,b,t,s:e21"]
         await gw.close()
 
@@ -644,7 +650,7 @@ def test_a_resuming_gateway_learns_live_after_and_caught_up(tmp_path: Path) -> N
         await until(settled(service))
         await appended(service, 22, 22, lambda i: "c")
         await until(lambda: other.events("y") == ids(16, 22))
-        assert not any(k.startswith("caught_up") for k in other.kinds())
+        assert not any(k.startswith(("caught_up", "progress")) for k in other.kinds())
         await other.close()
 
     run(tmp_path, scenario)

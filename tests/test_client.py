@@ -32,6 +32,7 @@ from streamer.matching.matcher import Filter
 from streamer.protocol import puller_v1_pb2 as pb
 from streamer.protocol import streamer_v1_pb2_grpc as sgrpc
 from streamer.protocol.streamer_v1_pb2 import (
+    CatchUpProgress,
     CaughtUp,
     EventDelivery,
     GatewayMessage,
@@ -641,7 +642,8 @@ class ResumingStreamer(DoubleServer):
     ``position`` (live ingest's marker) it answers as a Streamer does a
     gateway whose Hello says ``resumes``: ``live_after`` for what registers
     live (plain requests, per batch; resuming ones at the position), and
-    ``caught_up()`` sends what the catch-up sends. It stands for the server
+    ``caught_up()`` and ``progress()`` send what the catch-up sends (the
+    group in ``groups`` is on a resuming subscription's answer). It stands for the server
     side of resuming, which we check here only from the client's side of
     the protocol."""
 
@@ -649,7 +651,13 @@ class ResumingStreamer(DoubleServer):
         self.requests: list[dict[str, str]] = []  # per stream: id -> resume_after
         self.resync: set[str] = set()
         self.position = ""
+        self.groups: dict[str, int] = {}  # resuming id -> the catch-up group it answers
         self._outbox: asyncio.Queue[StreamerMessage | None] | None = None
+
+    def progress(self, group: int, marker: str, merged_into: int = 0) -> None:
+        assert self._outbox is not None
+        self._outbox.put_nowait(StreamerMessage(catchup_progress=CatchUpProgress(
+            group=group, marker=marker, merged_into=merged_into)))
 
     def caught_up(self, *sub_ids: str, resync: bool = False) -> None:
         assert self._outbox is not None
@@ -691,7 +699,9 @@ class ResumingStreamer(DoubleServer):
                             subscription_id=request.subscription_id, success=True,
                             code="resync_required" if resync else "",
                             live_after=self.position if live and (
-                                request.resume_after or kind == "subscribe") else ""))
+                                request.resume_after or kind == "subscribe") else "",
+                            catchup_group=0 if live else self.groups.get(
+                                request.subscription_id, 0)))
                     outbox.put_nowait(
                         StreamerMessage(subscribe_response=responses[0])
                         if kind == "subscribe" else StreamerMessage(
@@ -793,6 +803,40 @@ def test_live_after_and_caught_up_give_every_subscription_a_resume_point() -> No
             peer.caught_up("r", resync=True)
             await until(lambda: resynced == ["r"])
             assert client.marker("r") == ""
+
+    run(scenario)
+
+
+def test_subscriptions_catching_up_resume_after_their_group_progress() -> None:
+    # Two catch-up groups, the second merged into the first: after a broken
+    # stream all their subscriptions resume after one marker, the newest
+    # progress that covers them; one whose group sent none keeps its own.
+    async def scenario() -> None:
+        peer = ResumingStreamer()
+        peer.position = "p9"
+        peer.groups = {"r1": 1, "r2": 2, "r3": 3}
+        async with peer as target, StreamerClient(target, gateway_id="gw", **FAST) as client:
+            await until(lambda: client.connected)
+            assert await client.subscribe_many([
+                Subscription("m", subscription_id="r1", resume_after="p1"),
+                Subscription("m", subscription_id="r2", resume_after="p0"),
+                Subscription("m", subscription_id="r3", resume_after="p0"),
+            ]) == ["r1", "r2", "r3"]
+            peer.deliver("p2", "r1")
+            peer.progress(1, "p3")
+            peer.deliver("p1", "r2")
+            peer.progress(2, "p3", merged_into=1)  # r2 joins group 1 at p3
+            peer.deliver("p4", "r1", "r2")
+            peer.progress(1, "p5")
+            peer.deliver("p2", "r3")
+            await until(lambda: client.marker("r3") == "p2")
+            peer.drop()
+            await until(lambda: len(peer.requests) == 2 and client.connected)
+            assert peer.requests[1] == {"r1": "p5", "r2": "p5", "r3": "p2"}
+            # Group numbers are the stream's: a new stream starts afresh.
+            peer.drop()
+            await until(lambda: len(peer.requests) == 3 and client.connected)
+            assert peer.requests[2] == {"r1": "p5", "r2": "p5", "r3": "p2"}
 
     run(scenario)
 

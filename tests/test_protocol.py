@@ -40,7 +40,7 @@ def _numbers(message: type) -> dict[str, int]:
             "subscribe": 1, "unsubscribe": 2, "heartbeat": 3, "hello": 4, "subscribe_batch": 5}),
         (streamer_v1_pb2.StreamerMessage, {
             "delivery": 1, "heartbeat_ack": 2, "subscribe_response": 3, "batch": 4,
-            "subscribe_batch_response": 5, "caught_up": 6}),
+            "subscribe_batch_response": 5, "caught_up": 6, "catchup_progress": 7}),
         (streamer_v1_pb2.SubscribeRequest, {
             "subscription_id": 1, "collection": 2, "filters": 3, "database": 4,
             "expression": 5, "resume_after": 6}),
@@ -53,7 +53,8 @@ def _numbers(message: type) -> dict[str, int]:
         (streamer_v1_pb2.Heartbeat, {"gateway_id": 1, "timestamp": 2}),
         (streamer_v1_pb2.HeartbeatAck, {"timestamp": 1}),
         (streamer_v1_pb2.SubscribeResponse, {
-            "subscription_id": 1, "success": 2, "error": 3, "code": 4, "live_after": 5}),
+            "subscription_id": 1, "success": 2, "error": 3, "code": 4, "live_after": 5,
+            "catchup_group": 6}),
         (streamer_v1_pb2.EventDelivery, {"subscription_ids": 1, "event": 2}),
         (streamer_v1_pb2.Hello, {
             "gateway_id": 1, "batch_delivery": 2, "max_batch": 3, "instance": 4,
@@ -62,6 +63,7 @@ def _numbers(message: type) -> dict[str, int]:
         (streamer_v1_pb2.SubscribeBatch, {"requests": 1}),
         (streamer_v1_pb2.SubscribeBatchResponse, {"responses": 1, "live_after": 2}),
         (streamer_v1_pb2.CaughtUp, {"subscription_ids": 1, "resync_required": 2}),
+        (streamer_v1_pb2.CatchUpProgress, {"group": 1, "marker": 2, "merged_into": 3}),
         (puller_v1_pb2.SubscribeRequest, {
             "consumer_id": 1, "after": 2, "coalesce_on_catch_up": 3, "collections": 4}),
         (puller_v1_pb2.PullerEvent, {"change_event": 1, "progress": 2}),

@@ -70,6 +70,7 @@ from streamer.node.delivery import (
 from streamer.node.sessions import IdentityTaken, Session, Sessions
 from streamer.protocol import streamer_v1_pb2_grpc
 from streamer.protocol.streamer_v1_pb2 import (
+    CatchUpProgress,
     CaughtUp,
     EventDelivery,
     GatewayMessage,
@@ -521,6 +522,24 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
             self._send(stream, StreamerMessage(subscribe_response=response))
         finally:
             catchup.release(groups.values())
+
+    def catchup_progress(
+        self, owners: set[int], group: int, marker: str, *, merged_into: int = 0
+    ) -> None:
+        """Tell the resuming gateways among ``owners`` how far catch-up
+        ``group`` is (or that it merged into another), after the deliveries
+        that progress covers."""
+        message = b""
+        by_owner = self.sessions.by_owner
+        for owner in owners:
+            session = by_owner[owner]
+            stream = None if session is None else self.streams.get(session.key)
+            if stream is None or not stream.session.resumes:
+                continue
+            if not message:
+                message = StreamerMessage(catchup_progress=CatchUpProgress(
+                    group=group, marker=marker, merged_into=merged_into)).SerializeToString()
+            self._send_bytes(stream, message)
 
     def caught_up(self, live: dict[int, list[str]], *, resync: bool = False) -> None:
         """Tell each resuming gateway which of its subscriptions just moved

@@ -24,49 +24,51 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#streamer/protocol/streamer_v1.proto\x12\x13syntrix.streamer.v1\"\xe9\x01\n\rStreamerEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tabase\x18\x02 \x01(\t\x12\x12\n\ncollection\x18\x03 \x01(\t\x12\x13\n\x0b\x64ocument_id\x18\x04 \x01(\t\x12\x35\n\toperation\x18\x05 \x01(\x0e\x32\".syntrix.streamer.v1.OperationType\x12\x15\n\rdocument_data\x18\x06 \x01(\x0c\x12\x11\n\ttimestamp\x18\x07 \x01(\x03\x12\x10\n\x08progress\x18\x08 \x01(\t\x12\x18\n\x10\x64ocument_omitted\x18\t \x01(\x08\"\xb9\x02\n\x0eGatewayMessage\x12:\n\tsubscribe\x18\x01 \x01(\x0b\x32%.syntrix.streamer.v1.SubscribeRequestH\x00\x12>\n\x0bunsubscribe\x18\x02 \x01(\x0b\x32\'.syntrix.streamer.v1.UnsubscribeRequestH\x00\x12\x33\n\theartbeat\x18\x03 \x01(\x0b\x32\x1e.syntrix.streamer.v1.HeartbeatH\x00\x12+\n\x05hello\x18\x04 \x01(\x0b\x32\x1a.syntrix.streamer.v1.HelloH\x00\x12>\n\x0fsubscribe_batch\x18\x05 \x01(\x0b\x32#.syntrix.streamer.v1.SubscribeBatchH\x00\x42\t\n\x07payload\"\x90\x03\n\x0fStreamerMessage\x12\x36\n\x08\x64\x65livery\x18\x01 \x01(\x0b\x32\".syntrix.streamer.v1.EventDeliveryH\x00\x12:\n\rheartbeat_ack\x18\x02 \x01(\x0b\x32!.syntrix.streamer.v1.HeartbeatAckH\x00\x12\x44\n\x12subscribe_response\x18\x03 \x01(\x0b\x32&.syntrix.streamer.v1.SubscribeResponseH\x00\x12\x33\n\x05\x62\x61tch\x18\x04 \x01(\x0b\x32\".syntrix.streamer.v1.DeliveryBatchH\x00\x12O\n\x18subscribe_batch_response\x18\x05 \x01(\x0b\x32+.syntrix.streamer.v1.SubscribeBatchResponseH\x00\x12\x32\n\tcaught_up\x18\x06 \x01(\x0b\x32\x1d.syntrix.streamer.v1.CaughtUpH\x00\x42\t\n\x07payload\"\xa9\x01\n\x10SubscribeRequest\x12\x17\n\x0fsubscription_id\x18\x01 \x01(\t\x12\x12\n\ncollection\x18\x02 \x01(\t\x12,\n\x07\x66ilters\x18\x03 \x03(\x0b\x32\x1b.syntrix.streamer.v1.Filter\x12\x10\n\x08\x64\x61tabase\x18\x04 \x01(\t\x12\x12\n\nexpression\x18\x05 \x01(\t\x12\x14\n\x0cresume_after\x18\x06 \x01(\t\"N\n\x06\x46ilter\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\n\n\x02op\x18\x02 \x01(\t\x12)\n\x05value\x18\x03 \x01(\x0b\x32\x1a.syntrix.streamer.v1.Value\"\xa0\x01\n\x05Value\x12\x16\n\x0cstring_value\x18\x01 \x01(\tH\x00\x12\x13\n\tint_value\x18\x02 \x01(\x03H\x00\x12\x16\n\x0c\x64ouble_value\x18\x03 \x01(\x01H\x00\x12\x14\n\nbool_value\x18\x04 \x01(\x08H\x00\x12\x34\n\nlist_value\x18\x05 \x01(\x0b\x32\x1e.syntrix.streamer.v1.ListValueH\x00\x42\x06\n\x04kind\"7\n\tListValue\x12*\n\x06values\x18\x01 \x03(\x0b\x32\x1a.syntrix.streamer.v1.Value\"-\n\x12UnsubscribeRequest\x12\x17\n\x0fsubscription_id\x18\x01 \x01(\t\"2\n\tHeartbeat\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12\x11\n\ttimestamp\x18\x02 \x01(\x03\"!\n\x0cHeartbeatAck\x12\x11\n\ttimestamp\x18\x01 \x01(\x03\"n\n\x11SubscribeResponse\x12\x17\n\x0fsubscription_id\x18\x01 \x01(\t\x12\x0f\n\x07success\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x0c\n\x04\x63ode\x18\x04 \x01(\t\x12\x12\n\nlive_after\x18\x05 \x01(\t\"\\\n\rEventDelivery\x12\x18\n\x10subscription_ids\x18\x01 \x03(\t\x12\x31\n\x05\x65vent\x18\x02 \x01(\x0b\x32\".syntrix.streamer.v1.StreamerEvent\"\x84\x01\n\x05Hello\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12\x16\n\x0e\x62\x61tch_delivery\x18\x02 \x01(\x08\x12\x11\n\tmax_batch\x18\x03 \x01(\r\x12\x10\n\x08instance\x18\x04 \x01(\t\x12\x19\n\x11max_message_bytes\x18\x05 \x01(\r\x12\x0f\n\x07resumes\x18\x06 \x01(\x08\"G\n\rDeliveryBatch\x12\x36\n\ndeliveries\x18\x01 \x03(\x0b\x32\".syntrix.streamer.v1.EventDelivery\"I\n\x0eSubscribeBatch\x12\x37\n\x08requests\x18\x01 \x03(\x0b\x32%.syntrix.streamer.v1.SubscribeRequest\"g\n\x16SubscribeBatchResponse\x12\x39\n\tresponses\x18\x01 \x03(\x0b\x32&.syntrix.streamer.v1.SubscribeResponse\x12\x12\n\nlive_after\x18\x02 \x01(\t\"=\n\x08\x43\x61ughtUp\x12\x18\n\x10subscription_ids\x18\x01 \x03(\t\x12\x17\n\x0fresync_required\x18\x02 \x01(\x08*\x80\x01\n\rOperationType\x12\x1e\n\x1aOPERATION_TYPE_UNSPECIFIED\x10\x00\x12\x19\n\x15OPERATION_TYPE_INSERT\x10\x01\x12\x19\n\x15OPERATION_TYPE_UPDATE\x10\x02\x12\x19\n\x15OPERATION_TYPE_DELETE\x10\x04\x32j\n\x0fStreamerService\x12W\n\x06Stream\x12#.syntrix.streamer.v1.GatewayMessage\x1a$.syntrix.streamer.v1.StreamerMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#streamer/protocol/streamer_v1.proto\x12\x13syntrix.streamer.v1\"\xe9\x01\n\rStreamerEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tabase\x18\x02 \x01(\t\x12\x12\n\ncollection\x18\x03 \x01(\t\x12\x13\n\x0b\x64ocument_id\x18\x04 \x01(\t\x12\x35\n\toperation\x18\x05 \x01(\x0e\x32\".syntrix.streamer.v1.OperationType\x12\x15\n\rdocument_data\x18\x06 \x01(\x0c\x12\x11\n\ttimestamp\x18\x07 \x01(\x03\x12\x10\n\x08progress\x18\x08 \x01(\t\x12\x18\n\x10\x64ocument_omitted\x18\t \x01(\x08\"\xb9\x02\n\x0eGatewayMessage\x12:\n\tsubscribe\x18\x01 \x01(\x0b\x32%.syntrix.streamer.v1.SubscribeRequestH\x00\x12>\n\x0bunsubscribe\x18\x02 \x01(\x0b\x32\'.syntrix.streamer.v1.UnsubscribeRequestH\x00\x12\x33\n\theartbeat\x18\x03 \x01(\x0b\x32\x1e.syntrix.streamer.v1.HeartbeatH\x00\x12+\n\x05hello\x18\x04 \x01(\x0b\x32\x1a.syntrix.streamer.v1.HelloH\x00\x12>\n\x0fsubscribe_batch\x18\x05 \x01(\x0b\x32#.syntrix.streamer.v1.SubscribeBatchH\x00\x42\t\n\x07payload\"\xd2\x03\n\x0fStreamerMessage\x12\x36\n\x08\x64\x65livery\x18\x01 \x01(\x0b\x32\".syntrix.streamer.v1.EventDeliveryH\x00\x12:\n\rheartbeat_ack\x18\x02 \x01(\x0b\x32!.syntrix.streamer.v1.HeartbeatAckH\x00\x12\x44\n\x12subscribe_response\x18\x03 \x01(\x0b\x32&.syntrix.streamer.v1.SubscribeResponseH\x00\x12\x33\n\x05\x62\x61tch\x18\x04 \x01(\x0b\x32\".syntrix.streamer.v1.DeliveryBatchH\x00\x12O\n\x18subscribe_batch_response\x18\x05 \x01(\x0b\x32+.syntrix.streamer.v1.SubscribeBatchResponseH\x00\x12\x32\n\tcaught_up\x18\x06 \x01(\x0b\x32\x1d.syntrix.streamer.v1.CaughtUpH\x00\x12@\n\x10\x63\x61tchup_progress\x18\x07 \x01(\x0b\x32$.syntrix.streamer.v1.CatchUpProgressH\x00\x42\t\n\x07payload\"\xa9\x01\n\x10SubscribeRequest\x12\x17\n\x0fsubscription_id\x18\x01 \x01(\t\x12\x12\n\ncollection\x18\x02 \x01(\t\x12,\n\x07\x66ilters\x18\x03 \x03(\x0b\x32\x1b.syntrix.streamer.v1.Filter\x12\x10\n\x08\x64\x61tabase\x18\x04 \x01(\t\x12\x12\n\nexpression\x18\x05 \x01(\t\x12\x14\n\x0cresume_after\x18\x06 \x01(\t\"N\n\x06\x46ilter\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\n\n\x02op\x18\x02 \x01(\t\x12)\n\x05value\x18\x03 \x01(\x0b\x32\x1a.syntrix.streamer.v1.Value\"\xa0\x01\n\x05Value\x12\x16\n\x0cstring_value\x18\x01 \x01(\tH\x00\x12\x13\n\tint_value\x18\x02 \x01(\x03H\x00\x12\x16\n\x0c\x64ouble_value\x18\x03 \x01(\x01H\x00\x12\x14\n\nbool_value\x18\x04 \x01(\x08H\x00\x12\x34\n\nlist_value\x18\x05 \x01(\x0b\x32\x1e.syntrix.streamer.v1.ListValueH\x00\x42\x06\n\x04kind\"7\n\tListValue\x12*\n\x06values\x18\x01 \x03(\x0b\x32\x1a.syntrix.streamer.v1.Value\"-\n\x12UnsubscribeRequest\x12\x17\n\x0fsubscription_id\x18\x01 \x01(\t\"2\n\tHeartbeat\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12\x11\n\ttimestamp\x18\x02 \x01(\x03\"!\n\x0cHeartbeatAck\x12\x11\n\ttimestamp\x18\x01 \x01(\x03\"\x85\x01\n\x11SubscribeResponse\x12\x17\n\x0fsubscription_id\x18\x01 \x01(\t\x12\x0f\n\x07success\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x0c\n\x04\x63ode\x18\x04 \x01(\t\x12\x12\n\nlive_after\x18\x05 \x01(\t\x12\x15\n\rcatchup_group\x18\x06 \x01(\x04\"\\\n\rEventDelivery\x12\x18\n\x10subscription_ids\x18\x01 \x03(\t\x12\x31\n\x05\x65vent\x18\x02 \x01(\x0b\x32\".syntrix.streamer.v1.StreamerEvent\"\x84\x01\n\x05Hello\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12\x16\n\x0e\x62\x61tch_delivery\x18\x02 \x01(\x08\x12\x11\n\tmax_batch\x18\x03 \x01(\r\x12\x10\n\x08instance\x18\x04 \x01(\t\x12\x19\n\x11max_message_bytes\x18\x05 \x01(\r\x12\x0f\n\x07resumes\x18\x06 \x01(\x08\"G\n\rDeliveryBatch\x12\x36\n\ndeliveries\x18\x01 \x03(\x0b\x32\".syntrix.streamer.v1.EventDelivery\"I\n\x0eSubscribeBatch\x12\x37\n\x08requests\x18\x01 \x03(\x0b\x32%.syntrix.streamer.v1.SubscribeRequest\"g\n\x16SubscribeBatchResponse\x12\x39\n\tresponses\x18\x01 \x03(\x0b\x32&.syntrix.streamer.v1.SubscribeResponse\x12\x12\n\nlive_after\x18\x02 \x01(\t\"E\n\x0f\x43\x61tchUpProgress\x12\r\n\x05group\x18\x01 \x01(\x04\x12\x0e\n\x06marker\x18\x02 \x01(\t\x12\x13\n\x0bmerged_into\x18\x03 \x01(\x04\"=\n\x08\x43\x61ughtUp\x12\x18\n\x10subscription_ids\x18\x01 \x03(\t\x12\x17\n\x0fresync_required\x18\x02 \x01(\x08*\x80\x01\n\rOperationType\x12\x1e\n\x1aOPERATION_TYPE_UNSPECIFIED\x10\x00\x12\x19\n\x15OPERATION_TYPE_INSERT\x10\x01\x12\x19\n\x15OPERATION_TYPE_UPDATE\x10\x02\x12\x19\n\x15OPERATION_TYPE_DELETE\x10\x04\x32j\n\x0fStreamerService\x12W\n\x06Stream\x12#.syntrix.streamer.v1.GatewayMessage\x1a$.syntrix.streamer.v1.StreamerMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'streamer.protocol.streamer_v1_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OPERATIONTYPE']._serialized_start=2279
-  _globals['_OPERATIONTYPE']._serialized_end=2407
+  _globals['_OPERATIONTYPE']._serialized_start=2440
+  _globals['_OPERATIONTYPE']._serialized_end=2568
   _globals['_STREAMEREVENT']._serialized_start=61
   _globals['_STREAMEREVENT']._serialized_end=294
   _globals['_GATEWAYMESSAGE']._serialized_start=297
   _globals['_GATEWAYMESSAGE']._serialized_end=610
   _globals['_STREAMERMESSAGE']._serialized_start=613
-  _globals['_STREAMERMESSAGE']._serialized_end=1013
-  _globals['_SUBSCRIBEREQUEST']._serialized_start=1016
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=1185
-  _globals['_FILTER']._serialized_start=1187
-  _globals['_FILTER']._serialized_end=1265
-  _globals['_VALUE']._serialized_start=1268
-  _globals['_VALUE']._serialized_end=1428
-  _globals['_LISTVALUE']._serialized_start=1430
-  _globals['_LISTVALUE']._serialized_end=1485
-  _globals['_UNSUBSCRIBEREQUEST']._serialized_start=1487
-  _globals['_UNSUBSCRIBEREQUEST']._serialized_end=1532
-  _globals['_HEARTBEAT']._serialized_start=1534
-  _globals['_HEARTBEAT']._serialized_end=1584
-  _globals['_HEARTBEATACK']._serialized_start=1586
-  _globals['_HEARTBEATACK']._serialized_end=1619
-  _globals['_SUBSCRIBERESPONSE']._serialized_start=1621
-  _globals['_SUBSCRIBERESPONSE']._serialized_end=1731
-  _globals['_EVENTDELIVERY']._serialized_start=1733
-  _globals['_EVENTDELIVERY']._serialized_end=1825
-  _globals['_HELLO']._serialized_start=1828
-  _globals['_HELLO']._serialized_end=1960
-  _globals['_DELIVERYBATCH']._serialized_start=1962
-  _globals['_DELIVERYBATCH']._serialized_end=2033
-  _globals['_SUBSCRIBEBATCH']._serialized_start=2035
-  _globals['_SUBSCRIBEBATCH']._serialized_end=2108
-  _globals['_SUBSCRIBEBATCHRESPONSE']._serialized_start=2110
-  _globals['_SUBSCRIBEBATCHRESPONSE']._serialized_end=2213
-  _globals['_CAUGHTUP']._serialized_start=2215
-  _globals['_CAUGHTUP']._serialized_end=2276
-  _globals['_STREAMERSERVICE']._serialized_start=2409
-  _globals['_STREAMERSERVICE']._serialized_end=2515
+  _globals['_STREAMERMESSAGE']._serialized_end=1079
+  _globals['_SUBSCRIBEREQUEST']._serialized_start=1082
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=1251
+  _globals['_FILTER']._serialized_start=1253
+  _globals['_FILTER']._serialized_end=1331
+  _globals['_VALUE']._serialized_start=1334
+  _globals['_VALUE']._serialized_end=1494
+  _globals['_LISTVALUE']._serialized_start=1496
+  _globals['_LISTVALUE']._serialized_end=1551
+  _globals['_UNSUBSCRIBEREQUEST']._serialized_start=1553
+  _globals['_UNSUBSCRIBEREQUEST']._serialized_end=1598
+  _globals['_HEARTBEAT']._serialized_start=1600
+  _globals['_HEARTBEAT']._serialized_end=1650
+  _globals['_HEARTBEATACK']._serialized_start=1652
+  _globals['_HEARTBEATACK']._serialized_end=1685
+  _globals['_SUBSCRIBERESPONSE']._serialized_start=1688
+  _globals['_SUBSCRIBERESPONSE']._serialized_end=1821
+  _globals['_EVENTDELIVERY']._serialized_start=1823
+  _globals['_EVENTDELIVERY']._serialized_end=1915
+  _globals['_HELLO']._serialized_start=1918
+  _globals['_HELLO']._serialized_end=2050
+  _globals['_DELIVERYBATCH']._serialized_start=2052
+  _globals['_DELIVERYBATCH']._serialized_end=2123
+  _globals['_SUBSCRIBEBATCH']._serialized_start=2125
+  _globals['_SUBSCRIBEBATCH']._serialized_end=2198
+  _globals['_SUBSCRIBEBATCHRESPONSE']._serialized_start=2200
+  _globals['_SUBSCRIBEBATCHRESPONSE']._serialized_end=2303
+  _globals['_CATCHUPPROGRESS']._serialized_start=2305
+  _globals['_CATCHUPPROGRESS']._serialized_end=2374
+  _globals['_CAUGHTUP']._serialized_start=2376
+  _globals['_CAUGHTUP']._serialized_end=2437
+  _globals['_STREAMERSERVICE']._serialized_start=2570
+  _globals['_STREAMERSERVICE']._serialized_end=2676
 # @@protoc_insertion_point(module_scope)

@@ -55,20 +55,22 @@ class GatewayMessage(_message.Message):
     def __init__(self, subscribe: _Optional[_Union[SubscribeRequest, _Mapping]] = ..., unsubscribe: _Optional[_Union[UnsubscribeRequest, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., subscribe_batch: _Optional[_Union[SubscribeBatch, _Mapping]] = ...) -> None: ...
 
 class StreamerMessage(_message.Message):
-    __slots__ = ("delivery", "heartbeat_ack", "subscribe_response", "batch", "subscribe_batch_response", "caught_up")
+    __slots__ = ("delivery", "heartbeat_ack", "subscribe_response", "batch", "subscribe_batch_response", "caught_up", "catchup_progress")
     DELIVERY_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_ACK_FIELD_NUMBER: _ClassVar[int]
     SUBSCRIBE_RESPONSE_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
     SUBSCRIBE_BATCH_RESPONSE_FIELD_NUMBER: _ClassVar[int]
     CAUGHT_UP_FIELD_NUMBER: _ClassVar[int]
+    CATCHUP_PROGRESS_FIELD_NUMBER: _ClassVar[int]
     delivery: EventDelivery
     heartbeat_ack: HeartbeatAck
     subscribe_response: SubscribeResponse
     batch: DeliveryBatch
     subscribe_batch_response: SubscribeBatchResponse
     caught_up: CaughtUp
-    def __init__(self, delivery: _Optional[_Union[EventDelivery, _Mapping]] = ..., heartbeat_ack: _Optional[_Union[HeartbeatAck, _Mapping]] = ..., subscribe_response: _Optional[_Union[SubscribeResponse, _Mapping]] = ..., batch: _Optional[_Union[DeliveryBatch, _Mapping]] = ..., subscribe_batch_response: _Optional[_Union[SubscribeBatchResponse, _Mapping]] = ..., caught_up: _Optional[_Union[CaughtUp, _Mapping]] = ...) -> None: ...
+    catchup_progress: CatchUpProgress
+    def __init__(self, delivery: _Optional[_Union[EventDelivery, _Mapping]] = ..., heartbeat_ack: _Optional[_Union[HeartbeatAck, _Mapping]] = ..., subscribe_response: _Optional[_Union[SubscribeResponse, _Mapping]] = ..., batch: _Optional[_Union[DeliveryBatch, _Mapping]] = ..., subscribe_batch_response: _Optional[_Union[SubscribeBatchResponse, _Mapping]] = ..., caught_up: _Optional[_Union[CaughtUp, _Mapping]] = ..., catchup_progress: _Optional[_Union[CatchUpProgress, _Mapping]] = ...) -> None: ...
 
 class SubscribeRequest(_message.Message):
     __slots__ = ("subscription_id", "collection", "filters", "database", "expression", "resume_after")
@@ -137,18 +139,20 @@ class HeartbeatAck(_message.Message):
     def __init__(self, timestamp: _Optional[int] = ...) -> None: ...
 
 class SubscribeResponse(_message.Message):
-    __slots__ = ("subscription_id", "success", "error", "code", "live_after")
+    __slots__ = ("subscription_id", "success", "error", "code", "live_after", "catchup_group")
     SUBSCRIPTION_ID_FIELD_NUMBER: _ClassVar[int]
     SUCCESS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     LIVE_AFTER_FIELD_NUMBER: _ClassVar[int]
+    CATCHUP_GROUP_FIELD_NUMBER: _ClassVar[int]
     subscription_id: str
     success: bool
     error: str
     code: str
     live_after: str
-    def __init__(self, subscription_id: _Optional[str] = ..., success: _Optional[bool] = ..., error: _Optional[str] = ..., code: _Optional[str] = ..., live_after: _Optional[str] = ...) -> None: ...
+    catchup_group: int
+    def __init__(self, subscription_id: _Optional[str] = ..., success: _Optional[bool] = ..., error: _Optional[str] = ..., code: _Optional[str] = ..., live_after: _Optional[str] = ..., catchup_group: _Optional[int] = ...) -> None: ...
 
 class EventDelivery(_message.Message):
     __slots__ = ("subscription_ids", "event")
@@ -193,6 +197,16 @@ class SubscribeBatchResponse(_message.Message):
     responses: _containers.RepeatedCompositeFieldContainer[SubscribeResponse]
     live_after: str
     def __init__(self, responses: _Optional[_Iterable[_Union[SubscribeResponse, _Mapping]]] = ..., live_after: _Optional[str] = ...) -> None: ...
+
+class CatchUpProgress(_message.Message):
+    __slots__ = ("group", "marker", "merged_into")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    MARKER_FIELD_NUMBER: _ClassVar[int]
+    MERGED_INTO_FIELD_NUMBER: _ClassVar[int]
+    group: int
+    marker: str
+    merged_into: int
+    def __init__(self, group: _Optional[int] = ..., marker: _Optional[str] = ..., merged_into: _Optional[int] = ...) -> None: ...
 
 class CaughtUp(_message.Message):
     __slots__ = ("subscription_ids", "resync_required")
