@@ -257,6 +257,7 @@ def test_many_subscriptions_with_many_markers_at_once(tmp_path: Path) -> None:
         await appended(service, 0, 59, lambda i: "c")
         markers = {f"s{n}": rng.randrange(60) for n in range(120)}
         one, two = Gateway(stub), Gateway(stub)
+        await one.call.write(GatewayMessage(hello=Hello(gateway_id="one", resumes=True)))
         reqs = [request(s, after=f"p{k}") for s, k in markers.items()]
         # Single subscribes, all sent before the first answer, on another stream.
         for r in reqs[100:]:
@@ -280,6 +281,31 @@ def test_many_subscriptions_with_many_markers_at_once(tmp_path: Path) -> None:
         assert catchup.reading == 0 and catchup.resyncs == 0
         # Readers that met merged: fewer replays than markers.
         assert catchup.merges > 0
+        # Each progress the resuming gateway was told is true when it comes:
+        # every subscription of the group (and of the groups merged into
+        # it) has had exactly its events up to that marker.
+        group_of = {r.subscription_id: r.catchup_group for r in responses}
+        members: dict[int, set[str]] = {}
+        for sub_id, group in group_of.items():
+            members.setdefault(group, set()).add(sub_id)
+        received: dict[str, list[int]] = {sub_id: [] for sub_id in group_of}
+        told = merged = 0
+        for m in one.messages:
+            if m.HasField("catchup_progress"):
+                p = m.catchup_progress
+                upto = int(p.marker[1:])
+                for sub_id in members.get(p.group, ()):
+                    assert received[sub_id] == list(range(markers[sub_id] + 1, upto + 1))
+                told += 1
+                if p.merged_into:
+                    merged += 1
+                    members.setdefault(p.merged_into, set()).update(members.pop(p.group, ()))
+            for d in m.batch.deliveries if m.HasField("batch") else (
+                    [m.delivery] if m.HasField("delivery") else []):
+                for sub_id in d.subscription_ids:
+                    received[sub_id].append(int(d.event.event_id[1:]))
+        assert told > 0 and merged > 0
+        assert not any(m.HasField("catchup_progress") for m in two.messages)  # no Hello
         await one.close()
         await two.close()
 
