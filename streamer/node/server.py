@@ -12,8 +12,9 @@ heartbeats, which are acknowledged as they come. A subscribe with
 stream's later registrations wait for it, so answers stay one per request
 and in order. A gateway whose Hello says ``resumes`` also learns, with each
 answer, the marker its live subscriptions have every event after
-(``live_after``), and when resumed subscriptions become live
-(``caught_up``): what it needs to resume each after a marker of its own.
+(``live_after``), how far its catching-up subscriptions are
+(``catchup_progress``) and when they become live (``caught_up``): what it
+needs to resume each after a marker, with few distinct markers.
 
 How a stream ends, and with which status (docs/protocol.md):
 
