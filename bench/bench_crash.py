@@ -30,11 +30,13 @@ event of the log is transformed and matched as the ingest does
 (``streamer.tools.demo.expected_ops``) against the workload's
 subscriptions, which gives each subscription its expected deliveries in
 order. Each subscription's received deliveries must follow that order;
-where they jump, a Streamer restart must explain it: the replay after a
-restart starts right after the marker saved at that kill, so the first
+where they jump ahead, a Streamer restart must explain it: the replay after
+a restart starts right after the marker saved at that kill, so the first
 delivery after the jump must be the subscription's first expected event
-after that marker. Jumping back is a duplicate (allowed, counted); jumping
-forward skips events at or before that marker, which the crash may have
+after that marker. Jumping back (a rewind: a client that resumed after its
+catch-up group's progress, older than its own last delivery) is followed
+by duplicates (allowed, counted); jumping ahead skips events at or before
+that marker, which the crash may have
 lost (queued but not yet written when the process died: docs/delivery.md,
 What a crash can lose; counted). Missing: an expected event after a saved
 marker that never arrived, or a jump no restart explains; it must be 0, as
@@ -309,7 +311,8 @@ class Outcome:
     duplicates: int = 0
     lost_before_marker: int = 0  # what a crash may lose (docs/delivery.md)
     missing: int = 0
-    unexplained_jumps: int = 0
+    unexplained_jumps: int = 0  # ahead, past events no restart's replay skips
+    rewinds: int = 0  # back to an event already received (duplicates follow)
     unexpected: int = 0  # deliveries of events or to subscriptions not expected
     subscriptions_with_duplicates: int = 0
     examples: list[str] = field(default_factory=list)
@@ -341,10 +344,15 @@ def check_subscription(
         if i == following:
             following += 1
             continue
-        # A jump: the start of a replay, right after the marker saved at a kill.
+        # A jump: the start of a replay, right after the marker saved at a
+        # kill; or back to an event already received (a rewind: a client
+        # that resumed after its catch-up group's progress, older than its
+        # own last delivery), which duplicates follow, never a gap.
         k = next((k for k in range(usable, len(restarts))
                   if bisect.bisect_right(positions, restarts[k]) == i), None)
-        if k is None:
+        if k is None and i < following:
+            outcome.rewinds += 1
+        elif k is None:
             outcome.unexplained_jumps += 1
             if len(outcome.examples) < 5:
                 outcome.examples.append(
@@ -518,7 +526,8 @@ def render(figures: dict[str, Any]) -> list[str]:
         f"{c['gateways']} gateways, {figures['run_s']:.0f} s",
         f"{o['deliveries']:,} of {o['expected']:,} expected",
         f"{o['missing']:,}" + (" PASS" if not o["missing"] else " FAIL"),
-        f"{o['duplicates']:,} (in {o['subscriptions_with_duplicates']:,} subscriptions)",
+        f"{o['duplicates']:,} (in {o['subscriptions_with_duplicates']:,} subscriptions, "
+        f"after {o['rewinds']:,} rewinds)",
         f"{o['lost_before_marker']:,}",
         f"{o['unexplained_jumps']:,} / {o['unexpected']:,}",
     ]]
