@@ -73,14 +73,15 @@ Sizes (``STREAMER_BENCH_RESUME_*``; quick sizes with
 ``RESUMING`` 100000 (10000), ``RATE`` 2000 (500), ``SECONDS`` 20 (6),
 ``WARMUP`` 3 (1), ``SETTLE`` 5 (2), ``STOPPED`` 10 (5), ``STALL``
 (``--stall-seconds``) 2 (2), ``CATCHUP_TIMEOUT`` 300 (120), ``POLL`` 0.1.
-Figures: ``bench/results/resume.json`` (and the processes' logs in
-``bench/results/resume-logs/`` when a check failed).
+Figures: ``bench/results/resume.json``, the processes' logs in
+``bench/results/resume-logs/``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import itertools
 import json
 import logging
@@ -479,6 +480,7 @@ class Run:
         window = self.open_window()
         os.kill(self.resumer.pid, signal.SIGCONT)
         continued, wall = time.monotonic(), time.time()
+        info["sigcont_wall"] = wall
         seen = {"catching_up": False, "answered": False, "answered_s": math.nan}
 
         def caught_up(samples: dict[str, Any]) -> bool:
@@ -642,8 +644,9 @@ def run(tmp_path: Path) -> dict[str, Any]:
         figures["resumer_final"] = end["final"]
         figures["streamer_log_errors"] = log_errors(work / "streamer.log")
         figures["cutoffs_logged"] = cutoffs_logged(work / "streamer.log")
-        figures["handoffs_logged"] = _handoffs(work / "streamer.log")
-        figures["pauses_logged"] = _pauses(work / "streamer.log")
+        since = info["sigcont_wall"]
+        figures["handoffs_logged"] = _logged(work / "streamer.log", "handed over", since)
+        figures["pauses_logged"] = _logged(work / "streamer.log", "event loop was held", since)
         checking = time.monotonic()
         outcome = verify(work, first, end["end_position"])
         figures["verify_s"] = time.monotonic() - checking
@@ -657,8 +660,7 @@ def run(tmp_path: Path) -> dict[str, Any]:
         os.sched_setaffinity(0, own)
         figures["pinned"] = run_.pinned
         figures["problems"] = run_.problems
-        if run_.problems:
-            figures["logs"] = str(keep_logs(work, "resume"))
+        figures["logs"] = str(keep_logs(work, "resume"))
         if work != tmp_path:
             shutil.rmtree(work, ignore_errors=True)
     return figures
@@ -689,14 +691,20 @@ def _problems(figures: dict[str, Any]) -> list[str]:
     return out
 
 
-def _handoffs(log: Path) -> list[str]:
+def _logged(log: Path, text: str, since: float) -> list[str]:
+    """The Streamer's log lines holding ``text``, each with its time in
+    seconds after ``since`` (wall clock; the log's time is local)."""
+    out = []
     with open(log, errors="replace") as f:
-        return [line.split(": ", 1)[-1].strip() for line in f if "handed over" in line]
-
-
-def _pauses(log: Path) -> list[str]:
-    with open(log, errors="replace") as f:
-        return [line.split(": ", 1)[-1].strip() for line in f if "event loop was held" in line]
+        for line in f:
+            if text not in line:
+                continue
+            try:
+                at = dt.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            except ValueError:
+                at = math.nan
+            out.append(f"{at - since:+.1f} s: {line.split(': ', 1)[-1].strip()}")
+    return out
 
 
 def _ms(value: float) -> str:
@@ -779,11 +787,11 @@ def render(figures: dict[str, Any]) -> list[str]:
     lines += [f"cut-offs in the Streamer's log: {len(cutoffs)}"
               + "".join(f"\n  {c['gateway']}: {c['why']}; {c['subscriptions']:,} subscriptions, "
                         f"{c['unsent_messages']:,} queued message(s) dropped" for c in cutoffs)]
-    lines += [f"handoffs logged: {len(figures['handoffs_logged'])}"
-              + "".join(f"\n  {h}" for h in figures["handoffs_logged"][:5])]
-    pauses = figures["pauses_logged"]
-    lines += [f"event-loop pauses logged: {len(pauses)}"
-              + "".join(f"\n  {p}" for p in pauses[:8])]
+    lines += [f"handoffs logged (time after SIGCONT): {len(figures['handoffs_logged'])}"
+              + "".join(f"\n  {h}" for h in figures["handoffs_logged"][:8])]
+    pauses = [p for p in figures["pauses_logged"] if p[0] == "+"]
+    lines += [f"event-loop pauses logged (of {len(figures['pauses_logged'])} in the run) after "
+              f"SIGCONT: {len(pauses)}" + "".join(f"\n  {p}" for p in pauses[:12])]
     errors = figures.get("streamer_log_errors", {})
     lines += [f"Streamer log: {sum(errors.values())} ERROR line(s)"
               + "".join(f"\n  {n} x {message}" for message, n in errors.items())]
