@@ -33,10 +33,15 @@ Phases:
    p99 baseline;
 3. stopped: ``SIGSTOP`` of the resumer. It no longer reads, so the
    Streamer's writes to it stall and the ``--stall-seconds`` watchdog (or
-   the queue bound) cuts it off with ``RESOURCE_EXHAUSTED``
-   (``streamer_lagging_cutoffs_total``, and the Streamer's log line, say it
-   did). It stays stopped ``STOPPED`` seconds: ``RATE x STOPPED`` events to
-   replay against its subscriptions;
+   the queue bound) cuts it off with ``RESOURCE_EXHAUSTED`` (the Streamer's
+   log line of the stream's end says so, and
+   ``streamer_lagging_cutoffs_total`` counts it). The resumer's channel
+   does not probe the bandwidth-delay product (``grpc.http2.bdp_probe``
+   0): its HTTP/2 receive window stays at 64 KiB, so the writes stall at
+   once; with a grown window the few megabytes in flight took longer than
+   the transport's keepalive timeout to fill at these rates, and the stream
+   was lost (keepalive) instead of cut off. It stays stopped ``STOPPED``
+   seconds: ``RATE x STOPPED`` events to replay against its subscriptions;
 4. catch-up: ``SIGCONT``. The resumer reads what its socket still held,
    gets the status, reconnects and re-subscribes every subscription with
    ``resume_after`` (batched); the Streamer replays from the Puller and
@@ -44,7 +49,9 @@ Phases:
    resumer has been answered (its client is connected again) and the
    Streamer's ``streamer_catchup_subscriptions`` gauge is back to 0
    (bounded by ``CATCHUP_TIMEOUT``); the honest latency is measured over
-   exactly that window;
+   exactly that window, and reported again over the window ``AFTER`` (1)
+   second longer (the same histogram, read again: live events the
+   catch-up delayed may reach the honest gateways just after it);
 5. quiet again: ``SETTLE`` seconds, then ``SECONDS`` measured.
 
 During every window the driver scrapes the Streamer's metrics every
