@@ -38,9 +38,10 @@ Phases:
    ``streamer_lagging_cutoffs_total`` counts it). The resumer's channel
    does not probe the bandwidth-delay product (``grpc.http2.bdp_probe``
    0): its HTTP/2 receive window stays at 64 KiB, so the writes stall at
-   once; with a grown window the few megabytes in flight took longer than
-   the transport's keepalive timeout to fill at these rates, and the stream
-   was lost (keepalive) instead of cut off. It stays stopped ``STOPPED``
+   once (with the default, at the quick sizes' rate, no write had stalled
+   for 2 s ten seconds after ``SIGSTOP``, when the connection was dropped
+   as lost instead: "cancelled by the gateway, or its connection was
+   lost", 461 messages queued). It stays stopped ``STOPPED``
    seconds: ``RATE x STOPPED`` events to replay against its subscriptions;
 4. catch-up: ``SIGCONT``. The resumer reads what its socket still held,
    gets the status, reconnects and re-subscribes every subscription with
