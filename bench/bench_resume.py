@@ -298,14 +298,15 @@ def resumer_main(argv: list[str]) -> None:
 
 # ------------------------------------------------------------------- driver
 @dataclass
-class Window:
-    """What the Streamer's metrics, CPU and the cores said at a window's start."""
+class Snapshot:
+    """The Streamer's metrics and CPU, the cores' and the honest gateways'
+    counts at one moment: a window runs from one to another."""
 
-    started: float
+    at: float
     metrics: dict[str, Any]
     cpu: float
     busy: dict[str, tuple[float, float]]
-    polls: list[dict[str, Any]] = field(default_factory=list)
+    honest: dict[str, Any]
 
 
 class Run:
@@ -318,6 +319,7 @@ class Run:
         self.puller: subprocess.Popen[Any] | None = None
         self.resumer: subprocess.Popen[str] | None = None
         self.honest: Honest | None = None
+        self.polls: list[dict[str, Any]] = []  # every scrape of a window
         self.problems: list[str] = []
         self.pinned = (os.cpu_count() or 1) >= 2
         self.load_cpus = {0} if self.pinned else None
@@ -389,21 +391,26 @@ class Run:
                 "resumer_register_reported_s": ready["seconds"]}
 
     # -- windows -------------------------------------------------------------
-    def open_window(self) -> Window:
+    def snapshot(self, *, reset: bool = False) -> Snapshot:
+        """Now; ``reset``: the honest gateways' counts start again from 0."""
         assert self.streamer is not None and self.honest is not None
-        self.honest.ask("reset")
-        return Window(time.monotonic(), self.scrape(), cpu_seconds(self.streamer.pid),
-                      cpu_busy())
+        if reset:
+            self.honest.ask("reset")
+            honest: dict[str, Any] = {"deliveries": 0, "hist": {}}
+        else:
+            honest = self.honest.report()
+        return Snapshot(time.monotonic(), self.scrape(), cpu_seconds(self.streamer.pid),
+                        cpu_busy(), honest)
 
-    def poll(self, window: Window, until: Callable[[dict[str, Any]], bool],
+    def poll(self, since: Snapshot, until: Callable[[dict[str, Any]], bool],
              timeout: float) -> bool:
         """Scrape every POLL seconds until ``until(samples)`` or ``timeout``
-        seconds into the window; whether ``until`` was met."""
+        seconds after ``since``; whether ``until`` was met."""
         assert self.streamer is not None
-        while time.monotonic() - window.started < timeout:
+        while time.monotonic() - since.at < timeout:
             samples = self.scrape()
-            window.polls.append({
-                "t": time.monotonic() - window.started,
+            self.polls.append({
+                "at": time.monotonic(),
                 "catching_up": counter(samples, "streamer_catchup_subscriptions"),
                 "readers": counter(samples, "streamer_catchup_readers"),
                 "queued_max": counter(samples, "streamer_gateway_queued_messages_max"),
@@ -415,15 +422,19 @@ class Run:
             time.sleep(POLL)
         return False
 
-    def close_window(self, name: str, window: Window) -> dict[str, Any]:
-        assert self.streamer is not None and self.honest is not None
-        honest = self.honest.report()
-        elapsed = time.monotonic() - window.started
-        m0, m1 = window.metrics, self.scrape()
-        cpu1, busy1 = cpu_seconds(self.streamer.pid), cpu_busy()
-        if not honest["deliveries"]:
+    def window(self, name: str, start: Snapshot, end: Snapshot | None = None) -> dict[str, Any]:
+        """The figures of the window from ``start`` to ``end`` (now)."""
+        assert self.streamer is not None
+        if end is None:
+            end = self.snapshot()
+        elapsed = end.at - start.at
+        m0, m1 = start.metrics, end.metrics
+        hist = {b: n - start.honest["hist"].get(b, 0) for b, n in end.honest["hist"].items()}
+        hist = {b: n for b, n in hist.items() if n}
+        deliveries = end.honest["deliveries"] - start.honest["deliveries"]
+        if not deliveries:
             self.problems.append(f"{name}: the honest gateways received nothing")
-        hist = honest["hist"]
+        polls = [p for p in self.polls if start.at <= p["at"] <= end.at]
 
         def delta(metric: str) -> float:
             return counter(m1, metric) - counter(m0, metric)
@@ -431,7 +442,7 @@ class Run:
         return {
             "phase": name,
             "seconds": elapsed,
-            "honest_deliveries_per_s": honest["deliveries"] / elapsed,
+            "honest_deliveries_per_s": deliveries / elapsed,
             "honest_latency_samples": sum(hist.values()),
             "honest_p50_ms": bucket_quantile(hist, 0.50) / 1e6,
             "honest_p99_ms": bucket_quantile(hist, 0.99) / 1e6,
@@ -442,9 +453,9 @@ class Run:
                 0.99, latency_buckets(m1), latency_buckets(m0)) * 1e3,
             "longest_pause_ms": longest_pause(m1, m0) * 1e3,
             "gc_ms_per_s": (gc_seconds(m1) - gc_seconds(m0)) / elapsed * 1e3,
-            "streamer_cpu": (cpu1 - window.cpu) / elapsed,
+            "streamer_cpu": (end.cpu - start.cpu) / elapsed,
             "streamer_rss_mib": rss_mib(self.streamer.pid),
-            "cpu_busy": cpu_share(window.busy, busy1),
+            "cpu_busy": cpu_share(start.busy, end.busy),
             "cutoffs": delta("streamer_lagging_cutoffs_total"),
             "stalled_cutoffs": delta("streamer_stalled_cutoffs_total"),
             "catchup": {
@@ -452,76 +463,84 @@ class Run:
                 for key in ("events_replayed", "handoffs", "merges", "paced", "resyncs",
                             "late_refusals", "reader_failures")
             },
-            "catching_up_peak": max((p["catching_up"] for p in window.polls), default=0),
-            "readers_peak": max((p["readers"] for p in window.polls), default=0),
-            "queued_max_peak": max((p["queued_max"] for p in window.polls), default=0),
+            "catching_up_peak": max((p["catching_up"] for p in polls), default=0),
+            "readers_peak": max((p["readers"] for p in polls), default=0),
+            "queued_max_peak": max((p["queued_max"] for p in polls), default=0),
         }
 
     def quiet(self, name: str) -> dict[str, Any]:
-        window = self.open_window()
-        self.poll(window, lambda _: False, SECONDS)
-        return self.close_window(name, window)
+        start = self.snapshot(reset=True)
+        self.poll(start, lambda _: False, SECONDS)
+        return self.window(name, start)
 
     def stop_and_catch_up(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        """The stopped window (SIGSTOP to SIGCONT) and the catch-up window
-        (SIGCONT until caught up), and what happened around them."""
+        """The windows from SIGSTOP to the cut-off, from there to SIGCONT,
+        of the catch-up (SIGCONT until caught up: the target's), its two
+        parts (until the resumer is answered, and the rest), and the
+        catch-up AFTER seconds longer; and what happened around them."""
         assert self.resumer is not None
         info: dict[str, Any] = {}
         before = self.ask_resumer()
         info["resumer_before_stop"] = before
         ended0 = len(self.resumer_ends())
-        window = self.open_window()
+        start = self.snapshot(reset=True)
         os.kill(self.resumer.pid, signal.SIGSTOP)
-        stopped_at = time.monotonic()
         # Its stream ends: cut off (RESOURCE_EXHAUSTED), or, should the
         # transport's keepalive see it first, lost.
-        cut = self.poll(window, lambda _: len(self.resumer_ends()) > ended0, STALL + 30)
+        cut = self.poll(start, lambda _: len(self.resumer_ends()) > ended0, STALL + 30)
+        cut_at = self.snapshot()
         info["cut_off"] = cut
-        info["cut_off_after_s"] = time.monotonic() - stopped_at
+        info["cut_off_after_s"] = cut_at.at - start.at
         info["stream_end_logged"] = self.resumer_ends()[ended0:]
         if not cut:
             self.problems.append(f"the stopped resumer's stream did not end within "
                                  f"{STALL + 30:g} s")
-        self.poll(window, lambda _: False, STOPPED)
-        stopped = self.close_window("stopped", window)
+        self.poll(start, lambda _: False, STOPPED)
+        windows = [self.window("stopped, until the cut-off", start, cut_at),
+                   self.window("stopped, after the cut-off", cut_at)]
         # The catch-up.
-        window = self.open_window()
+        start = self.snapshot(reset=True)
         os.kill(self.resumer.pid, signal.SIGCONT)
-        continued, wall = time.monotonic(), time.time()
+        wall = time.time()
         info["sigcont_wall"] = wall
-        seen = {"catching_up": False, "answered": False, "answered_s": math.nan}
+        seen: dict[str, Any] = {"catching_up": False, "answered": None}
 
         def caught_up(samples: dict[str, Any]) -> bool:
             catching = counter(samples, "streamer_catchup_subscriptions")
             if catching:
                 seen["catching_up"] = True
-            if not seen["answered"]:
+            if seen["answered"] is None:
                 report = self.ask_resumer()
                 if report["reconnects"] > before["reconnects"] and report["connected"]:
-                    seen["answered"] = True
-                    seen["answered_s"] = time.monotonic() - continued
-            return bool(seen["answered"]) and not catching
+                    seen["answered"] = self.snapshot()
+            return seen["answered"] is not None and not catching
 
-        done = self.poll(window, caught_up, CATCHUP_TIMEOUT)
-        info["catchup_s"] = time.monotonic() - continued
+        done = self.poll(start, caught_up, CATCHUP_TIMEOUT)
+        end = self.snapshot()
+        answered: Snapshot | None = seen["answered"]
+        info["catchup_s"] = end.at - start.at
         info["catchup_done"] = done
         info["catchup_seen"] = seen["catching_up"]
-        info["resubscribed_s"] = seen["answered_s"]
+        info["resubscribed_s"] = math.nan if answered is None else answered.at - start.at
         if not done:
             self.problems.append(f"the catch-up did not finish within {CATCHUP_TIMEOUT:g} s "
-                                 f"(resumer answered: {seen['answered']})")
-        catchup = self.close_window("catch-up", window)
+                                 f"(resumer answered: {answered is not None})")
+        windows.append(self.window("catch-up", start, end))
         # The live events the catch-up delayed may reach the honest
         # gateways after it ended: the same window, a moment longer.
         time.sleep(AFTER)
-        longer = self.close_window(f"catch-up + {AFTER:g} s", window)
+        windows.append(self.window(f"catch-up + {AFTER:g} s", start))
+        if answered is not None:
+            windows += [self.window("catch-up: until re-subscribed", start, answered),
+                        self.window("catch-up: the rest", answered, end)]
         after = self.ask_resumer()
         info["resumer_after_catchup"] = after
         info["resumer_connected_after_s"] = [t - wall for t in after["connected_at"]]
-        info["polls"] = window.polls
+        info["polls"] = [{**p, "at": p["at"] - start.at} for p in self.polls
+                         if p["at"] >= start.at]
         if after["reconnects"] <= before["reconnects"]:
             self.problems.append("the resumer did not reconnect")
-        return [stopped, catchup, longer], info
+        return windows, info
 
     def finish(self) -> dict[str, Any]:
         """The resumer's last position (then TAIL seconds more), the
@@ -677,7 +696,7 @@ def run(tmp_path: Path) -> dict[str, Any]:
 def _problems(figures: dict[str, Any]) -> list[str]:
     """What must hold whatever the timing."""
     out = []
-    catchup = figures["phases"][2]["catchup"]
+    catchup = phase(figures, "catch-up")["catchup"]
     if catchup["resyncs"] or catchup["late_refusals"] or catchup["reader_failures"]:
         out.append(f"catch-up: {catchup['resyncs']:.0f} resync(s), {catchup['late_refusals']:.0f} "
                    f"late refusal(s), {catchup['reader_failures']:.0f} reader failure(s)")
@@ -719,10 +738,15 @@ def _ms(value: float) -> str:
     return "—" if math.isnan(value) else f"{value:.2f}"
 
 
-def verdict(figures: dict[str, Any], phase: int = 2) -> tuple[float, bool]:
-    """The catch-up p99 (``phase`` 3: the window a moment longer) over the
+def phase(figures: dict[str, Any], name: str) -> dict[str, Any]:
+    found: dict[str, Any] = next(p for p in figures["phases"] if p["phase"] == name)
+    return found
+
+
+def verdict(figures: dict[str, Any], name: str = "catch-up") -> tuple[float, bool]:
+    """The p99 of the catch-up window (or another, by ``name``) over the
     quiet p99 before it, and whether that is within the target."""
-    quiet, catchup = figures["phases"][0], figures["phases"][phase]
+    quiet, catchup = figures["phases"][0], phase(figures, name)
     ratio = catchup["honest_p99_ms"] / quiet["honest_p99_ms"]
     return ratio, ratio <= TARGET_RATIO
 
@@ -744,9 +768,10 @@ def render(figures: dict[str, Any]) -> list[str]:
             " / ".join(f"{busy.get(c, math.nan):.0%}" for c in ("cpu0", "cpu1")),
         ])
     c, info = figures["config"], figures["catchup"]
-    cu = phases[2]["catchup"]
+    whole = phase(figures, "catch-up")
+    cu = whole["catchup"]
     ratio, ok = verdict(figures)
-    longer = verdict(figures, 3)[0]
+    longer = verdict(figures, f"catch-up + {AFTER:g} s")[0]
     after = info["resumer_after_catchup"]
     before = info["resumer_before_stop"]
     new_stream = {int(k): v for k, v in after["per_stream"].items()}
@@ -767,7 +792,7 @@ def render(figures: dict[str, Any]) -> list[str]:
                 "Streamer ingest→enqueue p99 ms", "longest pause ms", "GC ms/s",
                 "Streamer CPU", "CPU 0 / CPU 1 busy"], rows),
         "",
-        f"target: catch-up p99 {phases[2]['honest_p99_ms']:.2f} ms / quiet p99 "
+        f"target: catch-up p99 {whole['honest_p99_ms']:.2f} ms / quiet p99 "
         f"{quiet_p99:.2f} ms = {ratio:.2f}x (≤ {TARGET_RATIO:g}x): {'PASS' if ok else 'MISS'} "
         f"({longer:.2f}x over the window {AFTER:g} s longer)",
         f"the resumer's stream ended {info['cut_off_after_s']:.1f} s after SIGSTOP: "
@@ -779,9 +804,9 @@ def render(figures: dict[str, Any]) -> list[str]:
         f"handoff(s), {cu['merges']:.0f} merge(s), {cu['paced']:,.0f} paced wait(s), "
         f"{cu['resyncs']:.0f} resync(s), {cu['late_refusals']:.0f} late refusal(s), "
         f"{cu['reader_failures']:.0f} reader failure(s); peak "
-        f"{phases[2]['catching_up_peak']:,.0f} subscriptions catching up, "
-        f"{phases[2]['readers_peak']:.0f} reader(s), fullest gateway queue "
-        f"{phases[2]['queued_max_peak']:,.0f} messages",
+        f"{whole['catching_up_peak']:,.0f} subscriptions catching up, "
+        f"{whole['readers_peak']:.0f} reader(s), fullest gateway queue "
+        f"{whole['queued_max_peak']:,.0f} messages",
         f"resumer: {after['total'] - before['total']:,} deliveries from SIGSTOP to the end of the "
         f"catch-up, {new_stream.get(last_stream, 0):,} of them on its new stream (the first at "
         f"position {firsts.get(last_stream, -1):,}; the last before the stop "
