@@ -59,10 +59,13 @@ During every window the driver scrapes the Streamer's metrics every
 ``POLL`` seconds (the catch-up window needs it; the quiet ones do the same,
 so that the scrapes cost each window alike).
 
-Per window: honest p50/p99/p99.9 and deliveries/s, events/s, the Streamer's
-CPU, ingest→enqueue p99, longest event-loop pause and GC time (its
-``/metrics``), each core's busy share (the machine is shared: ``uptime``
-before and after too). For the catch-up: its duration, the time to
+Per window: honest p50/p99/p99.9 and deliveries/s, events/s, the
+Streamer's ingest→enqueue p99, longest event-loop pause and GC time (its
+``/metrics``), the CPU of the Streamer, the Puller, the resumer and the
+honest gateways, each core's busy share (the machine is shared: ``uptime``
+before and after too). The stopped window is split at the cut-off, and
+the catch-up window, besides whole, at the moment the resumer's client was
+connected again (every re-subscription answered). For the catch-up: its duration, the time to
 re-subscribe, events replayed, handoffs, merges, paced waits, resyncs and
 late refusals, and what the resumer received on its new stream. Target:
 the catch-up p99 within 2x the quiet p99 before it; a miss is reported,
@@ -304,7 +307,7 @@ class Snapshot:
 
     at: float
     metrics: dict[str, Any]
-    cpu: float
+    cpu: dict[str, float]  # CPU seconds of each kind of process
     busy: dict[str, tuple[float, float]]
     honest: dict[str, Any]
 
@@ -399,8 +402,17 @@ class Run:
             honest: dict[str, Any] = {"deliveries": 0, "hist": {}}
         else:
             honest = self.honest.report()
-        return Snapshot(time.monotonic(), self.scrape(), cpu_seconds(self.streamer.pid),
-                        cpu_busy(), honest)
+        return Snapshot(time.monotonic(), self.scrape(), self.cpu(), cpu_busy(), honest)
+
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds so far of the Streamer, the Puller, the resumer and
+        the honest gateways (together)."""
+        assert self.streamer is not None and self.honest is not None
+        out = {"streamer": cpu_seconds(self.streamer.pid),
+               "honest": sum(cpu_seconds(p.pid) for p in self.honest.procs)}
+        for name, proc in (("puller", self.puller), ("resumer", self.resumer)):
+            out[name] = cpu_seconds(proc.pid) if proc is not None else math.nan
+        return out
 
     def poll(self, since: Snapshot, until: Callable[[dict[str, Any]], bool],
              timeout: float) -> bool:
@@ -453,7 +465,8 @@ class Run:
                 0.99, latency_buckets(m1), latency_buckets(m0)) * 1e3,
             "longest_pause_ms": longest_pause(m1, m0) * 1e3,
             "gc_ms_per_s": (gc_seconds(m1) - gc_seconds(m0)) / elapsed * 1e3,
-            "streamer_cpu": (end.cpu - start.cpu) / elapsed,
+            "streamer_cpu": (end.cpu["streamer"] - start.cpu["streamer"]) / elapsed,
+            "cpu": {k: (end.cpu[k] - start.cpu[k]) / elapsed for k in start.cpu},
             "streamer_rss_mib": rss_mib(self.streamer.pid),
             "cpu_busy": cpu_share(start.busy, end.busy),
             "cutoffs": delta("streamer_lagging_cutoffs_total"),
@@ -764,7 +777,8 @@ def render(figures: dict[str, Any]) -> list[str]:
             f"{p['honest_deliveries_per_s']:,.0f}", _ms(p["honest_p50_ms"]),
             _ms(p["honest_p99_ms"]), f"{p['honest_p99_ms'] / quiet_p99:.2f}x",
             _ms(p["honest_p999_ms"]), _ms(p["honest_max_ms"]), _ms(p["ingest_enqueue_p99_ms"]),
-            _ms(p["longest_pause_ms"]), f"{p['gc_ms_per_s']:.1f}", f"{p['streamer_cpu']:.0%}",
+            _ms(p["longest_pause_ms"]), f"{p['gc_ms_per_s']:.1f}",
+            " / ".join(f"{p['cpu'][k]:.0%}" for k in ("streamer", "puller", "resumer", "honest")),
             " / ".join(f"{busy.get(c, math.nan):.0%}" for c in ("cpu0", "cpu1")),
         ])
     c, info = figures["config"], figures["catchup"]
@@ -790,7 +804,8 @@ def render(figures: dict[str, Any]) -> list[str]:
         *table(["window", "s", "events/s", "honest deliveries/s", "honest p50 ms",
                 "honest p99 ms", "p99 / quiet p99", "honest p99.9 ms", "honest max ms",
                 "Streamer ingest→enqueue p99 ms", "longest pause ms", "GC ms/s",
-                "Streamer CPU", "CPU 0 / CPU 1 busy"], rows),
+                "CPU: Streamer / Puller / resumer / honest gateways",
+                "CPU 0 / CPU 1 busy"], rows),
         "",
         f"target: catch-up p99 {whole['honest_p99_ms']:.2f} ms / quiet p99 "
         f"{quiet_p99:.2f} ms = {ratio:.2f}x (≤ {TARGET_RATIO:g}x): {'PASS' if ok else 'MISS'} "
