@@ -155,6 +155,7 @@ STOPPED = size("STREAMER_BENCH_RESUME_STOPPED", 10, 5)
 STALL = size("STREAMER_BENCH_RESUME_STALL", 2, 2)
 CATCHUP_TIMEOUT = size("STREAMER_BENCH_RESUME_CATCHUP_TIMEOUT", 300, 120)
 POLL = size("STREAMER_BENCH_RESUME_POLL", 0.1, 0.1)
+SERIES = 1.0  # seconds between two rows of the time series
 SEED = 1
 CLIENTS_PER_PROCESS = 2
 CYCLE = 20_000  # the Puller repeats its first events (bench_abuse.CYCLE)
@@ -300,6 +301,12 @@ def resumer_main(argv: list[str]) -> None:
 
 
 # ------------------------------------------------------------------- driver
+def _minus(hist: dict[int, int], base: dict[int, int]) -> dict[int, int]:
+    """A cumulative histogram less an earlier reading of it."""
+    out = {b: n - base.get(b, 0) for b, n in hist.items()}
+    return {b: n for b, n in out.items() if n}
+
+
 @dataclass
 class Snapshot:
     """The Streamer's metrics and CPU, the cores' and the honest gateways'
@@ -323,6 +330,9 @@ class Run:
         self.resumer: subprocess.Popen[str] | None = None
         self.honest: Honest | None = None
         self.polls: list[dict[str, Any]] = []  # every scrape of a window
+        # Every SERIES seconds of a window: its latency and pauses (_sample).
+        self.series: list[dict[str, Any]] = []
+        self._last: Snapshot
         self.problems: list[str] = []
         self.pinned = (os.cpu_count() or 1) >= 2
         self.load_cpus = {0} if self.pinned else None
@@ -402,7 +412,9 @@ class Run:
             honest: dict[str, Any] = {"deliveries": 0, "hist": {}}
         else:
             honest = self.honest.report()
-        return Snapshot(time.monotonic(), self.scrape(), self.cpu(), cpu_busy(), honest)
+        snapshot = Snapshot(time.monotonic(), self.scrape(), self.cpu(), cpu_busy(), honest)
+        self._last = snapshot
+        return snapshot
 
     def cpu(self) -> dict[str, float]:
         """CPU seconds so far of the Streamer, the Puller, the resumer and
@@ -427,12 +439,33 @@ class Run:
                 "readers": counter(samples, "streamer_catchup_readers"),
                 "queued_max": counter(samples, "streamer_gateway_queued_messages_max"),
             })
+            if time.monotonic() - self._last.at >= SERIES:
+                self._sample(samples)
             if until(samples):
                 return True
             if self.streamer.poll() is not None:
                 raise RuntimeError(f"the Streamer exited with {self.streamer.returncode}")
             time.sleep(POLL)
         return False
+
+    def _sample(self, samples: dict[str, Any]) -> None:
+        """One row of the time series: the honest gateways' latency, the
+        Streamer's longest pause and ingest→enqueue p99 since the last
+        snapshot or row."""
+        assert self.honest is not None
+        last, now = self._last, time.monotonic()
+        honest = self.honest.report()
+        hist = _minus(honest["hist"], last.honest["hist"])
+        self.series.append({
+            "at": now,
+            "seconds": now - last.at,
+            "hist": hist,
+            "ingest_enqueue_p99_ms": histogram_quantile(
+                0.99, latency_buckets(samples), latency_buckets(last.metrics)) * 1e3,
+            "longest_pause_ms": longest_pause(samples, last.metrics) * 1e3,
+            "catching_up": counter(samples, "streamer_catchup_subscriptions"),
+        })
+        self._last = Snapshot(now, samples, last.cpu, last.busy, honest)
 
     def window(self, name: str, start: Snapshot, end: Snapshot | None = None) -> dict[str, Any]:
         """The figures of the window from ``start`` to ``end`` (now)."""
@@ -441,8 +474,7 @@ class Run:
             end = self.snapshot()
         elapsed = end.at - start.at
         m0, m1 = start.metrics, end.metrics
-        hist = {b: n - start.honest["hist"].get(b, 0) for b, n in end.honest["hist"].items()}
-        hist = {b: n for b, n in hist.items() if n}
+        hist = _minus(end.honest["hist"], start.honest["hist"])
         deliveries = end.honest["deliveries"] - start.honest["deliveries"]
         if not deliveries:
             self.problems.append(f"{name}: the honest gateways received nothing")
@@ -551,6 +583,8 @@ class Run:
         info["resumer_connected_after_s"] = [t - wall for t in after["connected_at"]]
         info["polls"] = [{**p, "at": p["at"] - start.at} for p in self.polls
                          if p["at"] >= start.at]
+        info["series"] = [{**r, "at": r["at"] - start.at} for r in self.series
+                          if r["at"] > start.at and r["at"] <= end.at + AFTER + 0.5]
         if after["reconnects"] <= before["reconnects"]:
             self.problems.append("the resumer did not reconnect")
         return windows, info
@@ -751,6 +785,35 @@ def _ms(value: float) -> str:
     return "—" if math.isnan(value) else f"{value:.2f}"
 
 
+def series_table(info: dict[str, Any], rows: int = 24) -> list[str]:
+    """The catch-up as a time series (about ``rows`` rows from SIGCONT):
+    the honest gateways' latency, the Streamer's longest pause and
+    ingest→enqueue p99, and the subscriptions still catching up."""
+    series = info.get("series", [])
+    if not series:
+        return []
+    width = max(1.0, math.ceil(info["catchup_s"] / rows))
+    bins: dict[int, list[dict[str, Any]]] = {}
+    for row in series:
+        bins.setdefault(int(max(row["at"] - 1e-6, 0) // width), []).append(row)
+    out = []
+    for k, group in sorted(bins.items()):
+        hist: dict[int, int] = {}
+        for row in group:
+            for b, n in row["hist"].items():
+                hist[int(b)] = hist.get(int(b), 0) + n
+        out.append([
+            f"+{k * width:g}-{(k + 1) * width:g}", _ms(bucket_quantile(hist, 0.5) / 1e6),
+            _ms(bucket_quantile(hist, 0.99) / 1e6),
+            _ms(max(row["longest_pause_ms"] for row in group)),
+            _ms(max(row["ingest_enqueue_p99_ms"] for row in group)),
+            f"{group[-1]['catching_up']:,.0f}",
+        ])
+    return ["after SIGCONT:", *table(
+        ["s", "honest p50 ms", "honest p99 ms", "longest pause ms",
+         "ingest→enqueue p99 ms (max)", "catching up (at the end)"], out)]
+
+
 def phase(figures: dict[str, Any], name: str) -> dict[str, Any]:
     found: dict[str, Any] = next(p for p in figures["phases"] if p["phase"] == name)
     return found
@@ -831,6 +894,7 @@ def render(figures: dict[str, Any]) -> list[str]:
         f"{o['subscriptions']:,} subscriptions; missing {o['missing']}, duplicates "
         f"{o['duplicates']}, out of order {o['out_of_order']}, unexpected {o['unexpected']}",
     ]
+    lines += ["", *series_table(info), ""]
     cutoffs = figures.get("cutoffs_logged", [])
     lines += [f"cut-offs in the Streamer's log: {len(cutoffs)}"
               + "".join(f"\n  {c['gateway']}: {c['why']}; {c['subscriptions']:,} subscriptions, "
