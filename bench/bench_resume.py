@@ -65,7 +65,11 @@ Streamer's ingest→enqueue p99, longest event-loop pause and GC time (its
 honest gateways, each core's busy share (the machine is shared: ``uptime``
 before and after too). The stopped window is split at the cut-off, and
 the catch-up window, besides whole, at the moment the resumer's client was
-connected again (every re-subscription answered). For the catch-up: its duration, the time to
+connected again (every re-subscription answered); the catch-up is also
+shown as a time series (rows of at least a second: honest p50/p99, the
+Streamer's longest pause and ingest→enqueue p99, subscriptions still
+catching up), with the Streamer's logged handoffs and event-loop pauses
+timed from ``SIGCONT``. For the catch-up: its duration, the time to
 re-subscribe, events replayed, handoffs, merges, paced waits, resyncs and
 late refusals, and what the resumer received on its new stream. Target:
 the catch-up p99 within 2x the quiet p99 before it; a miss is reported,
