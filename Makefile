@@ -33,11 +33,14 @@ bench-e2e: $(STAMP)
 
 ## The reliability figures (docs/reliability.md): abuse, churn and crash, one
 ## after the other, with real streamer serve, streamer puller and gateway
-## processes on loopback. STREAMER_RELIABILITY_QUICK=1 make reliability is the
-## quick run; STREAMER_BENCH_ABUSE_*, _CHURN_* and _CRASH_* size each
-## (bench/bench_abuse.py, bench_churn.py, bench_crash.py). Not part of test.
+## processes on loopback, then resume (docs/benchmarks.md, Live latency while
+## subscriptions catch up). STREAMER_RELIABILITY_QUICK=1 make reliability is
+## the quick run; STREAMER_BENCH_ABUSE_*, _CHURN_*, _CRASH_* and _RESUME_*
+## size each (bench/bench_abuse.py, bench_churn.py, bench_crash.py,
+## bench_resume.py). Not part of test.
 reliability: $(STAMP)
-	$(PY) -m pytest -q bench/bench_abuse.py bench/bench_churn.py bench/bench_crash.py
+	$(PY) -m pytest -q bench/bench_abuse.py bench/bench_churn.py bench/bench_crash.py \
+		bench/bench_resume.py
 
 ## The main job: the whole pipeline on loopback (Puller, Streamer, 4 gateway
 ## processes, 20 000 subscriptions, 2 000 events/s for 12 s), a live display,

@@ -68,7 +68,6 @@ import json
 import logging
 import math
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -83,10 +82,15 @@ import grpc
 import pytest
 from reliability import (
     Children,
+    Honest,
     count,
+    counter,
     cpu_busy,
     cpu_share,
+    cutoffs_logged,
+    events_total,
     keep_logs,
+    line_of,
     log_errors,
     machine,
     puller_argv,
@@ -515,47 +519,6 @@ def abuser_main(argv: list[str]) -> None:
 
 
 # ------------------------------------------------------------------- driver
-class Honest:
-    """The honest gateways: benchmark gateway processes, asked over stdin."""
-
-    def __init__(self, procs: list[subprocess.Popen[str]]) -> None:
-        self.procs = procs
-
-    def ask(self, word: str) -> list[str]:
-        for proc in self.procs:
-            assert proc.stdin is not None
-            proc.stdin.write(word + "\n")
-            proc.stdin.flush()
-        return [self._line(proc) for proc in self.procs]
-
-    @staticmethod
-    def _line(proc: subprocess.Popen[str]) -> str:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"gateway process {proc.pid} ended ({proc.poll()})")
-        return line
-
-    def report(self) -> dict[str, Any]:
-        hist: dict[int, int] = {}
-        deliveries = 0
-        for line in self.ask("report"):
-            report = json.loads(line)
-            deliveries += report["deliveries"]
-            for bucket, n in report["hist"].items():
-                hist[int(bucket)] = hist.get(int(bucket), 0) + n
-        return {"deliveries": deliveries, "hist": hist}
-
-
-def _events(samples: dict[str, Any]) -> float:
-    return sum(v for labels, v in samples.get("streamer_events_total", {}).items()
-               if ("op", "heartbeat") not in labels)
-
-
-def _counter(samples: dict[str, Any], name: str) -> float:
-    return sum(samples.get(name, {}).values())
-
-
 def _stop_abuser(children: Children, proc: subprocess.Popen[str]) -> dict[str, Any]:
     """SIGTERM an abuser and read its report (its last line)."""
     with contextlib.suppress(ProcessLookupError):
@@ -632,20 +595,8 @@ class Run:
         )
         wait_for("the Streamer's metrics", self._scrapes, 60, [self.streamer])
         started = time.monotonic()
-        procs = []
-        for first in range(0, GATEWAYS, CLIENTS_PER_PROCESS):
-            indexes = range(first, min(first + CLIENTS_PER_PROCESS, GATEWAYS))
-            procs.append(children.start(
-                f"gateways-{first}",
-                ["-m", "streamer.tools.benchmark", "gateway", "--target", self.target,
-                 "--index", ",".join(map(str, indexes)), "--gateways", str(GATEWAYS),
-                 "--n", str(N), "--seed", str(SEED)],
-                pipes=True, cpus=self.load_cpus,
-            ))
-        self.honest = Honest(procs)
-        for proc in procs:
-            if not Honest._line(proc).startswith("ready"):
-                raise RuntimeError("a gateway process did not register its subscriptions")
+        self.honest = Honest.start(children, self.target, N, GATEWAYS, SEED,
+                                   per_process=CLIENTS_PER_PROCESS, cpus=self.load_cpus)
         registered = time.monotonic() - started
         children.start("puller", puller_argv(
             self.puller_port, self.work / "puller-log", RATE, "--seed", str(SEED),
@@ -677,7 +628,7 @@ class Run:
             for kind in kinds
         }
         for kind, proc in abusers.items():
-            if not Honest._line(proc).startswith("started"):
+            if not line_of(proc).startswith("started"):
                 raise RuntimeError(f"abuser {kind} did not start")
         time.sleep(WARMUP)
         self.honest.ask("reset")
@@ -716,17 +667,17 @@ class Run:
             "honest_p50_ms": bucket_quantile(hist, 0.50) / 1e6,
             "honest_p99_ms": bucket_quantile(hist, 0.99) / 1e6,
             "honest_p999_ms": bucket_quantile(hist, 0.999) / 1e6,
-            "events_per_s": (_events(m1) - _events(m0)) / elapsed,
+            "events_per_s": (events_total(m1) - events_total(m0)) / elapsed,
             "ingest_enqueue_p99_ms": histogram_quantile(
                 0.99, latency_buckets(m1), latency_buckets(m0)) * 1e3,
             "longest_pause_ms": longest_pause(m1, m0) * 1e3,
             "gc_ms_per_s": (gc_seconds(m1) - gc_seconds(m0)) / elapsed * 1e3,
-            "cutoffs": _counter(m1, "streamer_lagging_cutoffs_total")
-            - _counter(m0, "streamer_lagging_cutoffs_total"),
-            "stalled_cutoffs": _counter(m1, "streamer_stalled_cutoffs_total")
-            - _counter(m0, "streamer_stalled_cutoffs_total"),
-            "identity_refusals": _counter(m1, "streamer_gateway_identity_refusals_total")
-            - _counter(m0, "streamer_gateway_identity_refusals_total"),
+            "cutoffs": counter(m1, "streamer_lagging_cutoffs_total")
+            - counter(m0, "streamer_lagging_cutoffs_total"),
+            "stalled_cutoffs": counter(m1, "streamer_stalled_cutoffs_total")
+            - counter(m0, "streamer_stalled_cutoffs_total"),
+            "identity_refusals": counter(m1, "streamer_gateway_identity_refusals_total")
+            - counter(m0, "streamer_gateway_identity_refusals_total"),
             "streamer_cpu": (cpu1 - cpu0) / elapsed,
             "cpu_busy": shares,
             "rss_before_mib": rss_before,
@@ -770,7 +721,7 @@ def run(tmp_path: Path) -> dict[str, Any]:
         run_.close()
         os.sched_setaffinity(0, own)
         figures["streamer_log_errors"] = log_errors(work / "streamer.log")
-        figures["cutoffs_logged"] = _cutoffs(work / "streamer.log")
+        figures["cutoffs_logged"] = cutoffs_logged(work / "streamer.log")
         if run_.problems:
             figures["logs"] = str(keep_logs(work, "abuse"))
         if work != tmp_path:
@@ -778,22 +729,6 @@ def run(tmp_path: Path) -> dict[str, Any]:
     figures["pinned"] = run_.pinned
     figures["problems"] = run_.problems
     return figures
-
-
-def _cutoffs(log: Path) -> list[dict[str, Any]]:
-    """The Streamer's log lines of the streams it cut off: who, why, and
-    how much was dropped with the queue."""
-    pattern = re.compile(r"ended \((\S+) at .*?\): RESOURCE_EXHAUSTED: (.*?); (\d+) "
-                         r"subscription\(s\) dropped(?:, (\d+) queued message\(s\) unsent)?")
-    out = []
-    with contextlib.suppress(OSError), open(log, errors="replace") as f:
-        for line in f:
-            found = pattern.search(line)
-            if found:
-                gateway, why, dropped, unsent = found.groups()
-                out.append({"gateway": gateway, "why": why, "subscriptions": int(dropped),
-                            "unsent_messages": int(unsent or 0)})
-    return out
 
 
 def _ms(value: float) -> str:

@@ -9,6 +9,11 @@
 - ``Children`` starts the processes of a run (``streamer serve``,
   ``streamer puller``, gateway processes) on loopback, each with its log
   file, and stops every one still running by its pid, whatever happened.
+- ``Honest`` starts the honest gateways (the benchmark's gateway processes,
+  ``python -m streamer.tools.benchmark gateway``, timing every 4th delivery
+  from the Puller's emit stamp) and asks them for their latency histograms;
+  ``events_total``, ``counter`` and ``cutoffs_logged`` read the Streamer's
+  metrics and log.
 - ``record`` puts a run's figures in pytest-benchmark's ``extra_info``, in
   the session's final summary and in ``bench/results/<name>.json``.
 
@@ -24,6 +29,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -249,6 +255,93 @@ def cpu_share(before: dict[str, tuple[float, float]],
         name: (after[name][0] - busy) / max(after[name][1] - total, 1e-9)
         for name, (busy, total) in before.items() if name in after
     }
+
+
+def line_of(proc: subprocess.Popen[str]) -> str:
+    """The next line a child with ``pipes`` writes; raises if it ended."""
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line:
+        raise RuntimeError(f"process {proc.pid} ended ({proc.poll()})")
+    return line
+
+
+class Honest:
+    """The honest gateways: benchmark gateway processes (``python -m
+    streamer.tools.benchmark gateway``), asked over stdin."""
+
+    def __init__(self, procs: list[subprocess.Popen[str]]) -> None:
+        self.procs = procs
+
+    @classmethod
+    def start(
+        cls, children: Children, target: str, n: int, gateways: int, seed: int, *,
+        per_process: int = 2, cpus: set[int] | None = None,
+    ) -> Honest:
+        """The N subscriptions of ``Workload(n, seed, gateways)``,
+        ``per_process`` gateways (``StreamerClient``s) per process, each
+        registered (the processes said ``ready``)."""
+        procs = []
+        for first in range(0, gateways, per_process):
+            indexes = range(first, min(first + per_process, gateways))
+            procs.append(children.start(
+                f"gateways-{first}",
+                ["-m", "streamer.tools.benchmark", "gateway", "--target", target,
+                 "--index", ",".join(map(str, indexes)), "--gateways", str(gateways),
+                 "--n", str(n), "--seed", str(seed)],
+                pipes=True, cpus=cpus,
+            ))
+        honest = cls(procs)
+        for proc in procs:
+            if not line_of(proc).startswith("ready"):
+                raise RuntimeError("a gateway process did not register its subscriptions")
+        return honest
+
+    def ask(self, word: str) -> list[str]:
+        for proc in self.procs:
+            assert proc.stdin is not None
+            proc.stdin.write(word + "\n")
+            proc.stdin.flush()
+        return [line_of(proc) for proc in self.procs]
+
+    def report(self) -> dict[str, Any]:
+        """Deliveries and the latency histogram (ns buckets of
+        ``streamer.tools.benchmark.bucket``) since the last ``reset``."""
+        hist: dict[int, int] = {}
+        deliveries = 0
+        for line in self.ask("report"):
+            report = json.loads(line)
+            deliveries += report["deliveries"]
+            for bucket, n in report["hist"].items():
+                hist[int(bucket)] = hist.get(int(bucket), 0) + n
+        return {"deliveries": deliveries, "hist": hist}
+
+
+def events_total(samples: dict[str, Any]) -> float:
+    """The Streamer's ``streamer_events_total``, Puller heartbeats left out."""
+    return sum(v for labels, v in samples.get("streamer_events_total", {}).items()
+               if ("op", "heartbeat") not in labels)
+
+
+def counter(samples: dict[str, Any], name: str) -> float:
+    """A metric summed over its labels (0 when absent)."""
+    return sum(samples.get(name, {}).values())
+
+
+def cutoffs_logged(log: Path) -> list[dict[str, Any]]:
+    """The Streamer's log lines of the streams it cut off: who, why, and
+    how much was dropped with the queue."""
+    pattern = re.compile(r"ended \((\S+) at .*?\): RESOURCE_EXHAUSTED: (.*?); (\d+) "
+                         r"subscription\(s\) dropped(?:, (\d+) queued message\(s\) unsent)?")
+    out = []
+    with contextlib.suppress(OSError), open(log, errors="replace") as f:
+        for line in f:
+            found = pattern.search(line)
+            if found:
+                gateway, why, dropped, unsent = found.groups()
+                out.append({"gateway": gateway, "why": why, "subscriptions": int(dropped),
+                            "unsent_messages": int(unsent or 0)})
+    return out
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
