@@ -725,3 +725,26 @@ def test_consecutive_batches_after_one_marker_make_one_replay(tmp_path: Path) ->
         await gw.close()
 
     run(tmp_path, scenario)
+
+
+def test_a_reader_takes_over_a_larger_group_by_moving_its_own(tmp_path: Path) -> None:
+    # One reader at a time: the small group after p10 reads first and meets
+    # the 1,200 subscriptions waiting after p50, more than it may move in
+    # one step; it takes over their index instead and moves its own 5 in.
+    async def scenario(service: Service, stub: sgrpc.StreamerServiceStub) -> None:
+        await appended(service, 0, 99, lambda i: "c")
+        gw = Gateway(stub)
+        small = [request(f"a{i}", after="p10") for i in range(5)]
+        large = [request(f"b{i}", after="p50") for i in range(1200)]
+        await gw.subscribe_batch(*small)
+        await gw.subscribe_batch(*large)
+        await until(settled(service), 30)
+        subs = {r.subscription_id: 10 for r in small} | {r.subscription_id: 50 for r in large}
+        await until(lambda: all(len(gw.events(s)) >= 99 - k for s, k in subs.items()), 30)
+        for sub_id, k in subs.items():
+            assert gw.events(sub_id) == ids(k + 1, 99), sub_id
+        catchup = service.node.catchup
+        assert (catchup.merges, catchup.replayed) == (1, 89)  # e11 … e99, once
+        await gw.close()
+
+    run(tmp_path, scenario, max_catchup_readers=1)

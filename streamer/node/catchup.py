@@ -76,7 +76,7 @@ markers may differ from one Puller stream to another.
   order holds.
 
 Bounds. At most ``max_readers`` groups read at a time (each with a yield to
-the loop between two Puller messages, and a pause while a gateway it sent
+the loop every ``REPLAY_SLICE`` events, and a pause while a gateway it sent
 to has its queue past half full: ``StreamerServicer.has_room``; live
 deliveries never wait, and the replay is paced by its gateways instead of
 getting them cut off as lagging); the others wait their turn without a
@@ -127,6 +127,10 @@ DEFAULT_CONFIRM_SECONDS = 1.0
 MOVE_CHUNK = RECLAIM_CHUNK
 # How often a reader paced by a full gateway queue looks again.
 PACE_SECONDS = 0.01
+# Replayed events processed between two yields to the event loop (a Puller
+# message holds up to 256): live ingest waits at most this many events'
+# work of a reader.
+REPLAY_SLICE = 32
 # Streams open at once to have the Puller confirm markers (a group waiting
 # its turn to read holds none).
 OPENING_LIMIT = 64
@@ -465,10 +469,11 @@ class CatchUp:
             try:
                 async for message in call:
                     events = message.events if batched else (message,)
-                    if self._reader_message(group, events):
-                        return
+                    for start in range(0, len(events), REPLAY_SLICE):
+                        if self._reader_message(group, events[start:start + REPLAY_SLICE]):
+                            return
+                        await self._room(group)
                     delay = backoff[0]
-                    await self._room(group)
             except grpc.aio.AioRpcError as exc:
                 outcome = self._failed(group, exc, batched)
                 if outcome == "unbatched":
@@ -538,7 +543,8 @@ class CatchUp:
     def _process(self, group: Group, events: Sequence[puller_pb.PullerEvent]) -> None:
         """Deliver ``events`` for ``group``, taking over on the way every
         other group whose position is among them (not held, and together at
-        most ``MOVE_CHUNK`` subscriptions to move now): the events are
+        most ``MOVE_CHUNK`` subscriptions to move now, the smaller side of
+        each merge moving): the events are
         delivered in segments, and a group taken over at event k has its
         subscriptions in ``group``'s matcher from event k + 1 on. Readers
         that meet merge, so a gateway resuming after many markers does not
@@ -548,11 +554,14 @@ class CatchUp:
         candidates = [g for g in self.groups if g is not group and g.handing_over]
         if candidates:
             index = {e.progress: k for k, e in enumerate(events) if e.HasField("change_event")}
-            budget = MOVE_CHUNK
+            budget, size = MOVE_CHUNK, len(group.members)
             for other in candidates:
                 k = index.get(other.last)
-                if k is not None and len(other.members) <= budget:
-                    budget -= len(other.members)
+                # The smaller side moves: see below.
+                moving = min(size, len(other.members))
+                if k is not None and moving <= budget:
+                    budget -= moving
+                    size += len(other.members)
                     cuts.append((k, other))
             cuts.sort(key=lambda cut: cut[0])
         start = 0
@@ -560,6 +569,13 @@ class CatchUp:
         for k, other in cuts:
             self._deliver(group, events[start:k + 1])
             start = k + 1
+            if len(other.members) > len(group.members):
+                # The reader's group takes over the other's index and moves
+                # its own, fewer, subscriptions into it: the group's number
+                # (what its gateways follow) stays the reader's.
+                group.matching, other.matching = other.matching, group.matching
+                group.matcher, other.matcher = other.matcher, group.matcher
+                group.members, other.members = other.members, group.members
             for sub_id, request in other.members.items():
                 if move(sub_id, request, other.matcher, group.matcher):
                     group.members[sub_id] = request
