@@ -124,7 +124,9 @@ DEFAULT_MAX_READERS = 8
 DEFAULT_CONFIRM_SECONDS = 1.0
 # Subscriptions moved from an attached group into the live index per step,
 # between which the event loop runs everything else.
-MOVE_CHUNK = RECLAIM_CHUNK
+MOVE_CHUNK = 250
+# Subscriptions a merge of two groups may move at once (the smaller side).
+MERGE_BUDGET = RECLAIM_CHUNK
 # How often a reader paced by a full gateway queue looks again.
 PACE_SECONDS = 0.01
 # Replayed events processed between two yields to the event loop (a Puller
@@ -543,7 +545,7 @@ class CatchUp:
     def _process(self, group: Group, events: Sequence[puller_pb.PullerEvent]) -> None:
         """Deliver ``events`` for ``group``, taking over on the way every
         other group whose position is among them (not held, and together at
-        most ``MOVE_CHUNK`` subscriptions to move now, the smaller side of
+        most ``MERGE_BUDGET`` subscriptions to move now, the smaller side of
         each merge moving): the events are
         delivered in segments, and a group taken over at event k has its
         subscriptions in ``group``'s matcher from event k + 1 on. Readers
@@ -554,7 +556,7 @@ class CatchUp:
         candidates = [g for g in self.groups if g is not group and g.handing_over]
         if candidates:
             index = {e.progress: k for k, e in enumerate(events) if e.HasField("change_event")}
-            budget, size = MOVE_CHUNK, len(group.members)
+            budget, size = MERGE_BUDGET, len(group.members)
             for other in candidates:
                 k = index.get(other.last)
                 # The smaller side moves: see below.
@@ -667,12 +669,12 @@ class CatchUp:
     ) -> None:
         """Groups whose positions live ingest just passed, in the batch's
         order: the first takes the rest of the batch and the others join it
-        at their own position (as in ``_process``, up to ``MOVE_CHUNK``
+        at their own position (as in ``_process``, up to ``MERGE_BUDGET``
         subscriptions moved now; a larger one goes on its own), so that
         many groups handed over at once still make one delivery per event
         and gateway."""
         first_k, target = handing[0]
-        start, budget = first_k + 1, MOVE_CHUNK
+        start, budget = first_k + 1, MERGE_BUDGET
         move = self.subscriptions.move
         for k, other in handing[1:]:
             if len(other.members) > budget:
