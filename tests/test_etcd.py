@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from etcd_helpers import ETCD_MISSING, EtcdCluster
 
-from streamer.cluster.etcd import EtcdClient, Event, KeepAlive, prefix_end
+from streamer.cluster.etcd import CHANNEL_OPTIONS, EtcdClient, Event, KeepAlive, prefix_end
 from streamer.cluster.etcdpb import rpc_pb2
 from streamer.errors import EtcdUnavailable, LeaseLost, WatchCompacted
 
@@ -68,6 +68,14 @@ def test_prefix_end() -> None:
     assert prefix_end(b"\xff\xff") == b"\0"
 
 
+def test_channel_pings_stay_within_etcds_enforcement() -> None:
+    # etcd answers pings more often than every 5 s, or on a connection with
+    # no call open, with GOAWAY too_many_pings (killing the open streams).
+    options = dict(CHANNEL_OPTIONS)
+    assert options["grpc.keepalive_time_ms"] >= 5_000 * 1.5
+    assert options["grpc.keepalive_permit_without_calls"] == 0
+
+
 def test_put_get_prefix_delete(etcd1: EtcdCluster) -> None:
     async def scenario() -> None:
         async with EtcdClient(etcd1.endpoints) as etcd:
@@ -88,6 +96,7 @@ def test_put_get_prefix_delete(etcd1: EtcdCluster) -> None:
             # A put under a lease etcd does not know.
             with pytest.raises(LeaseLost, match="requested lease not found"):
                 await etcd.put(b"/t/c", b"3", lease=0x1234)
+            await etcd.lease_revoke(0x1234)  # gone already: not an error
 
     run(scenario())
 

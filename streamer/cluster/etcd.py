@@ -199,8 +199,11 @@ class EtcdClient:
         for keepalive in [k for k in self._keepalives if k.lease_id == lease_id]:
             await keepalive.stop()
         request = rpc_pb2.LeaseRevokeRequest(ID=lease_id)
-        with contextlib.suppress(EtcdRequestFailed):  # NOT_FOUND: expired already
+        try:
             await self._unary("lease revoke", lambda s: s.lease.LeaseRevoke, request)
+        except EtcdRequestFailed as exc:
+            if exc.code != "NOT_FOUND":  # NOT_FOUND: it expired already
+                raise
 
     async def put(self, key: bytes, value: bytes, lease: int = 0) -> int:
         """Set ``key``, attached to ``lease`` if not 0; returns the revision."""
@@ -258,6 +261,8 @@ class EtcdClient:
         revision order, across broken streams and endpoints, until closed
         (``contextlib.aclosing``). Raises ``WatchCompacted`` when etcd no
         longer has the history it needs."""
+        if start_revision < 1:  # 0 would be etcd's "from now": no revision to resume from
+            raise ValueError(f"watch_prefix needs a start revision of 1 or more: {start_revision}")
         create = rpc_pb2.WatchCreateRequest(key=prefix, range_end=prefix_end(prefix),
                                             progress_notify=True)
         pause = RETRY_PAUSE
