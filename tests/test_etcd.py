@@ -16,7 +16,7 @@ from etcd_helpers import ETCD_MISSING, EtcdCluster
 
 from streamer.cluster.etcd import CHANNEL_OPTIONS, EtcdClient, Event, KeepAlive, prefix_end
 from streamer.cluster.etcdpb import rpc_pb2
-from streamer.errors import EtcdUnavailable, LeaseLost, WatchCompacted
+from streamer.errors import EtcdUnavailable, LeaseLost, StreamClosed, WatchCompacted
 
 if ETCD_MISSING:
     pytest.skip(ETCD_MISSING, allow_module_level=True)
@@ -97,6 +97,13 @@ def test_put_get_prefix_delete(etcd1: EtcdCluster) -> None:
             with pytest.raises(LeaseLost, match="requested lease not found"):
                 await etcd.put(b"/t/c", b"3", lease=0x1234)
             await etcd.lease_revoke(0x1234)  # gone already: not an error
+            watcher = Watcher(etcd, b"/t/", r1)
+            await until(lambda: watcher.seen(r2), 5, "the watch")
+        # Closing the client ends its watches; it serves nothing more.
+        await asyncio.wait_for(watcher._task, 5)
+        assert watcher.error is None
+        with pytest.raises(StreamClosed):
+            await etcd.get(b"/t/b")
 
     run(scenario())
 

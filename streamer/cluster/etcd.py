@@ -50,7 +50,13 @@ from typing import Any, Literal
 import grpc
 
 from streamer.cluster.etcdpb import kv_pb2, rpc_pb2, rpc_pb2_grpc
-from streamer.errors import EtcdRequestFailed, EtcdUnavailable, LeaseLost, WatchCompacted
+from streamer.errors import (
+    EtcdRequestFailed,
+    EtcdUnavailable,
+    LeaseLost,
+    StreamClosed,
+    WatchCompacted,
+)
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +155,11 @@ class EtcdClient:
         self._current = 0
         self._stubs: dict[str, _Stubs] = {}
         self._keepalives: set[KeepAlive] = set()
+        self._closed = False
 
     def _endpoint(self) -> tuple[str, _Stubs]:
+        if self._closed:
+            raise StreamClosed("the etcd client is closed")
         endpoint = self.endpoints[self._current]
         if endpoint not in self._stubs:
             self._stubs[endpoint] = _Stubs(endpoint)
@@ -259,7 +268,7 @@ class EtcdClient:
     async def watch_prefix(self, prefix: bytes, start_revision: int) -> AsyncIterator[Event]:
         """Every change under ``prefix`` from ``start_revision`` on, in
         revision order, across broken streams and endpoints, until closed
-        (``contextlib.aclosing``). Raises ``WatchCompacted`` when etcd no
+        (``contextlib.aclosing``) or the client is. Raises ``WatchCompacted`` when etcd no
         longer has the history it needs."""
         if start_revision < 1:  # 0 would be etcd's "from now": no revision to resume from
             raise ValueError(f"watch_prefix needs a start revision of 1 or more: {start_revision}")
@@ -289,7 +298,16 @@ class EtcdClient:
                     if not response.events and not response.created:
                         # A progress notification: nothing before it is left.
                         start_revision = max(start_revision, response.header.revision + 1)
+            except asyncio.CancelledError:
+                # Closing the channel cancels its calls, and a cancelled
+                # call's read raises CancelledError: not this task's.
+                task = asyncio.current_task()
+                if self._closed and task is not None and not task.cancelling():
+                    return
+                raise
             except _BROKEN as exc:
+                if self._closed:
+                    return
                 log.warning("etcd watch of %r at %s broke (%s); resuming from revision %d",
                             prefix, endpoint, _describe(exc), start_revision)
                 self._failed_over(endpoint)
@@ -299,7 +317,9 @@ class EtcdClient:
                 call.cancel()
 
     async def close(self) -> None:
-        """Stop every keepalive (without revoking) and close the channels."""
+        """Stop every keepalive (without revoking), end every watch and close
+        the channels."""
+        self._closed = True
         for keepalive in list(self._keepalives):
             await keepalive.stop()
         for stubs in self._stubs.values():
