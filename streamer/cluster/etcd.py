@@ -268,8 +268,8 @@ class EtcdClient:
     async def watch_prefix(self, prefix: bytes, start_revision: int) -> AsyncIterator[Event]:
         """Every change under ``prefix`` from ``start_revision`` on, in
         revision order, across broken streams and endpoints, until closed
-        (``contextlib.aclosing``) or the client is. Raises ``WatchCompacted`` when etcd no
-        longer has the history it needs."""
+        (``contextlib.aclosing``) or the client is. Raises ``WatchCompacted``
+        when etcd no longer has the history it needs."""
         if start_revision < 1:  # 0 would be etcd's "from now": no revision to resume from
             raise ValueError(f"watch_prefix needs a start revision of 1 or more: {start_revision}")
         create = rpc_pb2.WatchCreateRequest(key=prefix, range_end=prefix_end(prefix),
