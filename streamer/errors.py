@@ -88,3 +88,57 @@ class ResumePointLost(StreamerError, LookupError):
     """A change source can no longer resume from the logged position (e.g. a
     MongoDB oplog that no longer holds the resume token): the changes since
     then are lost, and only an operator can decide what to do about it."""
+
+
+class ClusterError(StreamerError):
+    """Base class of the errors of cluster coordination (``streamer.cluster``)."""
+
+
+class EtcdUnavailable(ClusterError, ConnectionError):
+    """No etcd endpoint answered a request (``streamer.cluster.etcd``).
+
+    ``endpoints`` are the ones tried, ``reason`` the last failure (a gRPC
+    status and its details).
+    """
+
+    def __init__(self, what: str, endpoints: tuple[str, ...], reason: str) -> None:
+        super().__init__(f"etcd {what}: no endpoint answered ({', '.join(endpoints)}): {reason}")
+        self.endpoints = endpoints
+        self.reason = reason
+
+
+class EtcdRequestFailed(ClusterError, RuntimeError):
+    """etcd answered a request with an error that retrying cannot fix
+    (``code`` is the gRPC status name, ``details`` etcd's message)."""
+
+    def __init__(self, what: str, code: str, details: str) -> None:
+        super().__init__(f"etcd {what} failed ({code}): {details}")
+        self.code = code
+        self.details = details
+
+
+class LeaseLost(ClusterError, ConnectionError):
+    """An etcd lease is gone, or may be: etcd said it no longer exists, or
+    no keepalive succeeded for its whole TTL. The keys attached to it are
+    (or are about to be) deleted; whoever held them must stop acting on them.
+    ``lease_id`` is the lease, ``reason`` what happened."""
+
+    def __init__(self, lease_id: int, reason: str) -> None:
+        super().__init__(f"etcd lease {lease_id:x} lost: {reason}")
+        self.lease_id = lease_id
+        self.reason = reason
+
+
+class WatchCompacted(ClusterError, LookupError):
+    """A watch cannot resume: etcd compacted its history past the revision
+    it needed. Read the current state again (``get_prefix``) and watch from
+    the revision of that read."""
+
+    def __init__(self, prefix: bytes, revision: int, compact_revision: int) -> None:
+        super().__init__(
+            f"etcd watch of {prefix!r} from revision {revision}: history compacted"
+            f" up to {compact_revision}"
+        )
+        self.prefix = prefix
+        self.revision = revision
+        self.compact_revision = compact_revision
