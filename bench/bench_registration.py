@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import sys
 import time
@@ -161,6 +162,10 @@ async def _gateway(args: argparse.Namespace) -> None:
             specs[s.gateway].append(Subscription(
                 s.collection, filters=s.filters, expression=s.expression or "",
                 database=s.database, subscription_id=s.id))
+    # The workload's specs live to the end: out of the collector's sight,
+    # as a long-running gateway's own state would be.
+    gc.collect()
+    gc.freeze()
     batched = args.mode == "batched"
     clients = [StreamerClient(args.target, gateway_id=name, batch=batched,
                               connect_timeout=60, ack_timeout=120)

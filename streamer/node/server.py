@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING
 import grpc
 from google.protobuf.message import DecodeError
 
+from streamer._ext._subscribe import batch_response, response_entry
 from streamer.node.delivery import (
     DEFAULT_CAPACITY,
     DEFAULT_MAX_BYTES,
@@ -68,9 +69,7 @@ from streamer.protocol.streamer_v1_pb2 import (
     HeartbeatAck,
     StreamerEvent,
     StreamerMessage,
-    SubscribeBatchResponse,
     SubscribeRequest,
-    SubscribeResponse,
 )
 
 if TYPE_CHECKING:
@@ -479,41 +478,42 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
     async def _register_batch(
         self, stream: _Stream, requests: Sequence[SubscribeRequest], groups: dict[str, Group]
     ) -> None:
-        subscribe, owner = self.subscriptions.subscribe, stream.session.owner
+        subscriptions, owner = self.subscriptions, stream.session.owner
         catchup = self.catchup
-        responses: list[SubscribeResponse] = []
+        entries: list[bytes] = []
         for start in range(0, len(requests), BATCH_CHUNK):
             if start:
                 await asyncio.sleep(0)
                 if stream.cut_off.is_set():
                     return
+            chunk = requests[start:start + BATCH_CHUNK]
             if not groups:
-                responses.extend(subscribe(owner, r) for r in requests[start:start + BATCH_CHUNK])
+                entries += subscriptions.subscribe_batch(owner, chunk)
                 continue
             assert catchup is not None
-            for r in requests[start:start + BATCH_CHUNK]:
-                responses.append(
-                    catchup.subscribe(owner, r, groups[r.resume_after]) if r.resume_after
-                    else subscribe(owner, r)
+            for r in chunk:
+                entries += (
+                    [response_entry(catchup.subscribe(owner, r, groups[r.resume_after])
+                                    .SerializeToString())] if r.resume_after
+                    else subscriptions.subscribe_batch(owner, (r,))
                 )
         self.batch_subscribes += len(requests)
         limit = stream.queue.delivery_limit
-        message = _batch_response(responses)
+        message = batch_response(entries)
         if len(message) <= limit:
             self._send_bytes(stream, message)
             return
-        # Rare (the ids or errors are long): answer in parts that fit. Each
-        # response costs its size plus a tag and a length (at most 4 bytes).
-        part: list[SubscribeResponse] = []
+        # Rare (the ids or errors are long): answer in parts that fit, each
+        # entry with the message's own tag and length (at most 16 bytes).
+        part: list[bytes] = []
         size = 0
-        for response in responses:
-            cost = response.ByteSize() + 4
-            if part and size + cost > limit - 16:
-                self._send_bytes(stream, _batch_response(part))
+        for entry in entries:
+            if part and size + len(entry) > limit - 16:
+                self._send_bytes(stream, batch_response(part))
                 part, size = [], 0
-            part.append(response)
-            size += cost
-        self._send_bytes(stream, _batch_response(part))
+            part.append(entry)
+            size += len(entry)
+        self._send_bytes(stream, batch_response(part))
 
     def _hello(self, stream: _Stream, message: GatewayMessage) -> None:
         hello, session, queue = message.hello, stream.session, stream.queue
@@ -542,12 +542,6 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
         if not queue.offer(message) and not queue.closed:
             self._cut_off(stream, f"more than {self.queue_capacity} messages or "
                           f"{self.queue_bytes} bytes queued")
-
-
-def _batch_response(responses: list[SubscribeResponse]) -> bytes:
-    return StreamerMessage(
-        subscribe_batch_response=SubscribeBatchResponse(responses=responses)
-    ).SerializeToString()
 
 
 def _delivery(ids: list[str], event: StreamerEvent) -> bytes:
