@@ -367,12 +367,18 @@ class StreamerClient:
         requests: list[SubscribeRequest] = []
         try:
             async with asyncio.timeout(timeout):
-                for start in range(0, len(specs), BATCH_REQUESTS):
+                start = 0
+                while start < len(specs):
                     if start:
                         await asyncio.sleep(0)  # the writer sends the last batch meanwhile
-                    batch = self._requests_of(specs[start:start + BATCH_REQUESTS])
+                    # A lone last request would go as a plain subscribe: it
+                    # joins this batch instead.
+                    stop = start + BATCH_REQUESTS
+                    stop += len(specs) - stop == 1
+                    batch = self._requests_of(specs[start:stop])
                     requests += batch
                     self._register(batch, answers, start)
+                    start = stop
                 responses = await answers.future
         except BaseException:
             self._withdraw(requests, answers)
