@@ -39,7 +39,7 @@ import atheris
 from common import blob, document, main, pick, text
 from google.protobuf.message import DecodeError
 
-from streamer._ext._subscribe import batch_response
+from streamer._ext._subscribe import batch_requests, batch_response
 
 with atheris.instrument_imports(include=["streamer"]):
     from streamer.errors import InvalidSubscription
@@ -160,8 +160,8 @@ class Gateways:
             # be, in order.
             sessions.subscribed(session)
             requests = message.subscribe_batch.requests
-            answer = StreamerMessage.FromString(
-                batch_response(subscriptions.subscribe_batch(session.owner, requests)))
+            answer = StreamerMessage.FromString(batch_response(
+                subscriptions.subscribe_batch(session.owner, requests, batch_requests(raw))))
             responses = answer.subscribe_batch_response.responses
             assert len(responses) == len(requests), (len(responses), len(requests))
             for request, response in zip(requests, responses, strict=True):

@@ -836,7 +836,10 @@ def _put_value(out: Value, value: object, position: int, field: str) -> None:
         values = out.list_value.values
         out.list_value.SetInParent()  # an empty list is a list all the same
         for v in value:
-            _put_value(values.add(), v, position, field)
+            if type(v) is str:
+                values.add(string_value=v)  # the common case, without the call
+            else:
+                _put_value(values.add(), v, position, field)
     else:
         raise TypeError(
             f"filter {position} ({field}): cannot send a {type(value).__name__} value "

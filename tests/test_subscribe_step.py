@@ -1,26 +1,32 @@
 """The compiled registration (``streamer/_ext/_subscribe.pyx``) against the
 Python path it short-cuts (``SubscriptionSet(compiled=False)``): the same
 answers, byte for byte, the same index and the same books, for any
-sequence of batches, well-formed or not, within limits or past them."""
+sequence of batches, well-formed or not, within limits or past them, read
+from protobuf's objects or from the bytes they came in, plainly encoded or
+not."""
 
 from __future__ import annotations
 
 import math
+import struct
 import uuid
 from typing import Any
 from unittest import mock
 
+from google.protobuf.message import DecodeError
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streamer._ext._subscribe import batch_response, response_entry
+from streamer._ext._subscribe import batch_requests, batch_response, response_entry
 from streamer.matching import Matcher
 from streamer.node import subscriptions as subscriptions_module
 from streamer.node.subscriptions import Limits, SubscriptionSet
 from streamer.protocol.streamer_v1_pb2 import (
     Filter,
+    GatewayMessage,
     ListValue,
     StreamerMessage,
+    SubscribeBatch,
     SubscribeRequest,
     SubscribeResponse,
     Value,
@@ -80,8 +86,39 @@ documents = [
 ]
 
 
-def registered(compiled: bool, script: list[tuple[Any, ...]]) -> tuple[Any, ...]:
-    """Run ``script`` on a fresh set; everything the two paths must agree on."""
+def field(number: int, body: bytes) -> bytes:
+    """A length-delimited field (bodies here are under 128 bytes)."""
+    assert len(body) < 128
+    return bytes((number << 3 | 2, len(body))) + body
+
+
+def chat_filter(value: bytes) -> bytes:
+    return field(3, field(1, b"chat") + field(2, b"==") + field(3, value))
+
+
+# Fields added to a request's encoding: what protobuf reads its own way (a
+# field twice, an unknown one, empty strings written out, a value with two
+# members or a list in a list, non-minimal varints, every scalar's wire type).
+odd_fields = st.sampled_from([
+    field(1, b"s2"), field(5, b""), field(2, b"users"), field(4, b""), b"\x48\x01",
+    b"\x0a\x80\x00", chat_filter(field(1, b"c1")), chat_filter(b"\x10\x85\x80\x00"),
+    chat_filter(b"\x20\x02"), chat_filter(b"\x19" + struct.pack("<d", 1.5)),
+    chat_filter(field(1, b"a") + b"\x10\x01"), chat_filter(field(5, field(1, field(1, b"")))),
+    chat_filter(field(5, field(1, field(5, b"")))), chat_filter(b""),
+    field(3, field(1, b"_id") + field(2, b"in") + field(3, field(5, field(1, b"\x10\x07")))),
+    field(3, field(2, b"==") + field(1, b"n") + field(3, b"\x10\xff\xff\xff\xff\xff"
+                                                        b"\xff\xff\xff\xff\x01")),
+])
+encodings = st.tuples(requests, st.lists(odd_fields, max_size=3), st.booleans()).map(
+    lambda t: t[0].SerializeToString() + b"".join(t[1]) if t[2]
+    else b"".join(t[1]) + t[0].SerializeToString())
+
+
+def registered(
+    compiled: bool, script: list[tuple[Any, ...]], wire: bool = False
+) -> tuple[Any, ...]:
+    """Run ``script`` on a fresh set (the compiled path reading the batches'
+    bytes if ``wire``); everything the two paths must agree on."""
     matcher = Matcher()
     # An id the index holds outside the set's books.
     matcher.add("taken", "app", "messages")
@@ -92,7 +129,13 @@ def registered(compiled: bool, script: list[tuple[Any, ...]]) -> tuple[Any, ...]
                            lambda: uuid.UUID(int=next(drawn))):
         for kind, owner, what in script:
             if kind == "batch":
-                answers += subs.subscribe_batch(owner, what)
+                encoded = batch_requests(GatewayMessage(
+                    subscribe_batch=SubscribeBatch(requests=what)).SerializeToString())
+                answers += subs.subscribe_batch(owner, what, encoded if wire else None)
+            elif kind == "encoded":
+                answers += subs.subscribe_batch(
+                    owner, [SubscribeRequest.FromString(raw) for raw in what],
+                    list(what) if wire else None)
             else:
                 subs.unsubscribe(owner, what)
     matches = [sorted(matcher.match(db, coll, doc.get("_id"), doc))  # type: ignore[arg-type]
@@ -106,7 +149,37 @@ def registered(compiled: bool, script: list[tuple[Any, ...]]) -> tuple[Any, ...]
 def test_the_compiled_registration_does_what_the_python_path_does(
     script: list[tuple[Any, ...]],
 ) -> None:
-    assert registered(True, script) == registered(False, script)
+    reference = registered(False, script)
+    assert registered(True, script) == reference
+    assert registered(True, script, wire=True) == reference
+
+
+def parses(raw: bytes) -> bool:
+    try:
+        SubscribeRequest.FromString(raw)
+    except DecodeError:
+        return False
+    return True
+
+
+@given(st.lists(st.tuples(st.integers(1, 2), st.lists(encodings.filter(parses), max_size=5)),
+                max_size=4))
+def test_requests_read_from_their_bytes_as_protobuf_reads_them(
+    batches: list[tuple[int, list[bytes]]],
+) -> None:
+    script = [("encoded", owner, raws) for owner, raws in batches]
+    assert registered(True, script, wire=True) == registered(False, script)
+
+
+def test_only_a_plain_subscribe_batch_is_split_into_its_requests() -> None:
+    batch = [SubscribeRequest(subscription_id=f"s{i}", collection="c") for i in range(3)]
+    raw = GatewayMessage(subscribe_batch=SubscribeBatch(requests=batch)).SerializeToString()
+    assert batch_requests(raw) == [r.SerializeToString() for r in batch]
+    assert batch_requests(GatewayMessage(subscribe_batch=SubscribeBatch()).SerializeToString()
+                          ) == []
+    for other in (raw + raw, raw + b"\x48\x01", raw[:-1], b"",
+                  GatewayMessage(subscribe=batch[0]).SerializeToString()):
+        assert batch_requests(other) is None
 
 
 @given(st.lists(requests, max_size=6))

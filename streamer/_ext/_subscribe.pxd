@@ -18,6 +18,6 @@ cdef class Registrar:
     cdef Py_ssize_t max_gateway_bytes
     cdef Py_ssize_t max_node_bytes
 
-    cdef list lower(self, object request, Py_ssize_t *values)
-    cdef bytes one(self, uint32_t owner, object request, Py_ssize_t node_bytes,
-                   Py_ssize_t *size)
+    cdef bytes one(self, uint32_t owner, str sub_id, str database, str collection,
+                   str expression, list filters, Py_ssize_t size, Py_ssize_t node_bytes)
+    cdef list lower(self, list filters, str expression, Py_ssize_t *values)

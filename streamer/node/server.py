@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING
 import grpc
 from google.protobuf.message import DecodeError
 
-from streamer._ext._subscribe import batch_response, response_entry
+from streamer._ext._subscribe import batch_requests, batch_response, response_entry
 from streamer.node.delivery import (
     DEFAULT_CAPACITY,
     DEFAULT_MAX_BYTES,
@@ -411,7 +411,7 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
                     self._send(stream, StreamerMessage(subscribe_response=response))
             elif kind == "subscribe_batch":
                 sessions.subscribed(session)
-                await self._subscribe_batch(stream, message.subscribe_batch.requests)
+                await self._subscribe_batch(stream, message.subscribe_batch.requests, raw)
             elif kind == "unsubscribe":
                 sessions.touch(session)
                 subscriptions.unsubscribe(session.owner, message.unsubscribe.subscription_id)
@@ -445,7 +445,7 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
             catchup.release(groups.values())
 
     async def _subscribe_batch(
-        self, stream: _Stream, requests: Sequence[SubscribeRequest]
+        self, stream: _Stream, requests: Sequence[SubscribeRequest], raw: bytes = b""
     ) -> None:
         """Each request handled as a single subscribe, answered in order by
         one ``subscribe_batch_response`` (several in a row, in order, when
@@ -469,17 +469,21 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
                 await catchup.confirmed(groups.values())
                 if stream.cut_off.is_set():
                     return
-            await self._register_batch(stream, requests, groups)
+            await self._register_batch(stream, requests, groups, raw)
         finally:
             if groups:
                 assert catchup is not None
                 catchup.release(groups.values())
 
     async def _register_batch(
-        self, stream: _Stream, requests: Sequence[SubscribeRequest], groups: dict[str, Group]
+        self, stream: _Stream, requests: Sequence[SubscribeRequest], groups: dict[str, Group],
+        raw: bytes,
     ) -> None:
+        """``raw``: the message the requests were parsed from, whose bytes
+        the compiled registration reads where it can (b"": none)."""
         subscriptions, owner = self.subscriptions, stream.session.owner
         catchup = self.catchup
+        encoded = batch_requests(raw) if raw and not groups else None
         entries: list[bytes] = []
         for start in range(0, len(requests), BATCH_CHUNK):
             if start:
@@ -488,7 +492,8 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
                     return
             chunk = requests[start:start + BATCH_CHUNK]
             if not groups:
-                entries += subscriptions.subscribe_batch(owner, chunk)
+                entries += subscriptions.subscribe_batch(
+                    owner, chunk, encoded and encoded[start:start + BATCH_CHUNK])
                 continue
             assert catchup is not None
             for r in chunk:

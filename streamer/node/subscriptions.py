@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -199,14 +199,19 @@ class SubscriptionSet:
         self.bytes += size
         return SubscribeResponse(subscription_id=sub_id, success=True)
 
-    def subscribe_batch(self, owner: int, requests: Iterable[SubscribeRequest]) -> list[bytes]:
+    def subscribe_batch(
+        self, owner: int, requests: Sequence[SubscribeRequest],
+        encoded: list[bytes] | None = None,
+    ) -> list[bytes]:
         """Register requests for ``owner`` into the live index, in order, as
         ``subscribe`` does each; returns each one's answer as a
         ``SubscribeBatchResponse.responses`` entry (``_subscribe.batch_response``
-        frames them)."""
+        frames them). ``encoded``: each request as the bytes it was parsed
+        from (``_subscribe.batch_requests``), which the compiled path reads
+        where it can."""
         entries: list[bytes] = []
         if self._registrar is not None:
-            self._registrar.register(owner, requests, entries)
+            self._registrar.register(owner, requests, entries, encoded)
         else:
             for request in requests:
                 entries.append(response_entry(self.subscribe(owner, request).SerializeToString()))
