@@ -11,7 +11,7 @@ requests, connects and says it is ready; then all start at once, and the
 time runs until the last one has every answer.
 
 - batched: ``subscribe_many`` on batching clients (``subscribe_batch``
-  messages of up to 5,000 requests), ``N`` subscriptions;
+  messages of up to 1,000 requests), ``N`` subscriptions;
 - single: plain clients (``batch=False``), one ``subscribe`` message and
   one answer each, ``IN_FLIGHT`` outstanding per gateway, ``SINGLE_N``
   subscriptions (a million at their rate would take minutes).
