@@ -4,7 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-EXT_MODULES := streamer._ext._core streamer._ext._celparse streamer._ext._fanout streamer._ext._ingest
+EXT_MODULES := streamer._ext._core streamer._ext._celparse streamer._ext._fanout streamer._ext._ingest \
+	streamer._ext._subscribe
 
 .PHONY: test bench bench-e2e reliability demo lint proto sanitize wheel clean \
 	fuzz-cel fuzz-events fuzz-gateway fuzz-smoke

@@ -15,7 +15,7 @@ setup(
     ext_modules=cythonize(
         [
             Extension(f"streamer._ext.{m}", [f"streamer/_ext/{m}.pyx"], extra_compile_args=extra)
-            for m in ("_core", "_celparse", "_fanout", "_ingest")
+            for m in ("_core", "_celparse", "_fanout", "_ingest", "_subscribe")
         ],
         compiler_directives={"language_level": "3"},
     ),

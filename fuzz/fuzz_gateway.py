@@ -39,6 +39,8 @@ import atheris
 from common import blob, document, main, pick, text
 from google.protobuf.message import DecodeError
 
+from streamer._ext._subscribe import batch_requests, batch_response
+
 with atheris.instrument_imports(include=["streamer"]):
     from streamer.errors import InvalidSubscription
     from streamer.matching import Filter, Matcher
@@ -63,7 +65,6 @@ with atheris.instrument_imports(include=["streamer"]):
         GatewayMessage,
         HeartbeatAck,
         StreamerMessage,
-        SubscribeBatchResponse,
         SubscribeRequest,
         SubscribeResponse,
         Value,
@@ -154,11 +155,18 @@ class Gateways:
             self.send(stream, StreamerMessage(
                 subscribe_response=self.subscribe(session, message.subscribe)))
         elif kind == "subscribe_batch":
-            # Each request exactly as a single subscribe, in order.
+            # Registered as the server does (its compiled common case
+            # included); each answer must be what a single subscribe's would
+            # be, in order.
             sessions.subscribed(session)
-            responses = [self.subscribe(session, r) for r in message.subscribe_batch.requests]
-            self.send(stream, StreamerMessage(
-                subscribe_batch_response=SubscribeBatchResponse(responses=responses)))
+            requests = message.subscribe_batch.requests
+            answer = StreamerMessage.FromString(batch_response(
+                subscriptions.subscribe_batch(session.owner, requests, batch_requests(raw))))
+            responses = answer.subscribe_batch_response.responses
+            assert len(responses) == len(requests), (len(responses), len(requests))
+            for request, response in zip(requests, responses, strict=True):
+                self.answered(session, request, response)
+            self.send(stream, answer)
         elif kind == "unsubscribe":
             sessions.touch(session)
             sub_id = message.unsubscribe.subscription_id
@@ -198,10 +206,15 @@ class Gateways:
 
     def subscribe(self, session: Session, request: SubscribeRequest) -> SubscribeResponse:
         response = self.subscriptions.subscribe(session.owner, request)
+        self.answered(session, request, response)
+        return response
+
+    def answered(
+        self, session: Session, request: SubscribeRequest, response: SubscribeResponse
+    ) -> None:
         check_response(self, session, request, response)
         if response.success:
             self.accepted(session, response.subscription_id, request)
-        return response
 
     def accepted(self, session: Session, sub_id: str, request: SubscribeRequest) -> None:
         self.model[sub_id] = session

@@ -63,9 +63,7 @@ from streamer.protocol.streamer_v1_pb2 import (
     GatewayMessage,
     Heartbeat,
     Hello,
-    ListValue,
     StreamerMessage,
-    SubscribeBatch,
     SubscribeRequest,
     SubscribeResponse,
     UnsubscribeRequest,
@@ -92,8 +90,9 @@ DEFAULT_HEARTBEAT_INTERVAL = 10.0
 DEFAULT_CONNECT_TIMEOUT = 10.0
 # What one subscribe_batch carries at most: well under the server's 4 MiB
 # receive limit, and small enough that the server answers it in a few ms.
+# Requests are tens of bytes each: BATCH_REQUESTS of them stay one message.
 BATCH_REQUESTS = 1000
-BATCH_BYTES = 48 << 10
+BATCH_BYTES = 256 << 10
 RESYNC_REQUIRED = "resync_required"
 _FATAL = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
 _INT64 = (-(2**63), 2**63 - 1)
@@ -361,19 +360,34 @@ class StreamerClient:
         With ``batch`` (the default) they travel in ``subscribe_batch``
         messages of up to ``BATCH_REQUESTS`` requests, which the server
         answers one message per batch: registration runs at the speed of
-        the index, not of one round of messages per subscription. Without
-        it each is a single ``subscribe``. ``timeout`` bounds the whole call
-        (``TimeoutError``; none of the subscriptions is kept then); the
-        other errors are ``subscribe()``'s, raised before anything is sent
-        when a subscription is malformed.
+        the index, not of one round of messages per subscription. Each batch
+        is sent as soon as it is built, so the server registers one while
+        the next is built. Without ``batch`` each is a single ``subscribe``.
+        ``timeout`` bounds the whole call (``TimeoutError``); a malformed
+        subscription raises ``subscribe()``'s errors when its batch is
+        built. Either way none of the subscriptions is kept: those already
+        sent are withdrawn.
         """
         self._check_open()
-        requests = self._requests_of(subscriptions)
-        if not requests:
+        specs = list(subscriptions)
+        if not specs:
             return []
-        answers = self._register(requests)
+        answers = _Answers(asyncio.get_running_loop(), len(specs))
+        requests: list[SubscribeRequest] = []
         try:
             async with asyncio.timeout(timeout):
+                start = 0
+                while start < len(specs):
+                    if start:
+                        await asyncio.sleep(0)  # the writer sends the last batch meanwhile
+                    # A lone last request would go as a plain subscribe: it
+                    # joins this batch instead.
+                    stop = start + BATCH_REQUESTS
+                    stop += len(specs) - stop == 1
+                    batch = self._requests_of(specs[start:stop])
+                    requests += batch
+                    self._register(batch, answers, start)
+                    start = stop
                 responses = await answers.future
         except BaseException:
             self._withdraw(requests, answers)
@@ -390,26 +404,37 @@ class StreamerClient:
         before anything is registered."""
         requests: list[SubscribeRequest] = []
         ids: set[str] = set()
+        wanted = self._requests
         for spec in subscriptions:
             sub_id = spec.subscription_id or str(uuid.uuid4())
-            if sub_id in self._requests or sub_id in ids:
+            if sub_id in wanted or sub_id in ids:
                 raise SubscriptionRejected(
                     sub_id, "already_exists", "already subscribed by this client")
             ids.add(sub_id)
-            requests.append(SubscribeRequest(
+            request = SubscribeRequest(
                 subscription_id=sub_id, collection=spec.collection, database=spec.database,
-                filters=[_filter(i, f) for i, f in enumerate(spec.filters, 1)],
                 expression=spec.expression, resume_after=spec.resume_after,
-            ))
+            )
+            if spec.filters:
+                add = request.filters.add
+                for position, flt in enumerate(spec.filters, 1):
+                    _put_filter(add, position, flt)
+            requests.append(request)
         return requests
 
-    def _register(self, requests: list[SubscribeRequest]) -> _Answers:
-        """Make the requests wanted and awaited, and send them now if a
+    def _register(
+        self, requests: list[SubscribeRequest], answers: _Answers | None = None, first: int = 0
+    ) -> _Answers:
+        """Make the requests wanted and awaited (``answers``' places from
+        ``first`` on; default: answers of their own), and send them now if a
         stream is up (else its handshake sends them)."""
-        answers = _Answers(asyncio.get_running_loop(), len(requests))
-        for i, request in enumerate(requests):
-            self._requests[request.subscription_id] = request
-            self._waiters[request.subscription_id] = (answers, i)
+        if answers is None:
+            answers = _Answers(asyncio.get_running_loop(), len(requests))
+        wanted, waiters = self._requests, self._waiters
+        for i, request in enumerate(requests, first):
+            sub_id = request.subscription_id
+            wanted[sub_id] = request
+            waiters[sub_id] = (answers, i)
         self._unsent.extend(requests)
         if self._connected.is_set():
             self._send_unsent()
@@ -817,17 +842,21 @@ class StreamerClient:
             for request in unsent:
                 self._send(GatewayMessage(subscribe=request))
             return
-        batch: list[SubscribeRequest] = []
-        size = 0
-        for request in unsent:
-            cost = request.ByteSize() + 4  # its tag and length in the batch
-            if batch and (len(batch) == BATCH_REQUESTS or size + cost > BATCH_BYTES):
-                self._send(GatewayMessage(subscribe_batch=SubscribeBatch(requests=batch)))
-                batch, size = [], 0
-            batch.append(request)
-            size += cost
-        if batch:
-            self._send(GatewayMessage(subscribe_batch=SubscribeBatch(requests=batch)))
+        for start in range(0, len(unsent), BATCH_REQUESTS):
+            self._send_batch(unsent[start:start + BATCH_REQUESTS])
+
+    def _send_batch(self, requests: list[SubscribeRequest]) -> None:
+        """``requests`` in one ``subscribe_batch``, halved until each part is
+        at most ``BATCH_BYTES`` or a single request. Measured as a whole:
+        measuring each request cost about as much as building the batch."""
+        message = GatewayMessage()
+        message.subscribe_batch.requests.extend(requests)
+        if len(requests) > 1 and message.ByteSize() > BATCH_BYTES:
+            half = len(requests) // 2
+            self._send_batch(requests[:half])
+            self._send_batch(requests[half:])
+        else:
+            self._send(message)
 
     def _heartbeat(self) -> None:
         self._send(GatewayMessage(heartbeat=Heartbeat(
@@ -842,7 +871,9 @@ class StreamerClient:
                 log.exception("on_rejected callback failed")
 
 
-def _filter(position: int, spec: matcher.Filter | tuple[str, str, Any]) -> Filter:
+def _put_filter(add: Callable[..., Filter], position: int,
+                spec: matcher.Filter | tuple[str, str, Any]) -> None:
+    """Append ``spec`` with ``add`` (a request's ``filters.add``)."""
     if not isinstance(spec, tuple) or len(spec) != 3:
         raise TypeError(
             f"filter {position}: expected a Filter or a (field, op, value) tuple, got {spec!r}"
@@ -850,24 +881,33 @@ def _filter(position: int, spec: matcher.Filter | tuple[str, str, Any]) -> Filte
     field, op, value = spec
     if not isinstance(field, str) or not isinstance(op, str):
         raise TypeError(f"filter {position}: field and op must be str, got {field!r}, {op!r}")
-    return Filter(field=field, op=op, value=_value(value, f"filter {position} ({field})"))
+    _put_value(add(field=field, op=op).value, value, position, field)
 
 
-def _value(value: object, where: str) -> Value:
-    """A Python value as a protocol ``Value`` (bool is tested before int: it is one)."""
+def _put_value(out: Value, value: object, position: int, field: str) -> None:
+    """Set ``out`` to a Python value (bool is tested before int: it is one).
+    Set in place: building a ``Value`` and copying it into its filter cost
+    about as much again, at a million subscriptions."""
     if isinstance(value, str):
-        return Value(string_value=value)
-    if isinstance(value, bool):
-        return Value(bool_value=value)
-    if isinstance(value, int):
+        out.string_value = value
+    elif isinstance(value, bool):
+        out.bool_value = value
+    elif isinstance(value, int):
         if not _INT64[0] <= value <= _INT64[1]:
-            raise ValueError(f"{where}: {value} does not fit in int64")
-        return Value(int_value=value)
-    if isinstance(value, float):
-        return Value(double_value=value)
-    if isinstance(value, list | tuple):
-        return Value(list_value=ListValue(values=[_value(v, where) for v in value]))
-    raise TypeError(
-        f"{where}: cannot send a {type(value).__name__} value "
-        "(str, int, float, bool or a list of them)"
-    )
+            raise ValueError(f"filter {position} ({field}): {value} does not fit in int64")
+        out.int_value = value
+    elif isinstance(value, float):
+        out.double_value = value
+    elif isinstance(value, list | tuple):
+        values = out.list_value.values
+        out.list_value.SetInParent()  # an empty list is a list all the same
+        for v in value:
+            if type(v) is str:
+                values.add(string_value=v)  # the common case, without the call
+            else:
+                _put_value(values.add(), v, position, field)
+    else:
+        raise TypeError(
+            f"filter {position} ({field}): cannot send a {type(value).__name__} value "
+            "(str, int, float, bool or a list of them)"
+        )

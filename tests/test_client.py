@@ -278,6 +278,28 @@ def test_subscribe_many_answers_each_in_order_and_reconnects_register_in_batches
     run(scenario)
 
 
+def test_subscribe_many_with_a_malformed_subscription_keeps_none_of_them(
+    tmp_path: Path,
+) -> None:
+    # Batches go out as they are built: those sent before the malformed one
+    # was reached are withdrawn again.
+    async def scenario() -> None:
+        async with Service(tmp_path) as svc, StreamerClient(
+            svc.target, gateway_id="gw", **FAST
+        ) as client:
+            await until(lambda: client.connected)
+            many = [Subscription("messages", database="app", filters=chat(f"c{i}"),
+                                 subscription_id=f"s{i}") for i in range(2500)]
+            many[2200] = Subscription("messages", filters=[("chat", "==", object())])
+            with pytest.raises(TypeError, match="filter 1 \\(chat\\): cannot send a object value"):
+                await client.subscribe_many(many)
+            assert client.live_subscriptions == []
+            await until(lambda: not svc.subscriptions.ids())
+            assert await client.subscribe_many(many[:3]) == ["s0", "s1", "s2"]
+
+    run(scenario)
+
+
 def test_a_resuming_client_gets_every_event_across_a_streamer_restart(tmp_path: Path) -> None:
     # Events appended while the Streamer is down, and those it replays after
     # its saved marker, reach each subscription exactly once and in order:

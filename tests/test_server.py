@@ -572,20 +572,21 @@ def test_the_registration_backlog_is_bounded_by_count_and_bytes() -> None:
     async def scenario() -> None:
         backlog = _Backlog()
         message = GatewayMessage(heartbeat=Heartbeat(gateway_id="gw"))
-        await backlog.put(message, REGISTRATION_BACKLOG_BYTES * 2)  # alone: admitted
-        blocked = asyncio.create_task(backlog.put(message, 1))
+        large = bytes(REGISTRATION_BACKLOG_BYTES * 2)
+        await backlog.put(message, large)  # alone: admitted
+        blocked = asyncio.create_task(backlog.put(message, b"x"))
         await asyncio.sleep(0.01)
         assert not blocked.done()
-        assert await backlog.get() is message
+        assert await backlog.get() == (message, large)
         await asyncio.wait_for(blocked, 1)
         for _ in range(REGISTRATION_BACKLOG - 1):
-            await backlog.put(message, 1)
-        blocked = asyncio.create_task(backlog.put(None, 0))
+            await backlog.put(message, b"x")
+        blocked = asyncio.create_task(backlog.put(None, b""))
         await asyncio.sleep(0.01)
         assert not blocked.done() and backlog.bytes == REGISTRATION_BACKLOG
         for _ in range(REGISTRATION_BACKLOG):
-            assert await backlog.get() is message
+            assert await backlog.get() == (message, b"x")
         await asyncio.wait_for(blocked, 1)
-        assert await backlog.get() is None and backlog.bytes == 0
+        assert await backlog.get() == (None, b"") and backlog.bytes == 0
 
     asyncio.run(scenario())

@@ -193,3 +193,8 @@ cdef class Core:
     cdef void next_epoch(self)
     cdef uint32_t new_clause(self) except? 0xffffffff
     cdef void drop_clause(self, uint32_t c) except *
+
+
+# Index keys of constants, for the compiled registration (_subscribe.pyx).
+cpdef object index_key(object v)
+cpdef object range_key(object v)

@@ -62,6 +62,7 @@ from typing import TYPE_CHECKING
 import grpc
 from google.protobuf.message import DecodeError
 
+from streamer._ext._subscribe import batch_requests, batch_response, response_entry
 from streamer.node.delivery import (
     DEFAULT_CAPACITY,
     DEFAULT_MAX_BYTES,
@@ -78,10 +79,9 @@ from streamer.protocol.streamer_v1_pb2 import (
     HeartbeatAck,
     StreamerEvent,
     StreamerMessage,
-    SubscribeBatchResponse,
     SubscribeRequest,
-    SubscribeResponse,
 )
+from streamer.wire import field
 
 if TYPE_CHECKING:
     from streamer.node.catchup import CatchUp, Group
@@ -96,6 +96,9 @@ DEFAULT_STALL_SECONDS = 30.0
 DEFAULT_NODE_QUEUE_BYTES = 1 << 30
 # Requests of a subscribe_batch registered between two yields to the loop.
 BATCH_CHUNK = 1000
+# SubscribeBatchResponse.live_after: field 2, length-delimited (test_protocol
+# pins the number).
+_LIVE_AFTER_TAG = b"\x12"
 # Registration messages (subscribe, subscribe_batch, unsubscribe, heartbeat)
 # read ahead of a stream's registrar, by count and by their bytes on the
 # wire (one message is always admitted); a gateway that sends more waits
@@ -127,32 +130,33 @@ class _Stream:
 
 
 class _Backlog:
-    """A stream's registration messages waiting for its registrar, in order
-    (None: the gateway closed its side), bounded by count and bytes."""
+    """A stream's registration messages waiting for its registrar, in order,
+    each with the bytes it came in (None: the gateway closed its side),
+    bounded by count and bytes."""
 
     def __init__(self) -> None:
-        self._items: deque[tuple[GatewayMessage | None, int]] = deque()
+        self._items: deque[tuple[GatewayMessage | None, bytes]] = deque()
         self.bytes = 0
         self._ready = asyncio.Event()
         self._room = asyncio.Event()
 
-    async def put(self, message: GatewayMessage | None, size: int) -> None:
+    async def put(self, message: GatewayMessage | None, raw: bytes) -> None:
         while self._items and (len(self._items) >= REGISTRATION_BACKLOG
-                               or self.bytes + size > REGISTRATION_BACKLOG_BYTES):
+                               or self.bytes + len(raw) > REGISTRATION_BACKLOG_BYTES):
             self._room.clear()
             await self._room.wait()
-        self._items.append((message, size))
-        self.bytes += size
+        self._items.append((message, raw))
+        self.bytes += len(raw)
         self._ready.set()
 
-    async def get(self) -> GatewayMessage | None:
+    async def get(self) -> tuple[GatewayMessage | None, bytes]:
         while not self._items:
             self._ready.clear()
             await self._ready.wait()
-        message, size = self._items.popleft()
-        self.bytes -= size
+        message, raw = self._items.popleft()
+        self.bytes -= len(raw)
         self._room.set()
-        return message
+        return message, raw
 
 
 class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
@@ -471,9 +475,9 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
                         log.warning("gateway %s sent an empty message",
                                     session.gateway_id or session.key)
                         continue
-                await work.put(message, len(raw))
+                await work.put(message, raw)
             # The gateway closed its side: what it sent before is answered.
-            await work.put(None, 0)
+            await work.put(None, b"")
             await registrar
         finally:
             registrar.cancel()
@@ -482,7 +486,10 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
         """The stream's registrar: its subscribes, unsubscribes and restart-
         window proofs, one at a time in the order they came."""
         sessions, subscriptions, session = self.sessions, self.subscriptions, stream.session
-        while (message := await work.get()) is not None:
+        while True:
+            message, raw = await work.get()
+            if message is None:
+                return
             kind = message.WhichOneof("payload")
             if kind == "subscribe":
                 request = message.subscribe
@@ -494,7 +501,7 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
                         response.live_after = self.catchup.ingest.position
                     self._send(stream, StreamerMessage(subscribe_response=response))
             elif kind == "subscribe_batch":
-                await self._subscribe_batch(stream, message.subscribe_batch.requests)
+                await self._subscribe_batch(stream, message.subscribe_batch.requests, raw)
             elif kind == "unsubscribe":
                 subscriptions.unsubscribe(session.owner, message.unsubscribe.subscription_id)
             else:
@@ -566,7 +573,7 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
             self._send_bytes(stream, _caught_up(part, resync))
 
     async def _subscribe_batch(
-        self, stream: _Stream, requests: Sequence[SubscribeRequest]
+        self, stream: _Stream, requests: Sequence[SubscribeRequest], raw: bytes = b""
     ) -> None:
         """Each request handled as a single subscribe, answered in order by
         one ``subscribe_batch_response`` (several in a row, in order, when
@@ -590,52 +597,58 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
                 await catchup.confirmed(groups.values())
                 if stream.cut_off.is_set():
                     return
-            await self._register_batch(stream, requests, groups)
+            await self._register_batch(stream, requests, groups, raw)
         finally:
             if groups:
                 assert catchup is not None
                 catchup.release(groups.values())
 
     async def _register_batch(
-        self, stream: _Stream, requests: Sequence[SubscribeRequest], groups: dict[str, Group]
+        self, stream: _Stream, requests: Sequence[SubscribeRequest], groups: dict[str, Group],
+        raw: bytes,
     ) -> None:
-        subscribe, owner = self.subscriptions.subscribe, stream.session.owner
+        """``raw``: the message the requests were parsed from, whose bytes
+        the compiled registration reads where it can (b"": none)."""
+        subscriptions, owner = self.subscriptions, stream.session.owner
         catchup = self.catchup
         # Taken before the first registration: it holds for all of them.
         live_after = (
             catchup.ingest.position if catchup is not None and stream.session.resumes else "")
-        responses: list[SubscribeResponse] = []
+        encoded = batch_requests(raw) if raw and not groups else None
+        entries: list[bytes] = []
         for start in range(0, len(requests), BATCH_CHUNK):
             if start:
                 await asyncio.sleep(0)
                 if stream.cut_off.is_set():
                     return
+            chunk = requests[start:start + BATCH_CHUNK]
             if not groups:
-                responses.extend(subscribe(owner, r) for r in requests[start:start + BATCH_CHUNK])
+                entries += subscriptions.subscribe_batch(
+                    owner, chunk, encoded and encoded[start:start + BATCH_CHUNK])
                 continue
             assert catchup is not None
-            for r in requests[start:start + BATCH_CHUNK]:
-                responses.append(
-                    catchup.subscribe(owner, r, groups[r.resume_after]) if r.resume_after
-                    else subscribe(owner, r)
+            for r in chunk:
+                entries += (
+                    [response_entry(catchup.subscribe(owner, r, groups[r.resume_after])
+                                    .SerializeToString())] if r.resume_after
+                    else subscriptions.subscribe_batch(owner, (r,))
                 )
         self.batch_subscribes += len(requests)
         limit = stream.queue.delivery_limit
-        message = _batch_response(responses, live_after)
+        message = _batch_response(entries, live_after)
         if len(message) <= limit:
             self._send_bytes(stream, message)
             return
-        # Rare (the ids or errors are long): answer in parts that fit. Each
-        # response costs its size plus a tag and a length (at most 4 bytes).
-        part: list[SubscribeResponse] = []
+        # Rare (the ids or errors are long): answer in parts that fit, each
+        # entry with the message's own tag and length (at most 16 bytes).
+        part: list[bytes] = []
         size = 0
-        for response in responses:
-            cost = response.ByteSize() + 4
-            if part and size + cost > limit - 16:
+        for entry in entries:
+            if part and size + len(entry) > limit - 16:
                 self._send_bytes(stream, _batch_response(part, live_after))
                 part, size = [], 0
-            part.append(response)
-            size += cost
+            part.append(entry)
+            size += len(entry)
         self._send_bytes(stream, _batch_response(part, live_after))
 
     def _hello(self, stream: _Stream, message: GatewayMessage) -> None:
@@ -668,11 +681,12 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
                           f"{self.queue_bytes} bytes queued")
 
 
-def _batch_response(responses: list[SubscribeResponse], live_after: str) -> bytes:
-    return StreamerMessage(
-        subscribe_batch_response=SubscribeBatchResponse(
-            responses=responses, live_after=live_after)
-    ).SerializeToString()
+def _batch_response(entries: list[bytes], live_after: str) -> bytes:
+    """``batch_response`` with ``SubscribeBatchResponse.live_after`` (field 2)
+    when there is one: protobuf reads a message's fields in any order."""
+    if live_after:
+        entries = [*entries, field(_LIVE_AFTER_TAG, live_after.encode())]
+    return batch_response(entries)
 
 
 def _caught_up(ids: list[str], resync: bool) -> bytes:

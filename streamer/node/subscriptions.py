@@ -28,16 +28,24 @@ matcher into the live one; ``_where`` (the subscriptions outside the live
 index, and their matcher) is the one record of where each lives, so the
 limits, unsubscribe and the release of a departed owner treat them all
 alike wherever they are.
+
+``subscribe_batch`` registers a ``subscribe_batch``'s requests into the live
+index and answers them as protocol bytes. Its common case (a request that
+will be accepted, with filters the index looks up by) runs in the compiled
+``streamer._ext._subscribe``; every other request goes through
+``subscribe``, which is also what the compiled path is tested against
+(``SubscriptionSet(compiled=False)``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from streamer._ext._subscribe import Registrar, response_entry
 from streamer.errors import DuplicateSubscription, InvalidSubscription
 from streamer.matching import Filter, Matcher
 from streamer.protocol.streamer_v1_pb2 import SubscribeRequest, SubscribeResponse, Value
@@ -77,7 +85,9 @@ class Limits:
 class SubscriptionSet:
     """The index's subscriptions by owner; see the module docstring."""
 
-    def __init__(self, matcher: Matcher, limits: Limits = Limits()) -> None:
+    def __init__(
+        self, matcher: Matcher, limits: Limits = Limits(), *, compiled: bool = True
+    ) -> None:
         self.matcher = matcher
         self.limits = limits
         # Per subscription, its owner and the bytes of its request in one
@@ -95,6 +105,8 @@ class SubscriptionSet:
         self._where: dict[str, Matcher] = {}
         self._gone: dict[int, Callable[[], None]] = {}  # owner → called when reclaimed
         self._pending = asyncio.Event()
+        # The compiled common case of subscribe_batch; None: all in Python.
+        self._registrar = Registrar(self) if compiled else None
 
     def __len__(self) -> int:
         return len(self._held)
@@ -186,6 +198,24 @@ class SubscriptionSet:
         self._bytes[owner] = self._bytes.get(owner, 0) + size
         self.bytes += size
         return SubscribeResponse(subscription_id=sub_id, success=True)
+
+    def subscribe_batch(
+        self, owner: int, requests: Sequence[SubscribeRequest],
+        encoded: list[bytes] | None = None,
+    ) -> list[bytes]:
+        """Register requests for ``owner`` into the live index, in order, as
+        ``subscribe`` does each; returns each one's answer as a
+        ``SubscribeBatchResponse.responses`` entry (``_subscribe.batch_response``
+        frames them). ``encoded``: each request as the bytes it was parsed
+        from (``_subscribe.batch_requests``), which the compiled path reads
+        where it can."""
+        entries: list[bytes] = []
+        if self._registrar is not None:
+            self._registrar.register(owner, requests, entries, encoded)
+        else:
+            for request in requests:
+                entries.append(response_entry(self.subscribe(owner, request).SerializeToString()))
+        return entries
 
     def move(
         self, sub_id: str, request: SubscribeRequest, source: Matcher,
