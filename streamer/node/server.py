@@ -94,8 +94,10 @@ SHUTTING_DOWN = "the Streamer is shutting down"
 _CANCEL_WAIT = 1.0
 DEFAULT_STALL_SECONDS = 30.0
 DEFAULT_NODE_QUEUE_BYTES = 1 << 30
-# Requests of a subscribe_batch registered between two yields to the loop.
-BATCH_CHUNK = 1000
+# Requests of a subscribe_batch registered between two yields to the loop
+# (a few milliseconds: live ingest handles one Puller message per turn of
+# the loop, so a long turn makes the live stream queue up behind it).
+BATCH_CHUNK = 250
 # SubscribeBatchResponse.live_after: field 2, length-delimited (test_protocol
 # pins the number).
 _LIVE_AFTER_TAG = b"\x12"
@@ -617,10 +619,11 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
         encoded = batch_requests(raw) if raw and not groups else None
         entries: list[bytes] = []
         for start in range(0, len(requests), BATCH_CHUNK):
-            if start:
-                await asyncio.sleep(0)
-                if stream.cut_off.is_set():
-                    return
+            # Also before the first chunk: the registrar takes the stream's
+            # next batch at once when it is already read.
+            await asyncio.sleep(0)
+            if stream.cut_off.is_set():
+                return
             chunk = requests[start:start + BATCH_CHUNK]
             if not groups:
                 entries += subscriptions.subscribe_batch(
