@@ -468,6 +468,7 @@ class Run:
                 0.99, latency_buckets(samples), latency_buckets(last.metrics)) * 1e3,
             "longest_pause_ms": longest_pause(samples, last.metrics) * 1e3,
             "catching_up": counter(samples, "streamer_catchup_subscriptions"),
+            "ingest_lag_ms": counter(samples, "streamer_ingest_lag_seconds") * 1e3,
         })
         self._last = Snapshot(now, samples, last.cpu, last.busy, honest)
 
@@ -791,8 +792,10 @@ def _ms(value: float) -> str:
 
 def series_table(info: dict[str, Any], rows: int = 24) -> list[str]:
     """The catch-up as a time series (about ``rows`` rows from SIGCONT):
-    the honest gateways' latency, the Streamer's longest pause and
-    ingest→enqueue p99, and the subscriptions still catching up."""
+    the honest gateways' latency, the Streamer's longest pause,
+    ingest→enqueue p99 and how far live ingest lags the Puller
+    (``streamer_ingest_lag_seconds``, sampled), and the subscriptions still
+    catching up."""
     series = info.get("series", [])
     if not series:
         return []
@@ -811,11 +814,13 @@ def series_table(info: dict[str, Any], rows: int = 24) -> list[str]:
             _ms(bucket_quantile(hist, 0.99) / 1e6),
             _ms(max(row["longest_pause_ms"] for row in group)),
             _ms(max(row["ingest_enqueue_p99_ms"] for row in group)),
+            _ms(max(row["ingest_lag_ms"] for row in group)),
             f"{group[-1]['catching_up']:,.0f}",
         ])
     return ["after SIGCONT:", *table(
         ["s", "honest p50 ms", "honest p99 ms", "longest pause ms",
-         "ingest→enqueue p99 ms (max)", "catching up (at the end)"], out)]
+         "ingest→enqueue p99 ms (max)", "ingest lag ms (max)", "catching up (at the end)"],
+        out)]
 
 
 def phase(figures: dict[str, Any], name: str) -> dict[str, Any]:

@@ -156,9 +156,12 @@ def test_collector_reads_the_pipeline_counters(tmp_path: Path) -> None:
                 # queue in between: a heartbeat, then three deliveries to s1.
                 ingest.process(pb.PullerEvent(progress="p3"))
                 for i in range(4, 7):
-                    ingest.process(pb.PullerEvent(
-                        change_event=change(i, full={"chat": "c1"}), progress=f"p{i}"))
+                    event = change(i, full={"chat": "c1"})
+                    # The last one happened at the source two seconds ago.
+                    event.timestamp = int(time.time() * 1000) - 2000
+                    ingest.process(pb.PullerEvent(change_event=event, progress=f"p{i}"))
                 got = scrape(metrics)
+                assert 2 <= got[("streamer_ingest_lag_seconds", ())] < 30
                 assert got[("streamer_gateway_queued_messages", ())] == 3
                 assert got[("streamer_gateway_queued_messages_max", ())] == 3
                 assert got[("streamer_gateway_queue_capacity", ())] == 4

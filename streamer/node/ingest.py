@@ -243,6 +243,11 @@ class Ingest(Matching):
         # heartbeats not: only change events' markers are comparable across
         # two Puller streams). Catch-up readers hand over to live ingest there.
         self.last_change = ""
+        # Seconds between the last change event's own time (its timestamp)
+        # and its processing: how far live ingest lags the source, which
+        # ``latency`` (from the message's arrival) does not show when
+        # messages wait to be read.
+        self.lag = 0.0
         # Resuming subscriptions (``streamer.node.catchup``), told of every
         # live batch; None: resume_after is not acted upon.
         self.catchup: CatchUp | None = None
@@ -342,6 +347,9 @@ class Ingest(Matching):
             for event in reversed(events):
                 if event.HasField("change_event"):
                     self.last_change = event.progress
+                    stamp = event.change_event.timestamp
+                    if stamp:
+                        self.lag = max(0.0, time.time() - stamp / 1000)
                     break
             catchup = self.catchup
             if catchup is not None and catchup.groups:

@@ -125,6 +125,13 @@ class StreamerCollector(Collector):
             buckets=buckets, sum_value=total, unit="seconds",
         )
 
+        yield GaugeMetricFamily(
+            "streamer_ingest_lag_seconds",
+            "Seconds from the last change event's own time (ChangeEvent.timestamp, "
+            "the source's clock) to its processing by live ingest: how far the node "
+            "lags the source, including time its messages waited to be read.",
+            value=ingest.lag,
+        )
         yield CounterMetricFamily(
             "streamer_puller_reconnects",
             "Times the stream to the Puller ended or failed and was opened again.",
