@@ -604,7 +604,7 @@ class CatchUp:
         """Between two Puller messages: yield to the loop, and wait while a
         gateway the group just sent to has a queue past half full (the
         replay is paced by its gateways, never cuts them off)."""
-        await asyncio.sleep(0)
+        await self.ingest.give_way()
         by_owner, has_room = self.ingest.sessions.by_owner, self.ingest.servicer.has_room
         while group.sent_to:
             owners = [
@@ -707,7 +707,7 @@ class CatchUp:
                     if group is None:
                         break
                     self._move_chunk(group)
-                    await asyncio.sleep(0)
+                    await self.ingest.give_way()
         finally:
             readers = [g.reader for g in self.groups if g.reader is not None]
             for reader in readers:

@@ -73,6 +73,9 @@ log = logging.getLogger(__name__)
 CHANNEL_OPTIONS = (*KEEPALIVE_OPTIONS, ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES))
 MarkerPolicy = Literal["fail", "resume-from-head"]
 MARKER_POLICIES: tuple[MarkerPolicy, ...] = ("fail", "resume-from-head")
+# Turns of the event loop background work gives live ingest at most, per
+# yield, while ingest keeps finding a Puller message ready (``give_way``).
+GIVE_WAY_TURNS = 64
 # Enum attribute access is a descriptor call; these are plain lookups.
 _NAME = {op: op.name for op in Op}
 _WIRE = {op: op.value for op in Op}
@@ -248,6 +251,7 @@ class Ingest(Matching):
         # ``latency`` (from the message's arrival) does not show when
         # messages wait to be read.
         self.lag = 0.0
+        self.messages = 0  # Puller messages live ingest processed
         # Resuming subscriptions (``streamer.node.catchup``), told of every
         # live batch; None: resume_after is not acted upon.
         self.catchup: CatchUp | None = None
@@ -329,6 +333,20 @@ class Ingest(Matching):
         marker = self.progress.marker
         return "" if marker == self._refused else marker
 
+    async def give_way(self) -> None:
+        """Background work's yield to the event loop (registration, catch-up,
+        reclaiming): one turn, and more while live ingest processed a Puller
+        message in the last one (up to ``GIVE_WAY_TURNS``). Live ingest
+        reads one message per turn; a Puller sends many small ones, and
+        with a chunk of other work in every turn the live stream would
+        queue up unread (``streamer_ingest_lag_seconds``) behind work that
+        can wait."""
+        for _ in range(GIVE_WAY_TURNS):
+            seen = self.messages
+            await asyncio.sleep(0)
+            if self.messages == seen:
+                return
+
     def process(self, event: puller_pb.PullerEvent) -> None:
         """Match and enqueue one event, then advance the marker."""
         self.process_batch((event,), time.perf_counter())
@@ -342,6 +360,7 @@ class Ingest(Matching):
         ``received`` is the ``perf_counter`` time the message arrived: the
         ingest→enqueue latency of each event runs from there to that append.
         """
+        self.messages += 1
         pending, changes = self.match_batch(events)
         if events:
             for event in reversed(events):

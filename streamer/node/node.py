@@ -124,6 +124,7 @@ class StreamerNode:
             confirm_seconds=config.catchup_confirm_seconds,
         )
         self.ingest.catchup = self.servicer.catchup = self.catchup
+        self.servicer.give_way = self.subscriptions.give_way = self.ingest.give_way
         interceptors = [TokenAuth(config.auth_token)] if config.auth_token is not None else []
         self._server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
         add_to_server(self.servicer, self._server)

@@ -56,7 +56,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
 import grpc
@@ -70,6 +70,7 @@ from streamer.node.delivery import (
     QueueBudget,
 )
 from streamer.node.sessions import IdentityTaken, Session, Sessions
+from streamer.node.subscriptions import one_turn
 from streamer.protocol import streamer_v1_pb2_grpc
 from streamer.protocol.streamer_v1_pb2 import (
     CatchUpProgress,
@@ -188,6 +189,9 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
         self.documents_omitted = 0
         self.deliveries_split = 0
         self.shutting_down = False
+        # How registration yields to the event loop between chunks (the node
+        # makes it Ingest.give_way: live ingest first).
+        self.give_way: Callable[[], Awaitable[None]] = one_turn
         # Acts on SubscribeRequest.resume_after (streamer.node.catchup);
         # None: resume_after is ignored and every subscription starts live.
         self.catchup: CatchUp | None = None
@@ -621,7 +625,7 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
         for start in range(0, len(requests), BATCH_CHUNK):
             # Also before the first chunk: the registrar takes the stream's
             # next batch at once when it is already read.
-            await asyncio.sleep(0)
+            await self.give_way()
             if stream.cut_off.is_set():
                 return
             chunk = requests[start:start + BATCH_CHUNK]

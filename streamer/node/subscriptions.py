@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,6 +104,9 @@ class SubscriptionSet:
         # in (a catch-up group's); absent: the live index.
         self._where: dict[str, Matcher] = {}
         self._gone: dict[int, Callable[[], None]] = {}  # owner → called when reclaimed
+        # How reclaiming yields between chunks (the node makes it
+        # Ingest.give_way: live ingest first).
+        self.give_way: Callable[[], Awaitable[None]] = one_turn
         self._pending = asyncio.Event()
         # The compiled common case of subscribe_batch; None: all in Python.
         self._registrar = Registrar(self) if compiled else None
@@ -271,7 +274,7 @@ class SubscriptionSet:
             self._pending.clear()
             while self._gone:
                 self._reclaim_chunk(next(iter(self._gone)))
-                await asyncio.sleep(0)
+                await self.give_way()
 
     def _reclaim_chunk(self, owner: int) -> None:
         owned = self._owned.get(owner, set())
@@ -337,6 +340,12 @@ class SubscriptionSet:
                 f"is {limits.max_node_scan_clauses}"
             )
         return None
+
+
+async def one_turn() -> None:
+    """A yield to the event loop: one turn (what background work does when
+    no node says otherwise)."""
+    await asyncio.sleep(0)
 
 
 def _refused(sub_id: str, code: str, error: str) -> SubscribeResponse:
