@@ -72,6 +72,7 @@ import pytest
 from reliability import (
     Children,
     count,
+    expected_deliveries,
     keep_logs,
     log_errors,
     machine,
@@ -381,39 +382,10 @@ def check_subscription(
 
 def verify(work: Path, log_dir: Path, last: int, restarts: list[int]) -> Outcome:
     """Every gateway's deliveries against the Puller's log (module docstring)."""
-    from streamer.matching.matcher import Matcher
-    from streamer.node.events import PoisonEvent, normalize
-    from streamer.puller.log import ReplayLog
-    from streamer.tools.demo import expected_ops
     from streamer.tools.workload import Workload
 
     specs = list(Workload(N, seed=SEED, gateways=GATEWAYS).subscriptions())
-    matcher = Matcher()
-    for s in specs:
-        matcher.add(s.id, s.database, s.collection, filters=s.filters, expression=s.expression)
-    expected: dict[str, list[tuple[int, int]]] = {s.id: [] for s in specs}
-    position_of: dict[str, int] = {}
-    replay_log = ReplayLog(log_dir)
-    try:
-        position = 0
-        while position < last:
-            records = replay_log.read(position, 1024)
-            if not records:
-                break
-            for record_ in records:
-                position = record_.position
-                if position > last:
-                    break
-                try:
-                    change = normalize(record_.event)
-                except PoisonEvent:
-                    continue
-                position_of[change.event_id] = position
-                for op, ids in expected_ops(matcher, change):
-                    for sub_id in ids:
-                        expected[sub_id].append((position, op))
-    finally:
-        replay_log.close()
+    expected, position_of = expected_deliveries(log_dir, specs, 0, last)
     received: dict[str, list[tuple[int, int]]] = {s.id: [] for s in specs}
     outcome = Outcome()
     for out in sorted(work.glob("gw-*.deliveries")):

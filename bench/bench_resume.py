@@ -123,6 +123,7 @@ from reliability import (
     cpu_share,
     cutoffs_logged,
     events_total,
+    expected_deliveries,
     keep_logs,
     line_of,
     log_errors,
@@ -631,37 +632,10 @@ class Outcome:
 def verify(work: Path, first: int, last: int) -> Outcome:
     """Every delivery the resumer received in positions (first, last]
     against the Puller's log matched against its subscriptions."""
-    from streamer.matching.matcher import Matcher
-    from streamer.node.events import PoisonEvent, normalize
-    from streamer.puller.log import ReplayLog
-    from streamer.tools.demo import expected_ops
     from streamer.tools.workload import Workload
 
     specs = list(Workload(RESUMING, seed=SEED, gateways=1).subscriptions())
-    matcher = Matcher()
-    for s in specs:
-        matcher.add(s.id, s.database, s.collection, filters=s.filters, expression=s.expression)
-    expected: dict[str, list[tuple[int, int]]] = {PREFIX + s.id: [] for s in specs}
-    replay_log = ReplayLog(work / "puller-log")
-    try:
-        position = first
-        while position < last:
-            records = replay_log.read(position, 1024)
-            if not records:
-                break
-            for record_ in records:
-                position = record_.position
-                if position > last:
-                    break
-                try:
-                    change = normalize(record_.event)
-                except PoisonEvent:
-                    continue
-                for op, ids in expected_ops(matcher, change):
-                    for sub_id in ids:
-                        expected[PREFIX + sub_id].append((position, op))
-    finally:
-        replay_log.close()
+    expected, _ = expected_deliveries(work / "puller-log", specs, first, last, PREFIX)
     received: dict[str, list[tuple[int, int]]] = {sub_id: [] for sub_id in expected}
     outcome = Outcome(subscriptions=len(specs), first=first, last=last)
     with open(work / "resumer.deliveries") as f:

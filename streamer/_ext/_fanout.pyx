@@ -31,6 +31,7 @@ from libc.stdint cimport uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 
 from streamer._ext._core cimport CollIndex
+from streamer._ext._varint cimport put_uvarint, uvarint_size
 
 cdef extern from *:
     """
@@ -46,23 +47,6 @@ cdef extern from "Python.h":
 # Tags of StreamerMessage.delivery and EventDelivery.subscription_ids (both
 # field 1, length-delimited); EventDelivery.event's tag is part of ``event``.
 DEF FIELD_1 = 0x0A
-
-
-cdef inline Py_ssize_t uvarint_size(uint64_t n) noexcept nogil:
-    cdef Py_ssize_t size = 1
-    while n >= 0x80:
-        n >>= 7
-        size += 1
-    return size
-
-
-cdef inline char *put_uvarint(char *p, uint64_t n) noexcept nogil:
-    while n >= 0x80:
-        p[0] = <char>((n & 0x7F) | 0x80)
-        n >>= 7
-        p += 1
-    p[0] = <char>n
-    return p + 1
 
 
 cdef inline char *put_field_header(char *p, Py_ssize_t n) noexcept nogil:

@@ -35,6 +35,7 @@ from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
 from streamer._ext._core cimport Core, index_key, range_key
+from streamer._ext._varint cimport put_uvarint, uvarint_size
 
 from streamer._ext import _core
 from streamer.errors import DuplicateSubscription, InvalidSubscription
@@ -58,23 +59,6 @@ cdef object lower_expression = compiler.lower_expression
 DEF FIELD_1 = 0x0A
 DEF SUCCESS = 0x10
 DEF BATCH_RESPONSE = 0x2A
-
-
-cdef inline Py_ssize_t uvarint_size(uint64_t n) noexcept nogil:
-    cdef Py_ssize_t size = 1
-    while n >= 0x80:
-        n >>= 7
-        size += 1
-    return size
-
-
-cdef inline char *put_uvarint(char *p, uint64_t n) noexcept nogil:
-    while n >= 0x80:
-        p[0] = <char>((n & 0x7F) | 0x80)
-        n >>= 7
-        p += 1
-    p[0] = <char>n
-    return p + 1
 
 
 cdef bytes framed(char tag, const char *data, Py_ssize_t n):
