@@ -51,6 +51,7 @@ from streamer.options import (
     address,
     existing_file,
     integer,
+    names,
     nonempty,
     one_of,
     real,
@@ -154,6 +155,10 @@ def build_serve_parser() -> ArgumentParser:
              "Heartbeat")
     opts.add("--consumer-id", nonempty, default="streamer", metavar="ID",
              help="consumer id sent to the Puller")
+    opts.add("--collections", names, default=(), metavar="NAME[,NAME...]",
+             help="serve only these collections (all when unset): the Puller is asked for "
+             "their events only, and a subscription to another collection is refused with "
+             "code not_owner; nodes serving different collections split the event volume")
     opts.add("--drain-seconds", real(0), default=5.0, metavar="SECONDS",
              help="on SIGTERM/SIGINT, the most time gateways still being sent their "
              "queued messages get; idle gateways' streams end at once")
@@ -255,6 +260,7 @@ def serve_config(args: argparse.Namespace) -> NodeConfig:
         on_marker_refused=args.on_marker_refused,
         max_catchup_readers=args.max_catchup_readers,
         catchup_confirm_seconds=args.catchup_confirm_seconds,
+        collections=args.collections,
     )
 
 

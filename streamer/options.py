@@ -133,6 +133,16 @@ def nonempty(text: str) -> str:
     return text
 
 
+def names(text: str) -> tuple[str, ...]:
+    """A comma-separated list of names, each non-empty and given once."""
+    items = tuple(item.strip() for item in text.split(","))
+    if any(not item for item in items):
+        raise argparse.ArgumentTypeError(f"an empty name in {text!r}")
+    if len(set(items)) != len(items):
+        raise argparse.ArgumentTypeError(f"a name given twice in {text!r}")
+    return items
+
+
 def existing_file(text: str) -> Path:
     """A path that names a regular file (readable or not: opening says)."""
     path = Path(text)
@@ -224,7 +234,7 @@ class Options:
 
 
 def _shown(default: Any, convert: Convert) -> str | None:
-    if default is None or default is False:
+    if default is None or default is False or default == ():
         return None
     if isinstance(default, tuple) and len(default) == 2 and convert is address:
         return join(*default)

@@ -147,3 +147,40 @@ def test_a_port_free_again_after_stop(tmp_path: Path) -> None:
             await node.stop()
 
     asyncio.run(main())
+
+
+def test_a_node_serving_some_collections(tmp_path: Path) -> None:
+    # --collections: the Puller is asked for those only, a subscription to
+    # another is refused with not_owner, the served ones are delivered.
+    from streamer.client import StreamerClient
+    from streamer.errors import SubscriptionRejected
+
+    def change(k: int, coll: str) -> pb.ChangeEvent:
+        return pb.ChangeEvent(
+            event_id=f"e{k}", database="app", mgo_coll=coll, mgo_doc_id=f"d{k}",
+            op_type="insert", full_doc=b"{}")
+
+    async def main() -> None:
+        async with ServeProcess(tmp_path, "--collections", "messages,chats") as serve:
+            puller = serve.puller
+            await until(lambda: len(puller.subscriptions) == 1, 30)
+            assert list(puller.subscriptions[0].collections) == ["messages", "chats"]
+            async with StreamerClient(serve.address, gateway_id="gw") as client:
+                with pytest.raises(SubscriptionRejected) as refused:
+                    await client.subscribe("users", database="app", subscription_id="u",
+                                           timeout=30)
+                assert refused.value.code == "not_owner"
+                assert "not served by this node, which serves chats, messages" in str(
+                    refused.value)
+                await client.subscribe("messages", database="app", subscription_id="m",
+                                       timeout=30)
+                await puller.append(change(0, "users"), change(1, "messages"))
+                got = []
+                async with asyncio.timeout(30):
+                    async for delivery in client.deliveries():
+                        got.append((delivery.event.event_id, list(delivery.subscription_ids)))
+                        break
+                assert got == [("e1", ["m"])]
+            assert serve.proc.poll() is None
+
+    asyncio.run(main())

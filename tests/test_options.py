@@ -18,6 +18,7 @@ from streamer.options import (
     existing_file,
     integer,
     join,
+    names,
     nonempty,
     one_of,
     real,
@@ -68,6 +69,8 @@ def test_target_needs_a_real_port() -> None:
     (one_of("plain", "syntrix"), "xml", "must be one of plain, syntrix, not 'xml'"),
     (boolean, "maybe", "must be one of 1, 0, true, false, yes, no, on, off, not 'maybe'"),
     (nonempty, "", "must not be empty"),
+    (names, "messages,,users", "an empty name in 'messages,,users'"),
+    (names, "messages,users,messages", "a name given twice in 'messages,users,messages'"),
 ])
 def test_converters_refuse_with_the_reason(
     convert: argparse._ActionType, text: str, message: str
@@ -84,6 +87,7 @@ def test_converters_accept() -> None:
     assert one_of("DEBUG", "INFO", fold=str.upper)("debug") == "DEBUG"
     assert [boolean(v) for v in ("1", "TRUE", "yes", "On", "0", "false", "No", "off", "")] == [
         True, True, True, True, False, False, False, False, False]
+    assert names("messages, users") == ("messages", "users")
 
 
 def test_existing_file(tmp_path: Path) -> None:

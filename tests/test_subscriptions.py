@@ -12,7 +12,13 @@ import pytest
 from streamer.matching import Matcher
 from streamer.node import subscriptions as subscriptions_module
 from streamer.node.subscriptions import Limits, SubscriptionSet
-from streamer.protocol.streamer_v1_pb2 import Filter, ListValue, SubscribeRequest, Value
+from streamer.protocol.streamer_v1_pb2 import (
+    Filter,
+    ListValue,
+    SubscribeRequest,
+    SubscribeResponse,
+    Value,
+)
 
 
 def request(sub_id: str = "", *filters: Filter, expression: str = "") -> SubscribeRequest:
@@ -235,3 +241,19 @@ def test_a_subscription_in_another_matcher_is_accounted_like_a_live_one() -> Non
     subs.release(1, lambda: gone.append(True))
     assert gone == [True] and len(group) == 0 and len(subs.matcher) == 0
     assert (len(subs), subs.elsewhere, subs.bytes) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "python"])
+def test_a_node_serving_some_collections_refuses_the_others(compiled: bool) -> None:
+    subs = SubscriptionSet(Matcher(), compiled=compiled, collections=frozenset({"messages"}))
+    other = SubscribeRequest(subscription_id="u", database="app", collection="users")
+    refused = subs.subscribe(1, other)
+    assert (refused.success, refused.code) == (False, "not_owner")
+    assert refused.error == (
+        "collection 'users' is not served by this node, which serves messages (--collections)")
+    assert subs.subscribe(1, request("m", chat("c1"))).success
+    entries = subs.subscribe_batch(1, [request("b", chat("c2")), other])
+    answers = [SubscribeResponse.FromString(e[2:]) for e in entries]
+    assert [(a.subscription_id, a.success, a.code) for a in answers] == [
+        ("b", True, ""), ("u", False, "not_owner")]
+    assert "m" in subs and "b" in subs and "u" not in subs and len(subs) == 2

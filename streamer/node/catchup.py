@@ -509,7 +509,8 @@ class CatchUp:
             self._channel = self.ingest.channel(own_connection=True)
         stub = puller_grpc.PullerServiceStub(self._channel)  # type: ignore[no-untyped-call]
         request = puller_pb.SubscribeRequest(
-            consumer_id=f"{self.ingest.consumer_id}/catch-up-{group.number}", after=group.last)
+            consumer_id=f"{self.ingest.consumer_id}/catch-up-{group.number}", after=group.last,
+            collections=self.ingest.collections)
         return stub.SubscribeBatch(request) if batched else stub.Subscribe(request)
 
     def _reader_message(self, group: Group, events: Sequence[puller_pb.PullerEvent]) -> bool:

@@ -221,6 +221,7 @@ class Ingest(Matching):
         credentials: grpc.ChannelCredentials | None = None,
         compiled: bool = True,
         on_marker_refused: MarkerPolicy = "fail",
+        collections: Sequence[str] = (),
     ) -> None:
         super().__init__(
             sessions.subscriptions.matcher, layout=layout,
@@ -232,6 +233,8 @@ class Ingest(Matching):
         self.servicer = servicer
         self.progress = progress
         self.consumer_id = consumer_id
+        # Asked of the Puller (its collections filter): the node's events.
+        self.collections = collections
         self.backoff = backoff
         self.batched = True
         self.deliveries = 0
@@ -309,7 +312,8 @@ class Ingest(Matching):
         self, stub: puller_grpc.PullerServiceStub
     ) -> AsyncIterator[Sequence[puller_pb.PullerEvent]]:
         """The events of each message from the Puller (several when batched)."""
-        request = puller_pb.SubscribeRequest(consumer_id=self.consumer_id, after=self._after())
+        request = puller_pb.SubscribeRequest(
+            consumer_id=self.consumer_id, after=self._after(), collections=self.collections)
         if self.batched:
             async for batch in stub.SubscribeBatch(request):
                 yield batch.events

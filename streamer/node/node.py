@@ -96,6 +96,9 @@ class NodeConfig:
     # Puller at once, and how long a silent Puller takes to accept a marker.
     max_catchup_readers: int = DEFAULT_MAX_READERS
     catchup_confirm_seconds: float = DEFAULT_CONFIRM_SECONDS
+    # The collections this node serves (empty: all): asked of the Puller,
+    # and subscriptions to others are refused with not_owner.
+    collections: tuple[str, ...] = ()
 
 
 class StreamerNode:
@@ -104,7 +107,8 @@ class StreamerNode:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
         self.matcher = Matcher()
-        self.subscriptions = SubscriptionSet(self.matcher, config.limits)
+        self.subscriptions = SubscriptionSet(
+            self.matcher, config.limits, collections=frozenset(config.collections))
         self.sessions = Sessions(self.subscriptions, session_ttl=config.session_ttl)
         self.servicer = StreamerServicer(
             self.sessions, queue_capacity=config.gateway_queue,
@@ -117,7 +121,7 @@ class StreamerNode:
             config.puller, self.sessions, self.servicer, self.progress,
             consumer_id=config.consumer_id, layout=config.document_layout,
             credentials=config.puller_credentials, on_marker_refused=config.on_marker_refused,
-            backoff=config.puller_backoff,
+            backoff=config.puller_backoff, collections=config.collections,
         )
         self.catchup = CatchUp(
             self.ingest, max_readers=config.max_catchup_readers,

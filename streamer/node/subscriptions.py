@@ -53,6 +53,7 @@ from streamer.protocol.streamer_v1_pb2 import SubscribeRequest, SubscribeRespons
 INVALID_ARGUMENT = "invalid_argument"
 ALREADY_EXISTS = "already_exists"
 RESOURCE_EXHAUSTED = "resource_exhausted"
+NOT_OWNER = "not_owner"
 
 # Subscriptions removed per step of a release, between which the event loop
 # runs everything else (ingest, other gateways).
@@ -86,10 +87,15 @@ class SubscriptionSet:
     """The index's subscriptions by owner; see the module docstring."""
 
     def __init__(
-        self, matcher: Matcher, limits: Limits = Limits(), *, compiled: bool = True
+        self, matcher: Matcher, limits: Limits = Limits(), *, compiled: bool = True,
+        collections: frozenset[str] = frozenset(),
     ) -> None:
         self.matcher = matcher
         self.limits = limits
+        # The collections this node serves (``--collections``; empty: all):
+        # a request for another is refused with not_owner, since the node
+        # never receives its events.
+        self.collections = collections
         # Per subscription, its owner and the bytes of its request in one
         # int (bytes << 32 | owner): one dict value per subscription, where
         # a dict per field would cost about 60 bytes more each.
@@ -109,7 +115,9 @@ class SubscriptionSet:
         self.give_way: Callable[[], Awaitable[None]] = one_turn
         self._pending = asyncio.Event()
         # The compiled common case of subscribe_batch; None: all in Python.
-        self._registrar = Registrar(self) if compiled else None
+        # Its checks do not know about served collections: a node that
+        # serves only some registers in Python.
+        self._registrar = Registrar(self) if compiled and not collections else None
 
     def __len__(self) -> int:
         return len(self._held)
@@ -151,6 +159,10 @@ class SubscriptionSet:
         """Register one subscription for ``owner`` into ``matcher`` (default:
         the live index); always answers, never raises."""
         sub_id = request.subscription_id or str(uuid.uuid4())
+        if self.collections and request.collection not in self.collections:
+            return _refused(sub_id, NOT_OWNER, (
+                f"collection {request.collection!r} is not served by this node, which "
+                f"serves {', '.join(sorted(self.collections))} (--collections)"))
         size = request.ByteSize()
         refusal = self._check_limits(owner, request, size)
         if refusal is not None:
