@@ -255,6 +255,19 @@ class EtcdClient:
         held = response.responses[0].response_range.kvs[0]
         return Claim(False, int(held.create_revision), held.value, int(held.lease))
 
+    async def delete_if_created_at(self, key: bytes, create_revision: int) -> bool:
+        """One transaction: delete ``key`` only if it is still the incarnation
+        created at ``create_revision`` (e.g. a shard's owner key at the
+        owner's epoch); whether this call deleted it. A retried attempt after
+        one that was applied answers False (the key is gone already)."""
+        request = rpc_pb2.TxnRequest(
+            compare=[rpc_pb2.Compare(result=rpc_pb2.Compare.EQUAL, target=rpc_pb2.Compare.CREATE,
+                                     key=key, create_revision=create_revision)],
+            success=[rpc_pb2.RequestOp(request_delete_range=rpc_pb2.DeleteRangeRequest(key=key))],
+        )
+        response = await self._unary("delete if created at", lambda s: s.kv.Txn, request)
+        return bool(response.succeeded)
+
     async def _lease_call(
         self, lease: int, what: str, method: Callable[[_Stubs], Any], request: Any
     ) -> Any:
