@@ -42,7 +42,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
@@ -278,7 +278,9 @@ class EtcdClient:
                 raise LeaseLost(lease, f"{what}: {exc.details}") from None
             raise
 
-    async def watch_prefix(self, prefix: bytes, start_revision: int) -> AsyncIterator[Event]:
+    async def watch_prefix(
+        self, prefix: bytes, start_revision: int
+    ) -> AsyncGenerator[Event, None]:
         """Every change under ``prefix`` from ``start_revision`` on, in
         revision order, across broken streams and endpoints, until closed
         (``contextlib.aclosing``) or the client is. Raises ``WatchCompacted``

@@ -476,9 +476,10 @@ class Ownership:
     def settled(self) -> bool:
         """Whether every shard is owned by its desired owner."""
         owners = self.owners()
-        return all((o := owners.get(s)) is not None and o.node_id == node
-                   and node in self.membership.nodes and o.lease == self.membership.nodes[node].lease
-                   for s, node in self.desired().items()) and len(owners) == self.shards
+        nodes = self.membership.nodes
+        return len(owners) == self.shards and all(
+            (o := owners.get(s)) is not None and o.node_id == node and o.lease == nodes[node].lease
+            for s, node in self.desired().items())
 
     # -- claims and releases ------------------------------------------------
 
