@@ -63,9 +63,11 @@ class Node:
         self.client = EtcdClient(endpoints, timeout=2)
         self.failures: list[BaseException] = []
         self.changes: list[set[int]] = []
+        self.seen: list[set[str]] = []  # the live nodes at each membership change
         self.membership = Membership(
             self.client, CLUSTER, node_id, f"127.0.0.1:{7000 + int(node_id[1:])}",
-            collections=collections, ttl=ttl, on_failed=self.failures.append)
+            collections=collections, ttl=ttl, on_failed=self.failures.append,
+            on_change=lambda nodes: self.seen.append(set(nodes)))
         self.ownership = Ownership(self.membership, on_change=self.changes.append)
 
     async def start(self) -> Node:
@@ -141,6 +143,8 @@ def test_members_join_own_every_shard_once_and_a_join_moves_only_what_it_wins(
             await until(lambda: all(len(n.membership.nodes) == 3 for n in three), 5,
                         "each member sees 3 nodes")
             await settle(three, 10)
+            assert all(n.seen[-1] == {"n0", "n1", "n2"} and n.membership.changed.is_set()
+                       for n in three)
             print(f"\n3 members joined and settled in {time.monotonic() - started:.2f} s")
             info = three[0].membership.nodes["n1"]
             assert info == NodeInfo("n1", "127.0.0.1:7001", ("c1",),
@@ -204,6 +208,8 @@ def test_members_join_own_every_shard_once_and_a_join_moves_only_what_it_wins(
             print(f"the 4th member left; shards re-claimed in {time.monotonic() - left:.2f} s")
             assert all(not n.failures for n in three)
             assert all(n.changes for n in three)
+            assert all({"n0", "n1", "n2", "n3"} in n.seen and n.seen[-1] == {"n0", "n1", "n2"}
+                       for n in three)
 
     run(scenario())
 

@@ -515,9 +515,7 @@ class Ownership:
                     self._dirty.set()
         except asyncio.CancelledError:
             raise
-        except LeaseLost as exc:
-            self.membership._fail(exc)
-        except Exception as exc:
+        except Exception as exc:  # LeaseLost, or what retrying cannot fix: loudly
             self.membership._fail(exc)
 
     async def _claim_missing(self) -> None:
