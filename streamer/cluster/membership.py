@@ -62,7 +62,14 @@ from dataclasses import dataclass
 
 from streamer.cluster import shards as _shards
 from streamer.cluster.etcd import EtcdClient, Event, KeepAlive, KeyValue
-from streamer.errors import ClusterError, EtcdUnavailable, LeaseLost, StreamClosed, WatchCompacted
+from streamer.errors import (
+    ClusterError,
+    EtcdUnavailable,
+    LeaseLost,
+    MembershipFailed,
+    StreamClosed,
+    WatchCompacted,
+)
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +100,6 @@ def fence_margin(ttl: float) -> float:
 def _check_name(what: str, name: str) -> None:
     if not name or "/" in name or "\0" in name:
         raise ValueError(f"{what} must be non-empty, without '/' or NUL: {name!r}")
-
-
-class MembershipFailed(ClusterError, RuntimeError):
-    """The node's view of the cluster stopped being maintained (a watch or
-    a claim failed in a way retrying cannot fix); it is fenced for good."""
 
 
 @dataclass(frozen=True)
