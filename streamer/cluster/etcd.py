@@ -5,6 +5,7 @@ coordination needs and no more (stubs: ``streamer.cluster.etcdpb``).
         lease = await etcd.lease_grant(5)
         keepalive = etcd.keep_alive(lease, 5, on_lost=fence)
         claim = await etcd.create_if_absent(b"/shards/7", b"node-a", lease)
+        await etcd.delete_if_created_at(b"/shards/7", claim.create_revision)  # release
         kvs, revision = await etcd.get_prefix(b"/nodes/")
         async with contextlib.aclosing(etcd.watch_prefix(b"/nodes/", revision + 1)) as events:
             async for event in events: ...
