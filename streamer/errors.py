@@ -129,6 +129,13 @@ class LeaseLost(ClusterError, ConnectionError):
         self.reason = reason
 
 
+class MembershipFailed(ClusterError, RuntimeError):
+    """A node's view of its cluster stopped being maintained: a watch or a
+    shard claim failed in a way retrying cannot fix
+    (``streamer.cluster.membership``). The node is fenced for good; the
+    cause is chained."""
+
+
 class WatchCompacted(ClusterError, LookupError):
     """A watch cannot resume: etcd compacted its history past the revision
     it needed. Read the current state again (``get_prefix``) and watch from

@@ -5,6 +5,7 @@ coordination needs and no more (stubs: ``streamer.cluster.etcdpb``).
         lease = await etcd.lease_grant(5)
         keepalive = etcd.keep_alive(lease, 5, on_lost=fence)
         claim = await etcd.create_if_absent(b"/shards/7", b"node-a", lease)
+        await etcd.delete_if_created_at(b"/shards/7", claim.create_revision)  # release
         kvs, revision = await etcd.get_prefix(b"/nodes/")
         async with contextlib.aclosing(etcd.watch_prefix(b"/nodes/", revision + 1)) as events:
             async for event in events: ...
@@ -42,7 +43,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
@@ -255,6 +256,19 @@ class EtcdClient:
         held = response.responses[0].response_range.kvs[0]
         return Claim(False, int(held.create_revision), held.value, int(held.lease))
 
+    async def delete_if_created_at(self, key: bytes, create_revision: int) -> bool:
+        """One transaction: delete ``key`` only if it is still the incarnation
+        created at ``create_revision`` (e.g. a shard's owner key at the
+        owner's epoch); whether this call deleted it. A retried attempt after
+        one that was applied answers False (the key is gone already)."""
+        request = rpc_pb2.TxnRequest(
+            compare=[rpc_pb2.Compare(result=rpc_pb2.Compare.EQUAL, target=rpc_pb2.Compare.CREATE,
+                                     key=key, create_revision=create_revision)],
+            success=[rpc_pb2.RequestOp(request_delete_range=rpc_pb2.DeleteRangeRequest(key=key))],
+        )
+        response = await self._unary("delete if created at", lambda s: s.kv.Txn, request)
+        return bool(response.succeeded)
+
     async def _lease_call(
         self, lease: int, what: str, method: Callable[[_Stubs], Any], request: Any
     ) -> Any:
@@ -265,7 +279,9 @@ class EtcdClient:
                 raise LeaseLost(lease, f"{what}: {exc.details}") from None
             raise
 
-    async def watch_prefix(self, prefix: bytes, start_revision: int) -> AsyncIterator[Event]:
+    async def watch_prefix(
+        self, prefix: bytes, start_revision: int
+    ) -> AsyncGenerator[Event, None]:
         """Every change under ``prefix`` from ``start_revision`` on, in
         revision order, across broken streams and endpoints, until closed
         (``contextlib.aclosing``) or the client is. Raises ``WatchCompacted``
