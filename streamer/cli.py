@@ -41,7 +41,7 @@ from streamer.node.catchup import DEFAULT_CONFIRM_SECONDS, DEFAULT_MAX_READERS
 from streamer.node.delivery import DEFAULT_CAPACITY, DEFAULT_MAX_BYTES
 from streamer.node.events import LAYOUTS
 from streamer.node.ingest import MARKER_POLICIES
-from streamer.node.node import NodeConfig, StreamerNode
+from streamer.node.node import DEFAULT_LEASE_TTL, NodeConfig, StreamerNode
 from streamer.node.server import DEFAULT_NODE_QUEUE_BYTES, DEFAULT_STALL_SECONDS
 from streamer.node.subscriptions import Limits
 from streamer.options import (
@@ -49,8 +49,10 @@ from streamer.options import (
     Options,
     add_logging_options,
     address,
+    etcd_url,
     existing_file,
     integer,
+    key_name,
     names,
     nonempty,
     one_of,
@@ -159,6 +161,24 @@ def build_serve_parser() -> ArgumentParser:
              help="serve only these collections (all when unset): the Puller is asked for "
              "their events only, and a subscription to another collection is refused with "
              "code not_owner; nodes serving different collections split the event volume")
+    opts.add("--cluster", etcd_url, metavar="etcd://HOST:PORT[,HOST:PORT...]",
+             help="join the cluster coordinated by this etcd (preview, see README): the "
+             "node registers under a lease, claims its share of the 256 shards, and refuses "
+             "subscriptions of gateways that said Hello whose shard another node owns "
+             "(not_owner); plain gateways are served whatever the shard. Unset: a single "
+             "node, nothing of this")
+    opts.add("--node-id", key_name, metavar="ID",
+             help="this node's id in the cluster, unique among its live nodes (required "
+             "with --cluster, refused without it)")
+    opts.add("--advertise", target, metavar="HOST:PORT",
+             help="where gateways reach this node, published in the cluster (required with "
+             "--cluster, refused without it)")
+    opts.add("--lease-ttl", integer(2, 3600), default=DEFAULT_LEASE_TTL, metavar="SECONDS",
+             help="TTL of the node's etcd lease (with --cluster). The node is fenced (stops, "
+             "exit 1) when no keepalive has succeeded for TTL - max(1, TTL/3) seconds, "
+             "before etcd can expire the lease and give its shards to another node: a "
+             "shorter TTL moves a dead node's shards sooner but stops a node on a shorter "
+             "etcd outage")
     opts.add("--drain-seconds", real(0), default=5.0, metavar="SECONDS",
              help="on SIGTERM/SIGINT, the most time gateways still being sent their "
              "queued messages get; idle gateways' streams end at once")
@@ -228,6 +248,16 @@ def build_serve_parser() -> ArgumentParser:
     return serve
 
 
+def check_cluster_options(parser: ArgumentParser, args: argparse.Namespace) -> None:
+    """--node-id and --advertise go with --cluster: both or neither (a
+    usage error, one line, exit 2)."""
+    for flag, value in (("--node-id", args.node_id), ("--advertise", args.advertise)):
+        if args.cluster is not None and value is None:
+            parser.error(f"{flag} is required with --cluster")
+        if args.cluster is None and value is not None:
+            parser.error(f"{flag} needs --cluster")
+
+
 def serve_config(args: argparse.Namespace) -> NodeConfig:
     """The node's configuration from checked options; reads the token and
     TLS files (``TokenFileError``/``CredentialsError`` if they are unusable)."""
@@ -261,6 +291,10 @@ def serve_config(args: argparse.Namespace) -> NodeConfig:
         max_catchup_readers=args.max_catchup_readers,
         catchup_confirm_seconds=args.catchup_confirm_seconds,
         collections=args.collections,
+        cluster=args.cluster,
+        node_id=args.node_id,
+        advertise=args.advertise,
+        lease_ttl=args.lease_ttl,
     )
 
 
@@ -326,6 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_serve_parser()
     args = parser.parse_args(top.args)
     args.options.resolve(args)
+    check_cluster_options(parser, args)
     configure_logging(args.log_level, args.log_format)
     return asyncio.run(serve(args))
 

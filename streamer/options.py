@@ -126,6 +126,29 @@ def target(text: str) -> str:
     return text
 
 
+def etcd_url(text: str) -> tuple[str, ...]:
+    """``etcd://HOST:PORT[,HOST:PORT...]`` as the endpoints ``HOST:PORT``,
+    each with a port 1-65535, given once."""
+    scheme, sep, rest = text.partition("://")
+    if not sep or scheme != "etcd":
+        raise argparse.ArgumentTypeError(f"not etcd://HOST:PORT[,HOST:PORT...]: {text!r}")
+    endpoints = tuple(item.strip() for item in rest.split(","))
+    for endpoint in endpoints:
+        if not endpoint:
+            raise argparse.ArgumentTypeError(f"an empty HOST:PORT in {text!r}")
+        target(endpoint)
+    if len(set(endpoints)) != len(endpoints):
+        raise argparse.ArgumentTypeError(f"a HOST:PORT given twice in {text!r}")
+    return endpoints
+
+
+def key_name(text: str) -> str:
+    """A name that can be part of a key: non-empty, without '/' or NUL."""
+    if not text or "/" in text or "\0" in text:
+        raise argparse.ArgumentTypeError(f"must be non-empty, without '/' or NUL: {text!r}")
+    return text
+
+
 def nonempty(text: str) -> str:
     """Any string but the empty one."""
     if not text:

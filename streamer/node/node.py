@@ -31,11 +31,12 @@ import asyncio
 import contextlib
 import gc
 import logging
+import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -62,7 +63,21 @@ from streamer.node.subscriptions import Limits, SubscriptionSet
 from streamer.options import join
 from streamer.transport import SERVER_OPTIONS, bind
 
+if TYPE_CHECKING:
+    from streamer.cluster.etcd import EtcdClient
+    from streamer.cluster.membership import Membership, Ownership
+
 log = logging.getLogger("streamer")
+
+# The lease TTL in cluster mode (streamer.cluster.membership.DEFAULT_TTL,
+# which is not imported without --cluster).
+DEFAULT_LEASE_TTL = 5
+# The cluster's name, the etcd key prefix /streamer/<name>/.
+CLUSTER_NAME = "streamer"
+# How often a cluster node looks for shards to hand over to a joined node.
+HANDOVER_PERIOD = 0.25
+# How long a fenced node tries to revoke its lease on the way out.
+LEAVE_FENCED_SECONDS = 0.5
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -99,6 +114,13 @@ class NodeConfig:
     # The collections this node serves (empty: all): asked of the Puller,
     # and subscriptions to others are refused with not_owner.
     collections: tuple[str, ...] = ()
+    # Cluster mode (preview; see "Cluster mode" above): the etcd endpoints
+    # (None: a single node, nothing of it), this node's id and the address
+    # gateways reach it at, and its lease's TTL.
+    cluster: tuple[str, ...] | None = None
+    node_id: str | None = None
+    advertise: str | None = None
+    lease_ttl: int = DEFAULT_LEASE_TTL
 
 
 class StreamerNode:
@@ -137,6 +159,12 @@ class StreamerNode:
         # shutdown or failure.
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        self.membership: Membership | None = None
+        self.ownership: Ownership | None = None
+        self._etcd: EtcdClient | None = None
+        if config.cluster is not None:
+            self.subscriptions.placed = self._placed
+            self.subscriptions.not_placed = self._not_placed
         self.port = 0
         self.serving = False
         # Why the node stopped on its own (a failed background task or a
@@ -168,7 +196,10 @@ class StreamerNode:
                 )
                 log.info("metrics on http://%s/metrics", self._metrics.address)
             await self._server.start()
+            if config.cluster is not None:
+                await self._join()
         except BaseException:
+            await self._leave()
             await self._server.stop(None)
             self.progress.close()
             raise
@@ -190,6 +221,10 @@ class StreamerNode:
         self._spawn("reclaimer", self.subscriptions.reclaim())
         self._spawn("catch-up", self.catchup.run())
         self._spawn("pauses", self.pauses.run())
+        if self.membership is not None:
+            self._spawn("membership", self.membership.wait())
+            self._spawn("fencing", self._fence())
+            self._spawn("handover", self._hand_over())
 
     def request_stop(self) -> None:
         """Ask ``wait`` to return (safe from a signal handler)."""
@@ -208,6 +243,9 @@ class StreamerNode:
             return
         self._stopping = True
         self._stop_requested.set()
+        # Fenced (cluster mode): another node may own this one's shards
+        # soon; stop as after a crash (see "Cluster mode" above).
+        fenced = self.membership is not None and not self.membership.deliverable()
         log.info("stopping: ingest first, then the marker, then the gateway streams")
         await self._health.enter_graceful_shutdown()
         for task in self._tasks:
@@ -215,15 +253,23 @@ class StreamerNode:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        try:
-            await self.progress.flush()
-        except OSError as exc:
-            self._failed(f"the progress marker could not be saved ({exc}); the next start "
-                         "replays from the marker saved before it")
+        if fenced:
+            log.error("fenced: the gateway streams are cut without draining and the "
+                      "marker is not saved again (the next start replays from the last "
+                      "one written)")
+        else:
+            try:
+                await self.progress.flush()
+            except OSError as exc:
+                self._failed(f"the progress marker could not be saved ({exc}); the next "
+                             "start replays from the marker saved before it")
         # Streams end as soon as their queues are written: only gateways
         # still being written to hold the drain, up to drain_seconds.
         self.servicer.shutdown()
-        await self._server.stop(grace=self.config.drain_seconds)
+        await self._server.stop(grace=0 if fenced else self.config.drain_seconds)
+        # Leaving revokes the lease: this node's shards are free at once
+        # (fenced, etcd is likely unreachable: not waited for long).
+        await self._leave(LEAVE_FENCED_SECONDS if fenced else None)
         # A handler still running when the event loop closes gets
         # cancelled, which gRPC logs as an error with a traceback.
         await self.servicer.wait_closed(timeout=1.0)
@@ -277,6 +323,116 @@ class StreamerNode:
             update = asyncio.get_running_loop().create_task(self._health.set(name, NOT_SERVING))
             self._health_updates.add(update)
             update.add_done_callback(self._health_updates.discard)
+
+    # -- cluster mode ------------------------------------------------------
+
+    async def _join(self) -> None:
+        """Register in the cluster and start claiming shards (raises a
+        ``ClusterError`` if etcd cannot be reached)."""
+        from streamer.cluster.etcd import EtcdClient
+        from streamer.cluster.membership import Membership, Ownership
+
+        config = self.config
+        assert config.cluster is not None and config.node_id and config.advertise
+        self._etcd = EtcdClient(config.cluster)
+        self.membership = Membership(
+            self._etcd, CLUSTER_NAME, config.node_id, config.advertise,
+            collections=config.collections, ttl=config.lease_ttl,
+        )
+        await self.membership.start()
+        self.ownership = Ownership(self.membership)
+        await self.ownership.start()
+        log.info("cluster: node %s (advertising %s) joined through etcd %s; lease TTL %d s",
+                 config.node_id, config.advertise, ",".join(config.cluster), config.lease_ttl)
+
+    async def _leave(self, timeout: float | None = None) -> None:
+        """Stop claiming, revoke the lease (the node's keys and shards go at
+        once; given up after ``timeout`` seconds), close the etcd client.
+        Idempotent."""
+        ownership, membership, client = self.ownership, self.membership, self._etcd
+        self._etcd = None
+        if ownership is not None:
+            with contextlib.suppress(Exception):
+                await ownership.stop()
+        if membership is not None:
+            try:
+                await asyncio.wait_for(membership.stop(), timeout)
+            except Exception as exc:
+                log.warning("cluster: leaving failed (%r); the lease expires by itself", exc)
+        if client is not None:
+            await client.close()
+
+    async def _fence(self) -> None:
+        """Fail (the node stops) once no keepalive has succeeded for TTL -
+        margin: before etcd can expire the lease and another node claim
+        this one's shards. Ingest stops at once, before the failure is
+        handled."""
+        from streamer.errors import MembershipFailed
+
+        membership = self.membership
+        assert membership is not None
+        while True:
+            wait = membership.deliverable_until - time.monotonic()
+            if wait <= 0:
+                break
+            await asyncio.sleep(wait)
+        for task in self._tasks:
+            if task.get_name() == "ingest":
+                task.cancel()
+        if membership.error is not None:
+            raise membership.error
+        raise MembershipFailed(
+            f"fenced: no etcd keepalive acknowledged for {membership.ttl - membership.margin:g}"
+            f" s (lease TTL {membership.ttl} s); stopping before the lease can expire")
+
+    async def _hand_over(self) -> None:
+        """Release the shards this node holds that another live node should
+        own (a node joined) once no subscription of a gateway that said
+        Hello is held here on them: gateways do not re-home yet, so a shard
+        with such subscriptions stays here until they are gone."""
+        from streamer.cluster.shards import shard_of
+        from streamer.errors import ClusterError
+
+        ownership = self.ownership
+        assert ownership is not None
+        while True:
+            await asyncio.sleep(HANDOVER_PERIOD)
+            handovers = ownership.handovers()
+            if not handovers:
+                continue
+            held: set[int] = set()
+            for session in self.sessions.by_owner:
+                if session is not None and session.hello:
+                    held.update(shard_of(s) for s in self.subscriptions.owned(session.owner))
+            for shard in sorted(handovers - held):
+                try:
+                    if await ownership.release(shard):
+                        log.info("cluster: shard %d handed over to node %s", shard,
+                                 ownership.desired().get(shard))
+                except ClusterError as exc:
+                    # etcd unreachable: fencing decides; tried again next round.
+                    log.warning("cluster: releasing shard %d failed: %s", shard, exc)
+                    break
+
+    def _placed(self, owner: int) -> bool:
+        """Whether ``owner``'s subscriptions must be on shards this node
+        owns: those of gateways that said Hello (cluster clients); plain
+        gateways are served whatever the shard."""
+        by_owner = self.sessions.by_owner
+        session = by_owner[owner] if owner < len(by_owner) else None
+        return session is not None and session.hello
+
+    def _not_placed(self, sub_id: str) -> str | None:
+        """Why this node does not take ``sub_id`` (None: it owns its shard)."""
+        from streamer.cluster.shards import shard_of
+
+        ownership, membership = self.ownership, self.membership
+        shard = shard_of(sub_id)
+        owner = ownership.owner(shard) if ownership is not None else None
+        if owner is not None and membership is not None and owner.lease == membership.lease:
+            return None
+        who = f"node {owner.node_id}" if owner is not None else "no node yet"
+        return f"shard {shard} of subscription {sub_id!r} is owned by {who}, not this node"
 
     # -- background tasks ------------------------------------------------
 

@@ -118,6 +118,14 @@ class SubscriptionSet:
         # Its checks do not know about served collections: a node that
         # serves only some registers in Python.
         self._registrar = Registrar(self) if compiled and not collections else None
+        # Cluster mode (the node sets it): ``placed(owner)`` says whether
+        # the owner's subscriptions must be on shards this node owns (a
+        # gateway that said Hello), and ``not_placed(sub_id)`` why one is
+        # not (None: it is). A request without an id gets a generated one,
+        # placed where it arrived. Such owners register in Python: the
+        # compiled path does not know about shards.
+        self.placed: Callable[[int], bool] | None = None
+        self.not_placed: Callable[[str], str | None] = _placed_anywhere
 
     def __len__(self) -> int:
         return len(self._held)
@@ -163,6 +171,10 @@ class SubscriptionSet:
             return _refused(sub_id, NOT_OWNER, (
                 f"collection {request.collection!r} is not served by this node, which "
                 f"serves {', '.join(sorted(self.collections))} (--collections)"))
+        if self.placed is not None and request.subscription_id and self.placed(owner):
+            refusal = self.not_placed(sub_id)
+            if refusal is not None:
+                return _refused(sub_id, NOT_OWNER, refusal)
         size = request.ByteSize()
         refusal = self._check_limits(owner, request, size)
         if refusal is not None:
@@ -225,7 +237,7 @@ class SubscriptionSet:
         from (``_subscribe.batch_requests``), which the compiled path reads
         where it can."""
         entries: list[bytes] = []
-        if self._registrar is not None:
+        if self._registrar is not None and (self.placed is None or not self.placed(owner)):
             self._registrar.register(owner, requests, entries, encoded)
         else:
             for request in requests:
@@ -352,6 +364,10 @@ class SubscriptionSet:
                 f"is {limits.max_node_scan_clauses}"
             )
         return None
+
+
+def _placed_anywhere(sub_id: str) -> str | None:
+    return None
 
 
 async def one_turn() -> None:
