@@ -70,6 +70,16 @@ def test_bad_cluster_flags_are_one_line_and_exit_2(args: tuple[str, ...], says: 
     assert says in refusal(result)
 
 
+def test_a_node_that_cannot_reach_etcd_does_not_start(tmp_path: Path) -> None:
+    from streamer.tools.measure import free_port
+
+    result = subprocess.run(serve_command(
+        "--puller", "127.0.0.1:1", "--listen", "127.0.0.1:0", "--state-dir", str(tmp_path),
+        "--cluster", f"etcd://127.0.0.1:{free_port()}", "--node-id", "n1",
+        "--advertise", "127.0.0.1:1"), capture_output=True, text=True, timeout=60)
+    assert "etcd lease grant: no endpoint answered" in refusal(result)
+
+
 def test_the_shard_check_covers_subscribe_and_both_batch_paths() -> None:
     # SubscriptionSet's cluster hook, without etcd: an owner that must be
     # placed is refused on shards not owned here, one subscribe at a time

@@ -23,6 +23,35 @@ come and go with their groups; the catch-up supervises them: a reader that
 fails is logged with its traceback and counted, and its subscriptions
 continue from the live head (``resync_required`` if not answered yet); the
 node keeps serving. Stopping the node stops every reader.
+
+Cluster mode (``NodeConfig.cluster``, ``streamer serve --cluster``; a
+preview of issue 12). At start, after the server is up, the node opens an
+``EtcdClient``, starts a ``Membership`` (its lease, its ``nodes/`` key with
+the advertised address and ``collections``) and an ``Ownership`` (claims
+its shards); if etcd cannot be reached the start fails. Three supervised
+tasks follow them: ``membership`` (the membership fenced for good: lease
+lost, a watch or claim failed), ``fencing`` and ``handover``; each fails the
+node like any other task. Subscriptions of a gateway that said Hello must
+be on shards this node owns (``SubscriptionSet.placed``): others are
+refused with not_owner naming the shard's owner; a request without an id
+gets a generated one, placed here. Plain gateways are served whatever the
+shard. ``handover`` releases a shard another live node should own (a node
+joined) once no Hello gateway's subscription held here is on it: there is
+no re-homing yet, so such subscriptions keep their shard here.
+
+Fencing is the simplest correct behaviour: the node stops. ``fencing``
+sleeps until ``Membership.deliverable_until`` (last acknowledged keepalive
++ TTL - max(1, TTL/3)); if no keepalive has moved it by then, it cancels
+ingest at once (nothing more is delivered) and fails, and ``stop`` then
+treats the node as crashed (as after a SIGKILL): the gateway streams are
+cut without draining what is queued, the marker is not flushed again (the
+next start replays after the last one the progress writer saved, at most
+100 ms old; events queued but not yet written to a gateway are lost for
+it, as after a crash: a cluster client re-subscribes with its own
+``resume_after``), and leaving gives up on revoking the lease after
+``LEAVE_FENCED_SECONDS``. All of this happens before etcd can
+expire the lease and another node claim the shards. A clean stop revokes
+the lease after the streams are drained, freeing the shards at once.
 """
 
 from __future__ import annotations
@@ -255,8 +284,7 @@ class StreamerNode:
                 await task
         if fenced:
             log.error("fenced: the gateway streams are cut without draining and the "
-                      "marker is not saved again (the next start replays from the last "
-                      "one written)")
+                      "marker is not flushed again, as after a crash")
         else:
             try:
                 await self.progress.flush()
