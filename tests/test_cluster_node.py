@@ -161,14 +161,22 @@ def test_two_nodes_split_the_shards_and_route_hello_gateways(
             theirs = next(i for i in ids if owners[shards.shard_of(i)] == "n2")
             async with StreamerClient(n1.address, gateway_id="gw-hello") as hello, \
                     StreamerClient(n2.address, gateway_id="gw-plain", batch=False) as plain:
-                # At the wrong node: refused, naming the shard and its owner.
-                with pytest.raises(SubscriptionRejected) as refused:
-                    await hello.subscribe("messages", database="app", subscription_id=theirs,
-                                          timeout=30)
-                assert refused.value.code == "not_owner"
+                # At the wrong node: refused, naming the shard and its owner
+                # (once n1's watch has seen n2's claim: until then it says
+                # "owned by no node yet").
                 shard = shards.shard_of(theirs)
-                assert f"shard {shard} " in str(refused.value)
-                assert "owned by node n2" in str(refused.value)
+                start = time.monotonic()
+                while True:
+                    with pytest.raises(SubscriptionRejected) as refused:
+                        await hello.subscribe("messages", database="app",
+                                              subscription_id=theirs, timeout=30)
+                    assert refused.value.code == "not_owner"
+                    assert f"shard {shard} of subscription {theirs!r}" in str(refused.value)
+                    if "owned by node n2" in str(refused.value):
+                        break
+                    assert "owned by no node yet" in str(refused.value)
+                    assert time.monotonic() - start < 10, str(refused.value)
+                    await asyncio.sleep(0.05)
                 # subscribe_batch: the same check, request by request.
                 mine_b = next(i for i in ids if owners[shards.shard_of(i)] == "n1" and i != mine)
                 theirs_b = next(i for i in ids
@@ -176,7 +184,8 @@ def test_two_nodes_split_the_shards_and_route_hello_gateways(
                 answers = await hello.subscribe_many([_sub(mine_b), _sub(theirs_b)], timeout=30)
                 assert answers[0] == mine_b, answers
                 assert isinstance(answers[1], SubscriptionRejected), answers
-                assert answers[1].code == "not_owner" and "owned by node n2" in str(answers[1])
+                assert answers[1].code == "not_owner", answers
+                assert f"shard {shards.shard_of(theirs_b)} " in str(answers[1])
                 # At the right node: accepted.
                 await hello.subscribe("messages", database="app", subscription_id=mine,
                                       timeout=30)
@@ -239,6 +248,29 @@ def test_a_node_whose_etcd_dies_stops_before_its_lease_ttl(
             assert code == 1, n1.log()
             assert stopped < ttl, n1.log()
             assert "fenced: no etcd keepalive acknowledged" in n1.log()
+            assert "NOT_SERVING and stops" in n1.log()
+
+    asyncio.run(main())
+
+
+def test_a_node_whose_lease_is_revoked_stops_with_exit_1(
+    tmp_path: Path, etcd1: EtcdCluster
+) -> None:
+    # A membership failure (here the lease revoked behind the node's back:
+    # its keepalive learns it is lost) is a failed supervised part.
+    from streamer.cluster.etcd import EtcdClient
+
+    async def main() -> None:
+        n1 = node(tmp_path, etcd1, "n1")
+        async with n1, EtcdClient(etcd1.endpoints) as etcd:
+            await until(lambda: "cluster: node n1" in n1.log(), 30, "n1 joined")
+            registration = await etcd.get(PREFIX + b"nodes/n1")
+            assert registration is not None and registration.lease
+            await etcd.lease_revoke(registration.lease)
+            revoked = time.monotonic()
+            code = await asyncio.to_thread(n1.proc.wait, 30)
+            print(f"lease revoked: the node stopped after {time.monotonic() - revoked:.2f} s")
+            assert code == 1, n1.log()
             assert "NOT_SERVING and stops" in n1.log()
 
     asyncio.run(main())
