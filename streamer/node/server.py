@@ -537,6 +537,13 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
         finally:
             catchup.release(groups.values())
 
+    def _resuming(self, owner: int) -> _Stream | None:
+        """The open stream of ``owner`` if its Hello says ``resumes`` (the
+        gateways told of catch-up progress and of ``caught_up``)."""
+        session = self.sessions.by_owner[owner]
+        stream = None if session is None else self.streams.get(session.key)
+        return stream if stream is not None and stream.session.resumes else None
+
     def catchup_progress(
         self, owners: set[int], group: int, marker: str, *, merged_into: int = 0
     ) -> None:
@@ -544,11 +551,9 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
         ``group`` is (or that it merged into another), after the deliveries
         that progress covers."""
         message = b""
-        by_owner = self.sessions.by_owner
         for owner in owners:
-            session = by_owner[owner]
-            stream = None if session is None else self.streams.get(session.key)
-            if stream is None or not stream.session.resumes:
+            stream = self._resuming(owner)
+            if stream is None:
                 continue
             if not message:
                 message = StreamerMessage(catchup_progress=CatchUpProgress(
@@ -560,11 +565,9 @@ class StreamerServicer(streamer_v1_pb2_grpc.StreamerServiceServicer):
         from catch-up into the live index (``CaughtUp``, in as many messages
         as its receive limit needs); ``resync``: after a late refusal, the
         events in between are lost for them."""
-        by_owner = self.sessions.by_owner
         for owner, ids in live.items():
-            session = by_owner[owner]
-            stream = None if session is None else self.streams.get(session.key)
-            if stream is None or not stream.session.resumes:
+            stream = self._resuming(owner)
+            if stream is None:
                 continue
             limit = stream.queue.delivery_limit - 16
             part: list[str] = []
