@@ -152,12 +152,26 @@ class StreamerClient:
     Bearer <token>`` on the stream, ``channel_options`` go to the channel
     (e.g. ``grpc.ssl_target_name_override``) after the keepalive settings of
     ``streamer.transport``, which they may override.
+
+    ``cluster="etcd://HOST:PORT[,HOST:PORT...]"`` instead of a target makes
+    it a client of a Streamer cluster (``streamer.cluster.client``): the
+    same API over one stream per node it needs, each subscription at its
+    shard's owner, re-homed with ``resume_after`` when ownership moves.
     """
+
+    def __new__(cls, *args: Any, cluster: str | None = None, **options: Any) -> StreamerClient:
+        # StreamerClient(cluster=...) is the cluster client, with the same API.
+        if cluster is not None and cls is StreamerClient:
+            from streamer.cluster.client import ClusterClient
+
+            return object.__new__(ClusterClient)
+        return object.__new__(cls)
 
     def __init__(
         self,
-        target: str,
+        target: str | None = None,
         *,
+        cluster: str | None = None,
         gateway_id: str,
         token: str | None = None,
         tls: grpc.ChannelCredentials | None = None,
@@ -172,6 +186,8 @@ class StreamerClient:
         on_resync: Callable[[str], object] | None = None,
         channel_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
+        if not target:
+            raise ValueError("give the Streamer's HOST:PORT, or cluster='etcd://HOST:PORT'")
         if not gateway_id:
             raise ValueError("gateway_id must not be empty")
         if not 0 <= max_batch < 2**32:
@@ -452,8 +468,7 @@ class StreamerClient:
                 del self._requests[sub_id]
                 if sub_id in self._sent:
                     # The server may have registered it: nobody would own it.
-                    self._send(GatewayMessage(unsubscribe=UnsubscribeRequest(
-                        subscription_id=sub_id)))
+                    self._unsubscribe_sent(sub_id)
 
     async def unsubscribe(self, subscription_id: str) -> None:
         """Remove a subscription (unknown ids are ignored, as the server does).
@@ -466,8 +481,12 @@ class StreamerClient:
             await asyncio.wait([entry[0].future])  # never cancels it, never raises its error
         self._forget(subscription_id)
         if self._requests.pop(subscription_id, None) is not None and subscription_id in self._sent:
-            self._send(GatewayMessage(unsubscribe=UnsubscribeRequest(
-                subscription_id=subscription_id)))
+            self._unsubscribe_sent(subscription_id)
+
+    def _unsubscribe_sent(self, subscription_id: str) -> None:
+        self._sent.discard(subscription_id)
+        self._send(GatewayMessage(unsubscribe=UnsubscribeRequest(
+            subscription_id=subscription_id)))
 
     def marker(self, subscription_id: str) -> str:
         """The marker a subscription has received every matching event up
@@ -508,11 +527,14 @@ class StreamerClient:
             raise StreamClosed("the client is closed")
 
     def _end(self, error: StreamerError) -> None:
+        self._fail_waiters(error)
+        self._deliveries.put_nowait(None)
+
+    def _fail_waiters(self, error: StreamerError) -> None:
         for answers in {id(a): a for a, _ in self._waiters.values()}.values():
             if not answers.future.done():
                 answers.future.set_exception(error)
         self._waiters.clear()
-        self._deliveries.put_nowait(None)
 
     def _send(self, message: GatewayMessage) -> None:
         if self._outbox is not None:
@@ -621,11 +643,13 @@ class StreamerClient:
             kind = message.WhichOneof("payload")
             if kind == "delivery":
                 self._delivered((message.delivery,))
-                self._deliveries.put_nowait(message.delivery)
+                if message.delivery.subscription_ids:
+                    self._deliveries.put_nowait(message.delivery)
             elif kind == "batch":
                 self._delivered(message.batch.deliveries)
                 for delivery in message.batch.deliveries:
-                    self._deliveries.put_nowait(delivery)
+                    if delivery.subscription_ids:
+                        self._deliveries.put_nowait(delivery)
             else:
                 self._control(message, kind)
         raise ConnectionError("the server ended the stream")
@@ -634,17 +658,29 @@ class StreamerClient:
         """Each named subscription's marker moves to its delivery's; one
         that names a live subscription is the stream's newest live marker
         (a catch-up delivery, of an older event, names only resuming ones:
-        the server never mixes the two in one delivery)."""
+        the server never mixes the two in one delivery).
+
+        Subscriptions this client no longer has (unsubscribed, or moved to
+        another node by a cluster client) are cut from the deliveries that
+        name them, so nothing is delivered for one after ``unsubscribe()``
+        and its marker stays where it was (one left naming none is not
+        passed on)."""
         markers, requests, live = self._markers, self._requests, self._live_since
         for delivery in deliveries:
             progress = delivery.event.progress
-            if not progress:
-                continue
             ids = delivery.subscription_ids
+            stray = False
             for sub_id in ids:
                 if sub_id in requests:
-                    markers[sub_id] = progress
-            if live and any(sub_id in live for sub_id in ids):
+                    if progress:
+                        markers[sub_id] = progress
+                else:
+                    stray = True
+            if stray:
+                known = [sub_id for sub_id in ids if sub_id in requests]
+                del ids[:]
+                ids.extend(known)
+            if progress and live and any(sub_id in live for sub_id in ids):
                 self._stream_marker = progress
                 self._stream_deliveries += 1
 

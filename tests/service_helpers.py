@@ -184,10 +184,12 @@ class ServeProcess:
     ``--state-dir``, against one ``PullerDouble`` that outlives every run.
     Each run's output goes to its own file (``log(run)``); ``async with``
     starts the first run and, whatever happened, kills what still runs and
-    stops the Puller."""
+    stops the Puller. Given a ``puller`` (shared by several nodes), the
+    process uses it and leaves it to its owner."""
 
-    def __init__(self, tmp_path: Path, *args: str) -> None:
-        self.puller = PullerDouble()
+    def __init__(self, tmp_path: Path, *args: str, puller: PullerDouble | None = None) -> None:
+        self.puller = puller or PullerDouble()
+        self._owns_puller = puller is None
         self.state = tmp_path / "state"
         self.port = free_port()
         self.args = args
@@ -233,7 +235,8 @@ class ServeProcess:
         try:
             await self.start()
         except BaseException:
-            await self.puller.stop()
+            if self._owns_puller:
+                await self.puller.stop()
             raise
         return self
 
@@ -249,7 +252,8 @@ class ServeProcess:
                     proc.kill()
                     proc.wait(10)
         finally:
-            await self.puller.stop()
+            if self._owns_puller:
+                await self.puller.stop()
 
 
 # ``streamer puller`` as a real process.

@@ -12,41 +12,22 @@ import asyncio
 import json
 import subprocess
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from cluster_helpers import PREFIX, node, until
 from etcd_helpers import EtcdCluster
-from service_helpers import ServeProcess, refusal, serve_command
+from service_helpers import refusal, serve_command
 
 from streamer.client import Subscription
 from streamer.cluster import shards
 from streamer.errors import SubscriptionRejected
 from streamer.protocol import puller_v1_pb2 as pb
 
-PREFIX = b"/streamer/streamer/"
-
 
 def change(k: int) -> pb.ChangeEvent:
     return pb.ChangeEvent(event_id=f"e{k}", database="app", mgo_coll="messages",
                           mgo_doc_id=f"d{k}", op_type="insert", full_doc=b"{}")
-
-
-async def until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
-        await asyncio.sleep(0.05)
-
-
-def node(tmp_path: Path, etcd: EtcdCluster, node_id: str, *args: str) -> ServeProcess:
-    """A ``streamer serve --cluster`` process advertising its own address."""
-    directory = tmp_path / node_id
-    directory.mkdir()
-    serve = ServeProcess(directory)
-    serve.args = ("--cluster", "etcd://" + ",".join(etcd.endpoints), "--node-id", node_id,
-                  "--advertise", serve.address, "--resume-grace", "0", *args)
-    return serve
 
 
 @pytest.mark.parametrize("args, says", [
@@ -137,7 +118,7 @@ def test_two_nodes_split_the_shards_and_route_hello_gateways(
                 for kv in kvs:
                     key = kv.key[len(PREFIX):].decode()
                     if key.startswith("shards/"):
-                        owners[int(key.removeprefix("shards/"))] = kv.value.decode()
+                        owners[int(key.removeprefix("shards/*/"))] = kv.value.decode()
                     else:
                         live.add(key.removeprefix("nodes/"))
                         info = json.loads(kv.value)

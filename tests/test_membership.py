@@ -24,12 +24,15 @@ from streamer.cluster import shards
 from streamer.cluster.etcd import EtcdClient
 from streamer.cluster.etcdpb import rpc_pb2
 from streamer.cluster.membership import (
+    ALL,
     Membership,
     NodeInfo,
     Ownership,
     ShardOwner,
     fence_margin,
+    group_of,
     node_key,
+    route_group,
     shard_key,
 )
 from streamer.errors import LeaseLost
@@ -135,8 +138,7 @@ def test_members_join_own_every_shard_once_and_a_join_moves_only_what_it_wins(
 ) -> None:
     async def scenario() -> None:
         endpoints = etcd1.endpoints
-        three = [Node(endpoints, f"n{i}", ttl=5, collections=("c1",) if i == 1 else ())
-                 for i in range(3)]
+        three = [Node(endpoints, f"n{i}", ttl=5) for i in range(3)]
         async with running(three), EtcdClient(endpoints) as observer:
             started = time.monotonic()
             await asyncio.gather(*(n.start() for n in three))
@@ -147,10 +149,9 @@ def test_members_join_own_every_shard_once_and_a_join_moves_only_what_it_wins(
                        for n in three)
             print(f"\n3 members joined and settled in {time.monotonic() - started:.2f} s")
             info = three[0].membership.nodes["n1"]
-            assert info == NodeInfo("n1", "127.0.0.1:7001", ("c1",),
-                                    three[1].membership.lease, info.revision)
-            assert info.serves("c1") and not info.serves("c2")
-            assert three[1].membership.nodes["n2"].serves("anything")
+            assert info == NodeInfo("n1", "127.0.0.1:7001", (), three[1].membership.lease,
+                                    info.revision)
+            assert info.serves("anything") and info.group == ALL
             kv = await observer.get(node_key(CLUSTER, "n0"))
             assert kv is not None and kv.lease == three[0].membership.lease
             assert json.loads(kv.value) == {"advertise": "127.0.0.1:7000", "collections": []}
@@ -386,3 +387,42 @@ def test_a_view_reads_again_after_compaction(etcd1: EtcdCluster) -> None:
             assert changed.is_set() and not a.failures
 
     run(scenario())
+
+
+def test_each_collection_group_splits_the_shards_among_its_own_nodes(
+    etcd1: EtcdCluster,
+) -> None:
+    # Two nodes serving c1 and c2 (registered in any order and with a
+    # repeat: one group) and one serving everything: the pair split the 256
+    # shards of their group, the third owns all 256 of its own.
+    async def scenario() -> None:
+        pair = [Node(etcd1.endpoints, "n1", ttl=5, collections=("c2", "c1", "c2")),
+                Node(etcd1.endpoints, "n2", ttl=5, collections=("c1", "c2"))]
+        alone = Node(etcd1.endpoints, "n3", ttl=5)
+        async with running([*pair, alone]):
+            await asyncio.gather(*(n.start() for n in [*pair, alone]))
+            await until(lambda: all(len(n.membership.nodes) == 3 for n in [*pair, alone]), 5,
+                        "each member sees 3 nodes")
+            await until(lambda: sum(len(n.ownership.owned()) for n in pair) == shards.SHARDS
+                        and len(alone.ownership.owned()) == shards.SHARDS, 10,
+                        "each group owns its shards")
+            assert set(pair[0].ownership.owned()).isdisjoint(pair[1].ownership.owned())
+            info = alone.membership.nodes["n1"]
+            assert info.collections == ("c1", "c2") and info.group == "c1%2Cc2"
+            assert info.serves("c1") and not info.serves("c3")
+            assert pair[0].ownership.desired() == shards.placement(["n1", "n2"])
+            nodes = alone.membership.nodes.values()
+            assert route_group("c1", nodes) == "c1%2Cc2"
+            assert route_group("c3", nodes) == ALL
+            assert route_group("c3", [info]) is None
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+@pytest.mark.parametrize("collections, group", [
+    ((), ALL), (("a",), "a"), (("b", "a", "b"), "a%2Cb"), (("a/b", "*"), "%2A%2Ca%2Fb"),
+])
+def test_a_group_is_one_key_segment_the_same_for_the_same_collections(
+    collections: tuple[str, ...], group: str
+) -> None:
+    assert group_of(collections) == group

@@ -5,9 +5,13 @@ Keys, under the cluster prefix ``/streamer/<cluster>/``:
 
 - ``nodes/<node_id>``: JSON ``{"advertise": "HOST:PORT", "collections":
   [...]}`` (an empty list: every collection), under the node's lease.
-- ``shards/<n>``: the owner's node id, under the owner's lease. The key's
-  create revision is the ownership *epoch*: a later owner of the same shard
-  always has a larger one.
+- ``shards/<group>/<n>``: the owner's node id, under the owner's lease.
+  The key's create revision is the ownership *epoch*: a later owner of the
+  same shard always has a larger one. ``<group>`` is the node's collection
+  group (``group_of``: ``*`` for a node serving every collection): each
+  group of nodes serving the same collections splits the shards among
+  itself, so a subscription has one owner per group that serves its
+  collection (the cluster client picks one group, ``route_group``).
 
 ``Membership`` holds the node's lease (granted with ``ttl`` seconds, kept
 alive every TTL/3), registers the node under it and keeps ``nodes``, every
@@ -22,9 +26,10 @@ watches or claims, fences the node for good: ``error`` is set,
 starts again as a new member with a new lease).
 
 ``Ownership`` keeps every shard's owner and epoch current with a watch on
-``shards/``, computes the desired placement (``shards.placement``) over the
-live nodes, and claims each shard this node should own and nobody owns,
-with a create-if-absent transaction under the node's lease.
+``shards/<group>/``, computes the desired placement (``shards.placement``)
+over the live nodes of its group, and claims each shard this node should
+own and nobody owns, with a create-if-absent transaction under the node's
+lease.
 
 What is deliberately left to the node (and the cluster client):
 
@@ -40,9 +45,9 @@ What is deliberately left to the node (and the cluster client):
   ``Ownership.deliverable(shard)``) must be checked before each delivery,
   or the node schedules its own check at ``deliverable_until``.
 - Restarting after ``error``: a new ``Membership`` (a new lease).
-- Collection groups: the placement is over every live node; routing a
-  collection among the nodes that serve it (``NodeInfo.collections``) is
-  the client's.
+- Routing: which group serves a collection (``route_group``) and which
+  node of it a subscription goes to is computed by the cluster client
+  (``streamer.cluster.client``) from the same live nodes.
 - A node id used by two live processes at once is not detected: the later
   ``put`` takes ``nodes/<id>`` over, and shards held under the other
   process's lease are not counted as this one's (``owned()`` compares the
@@ -59,6 +64,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
+from urllib.parse import quote
 
 from streamer.cluster import shards as _shards
 from streamer.cluster.etcd import EtcdClient, Event, KeepAlive, KeyValue
@@ -74,6 +80,8 @@ from streamer.errors import (
 log = logging.getLogger(__name__)
 
 DEFAULT_TTL = 5
+DEFAULT_CLUSTER = "streamer"  # the cluster name nodes and clients use: /streamer/streamer/
+ALL = "*"  # the group of the nodes serving every collection
 RETRY_PAUSE = 0.1  # first pause before retrying etcd; doubles up to 2 s
 RECHECK = 1.0  # the claim loop looks again at least this often
 
@@ -88,8 +96,30 @@ def node_key(cluster: str, node_id: str) -> bytes:
     return cluster_prefix(cluster) + b"nodes/" + node_id.encode()
 
 
-def shard_key(cluster: str, shard: int) -> bytes:
-    return cluster_prefix(cluster) + f"shards/{shard}".encode()
+def shard_key(cluster: str, shard: int, group: str = ALL) -> bytes:
+    return cluster_prefix(cluster) + f"shards/{group}/{shard}".encode()
+
+
+def group_of(collections: Iterable[str]) -> str:
+    """The collection group of a node serving ``collections`` (empty: every
+    collection, ``ALL``): the same for every node serving exactly these,
+    and a single key segment whatever the names."""
+    names = sorted(set(collections))
+    return quote(",".join(names), safe="") if names else ALL
+
+
+def route_group(collection: str, nodes: Iterable[NodeInfo]) -> str | None:
+    """The group whose nodes a subscription to ``collection`` goes to: of
+    the groups serving it, the one serving the fewest collections (a group
+    made for it takes it off the general nodes), the smaller name on a tie;
+    None when no live node serves it. Every client computes the same."""
+    best: tuple[int, str] | None = None
+    for node in nodes:
+        if node.serves(collection):
+            candidate = (len(node.collections) or math.inf, node.group)
+            if best is None or candidate < best:
+                best = candidate  # type: ignore[assignment]
+    return None if best is None else best[1]
 
 
 def fence_margin(ttl: float) -> float:
@@ -114,6 +144,10 @@ class NodeInfo:
 
     def serves(self, collection: str) -> bool:
         return not self.collections or collection in self.collections
+
+    @property
+    def group(self) -> str:
+        return group_of(self.collections)
 
 
 @dataclass(frozen=True)
@@ -193,6 +227,33 @@ class _PrefixView:
         self._changed({event.kv.key})
 
 
+class NodesView(_PrefixView):
+    """The live nodes of a cluster (``nodes/``), kept current."""
+
+    def __init__(
+        self, client: EtcdClient, cluster: str, changed: Callable[[set[bytes]], None],
+        failed: Callable[[BaseException], None],
+    ) -> None:
+        super().__init__(client, cluster_prefix(cluster) + b"nodes/", changed, failed)
+
+
+def read_nodes(view: _PrefixView) -> dict[str, NodeInfo]:
+    """The nodes registered in a view of ``nodes/``, by id (malformed
+    registrations are logged and left out)."""
+    nodes: dict[str, NodeInfo] = {}
+    for kv in view.kvs.values():
+        node_id = kv.key[len(view.prefix):].decode(errors="replace")
+        try:
+            info = json.loads(kv.value)
+            nodes[node_id] = NodeInfo(
+                node_id, str(info["advertise"]),
+                tuple(sorted({str(c) for c in info.get("collections", ())})),
+                kv.lease, kv.create_revision)
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring the malformed registration %r: %s", kv.key, exc)
+    return nodes
+
+
 async def _retrying(call: Callable[[], Awaitable[None]]) -> None:
     """``call()`` until etcd answers it (``EtcdUnavailable`` is retried)."""
     pause = RETRY_PAUSE
@@ -228,7 +289,8 @@ class Membership:
         self.cluster = cluster
         self.node_id = node_id
         self.advertise = advertise
-        self.collections = tuple(collections)
+        self.collections = tuple(sorted(set(collections)))
+        self.group = group_of(self.collections)
         self.ttl = ttl
         self.prefix = cluster_prefix(cluster)
         self.key = node_key(cluster, node_id)
@@ -239,7 +301,7 @@ class Membership:
         self._on_failed = on_failed
         self._listeners: list[Callable[[], object]] = []
         self._nodes: dict[str, NodeInfo] = {}
-        self._view = _PrefixView(client, self.prefix + b"nodes/", self._nodes_changed, self._fail)
+        self._view = NodesView(client, cluster, self._nodes_changed, self._fail)
         self._keepalive: KeepAlive | None = None
         self._granted_at = 0.0
         self._keepalive_started = 0.0
@@ -259,16 +321,7 @@ class Membership:
         self._listeners.append(listener)
 
     def _nodes_changed(self, keys: set[bytes]) -> None:
-        nodes: dict[str, NodeInfo] = {}
-        for kv in self._view.kvs.values():
-            node_id = kv.key[len(self._view.prefix):].decode(errors="replace")
-            try:
-                info = json.loads(kv.value)
-                nodes[node_id] = NodeInfo(node_id, str(info["advertise"]),
-                                          tuple(str(c) for c in info.get("collections", ())),
-                                          kv.lease, kv.create_revision)
-            except (ValueError, KeyError, TypeError) as exc:
-                log.warning("ignoring the malformed registration %r: %s", kv.key, exc)
+        nodes = read_nodes(self._view)
         if nodes == self._nodes:
             return
         self._nodes = nodes
@@ -378,7 +431,9 @@ class Ownership:
     ) -> None:
         self.membership = membership
         self.shards = shards
-        self._prefix = membership.prefix + b"shards/"
+        self.group = membership.group
+        self._prefix = membership.prefix + f"shards/{self.group}/".encode()
+        self._desired: dict[int, str] | None = None  # recomputed when the nodes change
         self._owners: dict[int, ShardOwner] = {}
         # Claims this node made that the watch has not shown yet: shard -> epoch.
         self._claimed: dict[int, int] = {}
@@ -393,7 +448,7 @@ class Ownership:
         if self.membership._state != "running":
             raise RuntimeError("start the Membership before its Ownership")
         await self._view.start()
-        self.membership.add_listener(self._dirty.set)
+        self.membership.add_listener(self._nodes_changed)
         self._dirty.set()
         self._task = asyncio.create_task(self._claim_loop(), name="shard-claims")
 
@@ -407,6 +462,10 @@ class Ownership:
         await self._view.stop()
 
     # -- the view -----------------------------------------------------------
+
+    def _nodes_changed(self) -> None:
+        self._desired = None
+        self._dirty.set()
 
     def _shards_changed(self, keys: set[bytes]) -> None:
         changed: set[int] = set()
@@ -457,8 +516,24 @@ class Ownership:
         return self.membership.deliverable() and shard in self.owned()
 
     def desired(self) -> dict[int, str]:
-        """Every shard's desired owner among the live nodes."""
-        return _shards.placement(self.membership.nodes, self.shards)
+        """Every shard's desired owner among the live nodes of this node's
+        group (read-only: shared until the nodes change)."""
+        if self._desired is None:
+            group = self.group
+            self._desired = _shards.placement(
+                [n for n, info in self.membership.nodes.items() if info.group == group],
+                self.shards)
+        return self._desired
+
+    def accepts(self, shard: int) -> bool:
+        """Whether this node takes a cluster client's subscription on
+        ``shard``: it owns the shard, or should own it and is taking it over
+        (a joined node: the gateways re-home to it first, then the old owner
+        releases the shard)."""
+        owner = self.owner(shard)
+        if owner is not None and owner.lease == self.membership.lease:
+            return True
+        return self.desired().get(shard) == self.membership.node_id
 
     def handovers(self) -> set[int]:
         """Shards this node holds that another live node should own: to
@@ -492,7 +567,7 @@ class Ownership:
         if epoch is None:
             return False
         deleted = await self.membership.client.delete_if_created_at(
-            shard_key(self.membership.cluster, shard), epoch)
+            shard_key(self.membership.cluster, shard, self.group), epoch)
         if deleted:
             self._claimed.pop(shard, None)
         return deleted
@@ -537,7 +612,7 @@ class Ownership:
         try:
             membership = self.membership
             claim = await membership.client.create_if_absent(
-                shard_key(membership.cluster, shard), membership.node_id.encode(),
+                shard_key(membership.cluster, shard, self.group), membership.node_id.encode(),
                 membership.lease)
         finally:
             self._claiming.discard(shard)

@@ -24,20 +24,21 @@ fails is logged with its traceback and counted, and its subscriptions
 continue from the live head (``resync_required`` if not answered yet); the
 node keeps serving. Stopping the node stops every reader.
 
-Cluster mode (``NodeConfig.cluster``, ``streamer serve --cluster``; a
-preview of issue 12). At start, after the server is up, the node opens an
+Cluster mode (``NodeConfig.cluster``, ``streamer serve --cluster``;
+docs/scaling.md). At start, after the server is up, the node opens an
 ``EtcdClient``, starts a ``Membership`` (its lease, its ``nodes/`` key with
 the advertised address and ``collections``) and an ``Ownership`` (claims
 its shards); if etcd cannot be reached the start fails. Three supervised
 tasks follow them: ``membership`` (the membership fenced for good: lease
 lost, a watch or claim failed), ``fencing`` and ``handover``; each fails the
 node like any other task. Subscriptions of a gateway that said Hello must
-be on shards this node owns (``SubscriptionSet.placed``): others are
-refused with not_owner naming the shard's owner; a request without an id
-gets a generated one, placed here. Plain gateways are served whatever the
-shard. ``handover`` releases a shard another live node should own (a node
-joined) once no Hello gateway's subscription held here is on it: there is
-no re-homing yet, so such subscriptions keep their shard here.
+be on shards this node owns or is taking over (``Ownership.accepts``):
+others are refused with not_owner naming the shard's owner; a request
+without an id gets a generated one, placed here. Plain gateways are served
+whatever the shard. ``handover`` releases a shard another live node should
+own (a node joined) once no Hello gateway's subscription held here is on
+it (cluster clients re-home them to the joined node first), or after
+``HANDOVER_GRACE``.
 
 Fencing is the simplest correct behaviour: the node stops. ``fencing``
 sleeps until ``Membership.deliverable_until`` (last acknowledged keepalive
@@ -101,10 +102,14 @@ log = logging.getLogger("streamer")
 # The lease TTL in cluster mode (streamer.cluster.membership.DEFAULT_TTL,
 # which is not imported without --cluster).
 DEFAULT_LEASE_TTL = 5
-# The cluster's name, the etcd key prefix /streamer/<name>/.
+# The cluster's name, the etcd key prefix /streamer/<name>/ (membership.DEFAULT_CLUSTER,
+# which cluster clients use too).
 CLUSTER_NAME = "streamer"
 # How often a cluster node looks for shards to hand over to a joined node.
 HANDOVER_PERIOD = 0.25
+# How long a shard to hand over waits for its gateways to re-home before
+# it is released all the same (its subscriptions stay here until they move).
+HANDOVER_GRACE = 30.0
 # How long a fenced node tries to revoke its lease on the way out.
 LEAVE_FENCED_SECONDS = 0.5
 
@@ -416,23 +421,29 @@ class StreamerNode:
     async def _hand_over(self) -> None:
         """Release the shards this node holds that another live node should
         own (a node joined) once no subscription of a gateway that said
-        Hello is held here on them: gateways do not re-home yet, so a shard
-        with such subscriptions stays here until they are gone."""
+        Hello is held here on them (cluster clients re-home them to the new
+        owner first, which accepts them before it owns the shard), or once
+        ``HANDOVER_GRACE`` has passed: a gateway that does not re-home must
+        not keep a joined node without its shards."""
         from streamer.cluster.shards import shard_of
         from streamer.errors import ClusterError
 
         ownership = self.ownership
         assert ownership is not None
+        since: dict[int, float] = {}  # handover → when it was first seen
         while True:
             await asyncio.sleep(HANDOVER_PERIOD)
             handovers = ownership.handovers()
+            now = time.monotonic()
+            since = {s: since.get(s, now) for s in handovers}
             if not handovers:
                 continue
             held: set[int] = set()
             for session in self.sessions.by_owner:
                 if session is not None and session.hello:
                     held.update(shard_of(s) for s in self.subscriptions.owned(session.owner))
-            for shard in sorted(handovers - held):
+            overdue = {s for s in held & handovers if now - since[s] >= HANDOVER_GRACE}
+            for shard in sorted(handovers - held | overdue):
                 try:
                     if await ownership.release(shard):
                         log.info("cluster: shard %d handed over to node %s", shard,
@@ -451,16 +462,20 @@ class StreamerNode:
         return session is not None and session.hello
 
     def _not_placed(self, sub_id: str) -> str | None:
-        """Why this node does not take ``sub_id`` (None: it owns its shard)."""
+        """Why this node does not take ``sub_id`` (None: it owns its shard,
+        or is taking it over)."""
         from streamer.cluster.shards import shard_of
 
-        ownership, membership = self.ownership, self.membership
+        ownership = self.ownership
         shard = shard_of(sub_id)
-        owner = ownership.owner(shard) if ownership is not None else None
-        if owner is not None and membership is not None and owner.lease == membership.lease:
+        if ownership is None:
+            return f"shard {shard} of subscription {sub_id!r}: this node has not joined yet"
+        if ownership.accepts(shard):
             return None
+        owner = ownership.owner(shard)
         who = f"node {owner.node_id}" if owner is not None else "no node yet"
-        return f"shard {shard} of subscription {sub_id!r} is owned by {who}, not this node"
+        return (f"shard {shard} of subscription {sub_id!r} is owned by {who}, not this node"
+                f" (group {ownership.group})")
 
     # -- background tasks ------------------------------------------------
 
