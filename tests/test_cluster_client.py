@@ -173,7 +173,8 @@ def test_cluster_clients_through_a_node_kill_and_a_join(
                     assert moved == shards.moved(shards.placement(["n1", "n2"]),
                                                  shards.placement(["n1", "n2", "n4"]))
                     assert {after[s] for s in moved} == {"n4"}
-                    print(f"n4 joined: {len(moved)} shards moved to it within {took:.2f} s of its start")
+                    print(f"n4 joined: {len(moved)} shards moved to it within {took:.2f} s "
+                          "of its start")
                     await delivered(range(300))
                     for g, client in (("gwa", a), ("gwb", b)):
                         for sub in subs[g][:500]:
@@ -185,6 +186,209 @@ def test_cluster_clients_through_a_node_kill_and_a_join(
                     plain_gateway.check(expected_of(plain_subs, everything))
                     print(f"every subscription got every event in order; {duplicates} "
                           "duplicates around the moves")
+        finally:
+            await puller.stop()
+
+    asyncio.run(main())
+
+
+class Cut:
+    """A TCP forwarder on loopback standing for the network between one
+    node and etcd, which ``cut()`` takes down (listener and every
+    connection): the node loses etcd while the others keep it."""
+
+    def __init__(self, upstream: str) -> None:
+        host, _, port = upstream.rpartition(":")
+        self.upstream = (host, int(port))
+        self.writers: set[asyncio.StreamWriter] = set()
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        except OSError:
+            writer.close()
+            return
+        self.writers |= {writer, up_writer}
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError, asyncio.CancelledError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    def cut(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for writer in self.writers:
+            writer.transport.abort()
+
+
+def test_a_node_cut_off_from_etcd_stops_before_its_shards_move(
+    tmp_path: Path, etcd1: EtcdCluster
+) -> None:
+    # n1 reaches etcd through a forwarder that is then cut: n1 must stop
+    # (fenced, exit 1) before n2 claims any of n1's shards, and the cluster
+    # client's subscriptions at n1 resume at n2 with no gap.
+    ttl = 3
+
+    async def main() -> None:
+        puller = PullerDouble()
+        await puller.start()
+        cut = Cut(etcd1.endpoints[0])
+        via = await cut.start()
+        n1 = node(tmp_path, etcd1, "n1", "--lease-ttl", str(ttl), puller=puller)
+        n1.args = tuple(f"etcd://{via}" if a.startswith("etcd://") else a for a in n1.args)
+        n2 = node(tmp_path, etcd1, "n2", "--lease-ttl", str(ttl), puller=puller)
+        endpoints = "etcd://" + ",".join(etcd1.endpoints)
+        try:
+            async with n1, n2, EtcdClient(etcd1.endpoints) as etcd:
+                await wait_settled(etcd, {"n1", "n2"}, 30, [n1, n2])
+                subs = subscriptions("gw", 1000)
+                async with StreamerClient(cluster=endpoints, gateway_id="gw") as client:
+                    gateway = Gateway(client)
+                    assert all(isinstance(x, str)
+                               for x in await client.subscribe_many(subs, timeout=60))
+                    at_n1 = [s.subscription_id for s in subs
+                             if client.node_of(s.subscription_id or "") == "n1"]
+                    assert at_n1
+                    await puller.append(*(change(k) for k in range(50)))
+                    _, owners = await cluster_keys(etcd)
+                    n1_shards = {s for s, owner in owners.items() if owner == "n1"}
+
+                    cut.cut()
+                    cut_at = time.monotonic()
+                    claimed_at = 0.0
+                    while not claimed_at:
+                        _, owners = await cluster_keys(etcd)
+                        if any(owners.get(s) == "n2" for s in n1_shards):
+                            claimed_at = time.monotonic()
+                        assert time.monotonic() - cut_at < ttl + 10
+                        await asyncio.sleep(0.02)
+                    code = await asyncio.to_thread(n1.proc.wait, 30)
+                    exit_line = next(line for line in n1.log().splitlines()
+                                     if "NOT_SERVING and stops" in line)
+                    print(f"\nn1 cut off from etcd: n2 claimed its first shard after "
+                          f"{claimed_at - cut_at:.2f} s (lease TTL {ttl} s)")
+                    assert code == 1, n1.log()
+                    assert "fenced: no etcd keepalive acknowledged" in n1.log(), n1.log()
+                    # n1 stopped before the claim: its fence line is older
+                    # than the claim (the log's clock is the wall clock).
+                    fenced = time.mktime(time.strptime(exit_line[:19], "%Y-%m-%d %H:%M:%S")) + (
+                        int(exit_line[20:23]) / 1000)
+                    assert fenced < time.time() - (time.monotonic() - claimed_at), (
+                        exit_line, claimed_at - cut_at)
+                    await puller.append(*(change(k) for k in range(50, 100)))
+                    want = expected_of(subs, range(100))
+                    start = time.monotonic()
+                    while gateway.missing(want):
+                        assert time.monotonic() - start < 60, gateway.missing(want)
+                        await asyncio.sleep(0.1)
+                    duplicates = gateway.check(want)
+                    assert all(client.node_of(s) == "n2" for s in at_n1)
+                    print(f"its {len(at_n1)} subscriptions resumed at n2 with no gap "
+                          f"({duplicates} duplicates)")
+        finally:
+            await puller.stop()
+
+    asyncio.run(main())
+
+
+def test_delivery_goes_on_through_a_kill_of_the_etcd_leader(
+    tmp_path: Path, etcd3: EtcdCluster
+) -> None:
+    # A TTL that outlasts an election (1-2.7 s measured here) with the
+    # fencing margin: no node stops, no subscription moves.
+    ttl = 8
+
+    async def main() -> None:
+        puller = PullerDouble()
+        await puller.start()
+        n1, n2 = (node(tmp_path, etcd3, n, "--lease-ttl", str(ttl), puller=puller)
+                  for n in ("n1", "n2"))
+        endpoints = "etcd://" + ",".join(etcd3.endpoints)
+        try:
+            async with n1, n2, EtcdClient(etcd3.endpoints) as etcd:
+                await wait_settled(etcd, {"n1", "n2"}, 30, [n1, n2])
+                subs = subscriptions("gw", 1000)
+                async with StreamerClient(cluster=endpoints, gateway_id="gw") as client:
+                    gateway = Gateway(client)
+                    assert all(isinstance(x, str)
+                               for x in await client.subscribe_many(subs, timeout=60))
+                    ids = [s.subscription_id or "" for s in subs]
+                    where = {s: client.node_of(s) for s in ids}
+                    await puller.append(*(change(k) for k in range(50)))
+                    killed = await asyncio.to_thread(etcd3.kill_leader)
+                    for k in range(50, 150):
+                        await puller.append(change(k))
+                        await asyncio.sleep(0.02)
+                    want = expected_of(subs, range(150))
+                    start = time.monotonic()
+                    while gateway.missing(want):
+                        assert time.monotonic() - start < 60, gateway.missing(want)
+                        await asyncio.sleep(0.1)
+                    assert gateway.check(want) == 0
+                    new_leader = await asyncio.to_thread(etcd3.leader)
+                    print(f"\netcd leader {killed.name} killed, {new_leader.name} elected: "
+                          "every event delivered, no node stopped, no subscription moved")
+                    assert n1.proc.poll() is None and n2.proc.poll() is None
+                    assert {s: client.node_of(s) for s in ids} == where
+        finally:
+            await puller.stop()
+
+    asyncio.run(main())
+
+
+def test_collection_groups_route_each_collection_to_its_own_nodes(
+    tmp_path: Path, etcd1: EtcdCluster
+) -> None:
+    # n1 serves messages, n2 orders, n3 everything: a subscription goes to
+    # the group serving the fewest collections that has its collection.
+    async def main() -> None:
+        puller = PullerDouble()
+        await puller.start()
+        n1 = node(tmp_path, etcd1, "n1", "--collections", "messages", puller=puller)
+        n2 = node(tmp_path, etcd1, "n2", "--collections", "orders", puller=puller)
+        n3 = node(tmp_path, etcd1, "n3", puller=puller)
+        endpoints = "etcd://" + ",".join(etcd1.endpoints)
+        try:
+            async with n1, n2, n3, EtcdClient(etcd1.endpoints) as etcd:
+                async def owned() -> dict[str, int]:
+                    kvs, _ = await etcd.get_prefix(b"/streamer/streamer/shards/")
+                    groups: dict[str, int] = defaultdict(int)
+                    for kv in kvs:
+                        groups[kv.key.decode().split("/")[4]] += 1
+                    return groups
+
+                start = time.monotonic()
+                while await owned() != {"messages": 256, "orders": 256, "*": 256}:
+                    assert time.monotonic() - start < 30, await owned()
+                    await asyncio.sleep(0.05)
+                collections = {"messages": "n1", "orders": "n2", "notes": "n3"}
+                subs = [Subscription(c, database="app", subscription_id=f"{c}-{i}")
+                        for c in collections for i in range(20)]
+                async with StreamerClient(cluster=endpoints, gateway_id="gw") as client:
+                    gateway = Gateway(client)
+                    assert all(isinstance(x, str)
+                               for x in await client.subscribe_many(subs, timeout=60))
+                    for sub in subs:
+                        assert client.node_of(sub.subscription_id or "") == collections[
+                            sub.collection]
+                    await puller.append(*(change(k, c) for k, c in enumerate(collections)))
+                    want = {s.subscription_id or "": [f"e{k}"]
+                            for k, c in enumerate(collections) for s in subs if s.collection == c}
+                    start = time.monotonic()
+                    while gateway.missing(want):
+                        assert time.monotonic() - start < 30, gateway.missing(want)
+                        await asyncio.sleep(0.05)
+                    assert gateway.check(want) == 0
         finally:
             await puller.stop()
 
