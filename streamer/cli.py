@@ -162,9 +162,10 @@ def build_serve_parser() -> ArgumentParser:
              "their events only, and a subscription to another collection is refused with "
              "code not_owner; nodes serving different collections split the event volume")
     opts.add("--cluster", etcd_url, metavar="etcd://HOST:PORT[,HOST:PORT...]",
-             help="join the cluster coordinated by this etcd (preview, see README): the "
-             "node registers under a lease, claims its share of the 256 shards, and refuses "
-             "subscriptions of gateways that said Hello whose shard another node owns "
+             help="join the cluster coordinated by this etcd (docs/scaling.md): the node "
+             "registers under a lease, claims its share of the 256 shards among the nodes "
+             "serving the same --collections, and refuses subscriptions of gateways that "
+             "said Hello (cluster clients) whose shard it neither owns nor is taking over "
              "(not_owner); plain gateways are served whatever the shard. Unset: a single "
              "node, nothing of this")
     opts.add("--node-id", key_name, metavar="ID",
@@ -173,8 +174,9 @@ def build_serve_parser() -> ArgumentParser:
     opts.add("--advertise", target, metavar="HOST:PORT",
              help="where gateways reach this node, published in the cluster (required with "
              "--cluster, refused without it)")
-    opts.add("--lease-ttl", integer(2, 3600), default=DEFAULT_LEASE_TTL, metavar="SECONDS",
-             help="TTL of the node's etcd lease (with --cluster). The node is fenced (stops, "
+    opts.add("--lease-ttl", integer(2, 3600), metavar="SECONDS",
+             help=f"TTL of the node's etcd lease (with --cluster; default {DEFAULT_LEASE_TTL})."
+             " The node is fenced (stops, "
              "exit 1) when no keepalive has succeeded for TTL - max(1, TTL/3) seconds, "
              "before etcd can expire the lease and give its shards to another node: a "
              "shorter TTL moves a dead node's shards sooner but stops a node on a shorter "
@@ -249,13 +251,15 @@ def build_serve_parser() -> ArgumentParser:
 
 
 def check_cluster_options(parser: ArgumentParser, args: argparse.Namespace) -> None:
-    """--node-id and --advertise go with --cluster: both or neither (a
-    usage error, one line, exit 2)."""
+    """--node-id and --advertise go with --cluster, both or neither, and
+    --lease-ttl only with it (a usage error, one line, exit 2)."""
     for flag, value in (("--node-id", args.node_id), ("--advertise", args.advertise)):
         if args.cluster is not None and value is None:
             parser.error(f"{flag} is required with --cluster")
         if args.cluster is None and value is not None:
             parser.error(f"{flag} needs --cluster")
+    if args.cluster is None and args.lease_ttl is not None:
+        parser.error("--lease-ttl needs --cluster")
 
 
 def serve_config(args: argparse.Namespace) -> NodeConfig:
@@ -294,7 +298,7 @@ def serve_config(args: argparse.Namespace) -> NodeConfig:
         cluster=args.cluster,
         node_id=args.node_id,
         advertise=args.advertise,
-        lease_ttl=args.lease_ttl,
+        lease_ttl=DEFAULT_LEASE_TTL if args.lease_ttl is None else args.lease_ttl,
     )
 
 

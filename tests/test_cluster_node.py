@@ -44,6 +44,7 @@ def change(k: int) -> pb.ChangeEvent:
     (("--cluster", "etcd://127.0.0.1:2379", "--node-id", "a/b", "--advertise", "h:1"),
      "without '/'"),
     (("--lease-ttl", "1"), "must be at least 2"),
+    (("--lease-ttl", "5"), "--lease-ttl needs --cluster"),
 ])
 def test_bad_cluster_flags_are_one_line_and_exit_2(args: tuple[str, ...], says: str) -> None:
     result = subprocess.run(serve_command("--puller", "127.0.0.1:1", *args),

@@ -148,7 +148,7 @@ class NodeConfig:
     # The collections this node serves (empty: all): asked of the Puller,
     # and subscriptions to others are refused with not_owner.
     collections: tuple[str, ...] = ()
-    # Cluster mode (preview; see "Cluster mode" above): the etcd endpoints
+    # Cluster mode (see "Cluster mode" above): the etcd endpoints
     # (None: a single node, nothing of it), this node's id and the address
     # gateways reach it at, and its lease's TTL.
     cluster: tuple[str, ...] | None = None
