@@ -91,7 +91,7 @@ def test_no_subscribe_batch_makes_the_streamer_fall_back(tmp_path: Path) -> None
             await servicer.append([(pb.ChangeEvent(
                 event_id=f"ev-{n}", database="app", mgo_coll="messages", mgo_doc_id=f"m-{n}",
                 op_type="insert", full_doc=b"{}"), b"") for n in range(5)])
-            await until(lambda: ingest.events["INSERT"] == 5)
+            await until(lambda: ingest.events["unwatched"] == 5)  # no subscriptions: not decoded
             assert not ingest.batched
         finally:
             task.cancel()

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import orjson
-from cluster_helpers import cluster_keys, node
+import pytest
+from cluster_helpers import cluster_keys, node, until
 from etcd_helpers import EtcdCluster
 from puller_double import PullerDouble
 from service_helpers import ServeProcess
@@ -389,6 +391,83 @@ def test_collection_groups_route_each_collection_to_its_own_nodes(
                         assert time.monotonic() - start < 30, gateway.missing(want)
                         await asyncio.sleep(0.05)
                     assert gateway.check(want) == 0
+        finally:
+            await puller.stop()
+
+    asyncio.run(main())
+
+
+def test_the_cluster_client_is_a_streamer_client_and_checks_its_options() -> None:
+    from streamer.cluster.client import ClusterClient
+
+    client = StreamerClient(cluster="etcd://127.0.0.1:2379", gateway_id="gw")
+    assert isinstance(client, ClusterClient) and isinstance(client, StreamerClient)
+    assert client.endpoints == ("127.0.0.1:2379",)
+    for kwargs, says in [
+        ({"target": "127.0.0.1:1", "cluster": "etcd://127.0.0.1:2379"}, "not both"),
+        ({"cluster": "http://127.0.0.1:2379"}, "cluster: not etcd://HOST:PORT"),
+        ({"cluster": "etcd://127.0.0.1:2379", "batch": False}, "batch and resume"),
+        ({"cluster": "etcd://127.0.0.1:2379", "resume": False}, "batch and resume"),
+        ({"cluster": "etcd://127.0.0.1:2379", "gateway_id": ""}, "gateway_id"),
+        ({}, "give the Streamer's HOST:PORT, or cluster="),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(says)):
+            StreamerClient(**{"gateway_id": "gw", **kwargs})
+
+
+def test_a_cluster_client_without_etcd_fails_with_cannot_connect() -> None:
+    from streamer.errors import CannotConnect
+    from streamer.tools.measure import free_port
+
+    async def main() -> None:
+        target = f"etcd://127.0.0.1:{free_port()}"
+        async with StreamerClient(cluster=target, gateway_id="gw",
+                                  connect_timeout=1) as client:
+            with pytest.raises(CannotConnect, match="cannot connect to etcd://"):
+                await client.subscribe("messages", timeout=30)
+            with pytest.raises(CannotConnect):
+                async for _ in client.deliveries():
+                    pass
+
+    asyncio.run(main())
+
+
+def test_a_subscription_waits_for_a_node_serving_its_collection(
+    tmp_path: Path, etcd1: EtcdCluster
+) -> None:
+    # Only n1 (orders) at first: a subscription to messages has nowhere to
+    # go and waits (within its timeout); once n2 (everything) is up it is
+    # placed there. Unsubscribing ends its deliveries; marker() follows them.
+    async def main() -> None:
+        puller = PullerDouble()
+        await puller.start()
+        n1 = node(tmp_path, etcd1, "n1", "--collections", "orders", puller=puller)
+        n2 = node(tmp_path, etcd1, "n2", puller=puller)
+        endpoints = "etcd://" + ",".join(etcd1.endpoints)
+        try:
+            async with contextlib.AsyncExitStack() as stack, n1:
+                async with StreamerClient(cluster=endpoints, gateway_id="gw") as client:
+                    gateway = Gateway(client)
+                    await until(lambda: bool(client.nodes), 30, "the client sees n1")
+                    with pytest.raises(TimeoutError):
+                        await client.subscribe("messages", database="app",
+                                               subscription_id="m1", timeout=1)
+                    waiting = asyncio.create_task(client.subscribe(
+                        "messages", database="app", subscription_id="m2", timeout=60))
+                    await stack.enter_async_context(n2)
+                    assert await waiting == "m2" and client.node_of("m2") == "n2"
+                    await client.subscribe("messages", database="app", subscription_id="m3",
+                                           timeout=30)
+                    await puller.append(change(0))
+                    await until(lambda: len(gateway.received["m3"]) == 1, 30, "e0 delivered")
+                    assert gateway.received["m2"] == ["e0"] and "m1" not in gateway.received
+                    assert client.marker("m3") == "p0"
+                    await client.unsubscribe("m3")
+                    assert client.marker("m3") == "" and client.node_of("m3") is None
+                    await puller.append(change(1))
+                    await until(lambda: len(gateway.received["m2"]) == 2, 30, "e1 delivered")
+                    assert gateway.received["m3"] == ["e0"]
+                    assert sorted(client.live_subscriptions) == ["m2"]
         finally:
             await puller.stop()
 

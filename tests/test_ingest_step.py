@@ -121,6 +121,22 @@ def test_the_common_case_takes_the_compiled_step() -> None:
     assert fast.events["INSERT"] == 1 and fast.matches == 4
 
 
+@pytest.mark.parametrize("compiled", [True, False])
+def test_events_of_a_collection_without_subscriptions_are_not_decoded(compiled: bool) -> None:
+    # Not decoded at all: a document that would be poison is only counted
+    # as unwatched, and still a change (its marker counts as one).
+    step = ingest(compiled=compiled)
+    events = [pb.PullerEvent(progress=f"v1:x:{n}", change_event=pb.ChangeEvent(
+        event_id=f"e{n}", database=db, mgo_coll=coll, mgo_doc_id="d1", op_type="insert",
+        full_doc=doc)) for n, (db, coll, doc) in enumerate([
+            ("app", "other", b"{not json"), ("other", "messages", json({"chat": "c1"})),
+            ("app", "messages", json({"chat": "c1"}))])]
+    pending, changes = step.match_batch(events)
+    assert changes == 3 and sorted(pending) == [0, 1, 2]
+    assert (step.events["unwatched"], step.events["INSERT"], sum(step.poison.values())) == (
+        2, 1, 0)
+
+
 def test_the_syntrix_layout_always_takes_the_python_path() -> None:
     # The step knows only the plain layout (its document id is mgo_doc_id,
     # its document full_doc as is); a Syntrix stored document that looks

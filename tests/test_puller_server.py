@@ -277,9 +277,9 @@ def test_streamer_ingest_consumes_it(tmp_path: Path) -> None:
                             backoff=(0.01, 0.05))
             task = asyncio.create_task(ingest.run())
             try:
-                await until(lambda: ingest.events["INSERT"] == 50)
+                await until(lambda: ingest.events["unwatched"] == 50)  # no subscriptions
                 await append(servicer, *range(101, 151))
-                await until(lambda: ingest.events["INSERT"] == 100)
+                await until(lambda: ingest.events["unwatched"] == 100)
                 assert progress.marker == servicer.log.marker(150)
                 assert ingest.batched and ingest.reconnects == 0
             finally:

@@ -2028,6 +2028,11 @@ cdef class Core:
     cdef bytes found_owner_bytes(self):
         return PyBytes_FromStringAndSize(<char *>self.found_owners, self.nfound * sizeof(uint32_t))
 
+    def watches(self, database, collection):
+        """Whether any subscription is on this database's collection (its
+        events need decoding and matching at all)."""
+        return self.coll(database, collection, False) is not None
+
     def match(self, database, collection, document_id, document):
         """Ids of the subscriptions matching one document, each once."""
         cdef CollIndex ci

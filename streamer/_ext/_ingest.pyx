@@ -47,7 +47,7 @@ cdef class Step:
     cdef object slow
     cdef str soft_delete_field
     cdef Py_ssize_t max_document_bytes
-    cdef uint64_t heartbeats, inserts, updates, deletes
+    cdef uint64_t heartbeats, unwatched, inserts, updates, deletes
     cdef uint64_t delivered_inserts, delivered_updates, delivered_deletes, matches
 
     # __cinit__, not __init__: the fan-out is called with ``index`` unchecked,
@@ -71,6 +71,12 @@ cdef class Step:
                 self.heartbeats += 1
                 continue
             ce = event.change_event
+            if self.index.coll(ce.database, ce.mgo_coll, False) is None:
+                # No subscription on its collection: nothing to decode for
+                # (a node serving some collections, a shard of a cluster).
+                self.unwatched += 1
+                changes += 1
+                continue
             if ce.before_doc or ce.update_desc:
                 changes += self.slow(event, pending)
                 continue
@@ -123,14 +129,16 @@ cdef class Step:
         return changes
 
     def take(self):
-        """``(heartbeats, (inserts, updates, deletes), (delivered inserts,
-        updates, deletes), matches)`` since the last call; resets them."""
+        """``(heartbeats, unwatched, (inserts, updates, deletes), (delivered
+        inserts, updates, deletes), matches)`` since the last call (unwatched:
+        change events of collections without subscriptions, not decoded);
+        resets them."""
         out = (
-            self.heartbeats, (self.inserts, self.updates, self.deletes),
+            self.heartbeats, self.unwatched, (self.inserts, self.updates, self.deletes),
             (self.delivered_inserts, self.delivered_updates, self.delivered_deletes),
             self.matches,
         )
-        self.heartbeats = self.inserts = self.updates = self.deletes = 0
+        self.heartbeats = self.unwatched = self.inserts = self.updates = self.deletes = 0
         self.delivered_inserts = self.delivered_updates = self.delivered_deletes = 0
         self.matches = 0
         return out

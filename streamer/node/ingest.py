@@ -81,6 +81,8 @@ _NAME = {op: op.name for op in Op}
 _WIRE = {op: op.value for op in Op}
 # The order of the compiled step's per-operation tallies (``Step.take``).
 _STEP_OPS = (Op.INSERT.name, Op.UPDATE.name, Op.DELETE.name)
+# Ingest.events' key of change events of collections without subscriptions.
+UNWATCHED = "unwatched"
 
 
 class Matching:
@@ -132,8 +134,9 @@ class Matching:
                     self.events["heartbeat"] += 1
             return pending, changes
         changes = self._step.process(events, pending)
-        heartbeats, by_op, delivered, matches = self._step.take()
-        for name, count in zip(("heartbeat", *_STEP_OPS), (heartbeats, *by_op), strict=True):
+        heartbeats, unwatched, by_op, delivered, matches = self._step.take()
+        for name, count in zip(("heartbeat", UNWATCHED, *_STEP_OPS),
+                               (heartbeats, unwatched, *by_op), strict=True):
             if count:
                 self.events[name] += count
         for name, count in zip(_STEP_OPS, delivered, strict=True):
@@ -144,7 +147,13 @@ class Matching:
 
     def _process_one(self, event: puller_pb.PullerEvent, pending: dict[int, list[bytes]]) -> bool:
         """One change event through ``streamer.node.events`` and the fan-out;
-        False if it is poison (counted, logged and skipped)."""
+        False if it is poison (counted, logged and skipped). One of a
+        collection without subscriptions is only counted: nothing to decode
+        it for."""
+        ce = event.change_event
+        if not self.matcher.index.watches(ce.database, ce.mgo_coll):
+            self.events[UNWATCHED] += 1
+            return True
         try:
             change = normalize(
                 event.change_event, layout=self.layout,

@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 
 # Keys of Ingest.events / Ingest.delivered exported even before they first
 # occur (lower-cased as label values), so that the series always exist.
-EVENT_KEYS = ("INSERT", "UPDATE", "DELETE", "heartbeat")
+EVENT_KEYS = ("INSERT", "UPDATE", "DELETE", "heartbeat", "unwatched")
 DELIVERY_KEYS = ("INSERT", "UPDATE", "DELETE")
 
 
@@ -77,7 +77,8 @@ class StreamerCollector(Collector):
         family = CounterMetricFamily(
             "streamer_events",
             "Events received from the Puller and processed, by operation after the "
-            "event transformation (docs/semantics.md), and Puller heartbeats. Poison "
+            "event transformation (docs/semantics.md), Puller heartbeats, and change "
+            "events of collections no subscription is on (unwatched: not decoded). Poison "
             "events are counted in streamer_poison_events_total instead.",
             labels=["op"],
         )
