@@ -107,7 +107,10 @@ def test_two_nodes_split_the_shards_and_route_hello_gateways(
     from streamer.cluster.etcd import EtcdClient
 
     async def main() -> None:
-        n1, n2 = node(tmp_path, etcd1, "n1"), node(tmp_path, etcd1, "n2")
+        from streamer.tools.measure import free_port, scrape
+
+        metrics = f"127.0.0.1:{free_port()}"
+        n1, n2 = node(tmp_path, etcd1, "n1", "--metrics", metrics), node(tmp_path, etcd1, "n2")
         async with n1, n2, EtcdClient(etcd1.endpoints) as etcd:
             owners: dict[int, str] = {}
             live: set[str] = set()
@@ -168,6 +171,22 @@ def test_two_nodes_split_the_shards_and_route_hello_gateways(
                 assert isinstance(answers[1], SubscriptionRejected), answers
                 assert answers[1].code == "not_owner", answers
                 assert f"shard {shards.shard_of(theirs_b)} " in str(answers[1])
+                # The cluster's metrics (n1's view, refreshed every 0.25 s; its
+                # refusals counted).
+                mine_count = sum(1 for o in owners.values() if o == "n1")
+                deadline = time.monotonic() + 10
+                while True:
+                    samples = await asyncio.to_thread(scrape, metrics)
+                    cluster = {k: v[()] for k, v in samples.items() if "cluster" in k}
+                    if (cluster["streamer_cluster_nodes"], cluster[
+                            "streamer_cluster_shards_owned"]) == (2, mine_count):
+                        break
+                    assert time.monotonic() < deadline, cluster
+                    await asyncio.sleep(0.1)
+                assert cluster["streamer_cluster_not_owner_refusals_total"] >= 2
+                assert cluster["streamer_cluster_shards_handing_over"] == 0
+                assert 0 <= cluster["streamer_cluster_keepalive_age_seconds"] < cluster[
+                    "streamer_cluster_fence_after_seconds"] == 5 - 5 / 3
                 # At the right node: accepted.
                 await hello.subscribe("messages", database="app", subscription_id=mine,
                                       timeout=30)

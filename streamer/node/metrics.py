@@ -29,6 +29,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIServer
 
@@ -347,6 +348,60 @@ class StreamerCollector(Collector):
             "replace the saved marker.",
             value=progress.empty_markers,
         )
+
+
+@dataclass
+class ClusterStats:
+    """Cluster mode's figures, kept current by the node on its loop: a
+    scrape runs on the metrics thread and never walks the etcd views."""
+
+    nodes: int = 0  # live nodes in this node's view
+    shards_owned: int = 0
+    handing_over: int = 0  # shards held here that a joined node should own
+    not_owner: int = 0  # subscriptions refused with not_owner
+    released: int = 0  # shards handed over to another node
+    fence_after: float = 0.0  # seconds without a keepalive before the node fences
+    last_ok: Callable[[], float] | None = None  # the last acknowledged keepalive (monotonic)
+
+
+class ClusterCollector(Collector):
+    """``ClusterStats`` as metrics (``streamer serve --cluster`` only)."""
+
+    def __init__(self, stats: ClusterStats, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.stats = stats
+        self.clock = clock
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.stats
+        yield GaugeMetricFamily(
+            "streamer_cluster_nodes", "Live nodes of the cluster as this node sees them.",
+            value=stats.nodes)
+        yield GaugeMetricFamily(
+            "streamer_cluster_shards_owned",
+            "Shards this node owns among the nodes of its collection group.",
+            value=stats.shards_owned)
+        yield GaugeMetricFamily(
+            "streamer_cluster_shards_handing_over",
+            "Shards this node holds that a joined node should own, released once the "
+            "cluster clients' subscriptions on them have moved.",
+            value=stats.handing_over)
+        yield CounterMetricFamily(
+            "streamer_cluster_shards_released",
+            "Shards this node handed over to another node.", value=stats.released)
+        yield CounterMetricFamily(
+            "streamer_cluster_not_owner_refusals",
+            "Subscriptions of cluster clients refused with not_owner (a shard of another "
+            "node).", value=stats.not_owner)
+        last_ok = stats.last_ok
+        age = self.clock() - last_ok() if last_ok is not None else float("nan")
+        yield GaugeMetricFamily(
+            "streamer_cluster_keepalive_age_seconds",
+            "Seconds since the last acknowledged etcd keepalive; the node fences itself "
+            "(stops) when it reaches streamer_cluster_fence_after_seconds.", value=age)
+        yield GaugeMetricFamily(
+            "streamer_cluster_fence_after_seconds",
+            "Lease TTL minus the fencing margin.", value=stats.fence_after)
 
 
 class PauseCollector(Collector):

@@ -78,7 +78,13 @@ from streamer.node.catchup import DEFAULT_CONFIRM_SECONDS, DEFAULT_MAX_READERS, 
 from streamer.node.delivery import DEFAULT_CAPACITY, DEFAULT_MAX_BYTES
 from streamer.node.events import Layout
 from streamer.node.ingest import Ingest, MarkerPolicy
-from streamer.node.metrics import MetricsServer, PauseCollector, StreamerCollector
+from streamer.node.metrics import (
+    ClusterCollector,
+    ClusterStats,
+    MetricsServer,
+    PauseCollector,
+    StreamerCollector,
+)
 from streamer.node.pauses import PauseMonitor
 from streamer.node.progress import ProgressStore, SavedProgress
 from streamer.node.server import (
@@ -94,6 +100,8 @@ from streamer.options import join
 from streamer.transport import SERVER_OPTIONS, bind
 
 if TYPE_CHECKING:
+    from prometheus_client.registry import Collector
+
     from streamer.cluster.etcd import EtcdClient
     from streamer.cluster.membership import Membership, Ownership
 
@@ -196,7 +204,9 @@ class StreamerNode:
         self.membership: Membership | None = None
         self.ownership: Ownership | None = None
         self._etcd: EtcdClient | None = None
+        self.cluster_stats: ClusterStats | None = None
         if config.cluster is not None:
+            self.cluster_stats = ClusterStats()
             self.subscriptions.placed = self._placed
             self.subscriptions.not_placed = self._not_placed
         self.port = 0
@@ -225,9 +235,11 @@ class StreamerNode:
         try:
             self.port = bind(self._server, *config.listen, config.server_credentials)
             if config.metrics is not None:
-                self._metrics = MetricsServer(
-                    *config.metrics, StreamerCollector(self.ingest), PauseCollector(self.pauses)
-                )
+                collectors: list[Collector] = [
+                    StreamerCollector(self.ingest), PauseCollector(self.pauses)]
+                if self.cluster_stats is not None:
+                    collectors.append(ClusterCollector(self.cluster_stats))
+                self._metrics = MetricsServer(*config.metrics, *collectors)
                 log.info("metrics on http://%s/metrics", self._metrics.address)
             await self._server.start()
             if config.cluster is not None:
@@ -375,6 +387,10 @@ class StreamerNode:
         await self.membership.start()
         self.ownership = Ownership(self.membership)
         await self.ownership.start()
+        membership = self.membership
+        assert self.cluster_stats is not None
+        self.cluster_stats.fence_after = membership.ttl - membership.margin
+        self.cluster_stats.last_ok = lambda: membership.last_ok
         log.info("cluster: node %s (advertising %s) joined through etcd %s; lease TTL %d s",
                  config.node_id, config.advertise, ",".join(config.cluster), config.lease_ttl)
 
@@ -428,12 +444,15 @@ class StreamerNode:
         from streamer.cluster.shards import shard_of
         from streamer.errors import ClusterError
 
-        ownership = self.ownership
-        assert ownership is not None
+        ownership, stats = self.ownership, self.cluster_stats
+        assert ownership is not None and stats is not None
         since: dict[int, float] = {}  # handover → when it was first seen
         while True:
             await asyncio.sleep(HANDOVER_PERIOD)
             handovers = ownership.handovers()
+            stats.nodes = len(ownership.membership.nodes)
+            stats.shards_owned = len(ownership.owned())
+            stats.handing_over = len(handovers)
             now = time.monotonic()
             since = {s: since.get(s, now) for s in handovers}
             if not handovers:
@@ -446,6 +465,7 @@ class StreamerNode:
             for shard in sorted(handovers - held | overdue):
                 try:
                     if await ownership.release(shard):
+                        stats.released += 1
                         log.info("cluster: shard %d handed over to node %s", shard,
                                  ownership.desired().get(shard))
                 except ClusterError as exc:
@@ -466,12 +486,14 @@ class StreamerNode:
         or is taking it over)."""
         from streamer.cluster.shards import shard_of
 
-        ownership = self.ownership
+        ownership, stats = self.ownership, self.cluster_stats
         shard = shard_of(sub_id)
+        if ownership is not None and ownership.accepts(shard):
+            return None
+        if stats is not None:
+            stats.not_owner += 1
         if ownership is None:
             return f"shard {shard} of subscription {sub_id!r}: this node has not joined yet"
-        if ownership.accepts(shard):
-            return None
         owner = ownership.owner(shard)
         who = f"node {owner.node_id}" if owner is not None else "no node yet"
         return (f"shard {shard} of subscription {sub_id!r} is owned by {who}, not this node"
