@@ -155,8 +155,9 @@ def build_serve_parser() -> ArgumentParser:
              "gateways can re-register first (0: do not wait); ends early once every "
              "gateway known before the restart has said Hello, re-subscribed and sent a "
              "Heartbeat")
-    opts.add("--consumer-id", nonempty, default="streamer", metavar="ID",
-             help="consumer id sent to the Puller")
+    opts.add("--consumer-id", nonempty, metavar="ID",
+             help="consumer id sent to the Puller (default: streamer, or streamer-NODE_ID "
+             "with --cluster: each node is a consumer of its own)")
     opts.add("--collections", names, default=(), metavar="NAME[,NAME...]",
              help="serve only these collections (all when unset): the Puller is asked for "
              "their events only, and a subscription to another collection is refused with "
@@ -276,7 +277,8 @@ def serve_config(args: argparse.Namespace) -> NodeConfig:
         gateway_queue_bytes=args.gateway_queue_bytes,
         stall_seconds=args.stall_seconds,
         resume_grace=args.resume_grace,
-        consumer_id=args.consumer_id,
+        consumer_id=args.consumer_id or (
+            "streamer" if args.node_id is None else f"streamer-{args.node_id}"),
         drain_seconds=args.drain_seconds,
         limits=Limits(
             max_subscriptions=args.max_subscriptions, max_filters=args.max_filters,

@@ -110,6 +110,9 @@ def test_cluster_clients_through_a_node_kill_and_a_join(
             async with contextlib.AsyncExitStack() as stack, n1, n2, n3, \
                     EtcdClient(etcd1.endpoints) as etcd:
                 await wait_settled(etcd, {"n1", "n2", "n3"}, 30, [n1, n2, n3])
+                # Each node reads the stream as a consumer of its own.
+                assert {r.consumer_id for r in puller.subscriptions} == {
+                    "streamer-n1", "streamer-n2", "streamer-n3"}
                 subs = {g: subscriptions(g, per_gateway) for g in ("gwa", "gwb")}
                 plain_subs = subscriptions("plain", 20)
                 async with StreamerClient(cluster=endpoints, gateway_id="gwa") as a, \
