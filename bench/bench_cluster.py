@@ -52,6 +52,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import select
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -236,6 +238,7 @@ def _run(work: Path, n: int) -> dict[str, Any]:
                      "--n", str(N), "--seed", str(SEED)],
                     pipes=True, cpus=OTHER_CPUS))
             for proc in gateway_procs:
+                _readable(proc, procs, 300)
                 if not line_of(proc).startswith("ready"):
                     raise RuntimeError("a gateway process did not register its subscriptions")
             register_s = time.monotonic() - started
@@ -263,6 +266,21 @@ def _run(work: Path, n: int) -> dict[str, Any]:
             if probe is not None:
                 probe.close()
             children.close()
+
+
+def _readable(proc: subprocess.Popen[str], watch: list[subprocess.Popen[Any]],
+              timeout: float) -> None:
+    """Until ``proc`` has written a line; raises if a watched process (a
+    node: fenced, crashed) exits first or ``timeout`` passes."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while not select.select([proc.stdout], [], [], 0.5)[0]:
+        for other in watch:
+            if other.poll() is not None:
+                raise RuntimeError(f"process {other.pid} exited with {other.returncode} "
+                                   "while the gateways registered")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no answer from process {proc.pid} in {timeout:g} s")
 
 
 def _window(gateways: Honest, probe: _Probe, nodes: dict[str, dict[str, Any]]) -> dict[str, Any]:
