@@ -232,10 +232,14 @@ async def _gateway(args: argparse.Namespace) -> None:
                     for s in mine[i:i + IN_FLIGHT]
                 ))
 
-        await asyncio.gather(*(
-            register(client, [s for s in specs if s.gateway == name])
-            for name, client in names.items()
-        ))
+        if args.one_at_a_time:
+            for name, client in names.items():
+                await register(client, [s for s in specs if s.gateway == name])
+        else:
+            await asyncio.gather(*(
+                register(client, [s for s in specs if s.gateway == name])
+                for name, client in names.items()
+            ))
     loop = asyncio.get_running_loop()
     rehome: dict[str, Any] = {"affected": []}
 
@@ -1040,6 +1044,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     gateway.add_argument("--plain", dest="batch", action="store_false")
     gateway.add_argument("--relay", action="store_true")
     gateway.add_argument("--sample-every", type=int, default=SAMPLE_EVERY)
+    gateway.add_argument("--one-at-a-time", action="store_true",
+                         help="register the gateways' subscriptions one gateway after another")
     relay = roles.add_parser("relay")
     relay.add_argument("--puller", required=True)
     relay.add_argument("--listen", required=True)
