@@ -132,7 +132,10 @@ def test_cluster(benchmark: Any, bench_report: list[str], tmp_path: Path) -> Non
 
     def run() -> None:
         for n in NODES:
-            figures["runs"].append(_run(work_dir(tmp_path) / f"nodes-{n}", n))
+            try:
+                figures["runs"].append(_run(work_dir(tmp_path) / f"nodes-{n}", n))
+            except RuntimeError as exc:  # a node fenced: recorded, asserted after
+                figures["runs"].append({"nodes": n, "failure": str(exc)})
 
     benchmark.pedantic(run, rounds=1, iterations=1)
     lines = [
@@ -143,10 +146,12 @@ def test_cluster(benchmark: Any, bench_report: list[str], tmp_path: Path) -> Non
                 "events/s (produced)", "sustained", "p50 / p99 / p99.9 ms",
                 "CPU per node (sum)", "CPU ms per 1k events per node",
                 "kill → owned / answered / live s", "after kill p99 / max ms"],
-               [_cells(r) for r in figures["runs"]]),
+               [_cells(r) for r in figures["runs"] if "failure" not in r]),
+        *(f"{r['nodes']} node(s): {r['failure']}" for r in figures["runs"] if "failure" in r),
     ]
     record("cluster", bench_report, figures, lines, benchmark)
     for r in figures["runs"]:
+        assert "failure" not in r, r
         assert sum(r["subscriptions_per_node"].values()) == N, r
         if "rehome" in r:
             assert not r["rehome"]["failure"], r["rehome"]
