@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import tracemalloc
 import uuid
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -257,3 +259,29 @@ def test_a_node_serving_some_collections_refuses_the_others(compiled: bool) -> N
     assert [(a.subscription_id, a.success, a.code) for a in answers] == [
         ("b", True, ""), ("u", False, "not_owner")]
     assert "m" in subs and "b" in subs and "u" not in subs and len(subs) == 2
+
+
+def test_a_placed_owners_batch_is_compiled_when_every_request_is_placed() -> None:
+    """Cluster mode: a Hello gateway's batch whose every request is on a
+    shard of this node registers on the compiled path; one with a request
+    placed elsewhere is answered request by request in Python, not_owner
+    for that one."""
+    subs = SubscriptionSet(Matcher(), compiled=True)
+    subs.placed = lambda owner: owner == 1
+    subs.not_placed = lambda sub_id: "elsewhere" if sub_id.startswith("x") else None
+    assert subs._registrar is not None
+    compiled: list[int] = []
+    register = subs._registrar.register
+
+    def spy(owner: int, requests: Any, *args: Any) -> None:
+        compiled.append(len(requests))
+        register(owner, requests, *args)
+
+    subs._registrar = SimpleNamespace(register=spy)  # type: ignore[assignment]
+    entries = subs.subscribe_batch(1, [request("a", chat("c1")), request("b", chat("c2"))])
+    assert compiled == [2] and all(SubscribeResponse.FromString(e[2:]).success for e in entries)
+    entries = subs.subscribe_batch(1, [request("c", chat("c3")), request("x", chat("c4"))])
+    answers = [SubscribeResponse.FromString(e[2:]) for e in entries]
+    assert compiled == [2] and [(a.subscription_id, a.success, a.code) for a in answers] == [
+        ("c", True, ""), ("x", False, "not_owner")]
+    assert "a" in subs and "c" in subs and "x" not in subs

@@ -122,8 +122,9 @@ class SubscriptionSet:
         # the owner's subscriptions must be on shards this node owns (a
         # gateway that said Hello), and ``not_placed(sub_id)`` why one is
         # not (None: it is). A request without an id gets a generated one,
-        # placed where it arrived. Such owners register in Python: the
-        # compiled path does not know about shards.
+        # placed where it arrived. The compiled path does not know about
+        # shards: a batch of such an owner goes there only when every
+        # request in it is placed here (checked first), else in Python.
         self.placed: Callable[[int], bool] | None = None
         self.not_placed: Callable[[str], str | None] = _placed_anywhere
 
@@ -237,7 +238,11 @@ class SubscriptionSet:
         from (``_subscribe.batch_requests``), which the compiled path reads
         where it can."""
         entries: list[bytes] = []
-        if self._registrar is not None and (self.placed is None or not self.placed(owner)):
+        placed = self.placed is not None and self.placed(owner)
+        not_placed = self.not_placed
+        if self._registrar is not None and (not placed or all(
+                not r.subscription_id or not_placed(r.subscription_id) is None
+                for r in requests)):
             self._registrar.register(owner, requests, entries, encoded)
         else:
             for request in requests:

@@ -119,50 +119,88 @@ async def _gateway(args: argparse.Namespace) -> None:
     last = [-1] * len(indexes)
     every = args.sample_every
 
+    def recorded(deliveries: Any, slot: int) -> None:
+        """Count deliveries, time every ``every``-th (their position in the
+        stream, not their content, picks them) and keep the slot's progress."""
+        count = len(deliveries)
+        seen = state["seen"]
+        first = -seen % every
+        state["seen"] = seen + count
+        state["deliveries"] += count
+        hist = state["hist"]
+        now = time.time_ns()
+        for i in range(first, count, every):
+            b = bucket(now - int(deliveries[i].event.event_id.rsplit("-", 1)[1]))
+            hist[b] = hist.get(b, 0) + 1
+        # Deliveries arrive in Puller order: the last event number is this
+        # gateway's progress (from 0 again with a new log). In a cluster a
+        # re-homed subscription's catch-up brings older ones: the highest.
+        number = int(deliveries[count - 1].event.event_id.split("-")[1])
+        if not args.cluster or number > last[slot]:
+            last[slot] = number
+
     class Gateway(StreamerClient):
         """A ``StreamerClient`` whose reader records deliveries where they
         arrive instead of queueing each one for a consumer: the load
         generator shares one core, and per-delivery Python would make it
-        the bottleneck. Latency is sampled on every ``every``-th delivery
-        (their position in the stream, not their content, picks them)."""
+        the bottleneck."""
 
         slot = 0
 
         async def _read(
             self, call: grpc.aio.StreamStreamCall[Any, Any], opened: asyncio.Event
         ) -> None:
-            clock = time.time_ns
             async for message in call:
                 opened.set()
                 kind = message.WhichOneof("payload")
                 if kind == "batch":
-                    deliveries = message.batch.deliveries
+                    recorded(message.batch.deliveries, self.slot)
                 elif kind == "delivery":
-                    deliveries = (message.delivery,)
+                    recorded((message.delivery,), self.slot)
                 else:
                     self._control(message, kind)
-                    continue
-                count = len(deliveries)
-                seen = state["seen"]
-                first = -seen % every
-                state["seen"] = seen + count
-                state["deliveries"] += count
-                hist = state["hist"]
-                now = clock()
-                for i in range(first, count, every):
-                    b = bucket(now - int(deliveries[i].event.event_id.rsplit("-", 1)[1]))
-                    hist[b] = hist.get(b, 0) + 1
-                # Deliveries arrive in Puller order: the last event number
-                # is this gateway's progress (from 0 again with a new log).
-                last[self.slot] = int(deliveries[count - 1].event.event_id.split("-")[1])
             raise ConnectionError("the server ended the stream")
+
+    # --cluster: each gateway is a cluster client (StreamerClient(cluster=...));
+    # its stream to each node is a _NodeClient, whose reader records the same
+    # way after keeping the markers re-homing resumes from (_delivered), and
+    # leaves out what it drops (deliveries for subscriptions moved away).
+    from streamer.cluster import client as cluster_client
+
+    class Link(cluster_client._NodeClient):
+        async def _read(
+            self, call: grpc.aio.StreamStreamCall[Any, Any], opened: asyncio.Event
+        ) -> None:
+            slot = getattr(self._cluster, "slot", 0)
+            async for message in call:
+                opened.set()
+                kind = message.WhichOneof("payload")
+                if kind == "batch" or kind == "delivery":
+                    deliveries = (message.batch.deliveries if kind == "batch"
+                                  else (message.delivery,))
+                    self._delivered(deliveries)
+                    kept = [d for d in deliveries if d.subscription_ids]
+                    if kept:
+                        recorded(kept, slot)
+                else:
+                    self._control(message, kind)
+            raise ConnectionError("the server ended the stream")
+
+    if args.cluster:
+        # The cluster client makes one _NodeClient per node it needs.
+        cluster_client._NodeClient = Link  # type: ignore[misc]
 
     clients = []
     for slot, i in enumerate(indexes):
         # The Streamer is started alongside the gateways, so give it time to
         # come up even on a loaded machine.
-        client = Gateway(args.target, gateway_id=f"gw-{i}", batch=args.batch,
-                         connect_timeout=60.0)
+        client: Any
+        if args.cluster:
+            client = cluster_client.ClusterClient(cluster=args.cluster, gateway_id=f"gw-{i}",
+                                                  connect_timeout=60.0)
+        else:
+            client = Gateway(args.target, gateway_id=f"gw-{i}", batch=args.batch,
+                             connect_timeout=60.0)
         client.slot = slot
         clients.append(client)
     for client in clients:
@@ -194,11 +232,41 @@ async def _gateway(args: argparse.Namespace) -> None:
                     for s in mine[i:i + IN_FLIGHT]
                 ))
 
-        await asyncio.gather(*(
-            register(client, [s for s in specs if s.gateway == name])
-            for name, client in names.items()
-        ))
+        if args.one_at_a_time:
+            for name, client in names.items():
+                await register(client, [s for s in specs if s.gateway == name])
+        else:
+            await asyncio.gather(*(
+                register(client, [s for s in specs if s.gateway == name])
+                for name, client in names.items()
+            ))
     loop = asyncio.get_running_loop()
+    rehome: dict[str, Any] = {"affected": []}
+
+    def rehomed() -> dict[str, Any]:
+        """How many of the killed node's subscriptions are not yet answered
+        by a live node, and not yet live there (answered live, or caught
+        up after their marker); when each count first reached 0 (the
+        driver polls)."""
+        node = rehome.get("node")
+        unanswered = unlive = 0
+        for client, sub_id in rehome["affected"]:
+            link = client._home.get(sub_id)
+            if link is None or link.key.partition("@")[0] == node or (
+                    sub_id in client._waiters or link.awaiting(sub_id)):
+                unanswered += 1
+                unlive += 1
+            elif sub_id not in link._live_since:
+                unlive += 1
+        now = time.time()
+        if unanswered == 0 and rehome.get("answered_at") is None:
+            rehome["answered_at"] = now
+        if unlive == 0 and rehome.get("live_at") is None:
+            rehome["live_at"] = now
+        return {"affected": len(rehome["affected"]), "unanswered": unanswered,
+                "not_live": unlive, "answered_at": rehome.get("answered_at"),
+                "live_at": rehome.get("live_at"),
+                "subscriptions": sum(len(c._requests) for c in clients)}
 
     def command(line: str) -> None:
         word = line.strip()
@@ -209,6 +277,20 @@ async def _gateway(args: argparse.Namespace) -> None:
         elif word == "report":
             print(json.dumps({"deliveries": state["deliveries"], "hist": state["hist"],
                               "last_index": max(last)}), flush=True)
+
+        elif word.startswith("kill ") and args.cluster:
+            # A node was killed: which subscriptions were at it, to follow
+            # until each is live again at another node.
+            node = word.split()[1]
+            rehome["node"], rehome["since"] = node, time.time()
+            rehome["answered_at"] = rehome["live_at"] = None
+            rehome["affected"] = [(client, s) for client in clients
+                                  for s in list(client._home)
+                                  if client.node_of(s) == node]
+            print(json.dumps({"affected": len(rehome["affected"])}), flush=True)
+
+        elif word == "rehome" and args.cluster:
+            print(json.dumps(rehomed()), flush=True)
 
     def stdin_reader() -> None:
         for line in sys.stdin:
@@ -950,7 +1032,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m streamer.tools.benchmark")
     roles = parser.add_subparsers(dest="role", required=True)
     gateway = roles.add_parser("gateway")
-    gateway.add_argument("--target", required=True)
+    target = gateway.add_mutually_exclusive_group(required=True)
+    target.add_argument("--target", help="HOST:PORT of one Streamer")
+    target.add_argument("--cluster", help="etcd://HOST:PORT[,...]: cluster clients "
+                        "(StreamerClient(cluster=...)), which also answer 'kill NODE' and "
+                        "'rehome' on stdin")
     gateway.add_argument("--index", required=True, help="gateway numbers, comma-separated")
     gateway.add_argument("--gateways", type=int, default=8)
     gateway.add_argument("--n", type=int, default=100_000)
@@ -958,6 +1044,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     gateway.add_argument("--plain", dest="batch", action="store_false")
     gateway.add_argument("--relay", action="store_true")
     gateway.add_argument("--sample-every", type=int, default=SAMPLE_EVERY)
+    gateway.add_argument("--one-at-a-time", action="store_true",
+                         help="register the gateways' subscriptions one gateway after another")
     relay = roles.add_parser("relay")
     relay.add_argument("--puller", required=True)
     relay.add_argument("--listen", required=True)
