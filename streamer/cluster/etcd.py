@@ -17,9 +17,10 @@ Failures, and the traps they hide:
   ``EtcdUnavailable``. A mutation retried that way may have been applied
   by the failed attempt: ``create_if_absent`` then answers ``created=False``
   with the key under the caller's own lease (``Claim.lease``).
-- ``keep_alive`` sends a LeaseKeepAlive on one stream every TTL/3 and
-  reopens the stream (on the next endpoint) whenever a write or a read
-  fails or no answer comes within TTL/3. After the server dies,
+- ``keep_alive`` sends a LeaseKeepAlive on one stream every
+  ``KEEPALIVE_PERIOD`` seconds (TTL/3 for a TTL under 1.5 s) and reopens
+  the stream (on the next endpoint) whenever a write or a read fails or no
+  answer comes within TTL/3. After the server dies,
   ``call.write()`` raises ``asyncio.InvalidStateError``, not ``AioRpcError``:
   it is one of the failures retried, not one that ends the task silently.
   The lease is declared lost (``LeaseLost`` to ``on_lost`` and from
@@ -75,6 +76,11 @@ CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
 REQUIRE_LEADER = (("hasleader", "true"),)
 RETRIED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 RETRY_PAUSE = 0.1  # first pause before reopening a broken stream; doubles up to 2 s
+# Often, not TTL/3: a holder fences itself a fixed time after its last
+# acknowledged keepalive, so a fresher one leaves that much more room for a
+# slow event loop (a stall just before the next keepalive would otherwise
+# eat a whole TTL/3). Two small messages a second per lease cost etcd little.
+KEEPALIVE_PERIOD = 0.5
 # What a broken stream raises: AioRpcError from reads and writes, and
 # InvalidStateError from a write once the call is done.
 _BROKEN = (grpc.aio.AioRpcError, asyncio.InvalidStateError, ConnectionError, TimeoutError)
@@ -423,7 +429,8 @@ class KeepAlive:
                     if response.TTL <= 0:
                         raise LeaseLost(self.lease_id, "etcd says it expired or was revoked")
                     self.last_ok, self.ttl, pause = sent, int(response.TTL), RETRY_PAUSE
-                    await asyncio.sleep(max(0.0, sent + self.ttl / 3 - time.monotonic()))
+                    period = min(KEEPALIVE_PERIOD, self.ttl / 3)
+                    await asyncio.sleep(max(0.0, sent + period - time.monotonic()))
             except _BROKEN as exc:
                 reason = f"{endpoint}: {_describe(exc)}"
                 log.warning("etcd lease %x keepalive failed (%s); %.1f s left", self.lease_id,

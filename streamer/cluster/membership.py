@@ -14,7 +14,7 @@ Keys, under the cluster prefix ``/streamer/<cluster>/``:
   collection (the cluster client picks one group, ``route_group``).
 
 ``Membership`` holds the node's lease (granted with ``ttl`` seconds, kept
-alive every TTL/3), registers the node under it and keeps ``nodes``, every
+alive every 0.5 s), registers the node under it and keeps ``nodes``, every
 live node, current with a prefix watch. It is *deliverable* only while the
 last acknowledged keepalive is younger than ``ttl - margin`` (margin
 ``max(1 s, ttl/3)``): etcd cannot expire the lease before ``last_ok +

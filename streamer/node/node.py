@@ -453,6 +453,7 @@ class StreamerNode:
             stats.nodes = len(ownership.membership.nodes)
             stats.shards_owned = len(ownership.owned())
             stats.handing_over = len(handovers)
+            stats.not_owner = self.subscriptions.misplaced
             now = time.monotonic()
             since = {s: since.get(s, now) for s in handovers}
             if not handovers:
@@ -486,12 +487,10 @@ class StreamerNode:
         or is taking it over)."""
         from streamer.cluster.shards import shard_of
 
-        ownership, stats = self.ownership, self.cluster_stats
+        ownership = self.ownership
         shard = shard_of(sub_id)
         if ownership is not None and ownership.accepts(shard):
             return None
-        if stats is not None:
-            stats.not_owner += 1
         if ownership is None:
             return f"shard {shard} of subscription {sub_id!r}: this node has not joined yet"
         owner = ownership.owner(shard)

@@ -127,6 +127,7 @@ class SubscriptionSet:
         # request in it is placed here (checked first), else in Python.
         self.placed: Callable[[int], bool] | None = None
         self.not_placed: Callable[[str], str | None] = _placed_anywhere
+        self.misplaced = 0  # requests refused by not_placed
 
     def __len__(self) -> int:
         return len(self._held)
@@ -175,6 +176,7 @@ class SubscriptionSet:
         if self.placed is not None and request.subscription_id and self.placed(owner):
             refusal = self.not_placed(sub_id)
             if refusal is not None:
+                self.misplaced += 1
                 return _refused(sub_id, NOT_OWNER, refusal)
         size = request.ByteSize()
         refusal = self._check_limits(owner, request, size)
