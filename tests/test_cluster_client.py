@@ -173,7 +173,8 @@ def test_cluster_clients_through_a_node_kill_and_a_join(
                     assert moved == shards.moved(shards.placement(["n1", "n2"]),
                                                  shards.placement(["n1", "n2", "n4"]))
                     assert {after[s] for s in moved} == {"n4"}
-                    print(f"n4 joined: {len(moved)} shards moved to it within {took:.2f} s of its start")
+                    print(f"n4 joined: {len(moved)} shards moved to it within {took:.2f} s "
+                          "of its start")
                     await delivered(range(300))
                     for g, client in (("gwa", a), ("gwb", b)):
                         for sub in subs[g][:500]:
