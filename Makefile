@@ -46,7 +46,7 @@ reliability: $(STAMP)
 ## The cluster chaos run (docs/reliability.md, Chaos (cluster)): a Puller,
 ## 3 cluster nodes, a 3-member etcd and 4 gateway processes holding 50,000
 ## subscriptions, with seeded kill -9s of each kind for 10 minutes, and a
-## check of every delivery; about 15 minutes. STREAMER_BENCH_CHAOS_* size it
+## check of every delivery; about 12 minutes. STREAMER_BENCH_CHAOS_* size it
 ## (bench/bench_chaos.py); tests/test_chaos.py is its one-minute variant.
 chaos: $(STAMP)
 	$(PY) -m pytest -q bench/bench_chaos.py

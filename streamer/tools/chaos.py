@@ -65,6 +65,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from streamer.tools.etcd_members import EtcdCluster, etcd_cluster
+
 KINDS = ("node", "gateway", "puller", "etcd")
 # How often a gateway flushes what it recorded (what a kill -9 loses at most).
 FLUSH_SECONDS = 0.05
@@ -289,12 +291,12 @@ class Chaos:
     """One run's processes (see the module docstring); ``close`` stops each
     one still running by its pid, whatever happened."""
 
-    def __init__(self, config: Config, work: Path, etcd: Any) -> None:
+    def __init__(self, config: Config, work: Path, etcd: EtcdCluster) -> None:
         from streamer.puller.log import ReplayLog
 
         self.config = config
         self.work = work
-        self.etcd = etcd  # a streamer.tools.etcd_members.EtcdCluster
+        self.etcd = etcd
         self.cluster = "etcd://" + ",".join(etcd.endpoints)
         self.log_dir = work / "puller-log"
         replay_log = ReplayLog(self.log_dir)
@@ -380,14 +382,11 @@ class Chaos:
             str(c.subscriptions), "--seed", str(c.seed), "--start-after", self.start_marker,
             "--out", str(self.work / f"gw-{k}.deliveries")], pipes=True))
 
-    def running(self) -> list[subprocess.Popen[Any]]:
-        procs = [self.puller, *self.nodes, *(g.proc for g in self.gateways if g is not None)]
-        return [p for p in procs if p is not None]
-
     # -- observing -------------------------------------------------------
 
     def now(self) -> float:
-        return time.monotonic() - self.began
+        """Seconds since the run began (to the hundredth: for the figures)."""
+        return round(time.monotonic() - self.began, 2)
 
     def saved(self) -> list[int]:
         """Each node's saved position."""
@@ -500,7 +499,7 @@ class Chaos:
             if time.monotonic() - since > timeout:
                 raise Failed(f"{what}: not within {timeout:g} s")
             self.sleep(0.1)
-        return time.monotonic() - since
+        return round(time.monotonic() - since, 2)
 
     # -- the phases ------------------------------------------------------
 
@@ -727,8 +726,6 @@ def run(config: Config, work: Path) -> dict[str, Any]:
     """A whole run in ``work`` (an empty directory): start, chaos, finish,
     check; its figures. Every process it started is stopped by its pid,
     whatever happens."""
-    from streamer.tools.etcd_members import etcd_cluster
-
     figures: dict[str, Any] = {"config": asdict(config)}
     with etcd_cluster(work / "etcd", 3) as etcd:
         chaos = Chaos(config, work, etcd)
