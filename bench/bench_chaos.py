@@ -85,14 +85,18 @@ def test_chaos(benchmark: Any, bench_report: list[str], tmp_path: Path) -> None:
     benchmark.group = "reliability"
     work = work_dir(tmp_path)
     meta = machine()
+    passed = False
     try:
         figures = benchmark.pedantic(run, args=(CONFIG, work), rounds=1, iterations=1)
         figures["meta"] = meta
+        passed = figures["passed"]
     finally:
         # Kept even when the run passed: they say why a node fenced itself.
         print(f"logs kept in {keep_logs(work, 'chaos')}")
-        if work != tmp_path:
+        if passed and work != tmp_path:
             shutil.rmtree(work, ignore_errors=True)
+        elif not passed:
+            print(f"the run's directory (the gateways' deliveries, the Puller's log) kept: {work}")
     record("chaos", bench_report, figures, render(figures), benchmark)
     outcome = figures["outcome"]
     assert {k["kind"] for k in figures["kills"]} == set(KINDS)

@@ -60,6 +60,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -180,11 +181,13 @@ async def _gateway(args: argparse.Namespace) -> int:
         todo = pending
         while todo:
             answers = await client.subscribe_many(todo)
-            todo = [s for s, a in zip(todo, answers, strict=True)
-                    if isinstance(a, SubscriptionRejected)]
-            if todo:
-                print(f"{name}: {len(todo)} subscription(s) refused, asking again",
-                      file=sys.stderr, flush=True)
+            refused = [(s, a) for s, a in zip(todo, answers, strict=True)
+                       if isinstance(a, SubscriptionRejected)]
+            todo = [s for s, _ in refused]
+            if refused:
+                codes = Counter(a.code for _, a in refused)
+                print(f"{name}: {len(todo)} subscription(s) refused ({dict(codes)}), asking "
+                      "again", file=sys.stderr, flush=True)
                 await asyncio.sleep(1.0)
 
     client.start()
