@@ -66,7 +66,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from streamer.tools.etcd_members import EtcdCluster, etcd_cluster
+from streamer.tools.etcd_members import EtcdCluster, etcd_cluster, free_ports
 
 KINDS = ("node", "gateway", "puller", "etcd")
 # How often a gateway flushes what it recorded (what a kill -9 loses at most).
@@ -236,15 +236,6 @@ def gateway_main(argv: Sequence[str]) -> int:
 
 
 # ---------------------------------------------------------------- the run
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct TCP ports free on loopback now."""
-    with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in sockets]
 
 
 def _listening(port: int) -> bool:

@@ -144,7 +144,7 @@ class EtcdCluster:
             m.kill()
 
 
-def _free_ports(count: int) -> list[int]:
+def free_ports(count: int) -> list[int]:
     """``count`` distinct TCP ports free on loopback now."""
     with contextlib.ExitStack() as stack:
         sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
@@ -157,7 +157,7 @@ def _free_ports(count: int) -> list[int]:
 def etcd_cluster(directory: Path, size: int = 1) -> Iterator[EtcdCluster]:
     """``size`` etcd members, healthy, under ``directory``; every one
     SIGKILLed at the end."""
-    ports = list(zip(*[iter(_free_ports(2 * size))] * 2, strict=True))
+    ports = list(zip(*[iter(free_ports(2 * size))] * 2, strict=True))
     initial = ",".join(f"etcd{i}=http://127.0.0.1:{peer}" for i, (_, peer) in enumerate(ports))
     directory.mkdir(parents=True, exist_ok=True)
     token = f"test-{os.getpid()}-{time.monotonic_ns()}"
