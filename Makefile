@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 EXT_MODULES := streamer._ext._core streamer._ext._celparse streamer._ext._fanout streamer._ext._ingest \
 	streamer._ext._subscribe
 
-.PHONY: test bench bench-e2e reliability demo lint proto sanitize wheel clean \
+.PHONY: test bench bench-e2e reliability chaos demo lint proto sanitize wheel clean \
 	fuzz-cel fuzz-events fuzz-gateway fuzz-smoke
 
 $(STAMP): pyproject.toml setup.py streamer/_ext/*.pyx streamer/_ext/*.pxd
@@ -42,6 +42,14 @@ bench-e2e: $(STAMP)
 reliability: $(STAMP)
 	$(PY) -m pytest -q bench/bench_abuse.py bench/bench_churn.py bench/bench_crash.py \
 		bench/bench_resume.py
+
+## The cluster chaos run (docs/reliability.md, Chaos (cluster)): a Puller,
+## 3 cluster nodes, a 3-member etcd and 4 gateway processes holding 50,000
+## subscriptions, with seeded kill -9s of each kind for 10 minutes, and a
+## check of every delivery; about 12 minutes. STREAMER_BENCH_CHAOS_* size it
+## (bench/bench_chaos.py); tests/test_chaos.py is its one-minute variant.
+chaos: $(STAMP)
+	$(PY) -m pytest -q bench/bench_chaos.py
 
 ## The main job: the whole pipeline on loopback (Puller, Streamer, 4 gateway
 ## processes, 20 000 subscriptions, 2 000 events/s for 12 s), a live display,

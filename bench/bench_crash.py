@@ -72,7 +72,6 @@ import pytest
 from reliability import (
     Children,
     count,
-    expected_deliveries,
     keep_logs,
     log_errors,
     machine,
@@ -85,6 +84,7 @@ from reliability import (
     work_dir,
 )
 
+from streamer.tools.demo import expected_deliveries
 from streamer.tools.measure import free_port, scrape
 
 N = count("STREAMER_BENCH_CRASH_N", 20_000, 2_000)

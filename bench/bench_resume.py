@@ -123,7 +123,6 @@ from reliability import (
     cpu_share,
     cutoffs_logged,
     events_total,
-    expected_deliveries,
     keep_logs,
     line_of,
     log_errors,
@@ -138,6 +137,7 @@ from reliability import (
 )
 
 from streamer.tools.benchmark import bucket_quantile
+from streamer.tools.demo import expected_deliveries
 from streamer.tools.measure import (
     cpu_seconds,
     free_port,

@@ -39,7 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from streamer.client import StreamerClient, _Answers
@@ -60,7 +60,12 @@ from streamer.errors import (
     SubscriptionRejected,
 )
 from streamer.options import etcd_url
-from streamer.protocol.streamer_v1_pb2 import SubscribeRequest, SubscribeResponse
+from streamer.protocol.streamer_v1_pb2 import (
+    EventDelivery,
+    GatewayMessage,
+    SubscribeRequest,
+    SubscribeResponse,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +91,16 @@ class _NodeClient(StreamerClient):
         self.key = key
         self._cluster = cluster
         self._deliveries = cluster._deliveries
+        # Subscriptions released on this stream after their request went
+        # out: what the node queued for that registration before it read
+        # the unsubscribe may still come, an answer (the count) and
+        # deliveries. Placed here again on the same stream, the first would
+        # answer the new request and the others move its marker past
+        # events its new registration has still to deliver (resumed after
+        # that marker: a gap). So those are dropped until the new request
+        # is answered; it goes alone (a batch is answered after the
+        # deliveries of its first requests may have gone out).
+        self._stale: dict[str, int] = {}
 
     def awaiting(self, sub_id: str) -> bool:
         return sub_id in self._waiters
@@ -115,7 +130,45 @@ class _NodeClient(StreamerClient):
                 subscription_id=sub_id, success=False, code=_MOVED,
                 error="moved to another node"))
         if sub_id in self._sent:
+            self._stale[sub_id] = self._stale.get(sub_id, 0) + (entry is not None)
             self._unsubscribe_sent(sub_id)
+
+    def _send_unsent(self) -> None:
+        stale = self._stale
+        if stale:
+            alone = [r for r in self._unsent if r.subscription_id in stale]
+            if alone:
+                self._unsent = [r for r in self._unsent if r.subscription_id not in stale]
+                for request in alone:
+                    if self._requests.get(request.subscription_id) is request:
+                        self._sent.add(request.subscription_id)
+                        self._send(GatewayMessage(subscribe=request))
+        super()._send_unsent()
+
+    def _delivered(self, deliveries: Sequence[EventDelivery]) -> None:
+        stale = self._stale
+        if stale:
+            for delivery in deliveries:
+                ids = delivery.subscription_ids
+                if any(sub_id in stale for sub_id in ids):
+                    kept = [sub_id for sub_id in ids if sub_id not in stale]
+                    del ids[:]
+                    ids.extend(kept)
+        super()._delivered(deliveries)
+
+    def _answer(self, response: SubscribeResponse, batch_live_after: str = "") -> None:
+        sub_id = response.subscription_id
+        old = self._stale.get(sub_id)
+        if old:
+            self._stale[sub_id] = old - 1  # a released registration's answer
+            return
+        if old is not None and self._requests.get(sub_id) is not None:
+            del self._stale[sub_id]  # the new request's: what follows is its own
+        super()._answer(response, batch_live_after)
+
+    def _stream_ended(self) -> None:
+        self._stale.clear()  # nothing of the old stream's queue comes any more
+        super()._stream_ended()
 
     def _end(self, error: StreamerError) -> None:
         self._fail_waiters(error)  # the queue is the cluster client's to end

@@ -602,6 +602,47 @@ def expected_ops(matcher: Any, change: Any) -> list[tuple[int, list[str]]]:
     return [(int(change.op), list(ids))]
 
 
+def expected_deliveries(
+    log_dir: Path, specs: Sequence[Any], first: int, last: int, prefix: str = "",
+) -> tuple[dict[str, list[tuple[int, int]]], dict[str, int]]:
+    """What each subscription of ``specs`` (``SubscriptionSpec``s) must
+    receive from the Puller's log in ``log_dir``, positions (first, last]:
+    its (position, operation) pairs in order, each event transformed and
+    matched as the ingest does (``expected_ops``), by
+    ``prefix`` + id; and each event id's position."""
+    from streamer.matching.matcher import Matcher
+    from streamer.node.events import PoisonEvent, normalize
+    from streamer.puller.log import ReplayLog
+
+    matcher = Matcher()
+    for s in specs:
+        matcher.add(s.id, s.database, s.collection, filters=s.filters, expression=s.expression)
+    expected: dict[str, list[tuple[int, int]]] = {prefix + s.id: [] for s in specs}
+    position_of: dict[str, int] = {}
+    replay_log = ReplayLog(log_dir)
+    try:
+        position = first
+        while position < last:
+            records = replay_log.read(position, 1024)
+            if not records:
+                break
+            for record in records:
+                position = record.position
+                if position > last:
+                    break
+                try:
+                    change = normalize(record.event)
+                except PoisonEvent:
+                    continue
+                position_of[change.event_id] = position
+                for op, ids in expected_ops(matcher, change):
+                    for sub_id in ids:
+                        expected[prefix + sub_id].append((position, op))
+    finally:
+        replay_log.close()
+    return expected, position_of
+
+
 def verify(
     log_dir: Path, last: int, processed: int, gateways: Iterable[Gateway],
     n: int, g: int, seed: int,
