@@ -97,6 +97,7 @@ from streamer.tools.benchmark import (
 from streamer.tools.measure import cpu_seconds, free_port, rss_mib, scrape
 
 sys.path.insert(0, str(BENCH_DIR.parent / "tests"))
+from cluster_helpers import cluster_keys
 from etcd_helpers import ETCD_MISSING, etcd_cluster
 
 N = count("STREAMER_BENCH_CLUSTER_N", 300_000, 20_000)
@@ -112,7 +113,6 @@ AFTER = size("STREAMER_BENCH_CLUSTER_AFTER", 2, 2)
 ONE_AT_A_TIME = os.environ.get("STREAMER_BENCH_CLUSTER_ONE_AT_A_TIME", "1") not in ("", "0")
 ETCD_NICE = -10
 SEED = 1
-PREFIX = b"/streamer/streamer/"
 NODE_CPUS = {1}
 OTHER_CPUS = {0}
 
@@ -187,16 +187,7 @@ def _keys(endpoints: list[str]) -> tuple[set[str], dict[int, str]]:
 
     async def read() -> tuple[set[str], dict[int, str]]:
         async with EtcdClient(endpoints) as etcd:
-            kvs, _ = await etcd.get_prefix(PREFIX)
-        live: set[str] = set()
-        owners: dict[int, str] = {}
-        for kv in kvs:
-            key = kv.key[len(PREFIX):].decode()
-            if key.startswith("shards/*/"):
-                owners[int(key.removeprefix("shards/*/"))] = kv.value.decode()
-            elif key.startswith("nodes/"):
-                live.add(key.removeprefix("nodes/"))
-        return live, owners
+            return await cluster_keys(etcd)
 
     return asyncio.run(read())
 
