@@ -93,6 +93,7 @@ from streamer.tools.benchmark import (
     SUSTAINED_SHARE,
     _Probe,
     bucket_quantile,
+    window_of,
 )
 from streamer.tools.measure import cpu_seconds, free_port, rss_mib, scrape
 
@@ -222,7 +223,7 @@ def _run(work: Path, n: int) -> dict[str, Any]:
                 assert member.proc is not None
                 with contextlib.suppress(OSError):
                     os.setpriority(os.PRIO_PROCESS, member.proc.pid, ETCD_NICE)
-            url = "etcd://" + ",".join(etcd.endpoints)
+            url = etcd.url
             puller = free_port()
             children.start("puller", puller_argv(
                 puller, work / "puller-log", RATE, "--seed", str(SEED), "--stamp-event-ids",
@@ -326,12 +327,7 @@ def _window(gateways: Honest, probe: _Probe, nodes: dict[str, dict[str, Any]]) -
     t1, head1 = time.perf_counter(), probe.head
     cpu1 = {node_id: cpu_seconds(v["proc"].pid) for node_id, v in nodes.items()}
     elapsed = t1 - t0
-    seen0 = max(r["last_index"] for r in before) + 1
-    seen1 = max(r["last_index"] for r in after) + 1
-    hist: dict[int, int] = {}
-    for report in after:
-        for k, v in report["hist"].items():
-            hist[int(k)] = hist.get(int(k), 0) + v
+    seen0, seen1, hist = window_of(before, after)
     events, produced = seen1 - seen0, head1 - head0
     backlog = max(head1 - seen1, 0)
     cpu = {node_id: (cpu1[node_id] - cpu0[node_id]) / elapsed for node_id in nodes}

@@ -24,7 +24,7 @@ def node(tmp_path: Path, etcd: EtcdCluster, node_id: str, *args: str,
     directory = tmp_path / node_id
     directory.mkdir()
     serve = ServeProcess(directory, puller=puller)
-    serve.args = ("--cluster", "etcd://" + ",".join(etcd.endpoints), "--node-id", node_id,
+    serve.args = ("--cluster", etcd.url, "--node-id", node_id,
                   "--advertise", serve.address, "--resume-grace", "0", *args)
     return serve
 

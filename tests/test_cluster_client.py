@@ -102,7 +102,7 @@ def test_cluster_clients_through_a_node_kill_and_a_join(
     async def main() -> None:
         puller = PullerDouble()
         await puller.start()
-        endpoints = "etcd://" + ",".join(etcd1.endpoints)
+        endpoints = etcd1.url
         names = ["n1", "n2", "n3", "n4"]
         n1, n2, n3, n4 = (node(tmp_path, etcd1, n, "--lease-ttl", str(ttl), puller=puller)
                           for n in names)
@@ -252,7 +252,7 @@ def test_a_node_cut_off_from_etcd_stops_before_its_shards_move(
         n1 = node(tmp_path, etcd1, "n1", "--lease-ttl", str(ttl), puller=puller)
         n1.args = tuple(f"etcd://{via}" if a.startswith("etcd://") else a for a in n1.args)
         n2 = node(tmp_path, etcd1, "n2", "--lease-ttl", str(ttl), puller=puller)
-        endpoints = "etcd://" + ",".join(etcd1.endpoints)
+        endpoints = etcd1.url
         try:
             async with n1, n2, EtcdClient(etcd1.endpoints) as etcd:
                 await wait_settled(etcd, {"n1", "n2"}, 30, [n1, n2])
@@ -318,7 +318,7 @@ def test_delivery_goes_on_through_a_kill_of_the_etcd_leader(
         await puller.start()
         n1, n2 = (node(tmp_path, etcd3, n, "--lease-ttl", str(ttl), puller=puller)
                   for n in ("n1", "n2"))
-        endpoints = "etcd://" + ",".join(etcd3.endpoints)
+        endpoints = etcd3.url
         try:
             async with n1, n2, EtcdClient(etcd3.endpoints) as etcd:
                 await wait_settled(etcd, {"n1", "n2"}, 30, [n1, n2])
@@ -362,7 +362,7 @@ def test_collection_groups_route_each_collection_to_its_own_nodes(
         n1 = node(tmp_path, etcd1, "n1", "--collections", "messages", puller=puller)
         n2 = node(tmp_path, etcd1, "n2", "--collections", "orders", puller=puller)
         n3 = node(tmp_path, etcd1, "n3", puller=puller)
-        endpoints = "etcd://" + ",".join(etcd1.endpoints)
+        endpoints = etcd1.url
         try:
             async with n1, n2, n3, EtcdClient(etcd1.endpoints) as etcd:
                 async def owned() -> dict[str, int]:
@@ -446,7 +446,7 @@ def test_a_subscription_waits_for_a_node_serving_its_collection(
         await puller.start()
         n1 = node(tmp_path, etcd1, "n1", "--collections", "orders", puller=puller)
         n2 = node(tmp_path, etcd1, "n2", puller=puller)
-        endpoints = "etcd://" + ",".join(etcd1.endpoints)
+        endpoints = etcd1.url
         try:
             async with contextlib.AsyncExitStack() as stack, n1:
                 async with StreamerClient(cluster=endpoints, gateway_id="gw") as client:

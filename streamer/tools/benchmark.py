@@ -109,6 +109,22 @@ def bucket_quantile(hist: dict[int, int], q: float) -> float:
 
 
 # ------------------------------------------------------------------- gateway
+def window_of(
+    before: list[dict[str, Any]], after: list[dict[str, Any]]
+) -> tuple[int, int, dict[int, int]]:
+    """From the gateway processes' ``report``s at the start of a window
+    (after which they were ``reset``) and at its end: the first event index
+    of the window, the first after it, and the latency histogram of the
+    window merged over every gateway."""
+    seen0 = max(r["last_index"] for r in before) + 1
+    seen1 = max(r["last_index"] for r in after) + 1
+    hist: dict[int, int] = {}
+    for report in after:
+        for k, v in report["hist"].items():
+            hist[int(k)] = hist.get(int(k), 0) + v
+    return seen0, seen1, hist
+
+
 async def _gateway(args: argparse.Namespace) -> None:
     """One gateway process hosting the ``StreamerClient`` of each index."""
     from streamer.client import StreamerClient, Subscription
@@ -661,12 +677,7 @@ class _Setup:
         finally:
             self.stop_puller()
         elapsed = t1 - t0
-        seen0 = max(r["last_index"] for r in before) + 1
-        seen1 = max(r["last_index"] for r in after) + 1
-        hist: dict[int, int] = {}
-        for report in after:
-            for k, v in report["hist"].items():
-                hist[int(k)] = hist.get(int(k), 0) + v
+        seen0, seen1, hist = window_of(before, after)
         events = seen1 - seen0
         produced = head1 - head0
         backlog = max(head1 - seen1, 0)  # the probe's head is up to 0.1 s old

@@ -291,7 +291,7 @@ class Chaos:
         self.config = config
         self.work = work
         self.etcd = etcd
-        self.cluster = "etcd://" + ",".join(etcd.endpoints)
+        self.cluster = etcd.url
         self.log_dir = work / "puller-log"
         replay_log = ReplayLog(self.log_dir)
         self.log_id, self.start_marker = replay_log.log_id, replay_log.marker(0)

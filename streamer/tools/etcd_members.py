@@ -108,6 +108,11 @@ class EtcdCluster:
     def endpoints(self) -> list[str]:
         return [m.endpoint for m in self.members]
 
+    @property
+    def url(self) -> str:
+        """The members as ``--cluster`` and ``StreamerClient(cluster=...)`` take them."""
+        return "etcd://" + ",".join(self.endpoints)
+
     def logs(self) -> str:
         return "\n".join(f"--- {m.name}\n{m.log_path.read_text(errors='replace')[-3000:]}"
                          for m in self.members if m.log_path.exists())
