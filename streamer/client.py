@@ -42,7 +42,7 @@ import random
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Container, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -249,6 +249,10 @@ class StreamerClient:
         # and per group its last progress (marker, and the message's number
         # on the stream) and the group it merged into.
         self._markers: dict[str, str] = {}
+        # Subscriptions held whose deliveries on this stream are not theirs
+        # (a cluster client's node stream: one placed again on the stream
+        # it was released from, until its new registration is answered).
+        self._muted: Container[str] = ()
         self._stream_marker = ""
         self._stream_deliveries = 0
         self._live_since: dict[str, int] = {}
@@ -661,23 +665,24 @@ class StreamerClient:
         the server never mixes the two in one delivery).
 
         Subscriptions this client no longer has (unsubscribed, or moved to
-        another node by a cluster client) are cut from the deliveries that
-        name them, so nothing is delivered for one after ``unsubscribe()``
-        and its marker stays where it was (one left naming none is not
-        passed on)."""
-        markers, requests, live = self._markers, self._requests, self._live_since
+        another node by a cluster client) or whose deliveries are ``_muted``
+        are cut from the deliveries that name them, so nothing is delivered
+        for one after ``unsubscribe()`` and its marker stays where it was
+        (one left naming none is not passed on)."""
+        markers, requests, live, muted = (
+            self._markers, self._requests, self._live_since, self._muted)
         for delivery in deliveries:
             progress = delivery.event.progress
             ids = delivery.subscription_ids
             stray = False
             for sub_id in ids:
-                if sub_id in requests:
+                if sub_id in requests and sub_id not in muted:
                     if progress:
                         markers[sub_id] = progress
                 else:
                     stray = True
             if stray:
-                known = [sub_id for sub_id in ids if sub_id in requests]
+                known = [sub_id for sub_id in ids if sub_id in requests and sub_id not in muted]
                 del ids[:]
                 ids.extend(known)
             if progress and live and any(sub_id in live for sub_id in ids):

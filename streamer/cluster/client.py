@@ -39,7 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from streamer.client import StreamerClient, _Answers
@@ -61,7 +61,6 @@ from streamer.errors import (
 )
 from streamer.options import etcd_url
 from streamer.protocol.streamer_v1_pb2 import (
-    EventDelivery,
     GatewayMessage,
     SubscribeRequest,
     SubscribeResponse,
@@ -101,6 +100,7 @@ class _NodeClient(StreamerClient):
         # is answered; it goes alone (a batch is answered after the
         # deliveries of its first requests may have gone out).
         self._stale: dict[str, int] = {}
+        self._muted = self._stale
 
     def awaiting(self, sub_id: str) -> bool:
         return sub_id in self._waiters
@@ -144,17 +144,6 @@ class _NodeClient(StreamerClient):
                         self._sent.add(request.subscription_id)
                         self._send(GatewayMessage(subscribe=request))
         super()._send_unsent()
-
-    def _delivered(self, deliveries: Sequence[EventDelivery]) -> None:
-        stale = self._stale
-        if stale:
-            for delivery in deliveries:
-                ids = delivery.subscription_ids
-                if any(sub_id in stale for sub_id in ids):
-                    kept = [sub_id for sub_id in ids if sub_id not in stale]
-                    del ids[:]
-                    ids.extend(kept)
-        super()._delivered(deliveries)
 
     def _answer(self, response: SubscribeResponse, batch_live_after: str = "") -> None:
         sub_id = response.subscription_id
